@@ -1,0 +1,99 @@
+/* The differentiable ops. Each records a tape node (tape.h) when its output
+ * needs a gradient; its backward sits next to it in the same ops_*.c file.
+ *
+ * Shape glossary (row-major, outermost first, as in PyTorch):
+ *   N rows (tokens, flattened leading dims)   M, K  matmul dims
+ *   B batch   T sequence   D model dim   H heads   V vocabulary / classes
+ *
+ * Conventions
+ * - Every op returns NULL when the context has failed (arena full) or an
+ *   input is NULL, so a forward pass can run to the end and be checked once.
+ * - Shape mismatches are bugs: CM_ASSERT with both shapes in the message.
+ * - Integer inputs (token ids, targets, indices) are plain int32 arrays and
+ *   never take a gradient.
+ * - Broadcasting (add/sub/mul): the output has a's shape; b, aligned to the
+ *   right, has in each dimension either a's size or 1. b [D] against a [N,D]
+ *   is a row broadcast; b [N,1] against a [N,D] scales rows.
+ */
+#ifndef CMOE_AUTOGRAD_OPS_H
+#define CMOE_AUTOGRAD_OPS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "autograd/rng.h"
+#include "autograd/tape.h"
+#include "autograd/tensor.h"
+
+/* ---- ops_matmul.c --------------------------------------------------------- */
+
+/* a [M,K] (or [K,M] if trans_a), b [K,N] (or [N,K] if trans_b) -> [M,N] */
+ag_tensor *ag_matmul(ag_ctx *ctx, ag_tensor *a, ag_tensor *b, bool trans_a, bool trans_b);
+/* a [B,M,K], b [B,K,N] (transposes per batch item as in ag_matmul) -> [B,M,N] */
+ag_tensor *ag_bmm(ag_ctx *ctx, ag_tensor *a, ag_tensor *b, bool trans_a, bool trans_b);
+/* x [...,IN], w [OUT,IN], bias [OUT] or NULL -> y [...,OUT] = x w^T + bias */
+ag_tensor *ag_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias);
+
+/* Kernel: C = alpha op(A) op(B) + beta C, row-major, on cblas_sgemm. */
+void ag_sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+              const float *b, int ldb, float beta, float *c, int ldc);
+
+/* ---- ops_attention.c ------------------------------------------------------ */
+
+/* qkv [B,T,3D] (q, k, v side by side; head h uses columns h*D/H .. of each)
+ * -> [B,T,D]: causal softmax(q k^T / sqrt(D/H)) v per head. */
+ag_tensor *ag_causal_attention(ag_ctx *ctx, ag_tensor *qkv, int n_head);
+
+/* ---- ops_elementwise.c ---------------------------------------------------- */
+
+ag_tensor *ag_add(ag_ctx *ctx, ag_tensor *a, ag_tensor *b); /* a + b (b broadcast) */
+ag_tensor *ag_sub(ag_ctx *ctx, ag_tensor *a, ag_tensor *b); /* a - b (b broadcast) */
+ag_tensor *ag_mul(ag_ctx *ctx, ag_tensor *a, ag_tensor *b); /* a * b (b broadcast) */
+ag_tensor *ag_scale(ag_ctx *ctx, ag_tensor *a, float factor);
+ag_tensor *ag_gelu(ag_ctx *ctx, ag_tensor *a); /* tanh approximation */
+ag_tensor *ag_relu(ag_ctx *ctx, ag_tensor *a);
+ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a); /* a * sigmoid(a) */
+/* Inverted dropout: each element kept with probability 1-p and scaled by
+ * 1/(1-p); the mask is drawn from `key` at index first_index + element.
+ * p == 0 returns `a` itself. */
+ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, ag_rng_key key, uint64_t first_index);
+
+/* ---- ops_reduce.c --------------------------------------------------------- */
+
+ag_tensor *ag_sum(ag_ctx *ctx, ag_tensor *a);         /* -> [1] */
+ag_tensor *ag_mean(ag_ctx *ctx, ag_tensor *a);        /* -> [1] */
+ag_tensor *ag_softmax(ag_ctx *ctx, ag_tensor *a);     /* over the last dim */
+ag_tensor *ag_log_softmax(ag_ctx *ctx, ag_tensor *a); /* over the last dim */
+/* logits [N,V], targets[N] in [0,V) or == ignore_index -> [1]: mean over the
+ * non-ignored rows of -log softmax(logits)[target] (0 if every row is ignored). */
+ag_tensor *ag_cross_entropy(ag_ctx *ctx, ag_tensor *logits, const int32_t *targets,
+                            int32_t ignore_index);
+/* logp [N,V], logq [N,V] (log-probabilities) -> [1]: mean over rows of
+ * KL(p||q) = sum_v p (logp - logq); gradients reach both inputs. */
+ag_tensor *ag_kl_div(ag_ctx *ctx, ag_tensor *logp, ag_tensor *logq);
+/* p [N,V] (probabilities) -> [1]: mean over rows of -sum_v p log p. */
+ag_tensor *ag_entropy(ag_ctx *ctx, ag_tensor *p);
+
+/* ---- ops_norm.c ----------------------------------------------------------- */
+
+/* x [...,D], gamma [D], beta [D] -> [...,D] */
+ag_tensor *ag_layernorm(ag_ctx *ctx, ag_tensor *x, ag_tensor *gamma, ag_tensor *beta, float eps);
+
+/* ---- ops_index.c ---------------------------------------------------------- */
+
+/* table [V,D], ids[n] in [0,V) -> [n,D] */
+ag_tensor *ag_embedding(ag_ctx *ctx, ag_tensor *table, const int32_t *ids, int n);
+/* x [N,D], index[m] in [0,N) -> [m,D]: out[i] = x[index[i]] */
+ag_tensor *ag_gather_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int m);
+/* x [M,D], index[M] in [0,n_out) -> [n_out,D]: out[index[i]] += x[i] */
+ag_tensor *ag_scatter_add_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int n_out);
+/* Same data, new shape (same numel); no copy. */
+ag_tensor *ag_reshape(ag_ctx *ctx, ag_tensor *x, int ndim, const int *shape);
+/* Swaps two dimensions (copies). */
+ag_tensor *ag_transpose(ag_ctx *ctx, ag_tensor *x, int dim0, int dim1);
+/* Joins n tensors along `dim`; all other sizes equal. */
+ag_tensor *ag_concat(ag_ctx *ctx, ag_tensor *const *xs, int n, int dim);
+/* x[..., start:start+length, ...] along `dim` (copies). */
+ag_tensor *ag_slice(ag_ctx *ctx, ag_tensor *x, int dim, int start, int length);
+
+#endif

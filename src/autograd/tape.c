@@ -1,0 +1,156 @@
+#include "autograd/tape.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "common/check.h"
+
+cm_status ag_ctx_init(ag_ctx *ctx, size_t arena_bytes) {
+    memset(ctx, 0, sizeof *ctx);
+    ctx->grad_enabled = true;
+    return ag_arena_init(&ctx->arena, arena_bytes);
+}
+
+void ag_ctx_free(ag_ctx *ctx) {
+    ag_arena_free(&ctx->arena);
+}
+
+void ag_ctx_reset(ag_ctx *ctx) {
+    ag_arena_reset(&ctx->arena);
+    ctx->tape_tail = NULL;
+    ctx->tape_length = 0;
+    ctx->status = CM_OK;
+}
+
+ag_mark ag_ctx_mark(const ag_ctx *ctx) {
+    return (ag_mark){ctx->arena.used, ctx->tape_tail, ctx->tape_length};
+}
+
+void ag_ctx_release(ag_ctx *ctx, ag_mark mark) {
+    CM_ASSERT(mark.arena_used <= ctx->arena.used, "releasing a mark taken after a reset");
+    ctx->arena.used = mark.arena_used;
+    ctx->tape_tail = mark.tape_tail;
+    ctx->tape_length = mark.tape_length;
+}
+
+bool ag_set_grad_enabled(ag_ctx *ctx, bool enabled) {
+    bool previous = ctx->grad_enabled;
+    ctx->grad_enabled = enabled;
+    return previous;
+}
+
+void *ag_alloc(ag_ctx *ctx, size_t bytes, const char *op) {
+    if (ctx->status != CM_OK) return NULL;
+    void *block = ag_arena_alloc(&ctx->arena, bytes);
+    if (!block) {
+        ctx->status = CM_ERR(CM_ERR_NOMEM,
+                             "step arena full in op '%s': needs %zu more bytes, %zu of %zu MiB in "
+                             "use; raise the arena size (train.arena_mib)",
+                             op, bytes, ctx->arena.used >> 20, ctx->arena.capacity >> 20);
+    }
+    return block;
+}
+
+float *ag_alloc_floats(ag_ctx *ctx, int64_t count, const char *op) {
+    return ag_alloc(ctx, (size_t)count * sizeof(float), op);
+}
+
+int32_t *ag_alloc_ints(ag_ctx *ctx, int64_t count, const char *op) {
+    return ag_alloc(ctx, (size_t)count * sizeof(int32_t), op);
+}
+
+ag_tensor *ag_alias(ag_ctx *ctx, const char *op, float *data, int ndim, const int *shape) {
+    ag_tensor *t = ag_alloc(ctx, sizeof *t, op);
+    if (!t) return NULL;
+    memset(t, 0, sizeof *t);
+    ag_tensor_set_shape(t, ndim, shape);
+    t->data = data;
+    t->name = op;
+    return t;
+}
+
+ag_tensor *ag_empty(ag_ctx *ctx, const char *op, int ndim, const int *shape) {
+    ag_tensor *t = ag_alias(ctx, op, NULL, ndim, shape);
+    if (!t) return NULL;
+    t->data = ag_alloc_floats(ctx, t->numel, op);
+    return t->data || t->numel == 0 ? t : NULL;
+}
+
+ag_tensor *ag_zeros(ag_ctx *ctx, const char *op, int ndim, const int *shape) {
+    ag_tensor *t = ag_empty(ctx, op, ndim, shape);
+    if (t) memset(t->data, 0, (size_t)t->numel * sizeof(float));
+    return t;
+}
+
+ag_node *ag_record(ag_ctx *ctx, const char *op, ag_backward_fn backward, ag_tensor *out, int n_in,
+                   ag_tensor *const *in, size_t saved_bytes) {
+    if (ctx->status != CM_OK || !ctx->grad_enabled) return NULL;
+    bool any = false;
+    for (int i = 0; i < n_in; i++) any = any || in[i]->requires_grad;
+    if (!any) return NULL;
+    ag_node *node = ag_alloc(ctx, sizeof *node, op);
+    ag_tensor **inputs = ag_alloc(ctx, (size_t)n_in * sizeof *inputs, op);
+    void *saved = saved_bytes ? ag_alloc(ctx, saved_bytes, op) : NULL;
+    if (!node || !inputs || (saved_bytes && !saved)) return NULL;
+    memcpy(inputs, in, (size_t)n_in * sizeof *inputs);
+    if (saved) memset(saved, 0, saved_bytes);
+    *node = (ag_node){op, backward, out, inputs, n_in, saved, ctx->tape_tail};
+    ctx->tape_tail = node;
+    ctx->tape_length++;
+    out->requires_grad = true;
+    return node;
+}
+
+/* Gives `t` a zeroed gradient buffer from the arena if it has none. */
+static cm_status ensure_grad(ag_ctx *ctx, ag_tensor *t, const char *op) {
+    if (t->grad) return CM_OK;
+    t->grad = ag_alloc_floats(ctx, t->numel, op);
+    if (!t->grad && t->numel) return ctx->status;
+    if (t->numel) memset(t->grad, 0, (size_t)t->numel * sizeof(float));
+    return CM_OK;
+}
+
+cm_status ag_backward_from(ag_ctx *ctx, ag_tensor *out, const float *dout) {
+    if (ctx->status != CM_OK) return ctx->status;
+    if (!out) return CM_ERR(CM_ERR_INVALID, "backward called on a NULL tensor");
+    if (!out->requires_grad) {
+        return CM_ERR(CM_ERR_INVALID,
+                      "backward from '%s', which does not depend on any tensor that requires a "
+                      "gradient (or was computed in no-grad mode)",
+                      out->name ? out->name : "?");
+    }
+    CM_TRY(ensure_grad(ctx, out, "backward"));
+    for (int64_t i = 0; i < out->numel; i++) out->grad[i] += dout[i];
+    for (ag_node *node = ctx->tape_tail; node; node = node->prev) {
+        if (!node->out->grad) continue; /* nothing downstream used this output */
+        for (int i = 0; i < node->n_in; i++)
+            if (node->in[i]->requires_grad) CM_TRY(ensure_grad(ctx, node->in[i], node->op));
+        node->backward(ctx, node);
+    }
+    ctx->tape_tail = NULL;
+    ctx->tape_length = 0;
+    return ctx->status;
+}
+
+cm_status ag_backward(ag_ctx *ctx, ag_tensor *loss) {
+    if (ctx->status != CM_OK) return ctx->status;
+    if (loss && loss->numel != 1)
+        return CM_ERR(CM_ERR_INVALID, "backward needs a scalar loss, got %lld elements",
+                      (long long)loss->numel);
+    const float one = 1.0f;
+    return ag_backward_from(ctx, loss, &one);
+}
+
+void ag_tape_dump(const ag_ctx *ctx, FILE *stream) {
+    char shape[64];
+    int64_t index = ctx->tape_length;
+    for (const ag_node *node = ctx->tape_tail; node; node = node->prev) {
+        double norm = 0.0;
+        if (node->out->grad)
+            for (int64_t i = 0; i < node->out->numel; i++)
+                norm += (double)node->out->grad[i] * node->out->grad[i];
+        fprintf(stream, "node %5lld  %-20s out %-20s |grad| %s%.6g\n", (long long)--index, node->op,
+                ag_shape_str(node->out, shape, sizeof shape), node->out->grad ? "" : "(none) ",
+                sqrt(norm));
+    }
+}
