@@ -17,12 +17,9 @@ static uint64_t mix64(uint64_t x) {
     return x;
 }
 
-void ag_rng_block(ag_rng_key key, uint64_t index, uint32_t out[4]) {
-    /* 64-bit Philox key from (seed, layer, purpose); counter = (index, step). */
-    uint64_t k = mix64(key.seed ^ mix64(((uint64_t)key.layer << 32 | key.purpose) + 1));
-    uint32_t k0 = (uint32_t)k, k1 = (uint32_t)(k >> 32);
-    uint32_t c0 = (uint32_t)index, c1 = (uint32_t)(index >> 32);
-    uint32_t c2 = (uint32_t)key.step, c3 = (uint32_t)(key.step >> 32);
+void ag_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+    uint32_t c0 = counter[0], c1 = counter[1], c2 = counter[2], c3 = counter[3];
+    uint32_t k0 = key[0], k1 = key[1];
     for (int round = 0; round < 10; round++) {
         uint64_t p0 = (uint64_t)PHILOX_M0 * c0;
         uint64_t p1 = (uint64_t)PHILOX_M1 * c2;
@@ -35,6 +32,15 @@ void ag_rng_block(ag_rng_key key, uint64_t index, uint32_t out[4]) {
         k1 += PHILOX_W1;
     }
     out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+
+void ag_rng_block(ag_rng_key key, uint64_t index, uint32_t out[4]) {
+    /* 64-bit Philox key from (seed, layer, purpose); counter = (index, step). */
+    uint64_t k = mix64(key.seed ^ mix64(((uint64_t)key.layer << 32 | key.purpose) + 1));
+    const uint32_t philox_key[2] = {(uint32_t)k, (uint32_t)(k >> 32)};
+    const uint32_t counter[4] = {(uint32_t)index, (uint32_t)(index >> 32), (uint32_t)key.step,
+                                 (uint32_t)(key.step >> 32)};
+    ag_philox4x32_10(counter, philox_key, out);
 }
 
 uint64_t ag_rng_u64(ag_rng_key key, uint64_t index) {

@@ -28,6 +28,9 @@ typedef struct ag_rng_key {
     uint32_t purpose;
 } ag_rng_key;
 
+/* The raw Philox-4x32 bijection with 10 rounds (Salmon et al., SC'11). */
+void ag_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]);
+
 /* 128 random bits for (key, index). */
 void ag_rng_block(ag_rng_key key, uint64_t index, uint32_t out[4]);
 uint64_t ag_rng_u64(ag_rng_key key, uint64_t index);
