@@ -1,0 +1,69 @@
+/* The byte-level transformer language model (GPT-2 style, pre-LN).
+ *
+ *   ids [B,T] -> wte[ids] + wpe[0:T] -> dropout
+ *             -> n_layer x { x += drop(proj(attn(ln1(x))));  x += drop(mlp(ln2(x))) }
+ *             -> ln_f -> head (untied, no bias) -> logits [B*T, V]
+ *
+ * Parameter names (the checkpoint keys): wte [V,D], wpe [T_max,D],
+ * blocks.L.{ln1,ln2}.{weight,bias} [D], blocks.L.attn.qkv.{weight [3D,D],bias [3D]},
+ * blocks.L.attn.proj.{weight [D,D],bias [D]}, blocks.L.mlp.fc1.{weight [F,D],bias [F]},
+ * blocks.L.mlp.fc2.{weight [D,F],bias [D]}, ln_f.{weight,bias} [D], head.weight [V,D].
+ * Init: normal(0, 0.02) weights, zero biases, unit LayerNorm gains; the two
+ * residual projections (attn.proj, mlp.fc2) use std 0.02/sqrt(2 n_layer).
+ * Attention probabilities are not dropped out (only embeddings and residual
+ * branches are).
+ * Owns: nothing but parameter handles; parameters live in the ag_params
+ * registry passed to lm_declare. */
+#ifndef CMOE_LAYERS_TRANSFORMER_H
+#define CMOE_LAYERS_TRANSFORMER_H
+
+#include <stdint.h>
+
+#include "autograd/ops.h"
+#include "autograd/params.h"
+
+typedef struct lm_config {
+    int vocab;   /* 256 for bytes */
+    int d_model; /* D */
+    int n_layer;
+    int n_head;    /* D % n_head == 0 */
+    int d_ff;      /* F, MLP hidden width */
+    int max_seq;   /* T_max, number of learned positions */
+    float dropout; /* embedding and residual dropout probability */
+} lm_config;
+
+typedef struct lm_block {
+    ag_param *ln1_weight, *ln1_bias, *qkv_weight, *qkv_bias, *proj_weight, *proj_bias;
+    ag_param *ln2_weight, *ln2_bias, *fc1_weight, *fc1_bias, *fc2_weight, *fc2_bias;
+} lm_block;
+
+enum { LM_MAX_LAYERS = 64 };
+
+typedef struct lm_model {
+    lm_config config;
+    ag_param *wte, *wpe, *lnf_weight, *lnf_bias, *head_weight;
+    lm_block blocks[LM_MAX_LAYERS];
+} lm_model;
+
+/* Checks the configuration (a clear error for bad sizes) and declares every
+ * parameter; call ag_params_finalize afterwards. */
+cm_status lm_declare(lm_model *model, const lm_config *config, ag_params *params);
+
+/* Per-forward inputs. Dropout is applied when training and dropout > 0,
+ * with masks keyed by (seed, step) and the global position of each element,
+ * so the masks do not depend on how the batch is split across ranks. */
+typedef struct lm_forward_args {
+    const int32_t *ids; /* [B*T] */
+    int batch, seq_len;
+    bool training;
+    uint64_t seed, step;
+    uint64_t first_row; /* global index of this batch's first sequence */
+} lm_forward_args;
+
+/* -> logits [B*T, V]; NULL if the context failed (see ag_ctx_status). */
+ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args *args);
+
+/* Mean cross-entropy of logits [B*T,V] against targets [B*T] (nats). */
+ag_tensor *lm_loss(ag_ctx *ctx, ag_tensor *logits, const int32_t *targets);
+
+#endif

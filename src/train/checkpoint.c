@@ -1,0 +1,366 @@
+#include "train/checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <hdf5.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/check.h"
+
+static const char FORMAT_NAME[] = "cmoe-ckpt";
+
+/* HDF5 prints its error stack by default; cmoe reports errors itself. */
+static void silence_hdf5(void) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+/* ---- small attribute helpers -------------------------------------------- */
+
+static herr_t write_attr(hid_t obj, const char *name, hid_t type, const void *value) {
+    hid_t space = H5Screate(H5S_SCALAR);
+    hid_t attr = H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t status = attr < 0 ? -1 : H5Awrite(attr, type, value);
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    return status;
+}
+
+static herr_t write_string_attr(hid_t obj, const char *name, const char *value) {
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, strlen(value) + 1);
+    H5Tset_strpad(type, H5T_STR_NULLTERM);
+    herr_t status = write_attr(obj, name, type, value);
+    H5Tclose(type);
+    return status;
+}
+
+static herr_t read_attr(hid_t obj, const char *name, hid_t type, void *value) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t attr = H5Aopen(obj, name, H5P_DEFAULT);
+    if (attr < 0) return -1;
+    herr_t status = H5Aread(attr, type, value);
+    H5Aclose(attr);
+    return status;
+}
+
+/* Reads a string attribute into a malloc'd buffer. */
+static char *read_string_attr(hid_t obj, const char *name) {
+    if (H5Aexists(obj, name) <= 0) return NULL;
+    hid_t attr = H5Aopen(obj, name, H5P_DEFAULT);
+    if (attr < 0) return NULL;
+    hid_t file_type = H5Aget_type(attr);
+    size_t size = H5Tget_size(file_type);
+    char *value = NULL;
+    if (H5Tget_class(file_type) == H5T_STRING && !H5Tis_variable_str(file_type)) {
+        hid_t mem_type = H5Tcopy(H5T_C_S1);
+        H5Tset_size(mem_type, size + 1);
+        value = calloc(1, size + 1);
+        if (value && H5Aread(attr, mem_type, value) < 0) {
+            free(value);
+            value = NULL;
+        }
+        H5Tclose(mem_type);
+    }
+    H5Tclose(file_type);
+    H5Aclose(attr);
+    return value;
+}
+
+/* ---- datasets -------------------------------------------------------------- */
+
+static herr_t write_dataset(hid_t group, const char *name, const ag_tensor *shape_of,
+                            const float *data) {
+    hsize_t dims[AG_MAX_DIMS];
+    for (int i = 0; i < shape_of->ndim; i++) dims[i] = (hsize_t)shape_of->shape[i];
+    hid_t space = H5Screate_simple(shape_of->ndim, dims, NULL);
+    hid_t properties = H5Pcreate(H5P_DATASET_CREATE);
+    /* One chunk holding the whole tensor, so the Fletcher-32 filter applies. */
+    H5Pset_chunk(properties, shape_of->ndim, dims);
+    H5Pset_fletcher32(properties);
+    hid_t dataset =
+        H5Dcreate2(group, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, properties, H5P_DEFAULT);
+    herr_t status =
+        dataset < 0 ? -1 : H5Dwrite(dataset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
+    if (dataset >= 0) H5Dclose(dataset);
+    H5Pclose(properties);
+    H5Sclose(space);
+    return status;
+}
+
+/* Reads dataset `name` of `group` into `data` after checking its shape. */
+static cm_status read_dataset(const char *path, hid_t group, const char *group_name,
+                              const ag_param *param, float *data) {
+    if (H5Lexists(group, param->name, H5P_DEFAULT) <= 0)
+        return CM_ERR(CM_ERR_FORMAT, "%s: no dataset /%s/%s; the checkpoint is of another model",
+                      path, group_name, param->name);
+    hid_t dataset = H5Dopen2(group, param->name, H5P_DEFAULT);
+    if (dataset < 0)
+        return CM_ERR(CM_ERR_FORMAT, "%s: cannot open /%s/%s (corrupted file?)", path, group_name,
+                      param->name);
+    hid_t space = H5Dget_space(dataset);
+    int ndim = H5Sget_simple_extent_ndims(space);
+    hsize_t dims[AG_MAX_DIMS] = {0};
+    bool same = ndim == param->tensor.ndim;
+    if (same && H5Sget_simple_extent_dims(space, dims, NULL) < 0) same = false;
+    for (int i = 0; same && i < ndim; i++) same = dims[i] == (hsize_t)param->tensor.shape[i];
+    H5Sclose(space);
+    cm_status status = CM_OK;
+    if (!same) {
+        char want[64], got[96] = "[";
+        ag_shape_str(&param->tensor, want, sizeof want);
+        for (int i = 0; i < ndim && i < AG_MAX_DIMS; i++)
+            snprintf(got + strlen(got), sizeof got - strlen(got), i ? ",%llu" : "%llu",
+                     (unsigned long long)dims[i]);
+        strncat(got, "]", sizeof got - strlen(got) - 1);
+        status = CM_ERR(CM_ERR_FORMAT,
+                        "%s: /%s/%s has shape %s in the checkpoint but %s in the model; the "
+                        "checkpoint is of another model shape",
+                        path, group_name, param->name, got, want);
+    } else if (H5Dread(dataset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+        status = CM_ERR(CM_ERR_FORMAT,
+                        "%s: cannot read /%s/%s: checksum mismatch or truncated data (corrupted "
+                        "checkpoint)",
+                        path, group_name, param->name);
+    }
+    H5Dclose(dataset);
+    return status;
+}
+
+/* ---- save ------------------------------------------------------------------ */
+
+static cm_status write_file(const char *path, const ag_params *params, const ckpt_meta *meta,
+                            const char *recipe_text) {
+    hid_t access = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_LATEST);
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, access);
+    H5Pclose(access);
+    if (file < 0) return CM_ERR(CM_ERR_IO, "%s: cannot create the checkpoint file", path);
+
+    herr_t failed = 0;
+    const int version = CKPT_FORMAT_VERSION;
+    failed |= write_string_attr(file, "format", FORMAT_NAME) < 0;
+    failed |= write_attr(file, "version", H5T_NATIVE_INT, &version) < 0;
+    failed |= write_attr(file, "step", H5T_NATIVE_INT64, &meta->step) < 0;
+    failed |= write_attr(file, "seed", H5T_NATIVE_UINT64, &meta->seed) < 0;
+    failed |= write_attr(file, "optimizer_step", H5T_NATIVE_INT64, &meta->optimizer_step) < 0;
+    failed |= write_string_attr(file, "recipe", recipe_text ? recipe_text : "") < 0;
+
+    hid_t values = H5Gcreate2(file, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t optim = H5Gcreate2(file, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t first = optim < 0 ? -1 : H5Gcreate2(optim, "m", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    hid_t second = optim < 0 ? -1 : H5Gcreate2(optim, "v", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    failed |= values < 0 || optim < 0 || first < 0 || second < 0;
+    for (int i = 0; i < params->count && !failed; i++) {
+        const ag_param *param = params->items[i];
+        const ag_param_buffer *buffer = &params->buffers[param->group];
+        failed |= write_dataset(values, param->name, &param->tensor, param->tensor.data) < 0;
+        hid_t dataset = failed ? -1 : H5Dopen2(values, param->name, H5P_DEFAULT);
+        if (dataset >= 0) {
+            const int frozen = param->frozen, expert = param->group == AG_GROUP_EXPERT;
+            failed |= write_attr(dataset, "frozen", H5T_NATIVE_INT, &frozen) < 0;
+            failed |= write_attr(dataset, "expert", H5T_NATIVE_INT, &expert) < 0;
+            H5Dclose(dataset);
+        }
+        if (param->frozen) continue;
+        failed |= write_dataset(first, param->name, &param->tensor, buffer->m + param->offset) < 0;
+        failed |= write_dataset(second, param->name, &param->tensor, buffer->v + param->offset) < 0;
+    }
+    if (first >= 0) H5Gclose(first);
+    if (second >= 0) H5Gclose(second);
+    if (optim >= 0) H5Gclose(optim);
+    if (values >= 0) H5Gclose(values);
+    failed |= H5Fclose(file) < 0;
+    if (failed) return CM_ERR(CM_ERR_HDF5, "%s: writing the checkpoint failed (disk full?)", path);
+    return CM_OK;
+}
+
+cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
+                    const char *recipe_text) {
+    silence_hdf5();
+    char temporary[4096];
+    if ((size_t)snprintf(temporary, sizeof temporary, "%s.tmp", path) >= sizeof temporary)
+        return CM_ERR(CM_ERR_INVALID, "checkpoint path too long: %s", path);
+    cm_status status = write_file(temporary, params, meta, recipe_text);
+    if (status != CM_OK) {
+        remove(temporary);
+        return status;
+    }
+    if (rename(temporary, path) != 0) {
+        status = CM_ERR(CM_ERR_IO, "cannot rename %s to %s: %s", temporary, path, strerror(errno));
+        remove(temporary);
+    }
+    return status;
+}
+
+/* ---- load ------------------------------------------------------------------ */
+
+/* Opens `path` read-only after checking it exists and is a cmoe checkpoint. */
+static cm_status open_checkpoint(const char *path, hid_t *file_out) {
+    silence_hdf5();
+    FILE *probe = fopen(path, "rb");
+    if (!probe) return CM_ERR(CM_ERR_IO, "%s: cannot open checkpoint: %s", path, strerror(errno));
+    fclose(probe);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0)
+        return CM_ERR(CM_ERR_FORMAT,
+                      "%s: not a readable HDF5 file (truncated or corrupted checkpoint?)", path);
+    char *format = read_string_attr(file, "format");
+    int version = -1;
+    bool known = format && strcmp(format, FORMAT_NAME) == 0;
+    free(format);
+    if (!known) {
+        H5Fclose(file);
+        return CM_ERR(CM_ERR_FORMAT, "%s: not a cmoe checkpoint (no format = \"%s\" attribute)",
+                      path, FORMAT_NAME);
+    }
+    if (read_attr(file, "version", H5T_NATIVE_INT, &version) < 0 ||
+        version != CKPT_FORMAT_VERSION) {
+        H5Fclose(file);
+        return CM_ERR(CM_ERR_FORMAT, "%s: checkpoint format version %d, this cmoe reads version %d",
+                      path, version, CKPT_FORMAT_VERSION);
+    }
+    *file_out = file;
+    return CM_OK;
+}
+
+/* Counts the datasets directly inside a group. */
+static hsize_t count_links(hid_t group) {
+    H5G_info_t info;
+    return H5Gget_info(group, &info) < 0 ? 0 : info.nlinks;
+}
+
+static cm_status load_groups(const char *path, hid_t file, ag_params *params, bool load_optimizer) {
+    hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
+    if (values < 0) return CM_ERR(CM_ERR_FORMAT, "%s: no /params group", path);
+    cm_status status = CM_OK;
+    if (count_links(values) != (hsize_t)params->count)
+        status = CM_ERR(CM_ERR_FORMAT,
+                        "%s: holds %llu parameters but the model has %d; the checkpoint is of "
+                        "another model",
+                        path, (unsigned long long)count_links(values), params->count);
+    for (int i = 0; i < params->count && status == CM_OK; i++)
+        status =
+            read_dataset(path, values, "params", params->items[i], params->items[i]->tensor.data);
+    H5Gclose(values);
+    if (status != CM_OK || !load_optimizer) return status;
+
+    hid_t first = H5Gopen2(file, "optim/m", H5P_DEFAULT);
+    hid_t second = H5Gopen2(file, "optim/v", H5P_DEFAULT);
+    if (first < 0 || second < 0)
+        status = CM_ERR(CM_ERR_FORMAT, "%s: no /optim/m or /optim/v", path);
+    for (int i = 0; i < params->count && status == CM_OK; i++) {
+        ag_param *param = params->items[i];
+        if (param->frozen) continue;
+        ag_param_buffer *buffer = &params->buffers[param->group];
+        status = read_dataset(path, first, "optim/m", param, buffer->m + param->offset);
+        if (status == CM_OK)
+            status = read_dataset(path, second, "optim/v", param, buffer->v + param->offset);
+    }
+    if (first >= 0) H5Gclose(first);
+    if (second >= 0) H5Gclose(second);
+    return status;
+}
+
+cm_status ckpt_load(const char *path, ag_params *params, ckpt_meta *meta, bool load_optimizer) {
+    CM_ASSERT(params->finalized, "ckpt_load needs a finalized parameter registry");
+    hid_t file;
+    CM_TRY(open_checkpoint(path, &file));
+    cm_status status = CM_OK;
+    ckpt_meta read = {0};
+    if (read_attr(file, "step", H5T_NATIVE_INT64, &read.step) < 0 ||
+        read_attr(file, "seed", H5T_NATIVE_UINT64, &read.seed) < 0 ||
+        read_attr(file, "optimizer_step", H5T_NATIVE_INT64, &read.optimizer_step) < 0)
+        status = CM_ERR(CM_ERR_FORMAT, "%s: missing step/seed/optimizer_step attributes", path);
+    if (status == CM_OK) status = load_groups(path, file, params, load_optimizer);
+    H5Fclose(file);
+    if (status == CM_OK && meta) *meta = read;
+    return status;
+}
+
+cm_status ckpt_read_recipe(const char *path, char **recipe_text) {
+    hid_t file;
+    CM_TRY(open_checkpoint(path, &file));
+    *recipe_text = read_string_attr(file, "recipe");
+    H5Fclose(file);
+    if (!*recipe_text) return CM_ERR(CM_ERR_FORMAT, "%s: no recipe attribute", path);
+    return CM_OK;
+}
+
+/* ---- files in a run directory ----------------------------------------------- */
+
+void ckpt_path_for_step(const char *dir, int64_t step, char *out, size_t size) {
+    snprintf(out, size, "%s/ckpt-%08lld.h5", dir, (long long)step);
+}
+
+/* Step of a complete checkpoint file name, or -1. */
+static long long step_of(const char *name) {
+    long long step;
+    int consumed = 0;
+    if (sscanf(name, "ckpt-%lld.h5%n", &step, &consumed) != 1) return -1;
+    return name[consumed] == '\0' && step >= 0 ? step : -1;
+}
+
+/* The steps of the complete checkpoints in dir, sorted ascending. */
+static cm_status list_steps(const char *dir, long long **steps_out, int *count_out) {
+    DIR *handle = opendir(dir);
+    if (!handle) return CM_ERR(CM_ERR_IO, "%s: cannot open directory: %s", dir, strerror(errno));
+    long long *steps = NULL;
+    int count = 0, capacity = 0;
+    for (struct dirent *entry; (entry = readdir(handle));) {
+        long long step = step_of(entry->d_name);
+        if (step < 0) continue;
+        if (count == capacity) {
+            capacity = capacity ? 2 * capacity : 16;
+            long long *grown = realloc(steps, (size_t)capacity * sizeof *grown);
+            if (!grown) {
+                free(steps);
+                closedir(handle);
+                return CM_ERR(CM_ERR_NOMEM, "out of memory listing %s", dir);
+            }
+            steps = grown;
+        }
+        steps[count++] = step;
+    }
+    closedir(handle);
+    for (int i = 1; i < count; i++)
+        for (int j = i; j > 0 && steps[j - 1] > steps[j]; j--) {
+            long long tmp = steps[j];
+            steps[j] = steps[j - 1];
+            steps[j - 1] = tmp;
+        }
+    *steps_out = steps;
+    *count_out = count;
+    return CM_OK;
+}
+
+cm_status ckpt_find_latest(const char *dir, char *out, size_t size) {
+    long long *steps;
+    int count;
+    CM_TRY(list_steps(dir, &steps, &count));
+    if (count == 0) {
+        free(steps);
+        return CM_ERR(CM_ERR_IO, "%s: no complete checkpoint (ckpt-*.h5) to resume from", dir);
+    }
+    ckpt_path_for_step(dir, steps[count - 1], out, size);
+    free(steps);
+    return CM_OK;
+}
+
+cm_status ckpt_prune(const char *dir, int keep) {
+    CM_ASSERT(keep >= 1, "keep %d", keep);
+    long long *steps;
+    int count;
+    CM_TRY(list_steps(dir, &steps, &count));
+    cm_status status = CM_OK;
+    char path[4096];
+    for (int i = 0; i < count - keep && status == CM_OK; i++) {
+        ckpt_path_for_step(dir, steps[i], path, sizeof path);
+        if (remove(path) != 0)
+            status =
+                CM_ERR(CM_ERR_IO, "cannot delete old checkpoint %s: %s", path, strerror(errno));
+    }
+    free(steps);
+    return status;
+}

@@ -1,0 +1,52 @@
+/* HDF5 checkpoints: everything needed to resume a run exactly.
+ *
+ * Layout (format "cmoe-ckpt", version 1; docs/checkpoint.md):
+ *   /                 attributes format, version, step, seed, optimizer_step, recipe
+ *   /params/NAME      float32 dataset per parameter, in its declared shape
+ *   /optim/m/NAME     AdamW first moment (or SGD momentum) per trainable parameter
+ *   /optim/v/NAME     AdamW second moment per trainable parameter
+ * Every dataset carries a Fletcher-32 checksum, and the file uses the
+ * HDF5 1.10 format with metadata checksums, so truncation and corruption are
+ * reported as errors on load. A checkpoint is written to PATH.tmp and renamed
+ * to PATH only when complete: a file named ckpt-*.h5 is always whole.
+ * Owns: nothing beyond the duration of a call. */
+#ifndef CMOE_TRAIN_CHECKPOINT_H
+#define CMOE_TRAIN_CHECKPOINT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "autograd/params.h"
+#include "common/status.h"
+
+enum { CKPT_FORMAT_VERSION = 1 };
+
+typedef struct ckpt_meta {
+    int64_t step;           /* training steps completed */
+    uint64_t seed;          /* run seed: with step, the whole RNG and data state */
+    int64_t optimizer_step; /* for AdamW bias correction */
+} ckpt_meta;
+
+/* Writes params (values and both moment mirrors) and meta to `path`
+ * atomically; `recipe_text` (may be NULL) is stored as provenance. */
+cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
+                    const char *recipe_text);
+
+/* Reads a checkpoint into an already finalized registry of the same model:
+ * every parameter must be present with the same shape, and the file must not
+ * hold parameters the model lacks. With load_optimizer false, the moments
+ * are left untouched (evaluation). */
+cm_status ckpt_load(const char *path, ag_params *params, ckpt_meta *meta, bool load_optimizer);
+
+/* The recipe text stored in a checkpoint (malloc'd; caller frees). */
+cm_status ckpt_read_recipe(const char *path, char **recipe_text);
+
+/* "DIR/ckpt-00001234.h5" */
+void ckpt_path_for_step(const char *dir, int64_t step, char *out, size_t size);
+/* The complete checkpoint with the highest step in dir; CM_ERR_IO if none. */
+cm_status ckpt_find_latest(const char *dir, char *out, size_t size);
+/* Deletes all but the newest `keep` complete checkpoints in dir (keep >= 1). */
+cm_status ckpt_prune(const char *dir, int keep);
+
+#endif
