@@ -159,7 +159,9 @@ static cm_status write_file(const char *path, const ag_params *params, const ckp
         hid_t dataset = failed ? -1 : H5Dopen2(values, param->name, H5P_DEFAULT);
         if (dataset >= 0) {
             const int frozen = param->frozen, expert = param->group == AG_GROUP_EXPERT;
+            const int no_decay = param->no_decay;
             failed |= write_attr(dataset, "frozen", H5T_NATIVE_INT, &frozen) < 0;
+            failed |= write_attr(dataset, "no_decay", H5T_NATIVE_INT, &no_decay) < 0;
             failed |= write_attr(dataset, "expert", H5T_NATIVE_INT, &expert) < 0;
             H5Dclose(dataset);
         }

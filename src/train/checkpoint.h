@@ -2,7 +2,8 @@
  *
  * Layout (format "cmoe-ckpt", version 1; docs/checkpoint.md):
  *   /                 attributes format, version, step, seed, optimizer_step, recipe
- *   /params/NAME      float32 dataset per parameter, in its declared shape
+ *   /params/NAME      float32 dataset per parameter, in its declared shape, with
+ *                     int attributes frozen, no_decay, expert
  *   /optim/m/NAME     AdamW first moment (or SGD momentum) per trainable parameter
  *   /optim/v/NAME     AdamW second moment per trainable parameter
  * Every dataset carries a Fletcher-32 checksum, and the file uses the
