@@ -81,13 +81,18 @@ ag_tensor *ag_layernorm(ag_ctx *ctx, ag_tensor *x, ag_tensor *gamma, ag_tensor *
 
 /* ---- ops_index.c ---------------------------------------------------------- */
 
+/* Index arrays are not copied: they must stay valid and unchanged until
+ * backward has run (allocate them from the arena). Rows may have trailing
+ * dims: x [N,...] gathers whole [...] blocks. */
+
 /* table [V,D], ids[n] in [0,V) -> [n,D] */
 ag_tensor *ag_embedding(ag_ctx *ctx, ag_tensor *table, const int32_t *ids, int n);
 /* x [N,D], index[m] in [0,N) -> [m,D]: out[i] = x[index[i]] */
 ag_tensor *ag_gather_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int m);
 /* x [M,D], index[M] in [0,n_out) -> [n_out,D]: out[index[i]] += x[i] */
 ag_tensor *ag_scatter_add_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int n_out);
-/* Same data, new shape (same numel); no copy. */
+/* Same data, new shape (same numel; one size may be -1 and is inferred); no
+ * copy of the data. The output has its own gradient, added into x's. */
 ag_tensor *ag_reshape(ag_ctx *ctx, ag_tensor *x, int ndim, const int *shape);
 /* Swaps two dimensions (copies). */
 ag_tensor *ag_transpose(ag_ctx *ctx, ag_tensor *x, int dim0, int dim1);
