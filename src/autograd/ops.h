@@ -65,13 +65,16 @@ ag_tensor *ag_mean(ag_ctx *ctx, ag_tensor *a);        /* -> [1] */
 ag_tensor *ag_softmax(ag_ctx *ctx, ag_tensor *a);     /* over the last dim */
 ag_tensor *ag_log_softmax(ag_ctx *ctx, ag_tensor *a); /* over the last dim */
 /* logits [N,V], targets[N] in [0,V) or == ignore_index -> [1]: mean over the
- * non-ignored rows of -log softmax(logits)[target] (0 if every row is ignored). */
+ * non-ignored rows of -log softmax(logits)[target] (0 if every row is ignored).
+ * The targets are copied, so the caller's array may change before backward. */
 ag_tensor *ag_cross_entropy(ag_ctx *ctx, ag_tensor *logits, const int32_t *targets,
                             int32_t ignore_index);
 /* logp [N,V], logq [N,V] (log-probabilities) -> [1]: mean over rows of
- * KL(p||q) = sum_v p (logp - logq); gradients reach both inputs. */
+ * KL(p||q) = sum_v p (logp - logq), with 0 log 0 taken as 0; gradients reach
+ * both inputs. */
 ag_tensor *ag_kl_div(ag_ctx *ctx, ag_tensor *logp, ag_tensor *logq);
-/* p [N,V] (probabilities) -> [1]: mean over rows of -sum_v p log p. */
+/* p [N,V] (probabilities) -> [1]: mean over rows of -sum_v p log p; p is
+ * clamped at 1e-12 inside the log only. */
 ag_tensor *ag_entropy(ag_ctx *ctx, ag_tensor *p);
 
 /* ---- ops_norm.c ----------------------------------------------------------- */

@@ -1,0 +1,121 @@
+/* metrics.jsonl writing, truncation on resume, parsing, and the gnuplot PNG;
+ * the progress helpers' formatting. */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "train/metrics.h"
+#include "train/progress.h"
+
+static int count_lines(const char *path) {
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    int lines = 0;
+    for (int c; (c = fgetc(file)) != EOF;) lines += c == '\n';
+    fclose(file);
+    return lines;
+}
+
+START_TEST(test_write_resume_truncates_and_plot) {
+    char dir[] = "/tmp/cmoe-metrics-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    cm_metrics metrics;
+    ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
+    for (int step = 10; step <= 100; step += 10) {
+        metrics_write(&metrics, "{\"kind\": \"train\", \"step\": %d, \"loss\": %.4f, \"bpc\": %.4f}",
+                      step, 3.0 - step / 100.0, (3.0 - step / 100.0) / 0.6931);
+        if (step % 50 == 0)
+            metrics_write(&metrics, "{\"kind\": \"valid\", \"step\": %d, \"bpc\": %.4f}", step,
+                          4.0 - step / 100.0);
+    }
+    metrics_close(&metrics);
+    char path[256];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    ck_assert_int_eq(count_lines(path), 12);
+
+    /* Resume from step 60: lines for steps 70..100 (and valid@100) go. */
+    ck_assert_int_eq(metrics_open(&metrics, dir, 60), CM_OK);
+    metrics_write(&metrics, "{\"kind\": \"train\", \"step\": 70, \"loss\": 1.0, \"bpc\": 1.4427}");
+    metrics_close(&metrics);
+    ck_assert_int_eq(count_lines(path), 6 + 1 + 1);
+
+    ck_assert_msg(metrics_plot(dir) == CM_OK, "%s", cm_error_message());
+    char png[256];
+    snprintf(png, sizeof png, "%s/curves.png", dir);
+    struct stat info;
+    ck_assert_int_eq(stat(png, &info), 0);
+    ck_assert_int_gt(info.st_size, 1000);
+    FILE *file = fopen(png, "rb");
+    unsigned char magic[8];
+    ck_assert_int_eq(fread(magic, 1, 8, file), 8);
+    fclose(file);
+    ck_assert_int_eq(memcmp(magic, "\x89PNG\r\n\x1a\n", 8), 0);
+    snprintf(path, sizeof path, "%s/curves-valid.tsv", dir);
+    ck_assert_int_eq(count_lines(path), 1);
+
+    char command[300];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(command), 0);
+    ck_assert_int_eq(metrics_plot("/tmp/no-such-run-dir"), CM_ERR_IO);
+}
+END_TEST
+
+START_TEST(test_parsing) {
+    const char *line = "{\"kind\": \"valid\", \"step\": 400, \"bpc\": 2.4700, \"lr\": 3e-4}";
+    double value = 0;
+    ck_assert(metrics_is_kind(line, "valid"));
+    ck_assert(!metrics_is_kind(line, "train"));
+    ck_assert(metrics_find_number(line, "step", &value));
+    ck_assert_double_eq(value, 400);
+    ck_assert(metrics_find_number(line, "lr", &value));
+    ck_assert_double_eq_tol(value, 3e-4, 1e-12);
+    ck_assert(!metrics_find_number(line, "loss", &value));
+}
+END_TEST
+
+START_TEST(test_duration_format) {
+    char text[32];
+    format_duration(125.4, text, sizeof text);
+    ck_assert_str_eq(text, "2:05");
+    format_duration(3725, text, sizeof text);
+    ck_assert_str_eq(text, "1:02:05");
+    format_duration(-3, text, sizeof text);
+    ck_assert_str_eq(text, "0:00");
+}
+END_TEST
+
+START_TEST(test_plain_progress_lines) {
+    char *buffer = NULL;
+    size_t size = 0;
+    FILE *stream = open_memstream(&buffer, &size);
+    cm_progress progress;
+    progress_init(&progress, stream, 0, 200, true);
+    ck_assert(!progress.tty);
+    progress_update(&progress, 50, "loss 1.23", 41000, "tok/s", false); /* not a log step */
+    progress_update(&progress, 100, "loss 1.11", 41000, "tok/s", true);
+    progress_print(&progress, "saved %s", "ckpt");
+    progress_finish(&progress);
+    fclose(stream);
+    ck_assert_msg(strstr(buffer, "step 100/200  loss 1.11  41.0k tok/s  ETA") != NULL, "%s", buffer);
+    ck_assert_ptr_null(strstr(buffer, "loss 1.23"));
+    ck_assert_ptr_nonnull(strstr(buffer, "saved ckpt\n"));
+    free(buffer);
+}
+END_TEST
+
+int main(void) {
+    Suite *suite = suite_create("metrics");
+    TCase *tc = tcase_create("metrics");
+    tcase_add_test(tc, test_write_resume_truncates_and_plot);
+    tcase_add_test(tc, test_parsing);
+    tcase_add_test(tc, test_duration_format);
+    tcase_add_test(tc, test_plain_progress_lines);
+    suite_add_tcase(suite, tc);
+    SRunner *runner = srunner_create(suite);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
