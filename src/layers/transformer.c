@@ -23,12 +23,16 @@ cm_status lm_declare(lm_model *model, const lm_config *config, ag_params *params
     if (c->d_model % c->n_head != 0)
         return CM_ERR(CM_ERR_INVALID, "model.d_model = %d is not divisible by model.n_head = %d",
                       c->d_model, c->n_head);
+    if (!(c->init_std > 0.0f) || !(c->layernorm_eps > 0.0f))
+        return CM_ERR(CM_ERR_INVALID, "model.init_std and model.layernorm_eps must be > 0");
     if (!(c->dropout >= 0.0f && c->dropout < 1.0f))
         return CM_ERR(CM_ERR_INVALID, "model.dropout = %g not in [0, 1)", (double)c->dropout);
     model->config = *c;
     const int D = c->d_model, F = c->d_ff, V = c->vocab;
-    const ag_init weight = {AG_INIT_NORMAL, 0.0f, 0.02f};
-    const ag_init residual = {AG_INIT_NORMAL, 0.0f, 0.02f / sqrtf(2.0f * (float)c->n_layer)};
+    const ag_init weight = {AG_INIT_NORMAL, 0.0f, c->init_std};
+    const float residual_std =
+        c->scale_residual_init ? c->init_std / sqrtf(2.0f * (float)c->n_layer) : c->init_std;
+    const ag_init residual = {AG_INIT_NORMAL, 0.0f, residual_std};
     const ag_init zero = {AG_INIT_ZERO, 0.0f, 0.0f}, one = {AG_INIT_CONSTANT, 1.0f, 0.0f};
     CM_TRY(declare(params, &model->wte, weight, 2, (int[]){V, D}, "wte", 0));
     CM_TRY(declare(params, &model->wpe, weight, 2, (int[]){c->max_seq, D}, "wpe", 0));
@@ -85,21 +89,21 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
     for (int l = 0; l < c->n_layer; l++) {
         const lm_block *b = &model->blocks[l];
         ag_tensor *h = ag_layernorm(ctx, x, ag_param_tensor(b->ln1_weight),
-                                    ag_param_tensor(b->ln1_bias), 1e-5f);
+                                    ag_param_tensor(b->ln1_bias), c->layernorm_eps);
         h = ag_linear(ctx, h, ag_param_tensor(b->qkv_weight), ag_param_tensor(b->qkv_bias));
         h = ag_causal_attention(ctx, h, c->n_head);
         h = ag_linear(ctx, h, ag_param_tensor(b->proj_weight), ag_param_tensor(b->proj_bias));
         x = ag_add(ctx, x, drop(ctx, h, args, c->dropout, l + 1, DROP_ATTENTION));
 
         h = ag_layernorm(ctx, x, ag_param_tensor(b->ln2_weight), ag_param_tensor(b->ln2_bias),
-                         1e-5f);
+                         c->layernorm_eps);
         h = ag_gelu(
             ctx, ag_linear(ctx, h, ag_param_tensor(b->fc1_weight), ag_param_tensor(b->fc1_bias)));
         h = ag_linear(ctx, h, ag_param_tensor(b->fc2_weight), ag_param_tensor(b->fc2_bias));
         x = ag_add(ctx, x, drop(ctx, h, args, c->dropout, l + 1, DROP_MLP));
     }
     x = ag_layernorm(ctx, x, ag_param_tensor(model->lnf_weight), ag_param_tensor(model->lnf_bias),
-                     1e-5f);
+                     c->layernorm_eps);
     ag_tensor *logits = ag_linear(ctx, x, ag_param_tensor(model->head_weight), NULL);
     return ag_reshape(ctx, logits, 2, (int[]){B * T, c->vocab});
 }

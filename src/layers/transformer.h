@@ -8,8 +8,9 @@
  * blocks.L.{ln1,ln2}.{weight,bias} [D], blocks.L.attn.qkv.{weight [3D,D],bias [3D]},
  * blocks.L.attn.proj.{weight [D,D],bias [D]}, blocks.L.mlp.fc1.{weight [F,D],bias [F]},
  * blocks.L.mlp.fc2.{weight [D,F],bias [D]}, ln_f.{weight,bias} [D], head.weight [V,D].
- * Init: normal(0, 0.02) weights, zero biases, unit LayerNorm gains; the two
- * residual projections (attn.proj, mlp.fc2) use std 0.02/sqrt(2 n_layer).
+ * Init: normal(0, init_std) weights, zero biases, unit LayerNorm gains; with
+ * scale_residual_init the two residual projections (attn.proj, mlp.fc2) use
+ * std init_std/sqrt(2 n_layer) (GPT-2).
  * Attention probabilities are not dropped out (only embeddings and residual
  * branches are).
  * Owns: nothing but parameter handles; parameters live in the ag_params
@@ -30,6 +31,9 @@ typedef struct lm_config {
     int d_ff;      /* F, MLP hidden width */
     int max_seq;   /* T_max, number of learned positions */
     float dropout; /* embedding and residual dropout probability */
+    float init_std; /* std of the normal init of every weight matrix (GPT-2: 0.02) */
+    bool scale_residual_init; /* residual projections use init_std / sqrt(2 n_layer) */
+    float layernorm_eps;
 } lm_config;
 
 typedef struct lm_block {

@@ -290,6 +290,69 @@ cm_status ckpt_read_recipe(const char *path, char **recipe_text) {
     return CM_OK;
 }
 
+typedef struct describe_state {
+    FILE *out;
+    long long total, trainable;
+} describe_state;
+
+static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info, void *user) {
+    (void)info;
+    describe_state *state = user;
+    hid_t dataset = H5Dopen2(group, name, H5P_DEFAULT);
+    if (dataset < 0) return -1;
+    hid_t space = H5Dget_space(dataset);
+    hsize_t dims[8] = {0};
+    int ndim = H5Sget_simple_extent_ndims(space);
+    H5Sget_simple_extent_dims(space, dims, NULL);
+    H5Sclose(space);
+    long long count = 1;
+    char shape[96] = "[";
+    for (int i = 0; i < ndim && i < 8; i++) {
+        count *= (long long)dims[i];
+        snprintf(shape + strlen(shape), sizeof shape - strlen(shape), i ? ",%llu" : "%llu",
+                 (unsigned long long)dims[i]);
+    }
+    strncat(shape, "]", sizeof shape - strlen(shape) - 1);
+    int frozen = 0, no_decay = 0, expert = 0;
+    read_attr(dataset, "frozen", H5T_NATIVE_INT, &frozen);
+    read_attr(dataset, "no_decay", H5T_NATIVE_INT, &no_decay);
+    read_attr(dataset, "expert", H5T_NATIVE_INT, &expert);
+    H5Dclose(dataset);
+    fprintf(state->out, "  %-40s %-16s %10lld%s%s%s\n", name, shape, count,
+            expert ? "  expert" : "", frozen ? "  frozen" : "", no_decay ? "  no-decay" : "");
+    state->total += count;
+    if (!frozen) state->trainable += count;
+    return 0;
+}
+
+cm_status ckpt_describe(const char *path, FILE *out) {
+    hid_t file;
+    CM_TRY(open_checkpoint(path, &file));
+    ckpt_meta meta = {0};
+    read_attr(file, "step", H5T_NATIVE_INT64, &meta.step);
+    read_attr(file, "seed", H5T_NATIVE_UINT64, &meta.seed);
+    read_attr(file, "optimizer_step", H5T_NATIVE_INT64, &meta.optimizer_step);
+    fprintf(out, "%s\n  format cmoe-ckpt v%d, step %lld, seed %llu, optimizer step %lld\n", path,
+            CKPT_FORMAT_VERSION, (long long)meta.step, (unsigned long long)meta.seed,
+            (long long)meta.optimizer_step);
+    describe_state state = {out, 0, 0};
+    hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
+    herr_t walked = values < 0 ? -1
+                               : H5Literate(values, H5_INDEX_NAME, H5_ITER_INC, NULL,
+                                             describe_one, &state);
+    if (values >= 0) H5Gclose(values);
+    char *recipe = read_string_attr(file, "recipe");
+    H5Fclose(file);
+    if (walked < 0) {
+        free(recipe);
+        return CM_ERR(CM_ERR_FORMAT, "%s: cannot list /params (corrupted checkpoint?)", path);
+    }
+    fprintf(out, "  %lld parameters (%lld trainable)\n\nrecipe:\n%s", state.total,
+            state.trainable, recipe ? recipe : "(none)\n");
+    free(recipe);
+    return CM_OK;
+}
+
 /* ---- files in a run directory ----------------------------------------------- */
 
 void ckpt_path_for_step(const char *dir, int64_t step, char *out, size_t size) {

@@ -17,6 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "autograd/params.h"
 #include "common/status.h"
@@ -42,6 +43,10 @@ cm_status ckpt_load(const char *path, ag_params *params, ckpt_meta *meta, bool l
 
 /* The recipe text stored in a checkpoint (malloc'd; caller frees). */
 cm_status ckpt_read_recipe(const char *path, char **recipe_text);
+
+/* Prints the attributes and every parameter (shape, count, flags) of a
+ * checkpoint, for `cmoe inspect`. */
+cm_status ckpt_describe(const char *path, FILE *out);
 
 /* "DIR/ckpt-00001234.h5" */
 void ckpt_path_for_step(const char *dir, int64_t step, char *out, size_t size);
