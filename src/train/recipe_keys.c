@@ -1,0 +1,781 @@
+/* The recipe key table and everything driven by it: defaults, parsing and
+ * range checks, the resolved YAML output, comparison, cross-key checks and the
+ * Markdown reference. Adding a key is one table entry (plus the struct field in
+ * recipe.h and a row in docs/recipes.md); adding a section is one line in
+ * recipe_sections plus its keys. */
+#include "train/recipe_internal.h"
+
+#include <assert.h>
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/check.h"
+
+/* ---- enum name registries --------------------------------------------------- */
+
+static const char *const arch_names[] = {"transformer_lm", NULL};
+static const char *const data_format_names[] = {"text", NULL};
+static const char *const optimizer_names[] = {"adamw", "sgd", NULL};
+static const char *const schedule_names[] = {"constant", "cosine", "step", NULL};
+static const char *const split_names[] = {"valid", "test", "train", NULL};
+
+#define NAME_COUNT(names) ((int)(sizeof names / sizeof names[0]) - 1)
+static_assert(NAME_COUNT(arch_names) == CM_ARCH_COUNT, "arch_names out of sync");
+static_assert(NAME_COUNT(data_format_names) == CM_DATA_FORMAT_COUNT, "data_format_names");
+static_assert(NAME_COUNT(optimizer_names) == CM_OPTIM_COUNT, "optimizer_names out of sync");
+static_assert(NAME_COUNT(schedule_names) == CM_SCHEDULE_COUNT, "schedule_names out of sync");
+static_assert(NAME_COUNT(split_names) == CM_SPLIT_COUNT, "split_names out of sync");
+/* Enum fields are read and written as int. */
+static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == sizeof(int) &&
+                  sizeof(cm_optimizer) == sizeof(int) && sizeof(cm_schedule_type) == sizeof(int) &&
+                  sizeof(cm_split) == sizeof(int),
+              "recipe enums must be int-sized");
+
+static const char *check_run_name(const char *value) {
+    if (value[0] == '\0') return "it must not be empty";
+    if (value[0] == '.') return "it must not start with '.'";
+    for (const char *c = value; *c; c++) {
+        if (!isalnum((unsigned char)*c) && *c != '.' && *c != '_' && *c != '-')
+            return "use only letters, digits, '.', '_' and '-' (it names a directory)";
+    }
+    return NULL;
+}
+
+static const char *check_not_empty(const char *value) {
+    return value[0] == '\0' ? "it must not be empty" : NULL;
+}
+
+/* ---- the table ----------------------------------------------------------------- */
+
+/* FIELD fails to compile unless `member` has exactly type `type`. */
+#define FIELD(type, member) _Generic(((cm_recipe *)0)->member, type : offsetof(cm_recipe, member))
+#define KEY_INT(sec, key, member, def, rng, text)                                                  \
+    {                                                                                              \
+        .section = sec, .name = key, .type = RECIPE_INT, .offset = FIELD(int, member),             \
+        .default_text = def, .range = rng, .help = text                                            \
+    }
+#define KEY_INT64(sec, key, member, def, rng, text)                                                \
+    {                                                                                              \
+        .section = sec, .name = key, .type = RECIPE_INT64, .offset = FIELD(int64_t, member),       \
+        .default_text = def, .range = rng, .help = text                                            \
+    }
+#define KEY_DOUBLE(sec, key, member, def, rng, text)                                               \
+    {                                                                                              \
+        .section = sec, .name = key, .type = RECIPE_DOUBLE, .offset = FIELD(double, member),       \
+        .default_text = def, .range = rng, .help = text                                            \
+    }
+#define KEY_BOOL(sec, key, member, def, text)                                                      \
+    {                                                                                              \
+        .section = sec, .name = key, .type = RECIPE_BOOL, .offset = FIELD(bool, member),           \
+        .default_text = def, .range = "", .help = text                                             \
+    }
+#define KEY_STRING(sec, key, member, def, text, check)                                             \
+    {                                                                                              \
+        .section = sec, .name = key, .type = RECIPE_STRING, .offset = FIELD(char *, member),       \
+        .capacity = sizeof(((cm_recipe *)0)->member), .default_text = def, .range = "",            \
+        .help = text, .check_string = check                                                        \
+    }
+#define KEY_ENUM(sec, key, member, enum_type, names, def, text)                                    \
+    {                                                                                              \
+        .section = sec, .name = key, .type = RECIPE_ENUM, .offset = FIELD(enum_type, member),      \
+        .default_text = def, .range = "", .help = text, .enum_names = names                        \
+    }
+
+#define STEPS_RANGE "[0, 1000000000000]"
+
+const recipe_section recipe_sections[] = {
+    {"model", "the network"},
+    {"data", "the data set and batching"},
+    {"optim", "optimizer and gradient clipping"},
+    {"schedule", "learning-rate schedule"},
+    {"train", "the training loop"},
+    {"checkpoint", "HDF5 checkpoints"},
+    {"eval", "evaluation"},
+};
+const int recipe_sections_total = (int)(sizeof recipe_sections / sizeof recipe_sections[0]);
+
+const recipe_key recipe_keys[] = {
+    /* top level */
+    KEY_STRING(
+        "", "name", name, "run",
+        "run name, used as a directory name; outputs go to runs/NAME unless train.out_dir is set",
+        check_run_name),
+
+    KEY_ENUM("model", "arch", model.arch, cm_model_arch, arch_names, "transformer_lm",
+             "architecture: embedding + learned positions, pre-LN blocks, final LN, untied head"),
+    KEY_INT("model", "vocab_size", model.vocab_size, "256", "[2, 16777216]",
+            "input and output vocabulary size (at least 256 for byte-level text)"),
+    KEY_INT("model", "n_layers", model.n_layers, "4", "[1, 1024]", "number of transformer blocks"),
+    KEY_INT("model", "d_model", model.d_model, "256", "[1, 65536]", "residual stream width"),
+    KEY_INT("model", "n_heads", model.n_heads, "4", "[1, 4096]",
+            "attention heads per block; must divide d_model"),
+    KEY_INT("model", "d_ff", model.d_ff, "1024", "[1, 1048576]", "hidden width of the GELU MLP"),
+    KEY_DOUBLE("model", "dropout", model.dropout, "0", "[0, 1)",
+               "dropout probability on embeddings, attention weights and residual branches"),
+    KEY_DOUBLE("model", "init_std", model.init_std, "0.02", "(0, 1]",
+               "standard deviation of the normal weight init (biases start at 0)"),
+    KEY_BOOL("model", "scale_residual_init", model.scale_residual_init, "true",
+             "scale the init of residual output projections by 1/sqrt(2 n_layers) (GPT-2)"),
+    KEY_DOUBLE("model", "layernorm_eps", model.layernorm_eps, "1e-5", "(0, 1]",
+               "epsilon added to the variance in layer norm"),
+
+    KEY_ENUM("data", "format", data.format, cm_data_format, data_format_names, "text",
+             "data set format: text is a byte-level corpus (one token per byte)"),
+    KEY_STRING("data", "path", data.path, "data/kjv/train.txt",
+               "training split, relative to the working directory; not empty", check_not_empty),
+    KEY_STRING("data", "valid_path", data.valid_path, "data/kjv/valid.txt",
+               "validation split; not empty", check_not_empty),
+    KEY_STRING("data", "test_path", data.test_path, "data/kjv/test.txt", "test split; not empty",
+               check_not_empty),
+    KEY_INT("data", "seq_len", data.seq_len, "256", "[1, 1048576]",
+            "tokens per training sequence; also the size of the learned position table"),
+    KEY_INT("data", "batch_size", data.batch_size, "16", "[1, 1048576]",
+            "sequences per optimizer step, summed over data-parallel ranks"),
+
+    KEY_ENUM("optim", "type", optim.type, cm_optimizer, optimizer_names, "adamw", "optimizer"),
+    KEY_DOUBLE("optim", "lr", optim.lr, "3e-4", "(0, 10]",
+               "peak learning rate (the schedule scales it)"),
+    KEY_DOUBLE("optim", "beta1", optim.beta1, "0.9", "[0, 1)", "AdamW first-moment decay"),
+    KEY_DOUBLE("optim", "beta2", optim.beta2, "0.999", "[0, 1)", "AdamW second-moment decay"),
+    KEY_DOUBLE("optim", "eps", optim.eps, "1e-8", "(0, 1]", "AdamW denominator epsilon"),
+    KEY_DOUBLE("optim", "weight_decay", optim.weight_decay, "0.01", "[0, 10]",
+               "decoupled weight decay (AdamW) or L2 penalty (SGD)"),
+    KEY_BOOL("optim", "decay_norms", optim.decay_norms, "false",
+             "apply weight decay to layer-norm gains"),
+    KEY_BOOL("optim", "decay_biases", optim.decay_biases, "false", "apply weight decay to biases"),
+    KEY_BOOL("optim", "decay_embeddings", optim.decay_embeddings, "false",
+             "apply weight decay to token and position embeddings"),
+    KEY_DOUBLE("optim", "momentum", optim.momentum, "0", "[0, 1)", "SGD momentum"),
+    KEY_BOOL("optim", "nesterov", optim.nesterov, "false",
+             "SGD Nesterov momentum (needs type sgd and momentum > 0)"),
+    KEY_DOUBLE("optim", "grad_clip", optim.grad_clip, "0", "[0, 1000000]",
+               "clip the global L2 norm of all gradients to this value; 0 disables"),
+
+    KEY_ENUM("schedule", "type", schedule.type, cm_schedule_type, schedule_names, "constant",
+             "constant, cosine (to min_lr at train.steps) or step (times gamma every step_size)"),
+    KEY_INT64("schedule", "warmup_steps", schedule.warmup_steps, "0", STEPS_RANGE,
+              "linear warmup from 0 to optim.lr over this many steps (any type)"),
+    KEY_DOUBLE("schedule", "min_lr", schedule.min_lr, "0", "[0, 10]",
+               "cosine: learning rate reached at the last step"),
+    KEY_INT64("schedule", "step_size", schedule.step_size, "1000", "[1, 1000000000000]",
+              "step: steps between two decays (counted after warmup)"),
+    KEY_DOUBLE("schedule", "gamma", schedule.gamma, "0.1", "(0, 1]",
+               "step: factor applied at each decay"),
+
+    KEY_INT64("train", "steps", train.steps, "2000", "[1, 1000000000000]", "optimizer steps"),
+    KEY_INT64("train", "seed", train.seed, "1234", "[0, 9223372036854775807]",
+              "seed of every random draw (init, dropout, data order, routing)"),
+    KEY_INT64("train", "log_every", train.log_every, "10", "[1, 1000000000000]",
+              "steps between metric lines"),
+    KEY_INT64("train", "eval_every", train.eval_every, "200", STEPS_RANGE,
+              "steps between evaluations; 0 disables periodic evaluation"),
+    KEY_INT("train", "eval_batches", train.eval_batches, "20", "[1, 1000000]",
+            "batches per evaluation"),
+    KEY_INT("train", "arena_mib", train.arena_mib, "512", "[1, 1048576]",
+            "size of the per-step activation arena in MiB"),
+    KEY_INT("train", "threads", train.threads, "0", "[0, 1024]",
+            "BLAS threads per rank; 0 keeps the library default"),
+    KEY_STRING("train", "out_dir", train.out_dir, "",
+               "run directory (metrics, plots); empty means runs/NAME", NULL),
+
+    KEY_STRING("checkpoint", "dir", checkpoint.dir, "",
+               "checkpoint directory; empty means the run directory", NULL),
+    KEY_INT64("checkpoint", "every", checkpoint.every, "500", STEPS_RANGE,
+              "steps between checkpoints; 0 writes only the final one"),
+    KEY_INT("checkpoint", "keep_last", checkpoint.keep_last, "3", "[0, 1000000]",
+            "number of most recent checkpoints kept; 0 keeps all"),
+
+    KEY_ENUM("eval", "split", eval.split, cm_split, split_names, "valid",
+             "split evaluated during and after training"),
+};
+const int recipe_keys_total = (int)(sizeof recipe_keys / sizeof recipe_keys[0]);
+
+/* ---- lookups ------------------------------------------------------------------- */
+
+int recipe_find_key(const char *section, const char *name) {
+    for (int i = 0; i < recipe_keys_total; i++) {
+        if (strcmp(recipe_keys[i].section, section) == 0 && strcmp(recipe_keys[i].name, name) == 0)
+            return i;
+    }
+    return -1;
+}
+
+int recipe_find_section(const char *name) {
+    for (int i = 0; i < recipe_sections_total; i++) {
+        if (strcmp(recipe_sections[i].name, name) == 0) return i;
+    }
+    return -1;
+}
+
+void recipe_key_path(const recipe_key *key, char *buffer, size_t capacity) {
+    if (key->section[0] == '\0')
+        snprintf(buffer, capacity, "%s", key->name);
+    else
+        snprintf(buffer, capacity, "%s.%s", key->section, key->name);
+}
+
+/* ---- parsing ------------------------------------------------------------------- */
+
+typedef struct numeric_range {
+    double low, high;
+    bool low_open, high_open;
+} numeric_range;
+
+/* "[lo, hi]" with '(' or ')' for open ends; "inf" is allowed. */
+static bool parse_range(const char *text, numeric_range *out) {
+    if (text[0] != '[' && text[0] != '(') return false;
+    out->low_open = text[0] == '(';
+    char *end;
+    out->low = strtod(text + 1, &end);
+    if (end == text + 1 || *end != ',') return false;
+    const char *high_start = end + 1;
+    out->high = strtod(high_start, &end);
+    if (end == high_start || (*end != ']' && *end != ')') || end[1] != '\0') return false;
+    out->high_open = *end == ')';
+    return out->low <= out->high;
+}
+
+static bool in_range(double value, const numeric_range *range) {
+    bool above_low = range->low_open ? value > range->low : value >= range->low;
+    bool below_high = range->high_open ? value < range->high : value <= range->high;
+    return above_low && below_high;
+}
+
+static cm_status reject(char *why, size_t why_capacity, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static cm_status reject(char *why, size_t why_capacity, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(why, why_capacity, fmt, args);
+    va_end(args);
+    return CM_ERR_INVALID;
+}
+
+typedef enum number_parse { NUMBER_OK, NUMBER_MALFORMED, NUMBER_TOO_LARGE } number_parse;
+
+/* Decimal integers only: no "1e3", no hex, no underscores. */
+static number_parse parse_integer_text(const char *text, long long *out) {
+    const char *digits = text + (text[0] == '+' || text[0] == '-');
+    if (*digits == '\0') return NUMBER_MALFORMED;
+    for (const char *c = digits; *c; c++) {
+        if (!isdigit((unsigned char)*c)) return NUMBER_MALFORMED;
+    }
+    errno = 0;
+    *out = strtoll(text, NULL, 10);
+    return errno == ERANGE ? NUMBER_TOO_LARGE : NUMBER_OK;
+}
+
+/* Decimal numbers with an optional exponent; no hex, inf or nan. */
+static number_parse parse_real_text(const char *text, double *out) {
+    bool has_digit = false;
+    for (const char *c = text; *c; c++) {
+        if (isdigit((unsigned char)*c))
+            has_digit = true;
+        else if (!strchr("+-.eE", *c))
+            return NUMBER_MALFORMED;
+    }
+    if (!has_digit) return NUMBER_MALFORMED;
+    char *end;
+    *out = strtod(text, &end);
+    if (*end != '\0') return NUMBER_MALFORMED;
+    return isfinite(*out) ? NUMBER_OK : NUMBER_TOO_LARGE;
+}
+
+static void append_names(char *buffer, size_t capacity, const char *const *names) {
+    size_t used = strlen(buffer);
+    for (int i = 0; names[i] && used < capacity; i++) {
+        int written = snprintf(buffer + used, capacity - used, "%s%s", i ? ", " : "", names[i]);
+        if (written < 0) break;
+        used += (size_t)written;
+    }
+}
+
+static const char *type_phrase(recipe_type type) {
+    switch (type) {
+    case RECIPE_INT:
+    case RECIPE_INT64:
+        return "an integer";
+    case RECIPE_DOUBLE:
+        return "a number";
+    case RECIPE_BOOL:
+        return "true or false";
+    case RECIPE_STRING:
+        return "a string";
+    case RECIPE_ENUM:
+        return "a name";
+    }
+    return "a value";
+}
+
+cm_status recipe_key_parse(const recipe_key *key, recipe_scalar value, cm_recipe *recipe, char *why,
+                           size_t why_capacity) {
+    char path[96];
+    recipe_key_path(key, path, sizeof path);
+    void *field = (char *)recipe + key->offset;
+    const char *text = value.text;
+    if (value.is_null) {
+        return reject(why, why_capacity, "missing value for %s%s", path,
+                      key->type == RECIPE_STRING ? " (write \"\" for an empty string)" : "");
+    }
+    bool numeric = key->type == RECIPE_INT || key->type == RECIPE_INT64 ||
+                   key->type == RECIPE_DOUBLE || key->type == RECIPE_BOOL;
+    if (numeric && !value.plain) {
+        return reject(why, why_capacity,
+                      "expected %s for %s, got the quoted string '%.80s' (drop the quotes)",
+                      type_phrase(key->type), path, text);
+    }
+    numeric_range range = {0};
+    if (key->type == RECIPE_INT || key->type == RECIPE_INT64 || key->type == RECIPE_DOUBLE) {
+        CM_ASSERT(parse_range(key->range, &range), "bad range '%s' for %s", key->range, path);
+    }
+    switch (key->type) {
+    case RECIPE_INT:
+    case RECIPE_INT64: {
+        long long parsed = 0;
+        number_parse result = parse_integer_text(text, &parsed);
+        if (result == NUMBER_MALFORMED) {
+            return reject(why, why_capacity, "expected an integer for %s, got '%.80s'", path, text);
+        }
+        bool fits = key->type == RECIPE_INT64 || (parsed >= INT_MIN && parsed <= INT_MAX);
+        if (result == NUMBER_TOO_LARGE || !fits || !in_range((double)parsed, &range)) {
+            return reject(why, why_capacity, "%s = %.80s is out of range %s", path, text,
+                          key->range);
+        }
+        if (key->type == RECIPE_INT) {
+            int narrow = (int)parsed;
+            memcpy(field, &narrow, sizeof narrow);
+        } else {
+            int64_t wide = parsed;
+            memcpy(field, &wide, sizeof wide);
+        }
+        return CM_OK;
+    }
+    case RECIPE_DOUBLE: {
+        double parsed = 0;
+        number_parse result = parse_real_text(text, &parsed);
+        if (result == NUMBER_MALFORMED)
+            return reject(why, why_capacity, "expected a number for %s, got '%.80s'", path, text);
+        if (result == NUMBER_TOO_LARGE || !in_range(parsed, &range)) {
+            return reject(why, why_capacity, "%s = %.80s is out of range %s", path, text,
+                          key->range);
+        }
+        memcpy(field, &parsed, sizeof parsed);
+        return CM_OK;
+    }
+    case RECIPE_BOOL: {
+        bool parsed;
+        if (!strcmp(text, "true") || !strcmp(text, "True") || !strcmp(text, "TRUE"))
+            parsed = true;
+        else if (!strcmp(text, "false") || !strcmp(text, "False") || !strcmp(text, "FALSE"))
+            parsed = false;
+        else
+            return reject(why, why_capacity, "expected true or false for %s, got '%.80s'", path,
+                          text);
+        memcpy(field, &parsed, sizeof parsed);
+        return CM_OK;
+    }
+    case RECIPE_STRING: {
+        size_t length = strlen(text);
+        if (length >= key->capacity) {
+            return reject(why, why_capacity, "%s is too long (%zu bytes, at most %zu)", path,
+                          length, key->capacity - 1);
+        }
+        const char *problem = key->check_string ? key->check_string(text) : NULL;
+        if (problem) return reject(why, why_capacity, "bad %s '%.80s': %s", path, text, problem);
+        /* Zero the tail too, so equal recipes stay equal under memcmp. */
+        memset(field, 0, key->capacity);
+        memcpy(field, text, length);
+        return CM_OK;
+    }
+    case RECIPE_ENUM: {
+        for (int i = 0; key->enum_names[i]; i++) {
+            if (strcmp(text, key->enum_names[i]) == 0) {
+                memcpy(field, &i, sizeof i);
+                return CM_OK;
+            }
+        }
+        int n_names = 0;
+        while (key->enum_names[n_names]) n_names++;
+        const char *suggestion = recipe_did_you_mean(text, key->enum_names, n_names);
+        reject(why, why_capacity, "unknown value '%.80s' for %s", text, path);
+        if (suggestion) {
+            size_t used = strlen(why);
+            snprintf(why + used, why_capacity - used, " (did you mean '%s'?)", suggestion);
+        }
+        size_t used = strlen(why);
+        snprintf(why + used, why_capacity - used, "; valid values: ");
+        append_names(why, why_capacity, key->enum_names);
+        return CM_ERR_INVALID;
+    }
+    }
+    return reject(why, why_capacity, "%s has an unknown type", path);
+}
+
+void recipe_defaults(cm_recipe *out) {
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < recipe_keys_total; i++) {
+        char why[256];
+        recipe_scalar value = {.text = recipe_keys[i].default_text, .plain = true};
+        cm_status status = recipe_key_parse(&recipe_keys[i], value, out, why, sizeof why);
+        CM_ASSERT(status == CM_OK, "bad default in the recipe key table: %s", why);
+    }
+}
+
+/* ---- formatting and comparison ------------------------------------------------- */
+
+/* The shortest %g text that reads back as exactly `value`. */
+static size_t format_double(double value, char *buffer, size_t capacity) {
+    char text[40];
+    for (int precision = 1; precision <= 17; precision++) {
+        snprintf(text, sizeof text, "%.*g", precision, value);
+        if (strtod(text, NULL) == value) break;
+    }
+    return (size_t)snprintf(buffer, capacity, "%s", text);
+}
+
+/* A YAML double-quoted scalar. */
+static size_t format_quoted(const char *text, char *buffer, size_t capacity) {
+    size_t length = 0;
+#define EMIT(c)                                                                                    \
+    do {                                                                                           \
+        if (length + 1 < capacity) buffer[length] = (c);                                           \
+        length++;                                                                                  \
+    } while (0)
+    EMIT('"');
+    for (const unsigned char *c = (const unsigned char *)text; *c; c++) {
+        if (*c == '"' || *c == '\\') {
+            EMIT('\\');
+            EMIT((char)*c);
+        } else if (*c < 0x20 || *c == 0x7f) {
+            static const char hex[] = "0123456789abcdef";
+            EMIT('\\');
+            EMIT('x');
+            EMIT(hex[*c >> 4]);
+            EMIT(hex[*c & 15]);
+        } else {
+            EMIT((char)*c);
+        }
+    }
+    EMIT('"');
+#undef EMIT
+    if (capacity > 0) buffer[length < capacity ? length : capacity - 1] = '\0';
+    return length;
+}
+
+/* The field's value as recipe text; snprintf semantics. */
+static size_t key_format(const recipe_key *key, const cm_recipe *recipe, char *buffer,
+                         size_t capacity) {
+    const char *field = (const char *)recipe + key->offset;
+    switch (key->type) {
+    case RECIPE_INT: {
+        int value;
+        memcpy(&value, field, sizeof value);
+        return (size_t)snprintf(buffer, capacity, "%d", value);
+    }
+    case RECIPE_INT64: {
+        int64_t value;
+        memcpy(&value, field, sizeof value);
+        return (size_t)snprintf(buffer, capacity, "%lld", (long long)value);
+    }
+    case RECIPE_DOUBLE: {
+        double value;
+        memcpy(&value, field, sizeof value);
+        return format_double(value, buffer, capacity);
+    }
+    case RECIPE_BOOL: {
+        bool value;
+        memcpy(&value, field, sizeof value);
+        return (size_t)snprintf(buffer, capacity, "%s", value ? "true" : "false");
+    }
+    case RECIPE_STRING:
+        return format_quoted(field, buffer, capacity);
+    case RECIPE_ENUM: {
+        int value, n_names = 0;
+        memcpy(&value, field, sizeof value);
+        while (key->enum_names[n_names]) n_names++;
+        CM_ASSERT(value >= 0 && value < n_names, "%s.%s holds %d, not a valid enum value",
+                  key->section, key->name, value);
+        return (size_t)snprintf(buffer, capacity, "%s", key->enum_names[value]);
+    }
+    }
+    return (size_t)snprintf(buffer, capacity, "?");
+}
+
+static bool key_equal(const recipe_key *key, const cm_recipe *a, const cm_recipe *b) {
+    const char *field_a = (const char *)a + key->offset;
+    const char *field_b = (const char *)b + key->offset;
+    switch (key->type) {
+    case RECIPE_INT:
+    case RECIPE_ENUM:
+        return memcmp(field_a, field_b, sizeof(int)) == 0;
+    case RECIPE_INT64:
+        return memcmp(field_a, field_b, sizeof(int64_t)) == 0;
+    case RECIPE_DOUBLE: {
+        double value_a, value_b;
+        memcpy(&value_a, field_a, sizeof value_a);
+        memcpy(&value_b, field_b, sizeof value_b);
+        return value_a == value_b;
+    }
+    case RECIPE_BOOL:
+        return *(const bool *)field_a == *(const bool *)field_b;
+    case RECIPE_STRING:
+        return strncmp(field_a, field_b, key->capacity) == 0;
+    }
+    return false;
+}
+
+/* ---- output --------------------------------------------------------------------- */
+
+typedef struct text_sink {
+    char *buffer;
+    size_t capacity, length;
+} text_sink;
+
+static void sink_append(text_sink *sink, const char *text) {
+    size_t add = strlen(text);
+    if (sink->length < sink->capacity) {
+        size_t room = sink->capacity - sink->length - 1;
+        size_t copy = add < room ? add : room;
+        memcpy(sink->buffer + sink->length, text, copy);
+        sink->buffer[sink->length + copy] = '\0';
+    }
+    sink->length += add;
+}
+
+static void format_keys(text_sink *sink, const cm_recipe *recipe, const char *section) {
+    for (int i = 0; i < recipe_keys_total; i++) {
+        const recipe_key *key = &recipe_keys[i];
+        if (strcmp(key->section, section) != 0) continue;
+        char value[CM_RECIPE_PATH_CAP * 4 + 3];
+        key_format(key, recipe, value, sizeof value);
+        sink_append(sink, section[0] ? "  " : "");
+        sink_append(sink, key->name);
+        sink_append(sink, ": ");
+        sink_append(sink, value);
+        sink_append(sink, "\n");
+    }
+}
+
+size_t recipe_format(const cm_recipe *recipe, char *buffer, size_t capacity) {
+    text_sink sink = {.buffer = buffer, .capacity = buffer ? capacity : 0};
+    if (sink.capacity > 0) buffer[0] = '\0';
+    format_keys(&sink, recipe, "");
+    for (int s = 0; s < recipe_sections_total; s++) {
+        sink_append(&sink, recipe_sections[s].name);
+        sink_append(&sink, ":\n");
+        format_keys(&sink, recipe, recipe_sections[s].name);
+    }
+    return sink.length;
+}
+
+cm_status recipe_print(const cm_recipe *recipe, FILE *out) {
+    size_t length = recipe_format(recipe, NULL, 0);
+    char *text = malloc(length + 1);
+    if (!text) return CM_ERR(CM_ERR_NOMEM, "out of memory while printing a recipe");
+    recipe_format(recipe, text, length + 1);
+    bool ok = fwrite(text, 1, length, out) == length && fflush(out) == 0;
+    free(text);
+    if (!ok) return CM_ERR(CM_ERR_IO, "cannot write the recipe: %s", strerror(errno));
+    return CM_OK;
+}
+
+cm_status recipe_get(const cm_recipe *recipe, const char *dotted_key, char *buffer,
+                     size_t capacity) {
+    const char *dot = strchr(dotted_key, '.');
+    char section[64] = "";
+    const char *name = dotted_key;
+    if (dot) {
+        snprintf(section, sizeof section, "%.*s", (int)(dot - dotted_key), dotted_key);
+        name = dot + 1;
+    }
+    int key_index = recipe_find_key(section, name);
+    if (key_index < 0) return CM_ERR(CM_ERR_INVALID, "unknown recipe key '%s'", dotted_key);
+    size_t length = key_format(&recipe_keys[key_index], recipe, buffer, capacity);
+    if (length >= capacity)
+        return CM_ERR(CM_ERR_INVALID, "value of %s does not fit in %zu bytes", dotted_key,
+                      capacity);
+    return CM_OK;
+}
+
+bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_path,
+                             size_t capacity) {
+    for (int i = 0; i < recipe_keys_total; i++) {
+        if (key_equal(&recipe_keys[i], a, b)) continue;
+        if (key_path && capacity > 0) recipe_key_path(&recipe_keys[i], key_path, capacity);
+        return true;
+    }
+    if (key_path && capacity > 0) key_path[0] = '\0';
+    return false;
+}
+
+cm_status recipe_run_dir(const cm_recipe *recipe, char *buffer, size_t capacity) {
+    int written = recipe->train.out_dir[0] ? snprintf(buffer, capacity, "%s", recipe->train.out_dir)
+                                           : snprintf(buffer, capacity, "runs/%s", recipe->name);
+    if (written < 0 || (size_t)written >= capacity)
+        return CM_ERR(CM_ERR_INVALID, "run directory does not fit in %zu bytes", capacity);
+    return CM_OK;
+}
+
+cm_status recipe_checkpoint_dir(const cm_recipe *recipe, char *buffer, size_t capacity) {
+    if (!recipe->checkpoint.dir[0]) return recipe_run_dir(recipe, buffer, capacity);
+    int written = snprintf(buffer, capacity, "%s", recipe->checkpoint.dir);
+    if (written < 0 || (size_t)written >= capacity)
+        return CM_ERR(CM_ERR_INVALID, "checkpoint directory does not fit in %zu bytes", capacity);
+    return CM_OK;
+}
+
+/* ---- cross-key checks ---------------------------------------------------------- */
+
+static bool inconsistent(int involved[2], const char *section_a, const char *key_a,
+                         const char *section_b, const char *key_b) {
+    involved[0] = recipe_find_key(section_a, key_a);
+    involved[1] = recipe_find_key(section_b, key_b);
+    return false;
+}
+
+bool recipe_check_consistency(const cm_recipe *recipe, int involved[2], char *why,
+                              size_t why_capacity) {
+    involved[0] = involved[1] = -1;
+    const cm_model_cfg *model = &recipe->model;
+    if (model->d_model % model->n_heads != 0) {
+        snprintf(why, why_capacity, "model.d_model = %d is not divisible by model.n_heads = %d",
+                 model->d_model, model->n_heads);
+        return inconsistent(involved, "model", "d_model", "model", "n_heads");
+    }
+    if (recipe->data.format == CM_DATA_TEXT && model->vocab_size < 256) {
+        snprintf(why, why_capacity,
+                 "model.vocab_size = %d is too small for data.format text (bytes need 256)",
+                 model->vocab_size);
+        return inconsistent(involved, "model", "vocab_size", "data", "format");
+    }
+    if (recipe->schedule.type == CM_SCHEDULE_COSINE && recipe->schedule.min_lr > recipe->optim.lr) {
+        snprintf(why, why_capacity, "schedule.min_lr = %g is above optim.lr = %g",
+                 recipe->schedule.min_lr, recipe->optim.lr);
+        return inconsistent(involved, "schedule", "min_lr", "optim", "lr");
+    }
+    if (recipe->schedule.warmup_steps > recipe->train.steps) {
+        snprintf(why, why_capacity, "schedule.warmup_steps = %lld exceeds train.steps = %lld",
+                 (long long)recipe->schedule.warmup_steps, (long long)recipe->train.steps);
+        return inconsistent(involved, "schedule", "warmup_steps", "train", "steps");
+    }
+    if (recipe->optim.nesterov &&
+        (recipe->optim.type != CM_OPTIM_SGD || recipe->optim.momentum <= 0)) {
+        snprintf(why, why_capacity, "optim.nesterov needs optim.type sgd and optim.momentum > 0");
+        return inconsistent(involved, "optim", "nesterov", "optim", "momentum");
+    }
+    return true;
+}
+
+/* ---- did you mean -------------------------------------------------------------- */
+
+/* Optimal string alignment distance (edits plus adjacent transpositions). */
+static int edit_distance(const char *a, const char *b) {
+    enum { MAX_LENGTH = 63 };
+    size_t length_a = strlen(a), length_b = strlen(b);
+    if (length_a > MAX_LENGTH || length_b > MAX_LENGTH) return INT_MAX;
+    int table[MAX_LENGTH + 1][MAX_LENGTH + 1];
+    for (size_t i = 0; i <= length_a; i++) table[i][0] = (int)i;
+    for (size_t j = 0; j <= length_b; j++) table[0][j] = (int)j;
+    for (size_t i = 1; i <= length_a; i++) {
+        for (size_t j = 1; j <= length_b; j++) {
+            int cost = a[i - 1] != b[j - 1];
+            int best = table[i - 1][j - 1] + cost;
+            if (table[i - 1][j] + 1 < best) best = table[i - 1][j] + 1;
+            if (table[i][j - 1] + 1 < best) best = table[i][j - 1] + 1;
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] &&
+                table[i - 2][j - 2] + 1 < best)
+                best = table[i - 2][j - 2] + 1;
+            table[i][j] = best;
+        }
+    }
+    return table[length_a][length_b];
+}
+
+const char *recipe_did_you_mean(const char *word, const char *const *candidates, int n_candidates) {
+    const char *best = NULL;
+    int best_distance = INT_MAX;
+    for (int i = 0; i < n_candidates; i++) {
+        int distance = edit_distance(word, candidates[i]);
+        if (distance < best_distance) {
+            best_distance = distance;
+            best = candidates[i];
+        }
+    }
+    if (!best) return NULL;
+    /* Close enough to be a typo: about one edit per three characters. */
+    size_t longer = strlen(word) > strlen(best) ? strlen(word) : strlen(best);
+    return (size_t)best_distance * 3 <= longer ? best : NULL;
+}
+
+/* ---- key info and the Markdown reference --------------------------------------- */
+
+static const char *type_name(recipe_type type) {
+    switch (type) {
+    case RECIPE_INT:
+    case RECIPE_INT64:
+        return "integer";
+    case RECIPE_DOUBLE:
+        return "number";
+    case RECIPE_BOOL:
+        return "bool";
+    case RECIPE_STRING:
+        return "string";
+    case RECIPE_ENUM:
+        return "enum";
+    }
+    return "?";
+}
+
+int recipe_key_count(void) {
+    return recipe_keys_total;
+}
+
+cm_recipe_key_info recipe_key_info(int index) {
+    CM_ASSERT(index >= 0 && index < recipe_keys_total, "key index %d out of range", index);
+    const recipe_key *key = &recipe_keys[index];
+    return (cm_recipe_key_info){.section = key->section,
+                                .key = key->name,
+                                .type = type_name(key->type),
+                                .range = key->range,
+                                .help = key->help,
+                                .enum_names = key->enum_names};
+}
+
+static bool write_section_reference(FILE *out, const char *section, const cm_recipe *defaults) {
+    bool ok = fprintf(out, "| key | type | default | range | meaning |\n"
+                           "| --- | --- | --- | --- | --- |\n") > 0;
+    for (int i = 0; i < recipe_keys_total && ok; i++) {
+        const recipe_key *key = &recipe_keys[i];
+        if (strcmp(key->section, section) != 0) continue;
+        char path[96], value[CM_RECIPE_PATH_CAP * 4 + 3], range[256] = "";
+        recipe_key_path(key, path, sizeof path);
+        key_format(key, defaults, value, sizeof value);
+        if (key->type == RECIPE_ENUM)
+            append_names(range, sizeof range, key->enum_names);
+        else
+            snprintf(range, sizeof range, "%s", key->range[0] ? key->range : "-");
+        ok = fprintf(out, "| `%s` | %s | `%s` | %s | %s |\n", path, type_name(key->type), value,
+                     range, key->help) > 0;
+    }
+    return ok;
+}
+
+cm_status recipe_write_reference(FILE *out) {
+    cm_recipe defaults;
+    recipe_defaults(&defaults);
+    bool ok = fprintf(out, "### Top level\n\n") > 0 && write_section_reference(out, "", &defaults);
+    for (int s = 0; s < recipe_sections_total && ok; s++) {
+        ok = fprintf(out, "\n### `%s`: %s\n\n", recipe_sections[s].name, recipe_sections[s].help) >
+                 0 &&
+             write_section_reference(out, recipe_sections[s].name, &defaults);
+    }
+    if (!ok || fflush(out) != 0)
+        return CM_ERR(CM_ERR_IO, "cannot write the recipe reference: %s", strerror(errno));
+    return CM_OK;
+}
