@@ -45,7 +45,7 @@ typedef enum cm_optimizer { CM_OPTIM_ADAMW = 0, CM_OPTIM_SGD, CM_OPTIM_COUNT } c
 typedef enum cm_schedule_type {
     CM_SCHEDULE_CONSTANT = 0,
     CM_SCHEDULE_COSINE, /* linear warmup, then cosine from optim.lr to schedule.min_lr */
-    CM_SCHEDULE_STEP,   /* linear warmup, then lr * gamma^floor(steps / step_size) */
+    CM_SCHEDULE_STEP,   /* lr * gamma^floor(step / step_size), warmup on top */
     CM_SCHEDULE_COUNT
 } cm_schedule_type;
 typedef enum cm_split {

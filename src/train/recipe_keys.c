@@ -164,7 +164,7 @@ const recipe_key recipe_keys[] = {
     KEY_DOUBLE("schedule", "min_lr", schedule.min_lr, "0", "[0, 10]",
                "cosine: learning rate reached at the last step"),
     KEY_INT64("schedule", "step_size", schedule.step_size, "1000", "[1, 1000000000000]",
-              "step: steps between two decays (counted after warmup)"),
+              "step: steps between two decays (counted from step 0)"),
     KEY_DOUBLE("schedule", "gamma", schedule.gamma, "0.1", "(0, 1]",
                "step: factor applied at each decay"),
 
