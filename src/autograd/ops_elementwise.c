@@ -2,6 +2,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "autograd/fastmath.h"
 #include "autograd/ops_internal.h"
 
 /* ---- broadcasting binary ops ---------------------------------------------- */
@@ -183,7 +184,7 @@ static void gelu_backward(ag_ctx *ctx, ag_node *node) {
     for (int64_t i = 0; i < a->numel; i++) {
         float x = a->data[i];
         float inner = GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
-        float t = tanhf(inner);
+        float t = cm_tanhf(inner);
         float dinner = GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
         a->grad[i] += dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner);
     }
@@ -197,7 +198,7 @@ ag_tensor *ag_gelu(ag_ctx *ctx, ag_tensor *a) {
     for (int64_t i = 0; i < a->numel; i++) {
         float x = a->data[i];
         out->data[i] =
-            0.5f * x * (1.0f + tanhf(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
+            0.5f * x * (1.0f + cm_tanhf(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
     }
     return out;
 }
@@ -226,7 +227,7 @@ static void silu_backward(ag_ctx *ctx, ag_node *node) {
     const float *dout = node->out->grad;
     for (int64_t i = 0; i < a->numel; i++) {
         float x = a->data[i];
-        float s = 1.0f / (1.0f + expf(-x));
+        float s = cm_sigmoidf(x);
         a->grad[i] += dout[i] * s * (1.0f + x * (1.0f - s));
     }
 }
@@ -238,7 +239,7 @@ ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a) {
     if (!out) return NULL;
     for (int64_t i = 0; i < a->numel; i++) {
         float x = a->data[i];
-        out->data[i] = x / (1.0f + expf(-x));
+        out->data[i] = x * cm_sigmoidf(x);
     }
     return out;
 }

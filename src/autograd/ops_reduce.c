@@ -7,6 +7,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "autograd/fastmath.h"
 #include "autograd/ops_internal.h"
 
 static const int scalar_shape[1] = {1};
@@ -57,7 +58,7 @@ static float row_max(const float *x, int n) {
  * the largest is exactly 1, so the sum is in [1, n]. */
 static float row_exp_sum(const float *x, int n, float shift) {
     float total = 0.0f;
-    for (int i = 0; i < n; i++) total += expf(x[i] - shift);
+    for (int i = 0; i < n; i++) total += cm_expf(x[i] - shift);
     return total;
 }
 
@@ -91,7 +92,7 @@ ag_tensor *ag_softmax(ag_ctx *ctx, ag_tensor *a) {
         float m = row_max(x_row, v_size);
         float total = 0.0f;
         for (int v = 0; v < v_size; v++) {
-            y_row[v] = expf(x_row[v] - m);
+            y_row[v] = cm_expf(x_row[v] - m);
             total += y_row[v];
         }
         float inv_total = 1.0f / total;
@@ -113,7 +114,7 @@ static void log_softmax_backward(ag_ctx *ctx, ag_node *node) {
         float *dx_row = a->grad + r * v_size;
         float dy_total = 0.0f;
         for (int v = 0; v < v_size; v++) dy_total += dy_row[v];
-        for (int v = 0; v < v_size; v++) dx_row[v] += dy_row[v] - expf(y_row[v]) * dy_total;
+        for (int v = 0; v < v_size; v++) dx_row[v] += dy_row[v] - cm_expf(y_row[v]) * dy_total;
     }
 }
 
@@ -167,7 +168,7 @@ static void cross_entropy_backward(ag_ctx *ctx, ag_node *node) {
         const float *x_row = logits->data + r * v_size;
         float *dx_row = logits->grad + r * v_size;
         float m = saved->row_max[r], row_scale = scale * saved->inv_exp_sum[r];
-        for (int v = 0; v < v_size; v++) dx_row[v] += row_scale * expf(x_row[v] - m);
+        for (int v = 0; v < v_size; v++) dx_row[v] += row_scale * cm_expf(x_row[v] - m);
         dx_row[target] -= scale;
     }
 }

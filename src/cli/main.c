@@ -1,11 +1,240 @@
-/* cmoe command line: the only place that prints errors and picks exit codes. */
+/* cmoe command line: the only place that prints errors and picks exit codes.
+ * Exit codes: 0 success, 1 the work failed (message on stderr), 2 bad usage,
+ * 130 training stopped by SIGINT/SIGTERM after saving a checkpoint. */
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-int main(int argc, char **argv) {
-    if (argc < 2 || strcmp(argv[1], "--help") == 0) {
-        printf("usage: cmoe COMMAND\n");
-        return argc < 2 ? 2 : 0;
+#include "common/log.h"
+#include "train/checkpoint.h"
+#include "train/metrics.h"
+#include "train/recipe.h"
+#include "train/trainer.h"
+
+#define CMOE_VERSION "0.1.0"
+#define LN2          0.69314718055994530942
+
+enum { EXIT_USAGE = 2, EXIT_INTERRUPTED = 130, MAX_OVERRIDES = 64 };
+
+static const char usage_text[] =
+    "usage: cmoe COMMAND [ARGS]\n"
+    "\n"
+    "commands:\n"
+    "  train RECIPE    train a model described by a YAML recipe\n"
+    "  eval RECIPE     evaluate a checkpoint on a data split\n"
+    "  inspect CKPT    print a checkpoint's step, parameters and recipe\n"
+    "  plot RUN_DIR    render RUN_DIR/curves.png from RUN_DIR/metrics.jsonl\n"
+    "\n"
+    "Run `cmoe COMMAND --help` for the options of each command.\n"
+    "Recipes: recipes/lm/*.yaml; every key is described in docs/recipes.md.\n";
+
+static const char train_help[] =
+    "usage: cmoe train RECIPE [--set SECTION.KEY=VALUE]... [--resume PATH|auto] [--quiet]\n"
+    "\n"
+    "Trains the model of RECIPE and writes, into the run directory (train.out_dir,\n"
+    "default runs/NAME): metrics.jsonl, checkpoints ckpt-STEP.h5 and curves.png.\n"
+    "\n"
+    "  --set K=V       override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)\n"
+    "  --resume PATH   continue from a checkpoint file\n"
+    "  --resume auto   continue from the newest checkpoint of the run, if any\n"
+    "  --quiet         no progress output\n"
+    "\n"
+    "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current step and exits\n"
+    "with status 130; `--resume auto` then continues exactly where it stopped.\n";
+
+static const char eval_help[] =
+    "usage: cmoe eval RECIPE --ckpt PATH [--split valid|test|train] [--max-batches N]\n"
+    "                 [--set SECTION.KEY=VALUE]...\n"
+    "\n"
+    "Loads the weights of checkpoint PATH into the model of RECIPE and prints the\n"
+    "mean cross-entropy and bits per byte over the split (default: eval.split of\n"
+    "the recipe), over every batch unless --max-batches is given.\n";
+
+static const char inspect_help[] =
+    "usage: cmoe inspect CKPT\n"
+    "\n"
+    "Prints a checkpoint's step and seed, every parameter with its shape and flags,\n"
+    "and the recipe it was trained with. The HDF5 layout is in docs/checkpoint.md.\n";
+
+static const char plot_help[] =
+    "usage: cmoe plot RUN_DIR\n"
+    "\n"
+    "Renders RUN_DIR/curves.png (training and validation bits per byte against step)\n"
+    "from RUN_DIR/metrics.jsonl with gnuplot.\n";
+
+static int fail(const char *command) {
+    fprintf(stderr, "cmoe %s: %s\n", command, cm_error_message());
+    return EXIT_FAILURE;
+}
+
+static int usage_error(const char *command, const char *fmt, const char *arg) {
+    fprintf(stderr, "cmoe %s: ", command);
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, " (see cmoe %s --help)\n", command);
+    return EXIT_USAGE;
+}
+
+static bool is_help(const char *arg) {
+    return strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0;
+}
+
+/* ---- train ------------------------------------------------------------------ */
+
+static volatile sig_atomic_t stop_requested = 0;
+
+static void on_stop_signal(int signal_number) {
+    (void)signal_number;
+    stop_requested = 1;
+    /* A second signal ends the process at once. */
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+}
+
+static int command_train(int argc, char **argv) {
+    const char *recipe_path = NULL, *resume = NULL;
+    const char *overrides[MAX_OVERRIDES];
+    int n_overrides = 0;
+    bool quiet = false;
+    for (int i = 0; i < argc; i++) {
+        if (is_help(argv[i])) {
+            fputs(train_help, stdout);
+            return 0;
+        } else if (strcmp(argv[i], "--set") == 0 && i + 1 < argc) {
+            if (n_overrides == MAX_OVERRIDES) return usage_error("train", "too many --set%s", "");
+            overrides[n_overrides++] = argv[++i];
+        } else if (strcmp(argv[i], "--resume") == 0 && i + 1 < argc) {
+            resume = argv[++i];
+        } else if (strcmp(argv[i], "--quiet") == 0) {
+            quiet = true;
+        } else if (argv[i][0] == '-' || recipe_path) {
+            return usage_error("train", "unexpected argument '%s'", argv[i]);
+        } else {
+            recipe_path = argv[i];
+        }
     }
+    if (!recipe_path) return usage_error("train", "missing RECIPE%s", "");
+    cm_recipe recipe;
+    if (recipe_load(recipe_path, overrides, n_overrides, &recipe) != CM_OK) {
+        fprintf(stderr, "%s\n", cm_error_message());
+        return EXIT_FAILURE;
+    }
+    if (!quiet) {
+        char run_dir[4096];
+        recipe_run_dir(&recipe, run_dir, sizeof run_dir);
+        printf("[cmoe] recipe %s -> %s\n", recipe_path, run_dir);
+        printf("[cmoe] %d layers, d_model %d, %d heads, d_ff %d, seq_len %d, batch %d, %lld "
+               "steps, data %s\n",
+               recipe.model.n_layers, recipe.model.d_model, recipe.model.n_heads, recipe.model.d_ff,
+               recipe.data.seq_len, recipe.data.batch_size, (long long)recipe.train.steps,
+               recipe.data.path);
+    }
+    struct sigaction action = {0};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, NULL);
+    sigaction(SIGTERM, &action, NULL);
+    trainer_options options = {resume, &stop_requested, quiet};
+    trainer_result result;
+    if (trainer_run(&recipe, &options, &result) != CM_OK) return fail("train");
+    return result.interrupted ? EXIT_INTERRUPTED : 0;
+}
+
+/* ---- eval ------------------------------------------------------------------- */
+
+static int command_eval(int argc, char **argv) {
+    const char *recipe_path = NULL, *checkpoint = NULL, *split_name = NULL;
+    const char *overrides[MAX_OVERRIDES];
+    int n_overrides = 0;
+    long long max_batches = 0;
+    for (int i = 0; i < argc; i++) {
+        if (is_help(argv[i])) {
+            fputs(eval_help, stdout);
+            return 0;
+        } else if (strcmp(argv[i], "--ckpt") == 0 && i + 1 < argc) {
+            checkpoint = argv[++i];
+        } else if (strcmp(argv[i], "--split") == 0 && i + 1 < argc) {
+            split_name = argv[++i];
+        } else if (strcmp(argv[i], "--max-batches") == 0 && i + 1 < argc) {
+            char *end;
+            max_batches = strtoll(argv[++i], &end, 10);
+            if (*end || max_batches < 0)
+                return usage_error("eval", "--max-batches takes a count >= 0, not '%s'", argv[i]);
+        } else if (strcmp(argv[i], "--set") == 0 && i + 1 < argc) {
+            if (n_overrides == MAX_OVERRIDES) return usage_error("eval", "too many --set%s", "");
+            overrides[n_overrides++] = argv[++i];
+        } else if (argv[i][0] == '-' || recipe_path) {
+            return usage_error("eval", "unexpected argument '%s'", argv[i]);
+        } else {
+            recipe_path = argv[i];
+        }
+    }
+    if (!recipe_path || !checkpoint)
+        return usage_error("eval", "needs RECIPE and --ckpt PATH%s", "");
+    cm_recipe recipe;
+    if (recipe_load(recipe_path, overrides, n_overrides, &recipe) != CM_OK) {
+        fprintf(stderr, "%s\n", cm_error_message());
+        return EXIT_FAILURE;
+    }
+    static const char *const split_names[CM_SPLIT_COUNT] = {"valid", "test", "train"};
+    cm_split split = recipe.eval.split;
+    if (split_name) {
+        int found = -1;
+        for (int s = 0; s < CM_SPLIT_COUNT; s++)
+            if (strcmp(split_name, split_names[s]) == 0) found = s;
+        if (found < 0)
+            return usage_error("eval", "--split must be valid, test or train, not '%s'",
+                               split_name);
+        split = (cm_split)found;
+    }
+    double loss;
+    int64_t tokens;
+    if (trainer_evaluate(&recipe, checkpoint, split, max_batches, &loss, &tokens) != CM_OK)
+        return fail("eval");
+    printf("%s split: loss %.6f nats/byte, bpc %.6f over %lld bytes\n", split_names[split], loss,
+           loss / LN2, (long long)tokens);
     return 0;
+}
+
+/* ---- inspect, plot ------------------------------------------------------------ */
+
+static int command_inspect(int argc, char **argv) {
+    if (argc != 1 || is_help(argv[0])) {
+        fputs(inspect_help, argc == 1 ? stdout : stderr);
+        return argc == 1 ? 0 : EXIT_USAGE;
+    }
+    return ckpt_describe(argv[0], stdout) == CM_OK ? 0 : fail("inspect");
+}
+
+static int command_plot(int argc, char **argv) {
+    if (argc != 1 || is_help(argv[0])) {
+        fputs(plot_help, argc == 1 ? stdout : stderr);
+        return argc == 1 ? 0 : EXIT_USAGE;
+    }
+    if (metrics_plot(argv[0]) != CM_OK) return fail("plot");
+    printf("wrote %s/curves.png\n", argv[0]);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fputs(usage_text, stderr);
+        return EXIT_USAGE;
+    }
+    const char *command = argv[1];
+    if (is_help(command)) {
+        fputs(usage_text, stdout);
+        return 0;
+    }
+    if (strcmp(command, "--version") == 0) {
+        printf("cmoe %s\n", CMOE_VERSION);
+        return 0;
+    }
+    if (strcmp(command, "train") == 0) return command_train(argc - 2, argv + 2);
+    if (strcmp(command, "eval") == 0) return command_eval(argc - 2, argv + 2);
+    if (strcmp(command, "inspect") == 0) return command_inspect(argc - 2, argv + 2);
+    if (strcmp(command, "plot") == 0) return command_plot(argc - 2, argv + 2);
+    fprintf(stderr, "cmoe: unknown command '%s'\n\n%s", command, usage_text);
+    return EXIT_USAGE;
 }

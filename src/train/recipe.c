@@ -134,7 +134,7 @@ static int section_key_names(const char *section, const char **names) {
 /* "unknown key 'lrr' in section 'optim' (did you mean 'lr'?)" */
 static void unknown_key_message(char *buffer, size_t capacity, const char *section,
                                 const char *name) {
-    const char *names[MAX_NAMES];
+    const char *names[MAX_NAMES] = {0};
     int count = section_key_names(section, names);
     char hint[MESSAGE_CAP / 2];
     name_hint(hint, sizeof hint, name, names, count, "keys");
@@ -338,7 +338,7 @@ static cm_status unknown_top_level(yaml_reader *reader, const char *name, int li
                            name);
         }
     }
-    const char *names[MAX_NAMES + 64];
+    const char *names[MAX_NAMES + 64] = {0};
     int count = 0;
     names[count++] = "base";
     count += section_key_names("", names + count);
@@ -609,7 +609,7 @@ static cm_status parse_override(loader *state, const char *override_text) {
                        name, name);
     }
     if (dot && recipe_find_section(section) < 0) {
-        const char *names[64];
+        const char *names[64] = {0};
         int count = 0;
         for (int i = 0; i < recipe_sections_total && count < 64; i++)
             names[count++] = recipe_sections[i].name;
@@ -623,7 +623,7 @@ static cm_status parse_override(loader *state, const char *override_text) {
         if (dot) {
             unknown_key_message(message, sizeof message, section, name);
         } else {
-            const char *names[MAX_NAMES];
+            const char *names[MAX_NAMES] = {0};
             int count = section_key_names("", names);
             char hint[MESSAGE_CAP / 2];
             name_hint(hint, sizeof hint, name, names, count, "top-level keys");

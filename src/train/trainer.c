@@ -1,0 +1,349 @@
+#include "train/trainer.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "data/text.h"
+#include "layers/transformer.h"
+#include "optim/optim.h"
+#include "train/checkpoint.h"
+#include "train/metrics.h"
+#include "train/progress.h"
+
+#define LN2 0.69314718055994530942
+
+enum { PATH_CAPACITY = 4096 };
+
+/* Everything a run holds; released by run_free. */
+typedef struct run {
+    const cm_recipe *recipe;
+    char *recipe_text;
+    char run_dir[PATH_CAPACITY], checkpoint_dir[PATH_CAPACITY];
+    ag_params params;
+    lm_model model;
+    ag_ctx ctx;
+    bool ctx_ready;
+    text_dataset train, valid, test;
+    int32_t *inputs, *targets; /* [B*T] each */
+    optim_config optim;
+    optim_state optim_state;
+    optim_lr_schedule schedule;
+} run;
+
+static void run_free(run *r) {
+    free(r->recipe_text);
+    free(r->inputs);
+    free(r->targets);
+    if (r->ctx_ready) ag_ctx_free(&r->ctx);
+    ag_params_free(&r->params);
+    text_dataset_close(&r->train);
+    text_dataset_close(&r->valid);
+    text_dataset_close(&r->test);
+}
+
+static cm_status make_dirs(const char *path) {
+    char partial[PATH_CAPACITY];
+    size_t length = strlen(path);
+    if (length >= sizeof partial) return CM_ERR(CM_ERR_INVALID, "path too long: %s", path);
+    memcpy(partial, path, length + 1);
+    for (size_t i = 1; i <= length; i++) {
+        if (partial[i] != '/' && partial[i] != '\0') continue;
+        char saved = partial[i];
+        partial[i] = '\0';
+        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
+            return CM_ERR(CM_ERR_IO, "cannot create directory %s: %s", partial, strerror(errno));
+        partial[i] = saved;
+    }
+    return CM_OK;
+}
+
+static lm_config model_config(const cm_recipe *recipe) {
+    const cm_model_cfg *m = &recipe->model;
+    return (lm_config){.vocab = m->vocab_size,
+                       .d_model = m->d_model,
+                       .n_layer = m->n_layers,
+                       .n_head = m->n_heads,
+                       .d_ff = m->d_ff,
+                       .max_seq = recipe->data.seq_len,
+                       .dropout = (float)m->dropout,
+                       .init_std = (float)m->init_std,
+                       .scale_residual_init = m->scale_residual_init,
+                       .layernorm_eps = (float)m->layernorm_eps};
+}
+
+/* Model, parameters, arena and batch buffers (no data, no optimizer). */
+static cm_status build_model(run *r) {
+    const cm_recipe *recipe = r->recipe;
+    lm_config config = model_config(recipe);
+    CM_TRY(lm_declare(&r->model, &config, &r->params));
+    CM_TRY(ag_params_finalize(&r->params, (uint64_t)recipe->train.seed));
+    optim_apply_decay_policy(&r->params, recipe->optim.decay_norms, recipe->optim.decay_biases,
+                             recipe->optim.decay_embeddings);
+    CM_TRY(ag_ctx_init(&r->ctx, (size_t)recipe->train.arena_mib << 20));
+    r->ctx_ready = true;
+    size_t tokens = (size_t)recipe->data.batch_size * (size_t)recipe->data.seq_len;
+    r->inputs = malloc(tokens * sizeof *r->inputs);
+    r->targets = malloc(tokens * sizeof *r->targets);
+    if (!r->inputs || !r->targets) return CM_ERR(CM_ERR_NOMEM, "cannot allocate batch buffers");
+    if (recipe->train.threads > 0) openblas_set_num_threads(recipe->train.threads);
+    return CM_OK;
+}
+
+static cm_status open_split(const char *path, const char *what, text_dataset *dataset) {
+    if (path[0] == '\0') return CM_ERR(CM_ERR_INVALID, "data.%s is empty", what);
+    cm_status status = text_dataset_open(dataset, path);
+    if (status != CM_OK)
+        return cm_error_wrap(status, "data.%s (run data/prepare_kjv.sh for the KJV corpus)", what);
+    return CM_OK;
+}
+
+/* Mean cross-entropy (nats) over a split, in no-grad mode. */
+static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batches,
+                          double *mean_loss, int64_t *tokens_out) {
+    const cm_recipe *recipe = r->recipe;
+    const int B = recipe->data.batch_size, T = recipe->data.seq_len;
+    text_eval_iter iter;
+    CM_TRY(text_eval_begin(&iter, dataset, B, T, 0, 1, max_batches));
+    bool previous = ag_set_grad_enabled(&r->ctx, false);
+    double total = 0.0;
+    int64_t tokens = 0;
+    cm_status status = CM_OK;
+    for (;;) {
+        int rows = 0;
+        if (text_eval_next(&iter, r->inputs, r->targets, &rows) == 0) break;
+        ag_ctx_reset(&r->ctx);
+        lm_forward_args args = {r->inputs, rows, T, false, 0, 0, 0};
+        ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
+        if ((status = ag_ctx_status(&r->ctx)) != CM_OK) break;
+        total += (double)loss->data[0] * rows * T;
+        tokens += (int64_t)rows * T;
+    }
+    ag_set_grad_enabled(&r->ctx, previous);
+    ag_ctx_reset(&r->ctx);
+    CM_TRY(status);
+    if (tokens == 0) return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
+    *mean_loss = total / (double)tokens;
+    if (tokens_out) *tokens_out = tokens;
+    return CM_OK;
+}
+
+static cm_status save_checkpoint(run *r, int64_t step, trainer_result *result) {
+    char path[PATH_CAPACITY];
+    ckpt_path_for_step(r->checkpoint_dir, step, path, sizeof path);
+    ckpt_meta meta = {step, (uint64_t)r->recipe->train.seed, r->optim_state.step};
+    CM_TRY(ckpt_save(path, &r->params, &meta, r->recipe_text));
+    snprintf(result->last_checkpoint, sizeof result->last_checkpoint, "%s", path);
+    if (r->recipe->checkpoint.keep_last > 0)
+        CM_TRY(ckpt_prune(r->checkpoint_dir, r->recipe->checkpoint.keep_last));
+    return CM_OK;
+}
+
+/* Loads the checkpoint named by `resume` ("auto": the newest in the
+ * checkpoint directory) and returns the step it reached. */
+static cm_status resume_from(run *r, const char *resume, int64_t *start_step) {
+    char path[PATH_CAPACITY];
+    if (strcmp(resume, "auto") == 0) {
+        if (ckpt_find_latest(r->checkpoint_dir, path, sizeof path) != CM_OK) {
+            *start_step = 0; /* nothing to resume: a fresh run */
+            return CM_OK;
+        }
+    } else {
+        snprintf(path, sizeof path, "%s", resume);
+    }
+    ckpt_meta meta;
+    CM_TRY(ckpt_load(path, &r->params, &meta, true));
+    if (meta.seed != (uint64_t)r->recipe->train.seed)
+        return CM_ERR(CM_ERR_INVALID,
+                      "%s was trained with train.seed %llu but the recipe says %lld; resuming "
+                      "with another seed would change the data order (use --set train.seed=%llu)",
+                      path, (unsigned long long)meta.seed, (long long)r->recipe->train.seed,
+                      (unsigned long long)meta.seed);
+    r->optim_state.step = meta.optimizer_step;
+    *start_step = meta.step;
+    return CM_OK;
+}
+
+static void setup_optimizer(run *r) {
+    const cm_optim_cfg *o = &r->recipe->optim;
+    const cm_schedule_cfg *s = &r->recipe->schedule;
+    r->optim = (optim_config){
+        .kind = o->type == CM_OPTIM_SGD ? OPTIM_SGD : OPTIM_ADAMW,
+        .adamw = {o->beta1, o->beta2, o->eps, o->weight_decay},
+        .sgd = {o->momentum, o->weight_decay, o->nesterov},
+    };
+    const optim_lr_kind kinds[CM_SCHEDULE_COUNT] = {OPTIM_LR_CONSTANT, OPTIM_LR_COSINE,
+                                                    OPTIM_LR_STEP};
+    r->schedule = (optim_lr_schedule){.kind = kinds[s->type],
+                                      .lr = o->lr,
+                                      .min_lr = s->min_lr,
+                                      .warmup_steps = s->warmup_steps,
+                                      .total_steps = r->recipe->train.steps,
+                                      .step_size = s->step_size,
+                                      .gamma = s->gamma};
+}
+
+/* One optimizer step at 0-based index `step`; returns the loss (nats). */
+static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad_norm) {
+    const cm_recipe *recipe = r->recipe;
+    const int B = recipe->data.batch_size, T = recipe->data.seq_len;
+    const uint64_t seed = (uint64_t)recipe->train.seed;
+    CM_TRY(text_dataset_batch(&r->train, seed, (uint64_t)step, B, T, text_rank_rows(B, 0, 1),
+                              r->inputs, r->targets));
+    ag_ctx_reset(&r->ctx);
+    ag_params_zero_grad(&r->params);
+    lm_forward_args args = {r->inputs, B, T, true, seed, (uint64_t)step, 0};
+    ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
+    CM_TRY(ag_ctx_status(&r->ctx));
+    double value = loss->data[0];
+    if (!isfinite(value))
+        return CM_ERR(CM_ERR_NUMERIC,
+                      "the loss is %g at step %lld; lower optim.lr or set "
+                      "optim.grad_clip",
+                      value, (long long)step + 1);
+    CM_TRY(ag_backward(&r->ctx, loss));
+    *grad_norm = NAN;
+    if (recipe->optim.grad_clip > 0)
+        CM_TRY(optim_clip_grad_norm(&r->params, recipe->optim.grad_clip, grad_norm));
+    optim_step(&r->params, &r->optim, optim_lr_at(&r->schedule, step), &r->optim_state);
+    *loss_out = value;
+    return CM_OK;
+}
+
+static cm_status prepare(run *r, const cm_recipe *recipe) {
+    r->recipe = recipe;
+    size_t length = recipe_format(recipe, NULL, 0);
+    r->recipe_text = malloc(length + 1);
+    if (!r->recipe_text) return CM_ERR(CM_ERR_NOMEM, "out of memory");
+    recipe_format(recipe, r->recipe_text, length + 1);
+    CM_TRY(recipe_run_dir(recipe, r->run_dir, sizeof r->run_dir));
+    CM_TRY(recipe_checkpoint_dir(recipe, r->checkpoint_dir, sizeof r->checkpoint_dir));
+    return build_model(r);
+}
+
+static cm_status train_loop(run *r, const trainer_options *options, trainer_result *result) {
+    const cm_recipe *recipe = r->recipe;
+    const cm_train_cfg *train = &recipe->train;
+    CM_TRY(open_split(recipe->data.path, "path", &r->train));
+    if (train->eval_every > 0) CM_TRY(open_split(recipe->data.valid_path, "valid_path", &r->valid));
+    CM_TRY(open_split(recipe->data.test_path, "test_path", &r->test));
+    CM_TRY(make_dirs(r->run_dir));
+    CM_TRY(make_dirs(r->checkpoint_dir));
+    setup_optimizer(r);
+
+    int64_t start = 0;
+    if (options->resume) CM_TRY(resume_from(r, options->resume, &start));
+    cm_metrics metrics = {0};
+    CM_TRY(metrics_open(&metrics, r->run_dir, start > 0 ? start : -1));
+
+    cm_progress progress;
+    progress_init(&progress, stdout, start, train->steps, !options->quiet);
+    const double tokens_per_step = (double)recipe->data.batch_size * recipe->data.seq_len;
+    if (start > 0) progress_print(&progress, "resumed from step %lld", (long long)start);
+    cm_status status = CM_OK;
+    double window_start = cm_now(), run_start = window_start, window_loss = 0.0;
+    int64_t window_steps = 0, step = start;
+    while (step < train->steps) {
+        double loss = 0.0, grad_norm = 0.0;
+        if ((status = train_step(r, step, &loss, &grad_norm)) != CM_OK) break;
+        step++;
+        if (step == start + 1 && !options->quiet && start == 0)
+            progress_print(&progress, "step arena: %.1f MiB used of %d MiB",
+                           (double)r->ctx.arena.high_water / (1 << 20), train->arena_mib);
+        window_loss += loss;
+        window_steps++;
+        result->last_train_loss = loss;
+        double elapsed = cm_now() - window_start;
+        double rate = tokens_per_step * (double)window_steps / (elapsed > 0 ? elapsed : 1e-9);
+        bool log_now = step % train->log_every == 0 || step == train->steps;
+        char text[128];
+        snprintf(text, sizeof text, "loss %.4f  bpc %.3f", loss, loss / LN2);
+        progress_update(&progress, step, text, rate, "tok/s", log_now);
+        if (log_now) {
+            double mean = window_loss / (double)window_steps;
+            metrics_write(
+                &metrics,
+                "{\"kind\": \"train\", \"step\": %lld, \"loss\": %.6f, \"bpc\": %.6f, "
+                "\"loss_last\": %.8f, \"lr\": %.6g, \"grad_norm\": %.6g, \"tok_s\": %.1f}",
+                (long long)step, mean, mean / LN2, loss, optim_lr_at(&r->schedule, step - 1),
+                isnan(grad_norm) ? -1.0 : grad_norm, rate);
+            window_loss = 0.0;
+            window_steps = 0;
+            window_start = cm_now();
+            result->tokens_per_second = rate;
+        }
+        if (train->eval_every > 0 && (step % train->eval_every == 0 || step == train->steps)) {
+            double valid_loss;
+            if ((status = evaluate(r, &r->valid, train->eval_batches, &valid_loss, NULL)) != CM_OK)
+                break;
+            result->last_valid_bpc = valid_loss / LN2;
+            metrics_write(&metrics,
+                          "{\"kind\": \"valid\", \"step\": %lld, \"loss\": %.6f, \"bpc\": %.6f}",
+                          (long long)step, valid_loss, valid_loss / LN2);
+            progress_print(&progress, "step %lld  validation bpc %.4f", (long long)step,
+                           valid_loss / LN2);
+        }
+        bool stop = options->stop_requested && *options->stop_requested;
+        bool periodic = recipe->checkpoint.every > 0 && step % recipe->checkpoint.every == 0;
+        if (periodic || stop || step == train->steps) {
+            if ((status = save_checkpoint(r, step, result)) != CM_OK) break;
+            progress_print(&progress, "saved %s", result->last_checkpoint);
+        }
+        if (stop) {
+            result->interrupted = true;
+            progress_print(&progress, "stopped by signal at step %lld; resume with --resume auto",
+                           (long long)step);
+            break;
+        }
+    }
+    progress_finish(&progress);
+    result->steps_done = step;
+    if (status == CM_OK && !result->interrupted && step > start) {
+        double seconds = cm_now() - run_start;
+        result->tokens_per_second = tokens_per_step * (double)(step - start) / seconds;
+        double test_loss;
+        int64_t tokens;
+        status = evaluate(r, &r->test, 0, &test_loss, &tokens);
+        if (status == CM_OK) {
+            result->test_bpc = test_loss / LN2;
+            metrics_write(&metrics,
+                          "{\"kind\": \"test\", \"step\": %lld, \"loss\": %.6f, \"bpc\": %.6f, "
+                          "\"tokens\": %lld}",
+                          (long long)step, test_loss, test_loss / LN2, (long long)tokens);
+            progress_print(&progress, "test bpc %.4f over %lld bytes; %.0f tok/s overall",
+                           result->test_bpc, (long long)tokens, result->tokens_per_second);
+        }
+    }
+    metrics_close(&metrics);
+    if (status == CM_OK && metrics_plot(r->run_dir) == CM_OK)
+        progress_print(&progress, "curves: %s/curves.png", r->run_dir);
+    return status;
+}
+
+cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
+                      trainer_result *result) {
+    *result = (trainer_result){.last_valid_bpc = NAN, .test_bpc = NAN};
+    run r = {0};
+    cm_status status = prepare(&r, recipe);
+    if (status == CM_OK) status = train_loop(&r, options, result);
+    run_free(&r);
+    return status;
+}
+
+cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_split split,
+                           int64_t max_batches, double *mean_loss, int64_t *tokens) {
+    run r = {0};
+    cm_status status = prepare(&r, recipe);
+    const char *paths[CM_SPLIT_COUNT] = {recipe->data.valid_path, recipe->data.test_path,
+                                         recipe->data.path};
+    const char *names[CM_SPLIT_COUNT] = {"valid_path", "test_path", "path"};
+    if (status == CM_OK) status = ckpt_load(checkpoint, &r.params, NULL, false);
+    if (status == CM_OK) status = open_split(paths[split], names[split], &r.test);
+    if (status == CM_OK) status = evaluate(&r, &r.test, max_batches, mean_loss, tokens);
+    run_free(&r);
+    return status;
+}

@@ -1,0 +1,49 @@
+/* Training and evaluation of the byte-level LM from a recipe.
+ *
+ * trainer_run owns a whole run: it builds the model from the recipe, opens the
+ * data, optionally resumes from a checkpoint, runs the step loop (forward,
+ * backward, clip, schedule, update), logs to runs/NAME/metrics.jsonl with a
+ * progress display, evaluates the validation split periodically and the test
+ * split at the end, writes checkpoints (periodic, final, and on SIGINT/SIGTERM
+ * through `stop_requested`), and renders the curves with gnuplot.
+ *
+ * A step is a pure function of (seed, step, parameters, optimizer state):
+ * batches and dropout masks are keyed by the step, so a run resumed from a
+ * checkpoint continues bit for bit (same thread count).
+ * Owns: everything it allocates, for the duration of the call. */
+#ifndef CMOE_TRAIN_TRAINER_H
+#define CMOE_TRAIN_TRAINER_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "train/recipe.h"
+
+typedef struct trainer_options {
+    const char *resume;                    /* NULL, a checkpoint path, or "auto" */
+    volatile sig_atomic_t *stop_requested; /* set by a signal handler; may be NULL */
+    bool quiet;                            /* no progress output (tests) */
+} trainer_options;
+
+typedef struct trainer_result {
+    int64_t steps_done;     /* global step reached */
+    bool interrupted;       /* stopped by stop_requested */
+    double last_train_loss; /* nats */
+    double last_valid_bpc;  /* NAN if never evaluated */
+    double test_bpc;        /* NAN if not evaluated */
+    double tokens_per_second;
+    char last_checkpoint[4096];
+} trainer_result;
+
+cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
+                      trainer_result *result);
+
+/* Loads the model of `recipe` with the weights of `checkpoint` and returns
+ * the mean cross-entropy (nats per byte) over the whole `split`
+ * (max_batches <= 0: every batch). */
+cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_split split,
+                           int64_t max_batches, double *mean_loss, int64_t *tokens);
+
+#endif
