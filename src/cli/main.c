@@ -31,7 +31,8 @@ static const char usage_text[] =
     "Recipes: recipes/lm/*.yaml; every key is described in docs/recipes.md.\n";
 
 static const char train_help[] =
-    "usage: cmoe train RECIPE [--set SECTION.KEY=VALUE]... [--resume PATH|auto] [--quiet]\n"
+    "usage: cmoe train RECIPE [--set SECTION.KEY=VALUE]... [--resume PATH|auto]\n"
+    "                  [--stop-at STEP] [--quiet]\n"
     "\n"
     "Trains the model of RECIPE and writes, into the run directory (train.out_dir,\n"
     "default runs/NAME): metrics.jsonl, checkpoints ckpt-STEP.h5 and curves.png.\n"
@@ -39,6 +40,9 @@ static const char train_help[] =
     "  --set K=V       override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)\n"
     "  --resume PATH   continue from a checkpoint file\n"
     "  --resume auto   continue from the newest checkpoint of the run, if any\n"
+    "  --stop-at STEP  save a checkpoint and stop after step STEP (exit status 130),\n"
+    "                  e.g. to fit a job time limit; the schedule still spans\n"
+    "                  train.steps, so --resume auto continues the same run\n"
     "  --quiet         no progress output\n"
     "\n"
     "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current step and exits\n"
@@ -97,6 +101,7 @@ static int command_train(int argc, char **argv) {
     const char *overrides[MAX_OVERRIDES];
     int n_overrides = 0;
     bool quiet = false;
+    long long stop_at = 0;
     for (int i = 0; i < argc; i++) {
         if (is_help(argv[i])) {
             fputs(train_help, stdout);
@@ -106,6 +111,11 @@ static int command_train(int argc, char **argv) {
             overrides[n_overrides++] = argv[++i];
         } else if (strcmp(argv[i], "--resume") == 0 && i + 1 < argc) {
             resume = argv[++i];
+        } else if (strcmp(argv[i], "--stop-at") == 0 && i + 1 < argc) {
+            char *end;
+            stop_at = strtoll(argv[++i], &end, 10);
+            if (*end || stop_at < 1)
+                return usage_error("train", "--stop-at takes a step >= 1, not '%s'", argv[i]);
         } else if (strcmp(argv[i], "--quiet") == 0) {
             quiet = true;
         } else if (argv[i][0] == '-' || recipe_path) {
@@ -135,7 +145,7 @@ static int command_train(int argc, char **argv) {
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
-    trainer_options options = {resume, &stop_requested, quiet};
+    trainer_options options = {resume, &stop_requested, quiet, stop_at};
     trainer_result result;
     if (trainer_run(&recipe, &options, &result) != CM_OK) return fail("train");
     return result.interrupted ? EXIT_INTERRUPTED : 0;

@@ -268,7 +268,7 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
             metrics_write(
                 &metrics,
                 "{\"kind\": \"train\", \"step\": %lld, \"loss\": %.6f, \"bpc\": %.6f, "
-                "\"loss_last\": %.8f, \"lr\": %.6g, \"grad_norm\": %.6g, \"tok_s\": %.1f}",
+                "\"loss_last\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, \"tok_s\": %.1f}",
                 (long long)step, mean, mean / LN2, loss, optim_lr_at(&r->schedule, step - 1),
                 isnan(grad_norm) ? -1.0 : grad_norm, rate);
             window_loss = 0.0;
@@ -287,7 +287,8 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
             progress_print(&progress, "step %lld  validation bpc %.4f", (long long)step,
                            valid_loss / LN2);
         }
-        bool stop = options->stop_requested && *options->stop_requested;
+        bool stop = (options->stop_requested && *options->stop_requested) ||
+                    (options->stop_at_step > 0 && step >= options->stop_at_step);
         bool periodic = recipe->checkpoint.every > 0 && step % recipe->checkpoint.every == 0;
         if (periodic || stop || step == train->steps) {
             if ((status = save_checkpoint(r, step, result)) != CM_OK) break;
@@ -295,7 +296,7 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         }
         if (stop) {
             result->interrupted = true;
-            progress_print(&progress, "stopped by signal at step %lld; resume with --resume auto",
+            progress_print(&progress, "stopped at step %lld; resume with --resume auto",
                            (long long)step);
             break;
         }

@@ -25,6 +25,7 @@ typedef struct trainer_options {
     const char *resume;                    /* NULL, a checkpoint path, or "auto" */
     volatile sig_atomic_t *stop_requested; /* set by a signal handler; may be NULL */
     bool quiet;                            /* no progress output (tests) */
+    int64_t stop_at_step; /* > 0: save a checkpoint and stop once this step is done */
 } trainer_options;
 
 typedef struct trainer_result {

@@ -1,0 +1,189 @@
+/* The trainer end to end on a tiny model and a synthetic corpus: training
+ * lowers the loss; K steps straight equal K/2 steps, stop, resume, K/2 more,
+ * bit for bit (logged losses and final parameters and moments); bad data paths
+ * fail with a clear message. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "layers/transformer.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+
+static char dir[] = "/tmp/cmoe-trainer-XXXXXX";
+static char train_path[256], valid_path[256];
+
+/* A corpus with structure to learn: lines of a small grammar. */
+static void write_corpus(void) {
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(train_path, sizeof train_path, "%s/train.txt", dir);
+    snprintf(valid_path, sizeof valid_path, "%s/valid.txt", dir);
+    const char *words[] = {"and", "the", "lord", "said", "unto", "moses", "behold", "of"};
+    const char *paths[2] = {train_path, valid_path};
+    for (int f = 0; f < 2; f++) {
+        FILE *file = fopen(paths[f], "w");
+        ck_assert_ptr_nonnull(file);
+        for (int i = 0; i < (f ? 400 : 4000); i++) {
+            uint64_t pick =
+                ag_rng_below((ag_rng_key){(uint64_t)f, 0, 0, AG_RNG_TEST}, (uint64_t)i, 8);
+            fprintf(file, "%s%s", words[pick], i % 9 == 8 ? ".\n" : " ");
+        }
+        fclose(file);
+    }
+}
+
+static void remove_corpus(void) {
+    char command[300];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(command), 0);
+    strcpy(dir, "/tmp/cmoe-trainer-XXXXXX");
+}
+
+static cm_recipe tiny_recipe(const char *out_dir, int64_t steps) {
+    char text[2048];
+    snprintf(text, sizeof text,
+             "name: tiny\n"
+             "model: {n_layers: 2, d_model: 32, n_heads: 2, d_ff: 64, dropout: 0.1}\n"
+             "data: {path: '%s', valid_path: '%s', test_path: '%s', seq_len: 16, "
+             "batch_size: 4}\n"
+             "optim: {lr: 3.0e-3, grad_clip: 1.0}\n"
+             "schedule: {type: cosine, warmup_steps: 2, min_lr: 1.0e-4}\n"
+             "train: {steps: %lld, log_every: 1, eval_every: 4, eval_batches: 2, arena_mib: 32,"
+             " out_dir: '%s', threads: 1}\n"
+             "checkpoint: {every: 0, keep_last: 0}\n",
+             train_path, valid_path, valid_path, (long long)steps, out_dir);
+    cm_recipe recipe;
+    ck_assert_msg(recipe_load_text(text, "tiny", NULL, 0, &recipe) == CM_OK, "%s",
+                  cm_error_message());
+    return recipe;
+}
+
+/* The numeric fields of a run's metrics (timings excluded), one per line. */
+static char *loss_lines(const char *run_dir) {
+    char path[512], line[1024];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    size_t capacity = 1 << 16, used = 0;
+    char *out = calloc(1, capacity);
+    while (fgets(line, sizeof line, file)) {
+        const char *keys[] = {"\"step\"", "\"loss_last\"", "\"bpc\"", "\"grad_norm\""};
+        for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+            const char *at = strstr(line, keys[k]);
+            if (!at) continue;
+            size_t length = strcspn(at, ",}");
+            ck_assert_uint_lt(used + length + 2, capacity);
+            memcpy(out + used, at, length);
+            used += length;
+            out[used++] = ' ';
+        }
+        out[used++] = '\n';
+    }
+    fclose(file);
+    return out;
+}
+
+/* Parameters, m and v of a checkpoint of the tiny model. */
+static ag_params load_final(const cm_recipe *recipe, const char *checkpoint) {
+    lm_config config = {256, 32, 2, 2, 64, 16, 0.1f, 0.02f, true, 1e-5f};
+    (void)recipe;
+    ag_params params;
+    ag_params_init(&params);
+    lm_model model;
+    ck_assert_int_eq(lm_declare(&model, &config, &params), CM_OK);
+    ck_assert_int_eq(ag_params_finalize(&params, 99), CM_OK);
+    ck_assert_msg(ckpt_load(checkpoint, &params, NULL, true) == CM_OK, "%s", cm_error_message());
+    return params;
+}
+
+START_TEST(test_resume_is_bit_identical) {
+    write_corpus();
+    char straight_dir[300], resumed_dir[300];
+    snprintf(straight_dir, sizeof straight_dir, "%s/straight", dir);
+    snprintf(resumed_dir, sizeof resumed_dir, "%s/resumed", dir);
+    const int64_t steps = 12;
+
+    cm_recipe straight = tiny_recipe(straight_dir, steps);
+    trainer_options options = {.quiet = true};
+    trainer_result result;
+    ck_assert_msg(trainer_run(&straight, &options, &result) == CM_OK, "%s", cm_error_message());
+    ck_assert_int_eq(result.steps_done, steps);
+    ck_assert(!result.interrupted);
+    ck_assert(isfinite(result.test_bpc));
+
+    cm_recipe resumed = tiny_recipe(resumed_dir, steps);
+    options.stop_at_step = steps / 2;
+    ck_assert_msg(trainer_run(&resumed, &options, &result) == CM_OK, "%s", cm_error_message());
+    ck_assert(result.interrupted);
+    ck_assert_int_eq(result.steps_done, steps / 2);
+    options.stop_at_step = 0;
+    options.resume = "auto";
+    ck_assert_msg(trainer_run(&resumed, &options, &result) == CM_OK, "%s", cm_error_message());
+    ck_assert_int_eq(result.steps_done, steps);
+
+    char *a = loss_lines(straight_dir), *b = loss_lines(resumed_dir);
+    ck_assert_msg(strcmp(a, b) == 0, "straight:\n%s\nresumed:\n%s", a, b);
+    ck_assert_ptr_nonnull(strstr(a, "\"step\": 12")); /* the whole run is there */
+    free(a);
+    free(b);
+
+    char path_a[400], path_b[400];
+    ckpt_path_for_step(straight_dir, steps, path_a, sizeof path_a);
+    ckpt_path_for_step(resumed_dir, steps, path_b, sizeof path_b);
+    ag_params final_a = load_final(&straight, path_a), final_b = load_final(&resumed, path_b);
+    size_t bytes = final_a.buffers[AG_GROUP_DENSE].numel * sizeof(float);
+    ck_assert_int_eq(memcmp(final_a.buffers[0].data, final_b.buffers[0].data, bytes), 0);
+    ck_assert_int_eq(memcmp(final_a.buffers[0].m, final_b.buffers[0].m, bytes), 0);
+    ck_assert_int_eq(memcmp(final_a.buffers[0].v, final_b.buffers[0].v, bytes), 0);
+    ag_params_free(&final_a);
+    ag_params_free(&final_b);
+    remove_corpus();
+}
+END_TEST
+
+START_TEST(test_training_lowers_the_loss) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    cm_recipe recipe = tiny_recipe(run_dir, 60);
+    recipe.train.eval_every = 30;
+    trainer_options options = {.quiet = true};
+    trainer_result result;
+    ck_assert_msg(trainer_run(&recipe, &options, &result) == CM_OK, "%s", cm_error_message());
+    /* Uniform over 256 bytes is 8 bits; the grammar has ~9 symbols in use. */
+    ck_assert_msg(result.last_valid_bpc < 4.0, "validation bpc %.3f after 60 steps",
+                  result.last_valid_bpc);
+    remove_corpus();
+}
+END_TEST
+
+START_TEST(test_missing_data_is_a_clear_error) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    cm_recipe recipe = tiny_recipe(run_dir, 4);
+    snprintf(recipe.data.path, sizeof recipe.data.path, "%s/missing.txt", dir);
+    trainer_options options = {.quiet = true};
+    trainer_result result;
+    ck_assert_int_eq(trainer_run(&recipe, &options, &result), CM_ERR_IO);
+    ck_assert_msg(strstr(cm_error_message(), "missing.txt") != NULL, "%s", cm_error_message());
+    remove_corpus();
+}
+END_TEST
+
+int main(void) {
+    Suite *suite = suite_create("trainer");
+    TCase *tc = tcase_create("trainer");
+    tcase_add_test(tc, test_resume_is_bit_identical);
+    tcase_add_test(tc, test_training_lowers_the_loss);
+    tcase_add_test(tc, test_missing_data_is_a_clear_error);
+    tcase_set_timeout(tc, 300);
+    suite_add_tcase(suite, tc);
+    SRunner *runner = srunner_create(suite);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
