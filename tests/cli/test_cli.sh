@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# End-to-end checks of the cmoe command: help texts, usage errors and exit
+# codes, recipe errors with file:line:col, SIGINT saving a checkpoint (exit
+# 130) and --resume auto finishing the run, eval / inspect / plot on the
+# result, and clear errors for truncated or missing checkpoints.
+# usage: test_cli.sh PATH/TO/cmoe SOURCE_DIR
+set -u
+cmoe=$1
+src=$2
+work=$(mktemp -d /tmp/cmoe-cli-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+failures=0
+passes=0
+
+check() { # check NAME CONDITION-EXIT-STATUS
+    if [ "$2" -eq 0 ]; then passes=$((passes + 1)); else echo "FAIL: $1"; failures=$((failures + 1)); fi
+}
+expect_status() { # expect_status NAME WANT COMMAND...
+    local name=$1 want=$2
+    shift 2
+    "$@" > "$work/out" 2> "$work/err"
+    local got=$?
+    [ "$got" -eq "$want" ]
+    check "$name (exit $got, want $want; stderr: $(head -c 300 "$work/err"))" $?
+}
+expect_text() { # expect_text NAME FILE TEXT
+    grep -qF -- "$3" "$2"
+    check "$1 ('$3' not in $(head -c 400 "$2"))" $?
+}
+
+# ---- help and usage ------------------------------------------------------
+expect_status "help" 0 "$cmoe" --help
+expect_text "help lists train" "$work/out" "train RECIPE"
+for command in train eval inspect plot; do
+    expect_status "$command --help" 0 "$cmoe" "$command" --help
+    expect_text "$command --help usage" "$work/out" "usage: cmoe $command"
+done
+expect_status "no command" 2 "$cmoe"
+expect_status "unknown command" 2 "$cmoe" frobnicate
+expect_text "unknown command message" "$work/err" "unknown command 'frobnicate'"
+expect_status "train without recipe" 2 "$cmoe" train
+expect_status "eval without ckpt" 2 "$cmoe" eval "$src/recipes/lm/dense.yaml"
+
+# ---- recipe errors -----------------------------------------------------------
+printf 'name: bad\noptim:\n  lrr: 0.1\n' > "$work/bad.yaml"
+expect_status "unknown key" 1 "$cmoe" train "$work/bad.yaml"
+expect_text "unknown key location" "$work/err" "$work/bad.yaml:3:3:"
+expect_text "unknown key suggestion" "$work/err" "did you mean 'lr'"
+expect_status "missing recipe" 1 "$cmoe" train "$work/none.yaml"
+expect_text "missing recipe message" "$work/err" "none.yaml"
+expect_status "bad --set" 1 "$cmoe" train "$src/recipes/lm/dense.yaml" --set optim.lr=-1
+expect_text "bad --set message" "$work/err" "--set optim.lr=-1"
+
+# ---- a tiny run: SIGINT, resume, eval, inspect, plot ---------------------------
+awk 'BEGIN { srand(7); split("and the lord said unto moses behold of", words, " ");
+            for (i = 0; i < 60000; i++)
+                printf "%s%s", words[int(rand() * 8) + 1], (i % 9 == 8 ? ".\n" : " ") }' \
+    > "$work/corpus.txt"
+cat > "$work/tiny.yaml" <<YAML
+name: tiny
+model: {n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}
+data: {path: $work/corpus.txt, valid_path: $work/corpus.txt, test_path: $work/corpus.txt, seq_len: 32, batch_size: 8}
+optim: {lr: 3.0e-3}
+train: {steps: 100000, log_every: 50, eval_every: 0, arena_mib: 64, out_dir: $work/run, threads: 1}
+checkpoint: {every: 0, keep_last: 2}
+YAML
+"$cmoe" train "$work/tiny.yaml" > "$work/train.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do
+    grep -q "step " "$work/train.out" 2> /dev/null && break
+    sleep 0.1
+done
+sleep 1
+kill -INT $pid
+wait $pid
+status=$?
+[ $status -eq 130 ]
+check "SIGINT exits with 130 (got $status: $(tail -c 300 "$work/train.out"))" $?
+expect_text "SIGINT saves a checkpoint" "$work/train.out" "saved $work/run/ckpt-"
+ckpt=$(ls "$work"/run/ckpt-*.h5 2> /dev/null | tail -n 1)
+[ -n "$ckpt" ]
+check "checkpoint file exists" $?
+stopped_at=$(basename "$ckpt" .h5 | sed 's/ckpt-0*//')
+
+final=$((stopped_at + 20))
+expect_status "resume auto" 0 "$cmoe" train "$work/tiny.yaml" --resume auto --set train.steps=$final
+expect_text "resume message" "$work/out" "resumed from step $stopped_at"
+expect_text "resume reaches the end" "$work/out" "test bpc"
+[ -f "$work/run/curves.png" ]
+check "curves.png written" $?
+
+last=$(printf '%s/run/ckpt-%08d.h5' "$work" $final)
+expect_status "inspect" 0 "$cmoe" inspect "$last"
+expect_text "inspect step" "$work/out" "step $final"
+expect_text "inspect lists a parameter" "$work/out" "blocks.0.attn.qkv.weight"
+expect_text "inspect shows the recipe" "$work/out" "name: tiny"
+expect_status "eval" 0 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --split test --max-batches 3
+expect_text "eval prints bpc" "$work/out" "test split: loss"
+expect_status "plot" 0 "$cmoe" plot "$work/run"
+
+# ---- broken checkpoints ----------------------------------------------------------
+head -c 3000 "$last" > "$work/cut.h5"
+expect_status "truncated checkpoint" 1 "$cmoe" eval "$work/tiny.yaml" --ckpt "$work/cut.h5"
+expect_text "truncated message" "$work/err" "cut.h5"
+expect_status "missing checkpoint" 1 "$cmoe" inspect "$work/nothing.h5"
+expect_text "missing message" "$work/err" "No such file"
+expect_status "other model shape" 1 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --set model.d_ff=128
+expect_text "shape message" "$work/err" "in the checkpoint but"
+
+echo "$passes passed, $failures failed"
+[ $failures -eq 0 ]
