@@ -9,6 +9,13 @@ build_dir=${1:-build}
 jobs=${JOBS:-$(nproc)}
 sanitize=${CMOE_SANITIZE:-OFF}
 
+if [ "$sanitize" = ON ]; then
+    export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    # Open MPI and HDF5 keep allocations we cannot free; see the file.
+    export LSAN_OPTIONS=suppressions=$PWD/.ci/lsan.supp:print_suppressions=0
+fi
+
 bash scripts/install-deps.sh
 cmake -S . -B "$build_dir" -DCMOE_WERROR=ON -DCMOE_SANITIZE="$sanitize" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo

@@ -95,7 +95,7 @@ START_TEST(test_dense_recipe) {
     ck_assert_int_eq(r.train.log_every, 10);
     ck_assert_int_eq(r.train.eval_every, 200);
     ck_assert_int_eq(r.train.eval_batches, 20);
-    ck_assert_int_eq(r.train.arena_mib, 512);
+    ck_assert_int_eq(r.train.arena_mib, 1024);
     ck_assert_int_eq(r.train.threads, 0); /* default */
     ck_assert_int_eq(r.checkpoint.every, 500);
     ck_assert_int_eq(r.checkpoint.keep_last, 3);
