@@ -129,6 +129,27 @@ START_TEST(test_below_and_permutation) {
 }
 END_TEST
 
+START_TEST(test_bulk_fill_equals_single_draws) {
+    /* Every offset and length, so the block alignment is exercised. */
+    ag_rng_key key = {6, 2, 1, AG_RNG_TEST};
+    float bulk[23], normal[23];
+    for (uint64_t first = 0; first < 9; first++)
+        for (int64_t n = 0; n <= 23; n++) {
+            ag_rng_fill_uniform(key, first, n, -1.0f, 3.0f, bulk);
+            ag_rng_fill_normal(key, first, n, 0.5f, 2.0f, normal);
+            for (int64_t i = 0; i < n; i++) {
+                ck_assert_float_eq(bulk[i],
+                                   -1.0f + 4.0f * ag_rng_uniform(key, first + (uint64_t)i));
+                ck_assert_float_eq(normal[i],
+                                   0.5f + 2.0f * ag_rng_normal(key, first + (uint64_t)i));
+            }
+        }
+    /* Neighbouring indices share a block but not a value. */
+    ck_assert_float_ne(ag_rng_uniform(key, 4), ag_rng_uniform(key, 5));
+    ck_assert_float_ne(ag_rng_normal(key, 4), ag_rng_normal(key, 5));
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("rng");
     TCase *tc = tcase_create("rng");
@@ -138,6 +159,7 @@ int main(void) {
     tcase_add_test(tc, test_normal_moments);
     tcase_add_test(tc, test_bernoulli_rate);
     tcase_add_test(tc, test_below_and_permutation);
+    tcase_add_test(tc, test_bulk_fill_equals_single_draws);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -270,8 +270,10 @@ ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, ag_rng_key key, uint64
     ag_tensor *out = unary_begin(ctx, "dropout", dropout_backward, a, sizeof(dropout_saved), &node);
     if (!out || !keep) return NULL;
     float scale = 1.0f / (1.0f - p);
+    /* The uniforms go through out->data, then become the output. */
+    ag_rng_fill_uniform(key, first_index, a->numel, 0.0f, 1.0f, out->data);
     for (int64_t i = 0; i < a->numel; i++) {
-        keep[i] = ag_rng_uniform(key, first_index + (uint64_t)i) >= p;
+        keep[i] = out->data[i] >= p;
         out->data[i] = keep[i] ? scale * a->data[i] : 0.0f;
     }
     if (node) *(dropout_saved *)node->saved = (dropout_saved){keep, scale};

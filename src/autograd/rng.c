@@ -54,25 +54,37 @@ static float bits_to_unit(uint32_t bits) {
     return (float)(bits >> 8) * (1.0f / 16777216.0f);
 }
 
+/* Uniform draws use one 32-bit word each: index i is word i % 4 of the block
+ * at counter i / 4, so bulk fills cost one Philox call per four values and
+ * every value is still a pure function of (key, i). */
 float ag_rng_uniform(ag_rng_key key, uint64_t index) {
     uint32_t bits[4];
-    ag_rng_block(key, index, bits);
-    return bits_to_unit(bits[0]);
+    ag_rng_block(key, index >> 2, bits);
+    return bits_to_unit(bits[index & 3]);
 }
 
 float ag_rng_normal(ag_rng_key key, uint64_t index) {
     uint32_t bits[4];
-    ag_rng_block(key, index, bits);
-    /* Box-Muller on two 32-bit uniforms; u1 in (0, 1] keeps log finite. */
-    double u1 = ((double)bits[0] + 1.0) / 4294967296.0;
-    double u2 = (double)bits[1] / 4294967296.0;
+    ag_rng_block(key, index >> 1, bits);
+    /* Box-Muller on two 32-bit uniforms (words 0,1 or 2,3 of the block); the
+     * first in (0, 1] keeps the log finite. */
+    const uint32_t *pair = bits + 2 * (index & 1);
+    double u1 = ((double)pair[0] + 1.0) / 4294967296.0;
+    double u2 = (double)pair[1] / 4294967296.0;
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
 void ag_rng_fill_uniform(ag_rng_key key, uint64_t first_index, int64_t n, float low, float high,
                          float *out) {
-    for (int64_t i = 0; i < n; i++)
-        out[i] = low + (high - low) * ag_rng_uniform(key, first_index + (uint64_t)i);
+    const float range = high - low;
+    int64_t i = 0;
+    while (i < n) {
+        uint64_t index = first_index + (uint64_t)i;
+        uint32_t bits[4];
+        ag_rng_block(key, index >> 2, bits);
+        for (unsigned word = (unsigned)(index & 3); word < 4 && i < n; word++, i++)
+            out[i] = low + range * bits_to_unit(bits[word]);
+    }
 }
 
 void ag_rng_fill_normal(ag_rng_key key, uint64_t first_index, int64_t n, float mean, float std,
@@ -82,8 +94,8 @@ void ag_rng_fill_normal(ag_rng_key key, uint64_t first_index, int64_t n, float m
 }
 
 void ag_rng_fill_bernoulli(ag_rng_key key, uint64_t first_index, int64_t n, float p, float *out) {
-    for (int64_t i = 0; i < n; i++)
-        out[i] = ag_rng_uniform(key, first_index + (uint64_t)i) < p ? 1.0f : 0.0f;
+    ag_rng_fill_uniform(key, first_index, n, 0.0f, 1.0f, out);
+    for (int64_t i = 0; i < n; i++) out[i] = out[i] < p ? 1.0f : 0.0f;
 }
 
 uint64_t ag_rng_below(ag_rng_key key, uint64_t index, uint64_t n) {

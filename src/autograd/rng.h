@@ -37,7 +37,8 @@ uint64_t ag_rng_u64(ag_rng_key key, uint64_t index);
 float ag_rng_uniform(ag_rng_key key, uint64_t index); /* [0, 1) */
 float ag_rng_normal(ag_rng_key key, uint64_t index);  /* mean 0, std 1 */
 
-/* out[i] uses index first_index + i. */
+/* out[i] uses index first_index + i and equals the single draw at that
+ * index; bulk uniform fills take one Philox block per four values. */
 void ag_rng_fill_uniform(ag_rng_key key, uint64_t first_index, int64_t n, float low, float high,
                          float *out);
 void ag_rng_fill_normal(ag_rng_key key, uint64_t first_index, int64_t n, float mean, float std,
