@@ -104,4 +104,21 @@ ag_tensor *ag_concat(ag_ctx *ctx, ag_tensor *const *xs, int n, int dim);
 /* x[..., start:start+length, ...] along `dim` (copies). */
 ag_tensor *ag_slice(ag_ctx *ctx, ag_tensor *x, int dim, int start, int length);
 
+/* ---- ops_moe.c ------------------------------------------------------------ */
+
+/* x [*] (any shape, read flat), index[s] in [0,numel) -> [s]: out[i] = x[index[i]] */
+ag_tensor *ag_gather_elements(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int s);
+/* x [S], offsets[n_segments+1] (ascending, offsets[0] = 0, offsets[n] = S) -> [S]:
+ * softmax within each segment [offsets[i], offsets[i+1]); empty segments allowed. */
+ag_tensor *ag_segment_softmax(ag_ctx *ctx, ag_tensor *x, const int32_t *offsets, int n_segments);
+/* x [N,D] -> [D]: sum over the rows. */
+ag_tensor *ag_sum_rows(ag_ctx *ctx, ag_tensor *x);
+/* Per-group linear over contiguous row ranges (the experts of an MoE layer):
+ * x [S,IN], w [E,OUT,IN], bias [E,OUT] or NULL, offsets[E+1] (ascending,
+ * offsets[0] = 0, offsets[E] = S) -> [S,OUT]; rows [offsets[e], offsets[e+1])
+ * use w[e] and bias[e]. One sgemm per non-empty group; empty groups cost
+ * nothing and get no weight gradient. */
+ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
+                             const int32_t *offsets);
+
 #endif

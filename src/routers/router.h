@@ -1,0 +1,139 @@
+/* Routers: which experts each token goes to, and with what gate.
+ *
+ * One interface for every routing method of METHODS.md:
+ *   input  x [T,D]: the tokens' features (the MoE layer's input);
+ *   output for each token a variable-length list of (expert, gate) slots,
+ *          stored token-major as CSR: token t owns slots
+ *          [offsets[t], offsets[t+1]); expert[s] in [0,E); gates [S] on the
+ *          tape (the gradient reaches the router weights and x through the
+ *          gates only; the discrete selection has none);
+ *   plus the router's auxiliary loss (already weighted by its recipe
+ *   coefficients, on the tape, NULL if the method has none) and routing
+ *   statistics for logging.
+ * Top-p, expert choice and capacity dropping make the number of slots per
+ * token vary (0..E); the MoE layer handles any count, including experts that
+ * receive no token or every token.
+ *
+ * Methods (router_kind): learned top-k (softmax-then-topK or topK-then-softmax,
+ * optional noisy gating, Switch load-balancing and z-loss; Switch is k = 1),
+ * SMoE-Dropout (frozen random router, topK-then-softmax, k from a schedule),
+ * THOR (no router: one random expert per layer per pass in training, per
+ * sequence or per token at inference), dynamic top-p (smallest prefix of the
+ * sorted probabilities whose mass exceeds p, raw probabilities as gates,
+ * entropy and load-balancing losses), expert choice (each expert takes its
+ * top-c tokens; not causal, see docs).
+ *
+ * Determinism: every random draw (noise, THOR's choices) is keyed by
+ * (seed, step, layer, purpose) and a global index (token, sequence or pass),
+ * so routing is identical on any number of ranks. Ties between equal scores
+ * go to the lowest expert index.
+ * Owns: the router's parameter handles (values live in ag_params). */
+#ifndef CMOE_ROUTERS_ROUTER_H
+#define CMOE_ROUTERS_ROUTER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "autograd/ops.h"
+#include "autograd/params.h"
+#include "optim/optim.h"
+
+typedef enum router_kind {
+    ROUTER_TOPK = 0,
+    ROUTER_SMOE_DROPOUT,
+    ROUTER_THOR,
+    ROUTER_TOP_P,
+    ROUTER_EXPERT_CHOICE,
+    ROUTER_KIND_COUNT
+} router_kind;
+
+typedef enum router_gating {
+    ROUTER_SOFTMAX_THEN_TOPK = 0, /* gates = the chosen softmax probabilities (sum < 1) */
+    ROUTER_TOPK_THEN_SOFTMAX,     /* gates = softmax over the chosen logits (sum = 1) */
+    ROUTER_GATING_COUNT
+} router_gating;
+
+typedef enum router_drop_policy {
+    ROUTER_DROP_PROBABILITY = 0, /* an over-full expert keeps its highest-gate tokens */
+    ROUTER_DROP_POSITION,        /* an over-full expert keeps its first tokens in batch order */
+    ROUTER_DROP_POLICY_COUNT
+} router_drop_policy;
+
+typedef enum router_thor_level {
+    ROUTER_THOR_PER_TOKEN = 0,    /* inference_level 0 */
+    ROUTER_THOR_PER_SEQUENCE = 1, /* inference_level 1, the released default */
+} router_thor_level;
+
+typedef struct router_config {
+    router_kind kind;
+    int num_experts; /* E */
+    int k;           /* top-k / SMoE-Dropout's k at evaluation when not overridden */
+    router_gating gating;
+    bool bias;      /* a bias on the router's linear layer */
+    float init_std; /* normal init of the router weight */
+    bool noisy;     /* top-k: add normal noise of std noise_std to the logits in training */
+    float noise_std;
+    float aux_loss_coef;   /* Switch load-balancing loss coefficient (0: off) */
+    float z_loss_coef;     /* router z-loss coefficient (0: off) */
+    float top_p;           /* top-p threshold */
+    float entropy_coef;    /* top-p: dynamic (entropy) loss coefficient */
+    float capacity_factor; /* 0: dropless; > 0: capacity ceil(T k / E * cf) per expert;
+                              expert choice: tokens per expert = ceil(T cf / E) */
+    router_drop_policy drop_policy;
+    optim_k_schedule k_schedule; /* SMoE-Dropout: k during training */
+    router_thor_level thor_level;
+} router_config;
+
+typedef struct router {
+    router_config config;
+    int layer;
+    ag_param *weight; /* [E,D]; NULL for THOR */
+    ag_param *bias;   /* [E] or NULL */
+} router;
+
+/* Per-call context. */
+typedef struct router_call {
+    bool training;
+    uint64_t seed, step;
+    int k_override;       /* > 0: use this k (evaluation sweeps, --set router.k) */
+    int pass;             /* THOR: index of the forward pass in this step (independent draws) */
+    int seq_len;          /* tokens per sequence (THOR per-sequence inference) */
+    uint64_t first_token; /* global index of token 0 of x (data-parallel rank offset) */
+} router_call;
+
+typedef struct router_stats {
+    int64_t tokens;             /* T */
+    int64_t slots;              /* (token, expert) pairs kept */
+    int64_t dropped;            /* pairs removed by the capacity limit */
+    int32_t *tokens_per_expert; /* [E], kept pairs per expert (arena) */
+    double entropy;             /* mean entropy of the router distribution (nats); NAN: none */
+    int k;                      /* k in effect (top-k methods), 0 otherwise */
+} router_stats;
+
+typedef struct router_output {
+    int n_tokens, n_slots;
+    int32_t *offsets;    /* [T+1] (arena) */
+    int32_t *expert;     /* [S] (arena) */
+    ag_tensor *gates;    /* [S] */
+    ag_tensor *aux_loss; /* [1], coefficients applied; NULL if none */
+    router_stats stats;
+} router_output;
+
+/* Validates the configuration (clear CM_ERR_INVALID for k > E, p out of
+ * (0,1], ...) and declares the router's parameters as PREFIX.weight [E,D]
+ * (+ PREFIX.bias [E]) in the dense group; SMoE-Dropout's are frozen. */
+cm_status router_declare(router *r, const router_config *config, int layer, int d_model,
+                         ag_params *params, const char *prefix);
+
+/* Routes x [T,D]. Returns the context status (CM_OK, or the arena error). */
+cm_status router_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                       router_output *out);
+
+/* The k a top-k router uses for this call: k_override if set; SMoE-Dropout in
+ * training: its schedule at call->step; otherwise config.k. */
+int router_effective_k(const router *r, const router_call *call);
+
+/* Names used in recipes and logs ("topk", "smoe_dropout", ...). */
+const char *router_kind_name(router_kind kind);
+
+#endif

@@ -1,0 +1,58 @@
+/* Shared by the router implementations; not part of the public API.
+ *
+ * Every method follows the same pipeline:
+ *   1. scores: router logits [T,E] and probabilities on the tape
+ *      (router_logits; THOR has none);
+ *   2. selection: candidate slots (token, expert) in plain arrays, sorted by
+ *      token, with a gate tensor over the candidates (on the tape) and a
+ *      priority per candidate for the capacity policy;
+ *   3. router_finish: capacity dropping (if configured), the CSR output, the
+ *      kept gates (gathered from the candidates' gates), statistics;
+ *   4. auxiliary losses (router_switch_loss, router_z_loss, entropy), weighted
+ *      by their coefficients and summed into out->aux_loss. */
+#ifndef CMOE_ROUTERS_ROUTER_INTERNAL_H
+#define CMOE_ROUTERS_ROUTER_INTERNAL_H
+
+#include "routers/router.h"
+
+/* Candidate slots, token-major (token ascending). */
+typedef struct router_candidates {
+    int count;
+    int32_t *token;   /* [count] */
+    int32_t *expert;  /* [count] */
+    float *priority;  /* [count]: kept first under ROUTER_DROP_PROBABILITY (e.g. the probability) */
+    ag_tensor *gates; /* [count] on the tape; NULL = every gate is 1 (no gradient) */
+} router_candidates;
+
+/* logits [T,E] = x W^T (+ b), plus normal noise in training when config.noisy
+ * (keyed by seed, step, layer and the global token index). */
+ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call);
+
+/* Applies the capacity limit (config.capacity_factor > 0, capacity computed
+ * with `k`) and fills out's CSR arrays, gates and statistics (not entropy). */
+cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
+                        const router_candidates *candidates, router_output *out);
+
+/* Switch/GShard load balancing: coef * E * sum_i f_i P_i with f_i = (kept
+ * assignments to i) / (k T) from `counts` (no gradient) and P_i = mean over
+ * tokens of probs[:, i]. Returns [1], or NULL when coef == 0. */
+ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
+                              float coef);
+/* ST-MoE z-loss: coef * mean over tokens of logsumexp(logits)^2; NULL when coef == 0. */
+ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef);
+/* Mean entropy of the rows of probs [T,E] in nats (for statistics only). */
+double router_mean_entropy(const ag_tensor *probs);
+/* Sum of the non-NULL losses (NULL if all are NULL). */
+ag_tensor *router_add_losses(ag_ctx *ctx, ag_tensor *a, ag_tensor *b);
+
+/* The methods (one file each). Each fills `out` completely. */
+cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                            router_output *out); /* ROUTER_TOPK and ROUTER_SMOE_DROPOUT */
+cm_status router_route_thor(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                            router_output *out);
+cm_status router_route_top_p(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                             router_output *out);
+cm_status router_route_expert_choice(ag_ctx *ctx, const router *r, ag_tensor *x,
+                                     const router_call *call, router_output *out);
+
+#endif
