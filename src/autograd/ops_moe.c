@@ -1,0 +1,188 @@
+/* Ops for routing and expert computation: element gather, segment softmax,
+ * row sums, and the per-expert (grouped) linear layer. */
+#include <math.h>
+#include <string.h>
+
+#include "autograd/fastmath.h"
+#include "autograd/ops_internal.h"
+
+/* ---- gather_elements: x [*] flat, index[s] -> [s] -------------------------- */
+
+typedef struct gather_elements_saved {
+    const int32_t *index;
+} gather_elements_saved;
+
+static void gather_elements_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const gather_elements_saved *saved = node->saved;
+    ag_tensor *x = node->in[0];
+    const float *dout = node->out->grad;
+    for (int64_t i = 0; i < node->out->numel; i++) x->grad[saved->index[i]] += dout[i];
+}
+
+ag_tensor *ag_gather_elements(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int s) {
+    AG_OP_BEGIN(ctx, x);
+    for (int i = 0; i < s; i++)
+        CM_ASSERT(index[i] >= 0 && index[i] < x->numel,
+                  "gather_elements: index[%d] = %d is out of range [0,%lld)", i, index[i],
+                  (long long)x->numel);
+    ag_tensor *out = ag_empty(ctx, "gather_elements", 1, &s);
+    if (!out) return NULL;
+    for (int i = 0; i < s; i++) out->data[i] = x->data[index[i]];
+    ag_node *node = ag_record(ctx, "gather_elements", gather_elements_backward, out, 1, &x,
+                              sizeof(gather_elements_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node) ((gather_elements_saved *)node->saved)->index = index;
+    return out;
+}
+
+/* ---- segment_softmax: x [S], offsets[n+1] -> [S] ----------------------------- */
+
+typedef struct segment_saved {
+    const int32_t *offsets;
+    int n_segments;
+} segment_saved;
+
+/* dx = y (dy - sum_segment(dy y)) */
+static void segment_softmax_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const segment_saved *saved = node->saved;
+    ag_tensor *x = node->in[0];
+    const float *y = node->out->data, *dy = node->out->grad;
+    for (int g = 0; g < saved->n_segments; g++) {
+        int begin = saved->offsets[g], end = saved->offsets[g + 1];
+        double dot = 0.0;
+        for (int i = begin; i < end; i++) dot += (double)dy[i] * y[i];
+        for (int i = begin; i < end; i++) x->grad[i] += y[i] * (dy[i] - (float)dot);
+    }
+}
+
+ag_tensor *ag_segment_softmax(ag_ctx *ctx, ag_tensor *x, const int32_t *offsets, int n_segments) {
+    AG_OP_BEGIN(ctx, x);
+    CM_ASSERT(offsets[0] == 0 && offsets[n_segments] == x->numel,
+              "segment_softmax: offsets span [%d,%d) but x has %lld elements", offsets[0],
+              offsets[n_segments], (long long)x->numel);
+    ag_tensor *out = ag_empty(ctx, "segment_softmax", x->ndim, x->shape);
+    if (!out) return NULL;
+    for (int g = 0; g < n_segments; g++) {
+        int begin = offsets[g], end = offsets[g + 1];
+        CM_ASSERT(begin <= end, "segment_softmax: offsets not ascending at segment %d", g);
+        float max = -INFINITY;
+        for (int i = begin; i < end; i++) max = x->data[i] > max ? x->data[i] : max;
+        double total = 0.0;
+        for (int i = begin; i < end; i++) {
+            out->data[i] = cm_expf(x->data[i] - max);
+            total += out->data[i];
+        }
+        float inverse = (float)(1.0 / total);
+        for (int i = begin; i < end; i++) out->data[i] *= inverse;
+    }
+    ag_node *node = ag_record(ctx, "segment_softmax", segment_softmax_backward, out, 1, &x,
+                              sizeof(segment_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node) *(segment_saved *)node->saved = (segment_saved){offsets, n_segments};
+    return out;
+}
+
+/* ---- sum_rows: x [N,D] -> [D] ---------------------------------------------------- */
+
+static void sum_rows_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    ag_tensor *x = node->in[0];
+    const int d = ag_last_dim(x);
+    const float *dout = node->out->grad;
+    for (int64_t row = 0; row < ag_rows(x); row++) {
+        float *dx = x->grad + row * d;
+        for (int j = 0; j < d; j++) dx[j] += dout[j];
+    }
+}
+
+ag_tensor *ag_sum_rows(ag_ctx *ctx, ag_tensor *x) {
+    AG_OP_BEGIN(ctx, x);
+    const int d = ag_last_dim(x);
+    ag_tensor *out = ag_zeros(ctx, "sum_rows", 1, &d);
+    if (!out) return NULL;
+    for (int64_t row = 0; row < ag_rows(x); row++) {
+        const float *x_row = x->data + row * d;
+        for (int j = 0; j < d; j++) out->data[j] += x_row[j];
+    }
+    ag_record(ctx, "sum_rows", sum_rows_backward, out, 1, &x, 0);
+    return ag_failed(ctx) ? NULL : out;
+}
+
+/* ---- grouped_linear: x [S,IN], w [E,OUT,IN], bias [E,OUT] -> [S,OUT] ------------- */
+
+typedef struct grouped_saved {
+    const int32_t *offsets;
+} grouped_saved;
+
+static void grouped_linear_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const int32_t *offsets = ((const grouped_saved *)node->saved)->offsets;
+    ag_tensor *x = node->in[0], *w = node->in[1];
+    ag_tensor *bias = node->n_in > 2 ? node->in[2] : NULL;
+    const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
+    const float *dy = node->out->grad;
+    for (int e = 0; e < experts; e++) {
+        int rows = offsets[e + 1] - offsets[e];
+        if (rows == 0) continue;
+        const float *dy_e = dy + (int64_t)offsets[e] * out_features;
+        const float *x_e = x->data + (int64_t)offsets[e] * in_features;
+        const int64_t w_stride = (int64_t)out_features * in_features;
+        /* dx_e [rows,IN] += dy_e [rows,OUT] w_e [OUT,IN] */
+        if (ag_wants_grad(x))
+            ag_sgemm(false, false, rows, in_features, out_features, 1.0f, dy_e, out_features,
+                     w->data + e * w_stride, in_features, 1.0f,
+                     x->grad + (int64_t)offsets[e] * in_features, in_features);
+        /* dw_e [OUT,IN] += dy_e^T [OUT,rows] x_e [rows,IN] */
+        if (ag_wants_grad(w))
+            ag_sgemm(true, false, out_features, in_features, rows, 1.0f, dy_e, out_features, x_e,
+                     in_features, 1.0f, w->grad + e * w_stride, in_features);
+        if (bias && ag_wants_grad(bias)) {
+            float *db = bias->grad + (int64_t)e * out_features;
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < out_features; j++) db[j] += dy_e[(int64_t)r * out_features + j];
+        }
+    }
+}
+
+ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
+                             const int32_t *offsets) {
+    AG_OP_BEGIN(ctx, x, w);
+    AG_CHECK_SHAPES(x->ndim == 2 && w->ndim == 3 && x->shape[1] == w->shape[2], "grouped_linear", x,
+                    w);
+    const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
+    if (bias)
+        AG_CHECK_SHAPES(bias->ndim == 2 && bias->shape[0] == experts &&
+                            bias->shape[1] == out_features,
+                        "grouped_linear", w, bias);
+    CM_ASSERT(offsets[0] == 0 && offsets[experts] == x->shape[0],
+              "grouped_linear: offsets span [%d,%d) but x has %d rows", offsets[0],
+              offsets[experts], x->shape[0]);
+    ag_tensor *out = ag_empty(ctx, "grouped_linear", 2, (int[]){x->shape[0], out_features});
+    if (!out) return NULL;
+    const int64_t w_stride = (int64_t)out_features * in_features;
+    for (int e = 0; e < experts; e++) {
+        int rows = offsets[e + 1] - offsets[e];
+        CM_ASSERT(rows >= 0, "grouped_linear: offsets not ascending at expert %d", e);
+        if (rows == 0) continue;
+        float *y_e = out->data + (int64_t)offsets[e] * out_features;
+        float beta = 0.0f;
+        if (bias) {
+            const float *b = bias->data + (int64_t)e * out_features;
+            for (int r = 0; r < rows; r++)
+                memcpy(y_e + (int64_t)r * out_features, b, (size_t)out_features * sizeof(float));
+            beta = 1.0f;
+        }
+        /* y_e [rows,OUT] = x_e [rows,IN] w_e^T [IN,OUT] (+ bias rows) */
+        ag_sgemm(false, true, rows, out_features, in_features, 1.0f,
+                 x->data + (int64_t)offsets[e] * in_features, in_features, w->data + e * w_stride,
+                 in_features, beta, y_e, out_features);
+    }
+    ag_tensor *inputs[3] = {x, w, bias};
+    ag_node *node = ag_record(ctx, "grouped_linear", grouped_linear_backward, out, bias ? 3 : 2,
+                              inputs, sizeof(grouped_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node) ((grouped_saved *)node->saved)->offsets = offsets;
+    return out;
+}
