@@ -116,7 +116,7 @@ START_TEST(test_dense_lm_matches_pytorch) {
     for (int step = 0; step < STEPS; step++) {
         ag_ctx_reset(&ctx);
         ag_params_zero_grad(&params);
-        lm_forward_args args = {inputs, BATCH, SEQ, false, 0, 0, 0};
+        lm_forward_args args = {.ids = inputs, .batch = BATCH, .seq_len = SEQ};
         ag_tensor *loss = lm_loss(&ctx, lm_forward(&ctx, &model, &args), targets);
         ck_assert_int_eq(ag_backward(&ctx, loss), CM_OK);
         losses[step] = loss->data[0];

@@ -87,7 +87,16 @@ static char *loss_lines(const char *run_dir) {
 
 /* Parameters, m and v of a checkpoint of the tiny model. */
 static ag_params load_final(const cm_recipe *recipe, const char *checkpoint) {
-    lm_config config = {256, 32, 2, 2, 64, 16, 0.1f, 0.02f, true, 1e-5f};
+    lm_config config = {.vocab = 256,
+                        .d_model = 32,
+                        .n_layer = 2,
+                        .n_head = 2,
+                        .d_ff = 64,
+                        .max_seq = 16,
+                        .dropout = 0.1f,
+                        .init_std = 0.02f,
+                        .scale_residual_init = true,
+                        .layernorm_eps = 1e-5f};
     (void)recipe;
     ag_params params;
     ag_params_init(&params);

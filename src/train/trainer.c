@@ -117,7 +117,7 @@ static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batch
         int rows = 0;
         if (text_eval_next(&iter, r->inputs, r->targets, &rows) == 0) break;
         ag_ctx_reset(&r->ctx);
-        lm_forward_args args = {r->inputs, rows, T, false, 0, 0, 0};
+        lm_forward_args args = {.ids = r->inputs, .batch = rows, .seq_len = T};
         ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
         if ((status = ag_ctx_status(&r->ctx)) != CM_OK) break;
         total += (double)loss->data[0] * rows * T;
@@ -196,7 +196,12 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
                               r->inputs, r->targets));
     ag_ctx_reset(&r->ctx);
     ag_params_zero_grad(&r->params);
-    lm_forward_args args = {r->inputs, B, T, true, seed, (uint64_t)step, 0};
+    lm_forward_args args = {.ids = r->inputs,
+                            .batch = B,
+                            .seq_len = T,
+                            .training = true,
+                            .seed = seed,
+                            .step = (uint64_t)step};
     ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
     CM_TRY(ag_ctx_status(&r->ctx));
     double value = loss->data[0];

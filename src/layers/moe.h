@@ -1,0 +1,65 @@
+/* The Mixture-of-Experts layer: route -> dispatch -> experts -> combine.
+ *
+ *   x [T,D] -> router: per token a list of (expert, gate) slots (CSR, S slots)
+ *           -> dispatch: a stable counting sort of the slots by expert, so each
+ *              expert's rows are contiguous; xs = x[token of slot] [S,D]
+ *           -> experts: per expert e, h = act(xs_e W1_e^T + b1_e) [S_e,H],
+ *              y_e = h W2_e^T + b2_e [S_e,D] (one sgemm per expert and matrix;
+ *              experts with no rows cost nothing)
+ *           -> combine: out[t] = sum over t's slots of gate * y [T,D]
+ * Backward runs the same path transposed (the ops' backward functions); the
+ * gates, hence the router, get gradients; the selection itself does not.
+ * Capacity dropping happens in the router: a dropped slot is simply absent,
+ * so the token keeps its other experts and the residual carries it.
+ *
+ * Parameters (expert group, leading dimension = expert):
+ *   PREFIX.experts.w1 [E,H,D], .b1 [E,H], .w2 [E,D,H], .b2 [E,D],
+ * and the router's PREFIX.router.weight [E,D] (+ bias) in the dense group.
+ * Owns: parameter handles; all per-step buffers come from the arena. */
+#ifndef CMOE_LAYERS_MOE_H
+#define CMOE_LAYERS_MOE_H
+
+#include "autograd/ops.h"
+#include "autograd/params.h"
+#include "routers/router.h"
+
+typedef enum moe_activation {
+    MOE_GELU = 0,
+    MOE_RELU,
+    MOE_SILU,
+    MOE_ACTIVATION_COUNT
+} moe_activation;
+
+typedef struct moe_config {
+    int d_model; /* D */
+    int hidden;  /* H, per expert */
+    moe_activation activation;
+    float init_std;       /* w1 init std */
+    float out_std;        /* w2 init std (residual projection) */
+    router_config router; /* router.num_experts = E */
+} moe_config;
+
+typedef struct moe_layer {
+    moe_config config;
+    int layer;
+    router router;
+    ag_param *w1, *b1, *w2, *b2;
+} moe_layer;
+
+typedef struct moe_result {
+    ag_tensor *out;      /* [T,D] */
+    ag_tensor *aux_loss; /* [1] weighted router losses, or NULL */
+    router_stats stats;
+    int n_slots;
+} moe_result;
+
+cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,
+                      const char *prefix);
+
+/* Runs the layer on x [T,D]; returns the context status. */
+cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
+                      moe_result *result);
+
+const char *moe_activation_name(moe_activation activation);
+
+#endif
