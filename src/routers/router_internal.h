@@ -45,6 +45,17 @@ double router_mean_entropy(const ag_tensor *probs);
 /* Sum of the non-NULL losses (NULL if all are NULL). */
 ag_tensor *router_add_losses(ag_ctx *ctx, ag_tensor *a, ag_tensor *b);
 
+/* Helpers shared by the methods (router_common.c). */
+
+/* Stable sort of index[0..n) by score[index[i] * stride], descending: equal
+ * scores keep their input order, so when `index` starts ascending a tie goes
+ * to the lower token or expert index. scratch: n ints. */
+void router_sort_desc(int32_t *index, int n, const float *score, int64_t stride, int32_t *scratch);
+/* ceil(value) for a count such as T k / E * capacity_factor, where the factor
+ * went through float (1.1f is 1.10000002): an excess of less than 1e-6
+ * relative over an integer is rounding, not a reason to add one slot. */
+int router_ceil_count(double value);
+
 /* The methods (one file each). Each fills `out` completely. */
 cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
                             router_output *out); /* ROUTER_TOPK and ROUTER_SMOE_DROPOUT */
