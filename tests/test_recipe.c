@@ -1,7 +1,10 @@
 /* Recipe loading (src/train/recipe.c): recipes/lm/dense.yaml, defaults, base:
  * chains, --set overrides, every kind of error with its exact file:line:col
  * message, cross-key checks, print -> load round trip over every key, and the
- * key reference in docs/recipes.md. Fixtures live in tests/data/recipes/. */
+ * key reference in docs/recipes.md. Fixtures live in tests/data/recipes/.
+ * The moe and router sections (their recipes, checks and the recipe_moe.h
+ * helpers) are tested in test_recipe_moe.c; the round trip and the docs check
+ * here cover their keys too. */
 #include <check.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,11 +376,19 @@ START_TEST(test_yaml_shape_errors) {
                       "inline.yaml:3:1: duplicate section 'optim' (first given on line 1)");
     expect_text_error("colour: red\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown top-level key 'colour'; valid top-level keys and "
-                      "sections: base, name, model, data, optim, schedule, train, checkpoint, "
-                      "eval");
-    expect_text_error("moe:\n  experts: 8\n", CM_ERR_INVALID,
-                      "inline.yaml:1:1: unknown section 'moe': planned, but this version has no "
-                      "moe keys");
+                      "sections: base, name, model, moe, router, data, optim, schedule, train, "
+                      "checkpoint, eval");
+    expect_text_error("adversarial:\n  eps: 8\n", CM_ERR_INVALID,
+                      "inline.yaml:1:1: unknown section 'adversarial': planned, but this version "
+                      "has no adversarial keys");
+    expect_text_error("moe:\n  num_expert: 8\n", CM_ERR_INVALID,
+                      "inline.yaml:2:3: unknown key 'num_expert' in section 'moe' (did you mean "
+                      "'num_experts'?)");
+    expect_text_error("router:\n  capacity: 2\n", CM_ERR_INVALID,
+                      "inline.yaml:2:3: unknown key 'capacity' in section 'router'; valid keys: "
+                      "type, k, gating, bias, init_std, noisy, noise_std, aux_loss_coef, "
+                      "z_loss_coef, top_p, entropy_coef, capacity_factor, drop_policy, "
+                      "k_schedule, k_min, k_max, k_span_steps, thor_alpha, thor_level, eval_k");
     expect_text_error("modle:\n  d_model: 8\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown section 'modle' (did you mean 'model'?)");
     expect_text_error("name: a\n\tmodel: 1\n", CM_ERR_FORMAT,
@@ -487,6 +498,34 @@ static const char *const every_key_overrides[] = {
     "model.init_std=0.03",
     "model.scale_residual_init=false",
     "model.layernorm_eps=1e-6",
+    /* moe and router: d_ff 200 / 5 experts = 40, so expert_hidden 40 agrees
+     * with split_dense; smoe_dropout needs k_min <= k_max <= num_experts. */
+    "moe.enabled=true",
+    "moe.num_experts=5",
+    "moe.every=3",
+    "moe.expert_hidden=40",
+    "moe.split_dense=true",
+    "moe.activation=silu",
+    "router.type=smoe_dropout",
+    "router.k=3",
+    "router.gating=topk_softmax",
+    "router.bias=true",
+    "router.init_std=0.05",
+    "router.noisy=true",
+    "router.noise_std=0.3",
+    "router.aux_loss_coef=0.02",
+    "router.z_loss_coef=1e-3",
+    "router.top_p=0.55",
+    "router.entropy_coef=1e-3",
+    "router.capacity_factor=1.25",
+    "router.drop_policy=position",
+    "router.k_schedule=multi_step_increase",
+    "router.k_min=1",
+    "router.k_max=4",
+    "router.k_span_steps=77",
+    "router.thor_alpha=5",
+    "router.thor_level=per_token",
+    "router.eval_k=5",
     "data.format=text",
     "data.path=with \"quotes\" and \\backslash\\: #hash",
     "data.valid_path=v\tab.txt",
@@ -542,6 +581,17 @@ START_TEST(test_round_trip) {
     cm_recipe defaults;
     recipe_defaults(&defaults);
     ck_assert(recipe_first_difference(&original, &defaults, NULL, 0));
+    /* Every key really is off its default, except enums with one value. */
+    for (int k = 0; k < recipe_key_count(); k++) {
+        cm_recipe_key_info info = recipe_key_info(k);
+        if (info.enum_names && !info.enum_names[1]) continue;
+        char path[96], value[1024], default_value[1024];
+        snprintf(path, sizeof path, "%s%s%s", info.section, info.section[0] ? "." : "", info.key);
+        ck_assert_int_eq(recipe_get(&original, path, value, sizeof value), CM_OK);
+        ck_assert_int_eq(recipe_get(&defaults, path, default_value, sizeof default_value), CM_OK);
+        ck_assert_msg(strcmp(value, default_value) != 0, "every_key_overrides leaves %s at %s",
+                      path, value);
+    }
     ck_assert_str_eq(original.data.path, "with \"quotes\" and \\backslash\\: #hash");
 
     size_t length = recipe_format(&original, NULL, 0);
@@ -579,6 +629,10 @@ START_TEST(test_round_trip) {
     ck_assert_ptr_nonnull(strstr(text, "\n  nesterov: true\n"));
     ck_assert_ptr_nonnull(strstr(text, "\n  seed: 18446744073\n"));
     ck_assert_ptr_nonnull(strstr(text, "eval:\n  split: test\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\nmoe:\n  enabled: true\n  num_experts: 5\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\nrouter:\n  type: smoe_dropout\n  k: 3\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  z_loss_coef: 0.001\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  k_schedule: multi_step_increase\n"));
     free(printed);
     free(again);
     free(text);

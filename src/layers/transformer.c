@@ -49,6 +49,17 @@ cm_status lm_declare(lm_model *model, const lm_config *config, ag_params *params
         CM_TRY(declare(params, &b->proj_bias, zero, 1, (int[]){D}, "blocks.%d.attn.proj.bias", l));
         CM_TRY(declare(params, &b->ln2_weight, one, 1, (int[]){D}, "blocks.%d.ln2.weight", l));
         CM_TRY(declare(params, &b->ln2_bias, zero, 1, (int[]){D}, "blocks.%d.ln2.bias", l));
+        b->is_moe = c->moe_every > 0 && l % c->moe_every == 0;
+        if (b->is_moe) {
+            moe_config moe = c->moe;
+            moe.d_model = D;
+            moe.init_std = c->init_std;
+            moe.out_std = residual_std;
+            char prefix[AG_PARAM_NAME_MAX];
+            snprintf(prefix, sizeof prefix, "blocks.%d.moe", l);
+            CM_TRY(moe_declare(&b->moe, &moe, l, params, prefix));
+            continue;
+        }
         CM_TRY(declare(params, &b->fc1_weight, weight, 2, (int[]){F, D}, "blocks.%d.mlp.fc1.weight",
                        l));
         CM_TRY(declare(params, &b->fc1_bias, zero, 1, (int[]){F}, "blocks.%d.mlp.fc1.bias", l));
@@ -74,7 +85,35 @@ static ag_tensor *drop(ag_ctx *ctx, ag_tensor *x, const lm_forward_args *args, f
     return ag_dropout(ctx, x, p, key, args->first_row * per_row);
 }
 
+/* h [B,T,D] -> [B,T,D] through the block's MoE layer; reports to args->report. */
+static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
+                            const lm_forward_args *args) {
+    if (!h) return NULL;
+    const int tokens = args->batch * args->seq_len, D = h->shape[2];
+    router_call call = {.training = args->training,
+                        .seed = args->seed,
+                        .step = args->step,
+                        .k_override = args->k_override,
+                        .pass = args->pass,
+                        .seq_len = args->seq_len,
+                        .first_token = args->first_row * (uint64_t)args->seq_len};
+    moe_result result;
+    ag_tensor *flat = ag_reshape(ctx, h, 2, (int[]){tokens, D});
+    if (moe_forward(ctx, &b->moe, flat, &call, &result) != CM_OK) return NULL;
+    lm_moe_report *report = args->report;
+    if (report) {
+        if (result.aux_loss)
+            report->aux_loss =
+                report->aux_loss ? ag_add(ctx, report->aux_loss, result.aux_loss) : result.aux_loss;
+        report->layer[report->n_layers] = b->moe.layer;
+        report->stats[report->n_layers] = result.stats;
+        report->n_layers++;
+    }
+    return ag_reshape(ctx, result.out, 3, h->shape);
+}
+
 ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args *args) {
+    if (args->report) *args->report = (lm_moe_report){0};
     const lm_config *c = &model->config;
     const int B = args->batch, T = args->seq_len, D = c->d_model;
     CM_ASSERT(T >= 1 && T <= c->max_seq, "sequence length %d not in [1, %d]", T, c->max_seq);
@@ -97,9 +136,13 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
 
         h = ag_layernorm(ctx, x, ag_param_tensor(b->ln2_weight), ag_param_tensor(b->ln2_bias),
                          c->layernorm_eps);
-        h = ag_gelu(
-            ctx, ag_linear(ctx, h, ag_param_tensor(b->fc1_weight), ag_param_tensor(b->fc1_bias)));
-        h = ag_linear(ctx, h, ag_param_tensor(b->fc2_weight), ag_param_tensor(b->fc2_bias));
+        if (b->is_moe) {
+            h = moe_block(ctx, b, h, args);
+        } else {
+            h = ag_gelu(ctx, ag_linear(ctx, h, ag_param_tensor(b->fc1_weight),
+                                       ag_param_tensor(b->fc1_bias)));
+            h = ag_linear(ctx, h, ag_param_tensor(b->fc2_weight), ag_param_tensor(b->fc2_bias));
+        }
         x = ag_add(ctx, x, drop(ctx, h, args, c->dropout, l + 1, DROP_MLP));
     }
     x = ag_layernorm(ctx, x, ag_param_tensor(model->lnf_weight), ag_param_tensor(model->lnf_bias),

@@ -12,7 +12,8 @@
  * scale_residual_init the two residual projections (attn.proj, mlp.fc2) use
  * std init_std/sqrt(2 n_layer) (GPT-2).
  * Attention probabilities are not dropped out (only embeddings and residual
- * branches are).
+ * branches are). With config.moe_every > 0, MoE layers (layers/moe.h) replace
+ * the MLP of layers l % moe_every == 0, named blocks.L.moe.*.
  * Owns: nothing but parameter handles; parameters live in the ag_params
  * registry passed to lm_declare. */
 #ifndef CMOE_LAYERS_TRANSFORMER_H
@@ -22,23 +23,31 @@
 
 #include "autograd/ops.h"
 #include "autograd/params.h"
+#include "layers/moe.h"
 
 typedef struct lm_config {
     int vocab;   /* 256 for bytes */
     int d_model; /* D */
     int n_layer;
-    int n_head;    /* D % n_head == 0 */
-    int d_ff;      /* F, MLP hidden width */
-    int max_seq;   /* T_max, number of learned positions */
-    float dropout; /* embedding and residual dropout probability */
-    float init_std; /* std of the normal init of every weight matrix (GPT-2: 0.02) */
+    int n_head;               /* D % n_head == 0 */
+    int d_ff;                 /* F, MLP hidden width */
+    int max_seq;              /* T_max, number of learned positions */
+    float dropout;            /* embedding and residual dropout probability */
+    float init_std;           /* std of the normal init of every weight matrix (GPT-2: 0.02) */
     bool scale_residual_init; /* residual projections use init_std / sqrt(2 n_layer) */
     float layernorm_eps;
+    /* MoE: when moe_every > 0, the MLP of every layer l with l % moe_every == 0
+     * is an MoE layer (moe.d_model, init_std and out_std are filled in by
+     * lm_declare). */
+    int moe_every;
+    moe_config moe;
 } lm_config;
 
 typedef struct lm_block {
     ag_param *ln1_weight, *ln1_bias, *qkv_weight, *qkv_bias, *proj_weight, *proj_bias;
     ag_param *ln2_weight, *ln2_bias, *fc1_weight, *fc1_bias, *fc2_weight, *fc2_bias;
+    bool is_moe; /* then `moe` replaces fc1/fc2 */
+    moe_layer moe;
 } lm_block;
 
 enum { LM_MAX_LAYERS = 64 };
@@ -56,12 +65,23 @@ cm_status lm_declare(lm_model *model, const lm_config *config, ag_params *params
 /* Per-forward inputs. Dropout is applied when training and dropout > 0,
  * with masks keyed by (seed, step) and the global position of each element,
  * so the masks do not depend on how the batch is split across ranks. */
+/* What the MoE layers of one forward pass report. */
+typedef struct lm_moe_report {
+    ag_tensor *aux_loss; /* sum over layers of the weighted router losses, or NULL */
+    int n_layers;        /* MoE layers in the model */
+    int layer[LM_MAX_LAYERS];
+    router_stats stats[LM_MAX_LAYERS];
+} lm_moe_report;
+
 typedef struct lm_forward_args {
     const int32_t *ids; /* [B*T] */
     int batch, seq_len;
     bool training;
     uint64_t seed, step;
-    uint64_t first_row; /* global index of this batch's first sequence */
+    uint64_t first_row;    /* global index of this batch's first sequence */
+    int k_override;        /* > 0: routers use this k (evaluation sweeps) */
+    int pass;              /* THOR: forward pass index within the step */
+    lm_moe_report *report; /* may be NULL */
 } lm_forward_args;
 
 /* -> logits [B*T, V]; NULL if the context failed (see ag_ctx_status). */

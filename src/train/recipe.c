@@ -328,7 +328,7 @@ typedef struct file_contents {
 
 /* Sections DESIGN.md plans but the key table does not have yet: a clearer
  * message than a did-you-mean. Remove a name when its section lands. */
-static const char *const planned_sections[] = {"moe", "router", "adversarial", "parallel"};
+static const char *const planned_sections[] = {"adversarial", "parallel"};
 
 static cm_status unknown_top_level(yaml_reader *reader, const char *name, int line, int column) {
     for (size_t i = 0; i < sizeof planned_sections / sizeof planned_sections[0]; i++) {
@@ -660,11 +660,11 @@ static cm_status resolve(loader *state, cm_recipe *out) {
             status = fail_at(status, item->origin, item->line, item->column, "%s", why);
         last_set[item->key_index] = (int)i;
     }
-    int involved[2];
+    int involved[RECIPE_MAX_INVOLVED];
     if (status == CM_OK && !recipe_check_consistency(&recipe, involved, why, sizeof why)) {
         /* Point at whichever involved key was set last: that is the edit that broke it. */
         int culprit = -1;
-        for (int j = 0; j < 2; j++) {
+        for (int j = 0; j < RECIPE_MAX_INVOLVED; j++) {
             if (involved[j] >= 0 && last_set[involved[j]] > culprit)
                 culprit = last_set[involved[j]];
         }

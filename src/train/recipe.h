@@ -1,14 +1,18 @@
 /* Recipes: strict YAML -> one plain C struct (cm_recipe) that configures a run.
  *
  * A recipe is a YAML mapping with the top-level keys `name` and `base` and the
- * sections model, data, optim, schedule, train, checkpoint and eval. Every key
- * is declared once in a table (recipe_keys.c) with its type, default, range and
- * help text. Defaults, parsing, range checks, printing and the reference in
- * docs/recipes.md all come from that table. Anything else fails before a run
- * starts: an unknown section or key, a wrong type, an out-of-range or unknown
- * enum value, a duplicate key, a non-mapping where a mapping belongs, malformed
- * YAML, a missing file, a `base:` cycle, or keys that contradict each other
- * (d_model not divisible by n_heads, ...).
+ * sections model, moe, router, data, optim, schedule, train, checkpoint and
+ * eval. Every key is declared once in a table (recipe_keys.c) with its type,
+ * default, range and help text. Defaults, parsing, range checks, printing and
+ * the reference in docs/recipes.md all come from that table. Anything else
+ * fails before a run starts: an unknown section or key, a wrong type, an
+ * out-of-range or unknown enum value, a duplicate key, a non-mapping where a
+ * mapping belongs, malformed YAML, a missing file, a `base:` cycle, or keys
+ * that contradict each other (d_model not divisible by n_heads, router.k
+ * above moe.num_experts, ...).
+ * The moe and router sections only matter with moe.enabled: true; without it
+ * their keys are still parsed and range-checked, but not cross-checked, and
+ * the model is dense. recipe_moe.h turns them into the MoE layer's configs.
  *
  * Error messages start with "path:line:col: " (1-based, the position of the
  * offending key or value) or, for a command-line override, "--set a.b=c: ".
@@ -48,6 +52,44 @@ typedef enum cm_schedule_type {
     CM_SCHEDULE_STEP,   /* lr * gamma^floor(step / step_size), warmup on top */
     CM_SCHEDULE_COUNT
 } cm_schedule_type;
+typedef enum cm_moe_activation {
+    CM_MOE_GELU = 0,
+    CM_MOE_RELU,
+    CM_MOE_SILU,
+    CM_MOE_ACTIVATION_COUNT
+} cm_moe_activation;
+/* The methods of METHODS.md; same order and names as routers/router.h. */
+typedef enum cm_router_type {
+    CM_ROUTER_TOPK = 0,
+    CM_ROUTER_SMOE_DROPOUT,
+    CM_ROUTER_THOR,
+    CM_ROUTER_TOP_P,
+    CM_ROUTER_EXPERT_CHOICE,
+    CM_ROUTER_TYPE_COUNT
+} cm_router_type;
+typedef enum cm_router_gating {
+    CM_GATING_SOFTMAX_TOPK = 0, /* gates: the chosen softmax probabilities */
+    CM_GATING_TOPK_SOFTMAX,     /* gates: softmax over the chosen logits (sum 1) */
+    CM_GATING_COUNT
+} cm_router_gating;
+typedef enum cm_drop_policy {
+    CM_DROP_PROBABILITY = 0,
+    CM_DROP_POSITION,
+    CM_DROP_POLICY_COUNT
+} cm_drop_policy;
+typedef enum cm_k_schedule {
+    CM_K_CONSTANT = 0,
+    CM_K_LINEAR_INCREASE,
+    CM_K_COSINE_INCREASE,
+    CM_K_EXP_INCREASE,
+    CM_K_MULTI_STEP_INCREASE,
+    CM_K_SCHEDULE_COUNT
+} cm_k_schedule;
+typedef enum cm_thor_level {
+    CM_THOR_PER_TOKEN = 0,
+    CM_THOR_PER_SEQUENCE,
+    CM_THOR_LEVEL_COUNT
+} cm_thor_level;
 typedef enum cm_split {
     CM_SPLIT_VALID = 0,
     CM_SPLIT_TEST,
@@ -69,6 +111,37 @@ typedef struct cm_model_cfg {
     bool scale_residual_init; /* residual projections get init_std / sqrt(2 n_layers) */
     double layernorm_eps;
 } cm_model_cfg;
+
+typedef struct cm_moe_cfg {
+    bool enabled;      /* false: every block has the dense MLP */
+    int num_experts;   /* E */
+    int every;         /* block i is MoE when i % every == 0 */
+    int expert_hidden; /* 0: d_ff / E with split_dense, else d_ff; see recipe_expert_hidden */
+    bool split_dense;  /* experts are the dense MLP cut into E blocks of d_ff / E */
+    cm_moe_activation activation;
+} cm_moe_cfg;
+
+typedef struct cm_router_cfg {
+    cm_router_type type;
+    int k; /* experts per token (topk); SMoE-Dropout: k at evaluation */
+    cm_router_gating gating;
+    bool bias;
+    double init_std;
+    bool noisy;
+    double noise_std;
+    double aux_loss_coef; /* Switch load balancing */
+    double z_loss_coef;   /* ST-MoE z-loss */
+    double top_p;
+    double entropy_coef;    /* top_p's dynamic loss */
+    double capacity_factor; /* 0: dropless; expert_choice needs > 0 */
+    cm_drop_policy drop_policy;
+    cm_k_schedule k_schedule; /* SMoE-Dropout's k during training */
+    int k_min, k_max;         /* k_max 0: num_experts */
+    int64_t k_span_steps;     /* S; 0: train.steps */
+    double thor_alpha;        /* weight of THOR's consistency loss */
+    cm_thor_level thor_level; /* THOR at evaluation */
+    int eval_k;               /* 0: k; else the k used at evaluation */
+} cm_router_cfg;
 
 typedef struct cm_data_cfg {
     cm_data_format format;
@@ -122,6 +195,8 @@ typedef struct cm_eval_cfg {
 typedef struct cm_recipe {
     char name[CM_RECIPE_NAME_CAP]; /* letters, digits, '.', '_', '-' (a directory name) */
     cm_model_cfg model;
+    cm_moe_cfg moe;
+    cm_router_cfg router;
     cm_data_cfg data;
     cm_optim_cfg optim;
     cm_schedule_cfg schedule;

@@ -1,6 +1,6 @@
-/* Internals shared by recipe.c (YAML files, base:, --set, resolution) and
+/* Internals shared by recipe.c (YAML files, base:, --set, resolution),
  * recipe_keys.c (the key table and everything typed: parsing, range checks,
- * output, cross-key checks). Not part of the public API. */
+ * output) and recipe_checks.c (cross-key checks). Not part of the public API. */
 #ifndef CMOE_TRAIN_RECIPE_INTERNAL_H
 #define CMOE_TRAIN_RECIPE_INTERNAL_H
 
@@ -63,11 +63,13 @@ typedef struct recipe_scalar {
 cm_status recipe_key_parse(const recipe_key *key, recipe_scalar value, cm_recipe *recipe, char *why,
                            size_t why_capacity);
 
-/* Cross-key checks on a complete recipe. On failure returns false, writes the
- * reason to `why` and the indices of the (up to two) keys involved to
- * `involved` (-1 when unused), so the caller can point at whichever of them
- * was set last. */
-bool recipe_check_consistency(const cm_recipe *recipe, int involved[2], char *why,
+enum { RECIPE_MAX_INVOLVED = 6 };
+
+/* Cross-key checks on a complete recipe (recipe_checks.c). On failure returns
+ * false, writes the reason to `why` and the indices of the (up to
+ * RECIPE_MAX_INVOLVED) keys involved to `involved` (-1 when unused), so the
+ * caller can point at whichever of them was set last. */
+bool recipe_check_consistency(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                               size_t why_capacity);
 
 /* The candidate closest to `word` by edit distance, if it is close enough to

@@ -1,8 +1,9 @@
 /* The recipe key table and everything driven by it: defaults, parsing and
- * range checks, the resolved YAML output, comparison, cross-key checks and the
- * Markdown reference. Adding a key is one table entry (plus the struct field in
- * recipe.h and a row in docs/recipes.md); adding a section is one line in
- * recipe_sections plus its keys. */
+ * range checks, the resolved YAML output, comparison and the Markdown
+ * reference (cross-key checks are in recipe_checks.c). Adding a key is one
+ * table entry (plus the struct field in recipe.h and a row in
+ * docs/recipes.md); adding a section is one line in recipe_sections plus its
+ * keys. */
 #include "train/recipe_internal.h"
 
 #include <assert.h>
@@ -24,6 +25,15 @@ static const char *const data_format_names[] = {"text", NULL};
 static const char *const optimizer_names[] = {"adamw", "sgd", NULL};
 static const char *const schedule_names[] = {"constant", "cosine", "step", NULL};
 static const char *const split_names[] = {"valid", "test", "train", NULL};
+static const char *const activation_names[] = {"gelu", "relu", "silu", NULL};
+/* The same spellings as router_kind_name (routers/router.c). */
+static const char *const router_type_names[] = {"topk",  "smoe_dropout",  "thor",
+                                                "top_p", "expert_choice", NULL};
+static const char *const gating_names[] = {"softmax_topk", "topk_softmax", NULL};
+static const char *const drop_policy_names[] = {"probability", "position", NULL};
+static const char *const k_schedule_names[] = {
+    "constant", "linear_increase", "cosine_increase", "exp_increase", "multi_step_increase", NULL};
+static const char *const thor_level_names[] = {"per_token", "per_sequence", NULL};
 
 #define NAME_COUNT(names) ((int)(sizeof names / sizeof names[0]) - 1)
 static_assert(NAME_COUNT(arch_names) == CM_ARCH_COUNT, "arch_names out of sync");
@@ -31,10 +41,20 @@ static_assert(NAME_COUNT(data_format_names) == CM_DATA_FORMAT_COUNT, "data_forma
 static_assert(NAME_COUNT(optimizer_names) == CM_OPTIM_COUNT, "optimizer_names out of sync");
 static_assert(NAME_COUNT(schedule_names) == CM_SCHEDULE_COUNT, "schedule_names out of sync");
 static_assert(NAME_COUNT(split_names) == CM_SPLIT_COUNT, "split_names out of sync");
+static_assert(NAME_COUNT(activation_names) == CM_MOE_ACTIVATION_COUNT, "activation_names");
+static_assert(NAME_COUNT(router_type_names) == CM_ROUTER_TYPE_COUNT, "router_type_names");
+static_assert(NAME_COUNT(gating_names) == CM_GATING_COUNT, "gating_names out of sync");
+static_assert(NAME_COUNT(drop_policy_names) == CM_DROP_POLICY_COUNT, "drop_policy_names");
+static_assert(NAME_COUNT(k_schedule_names) == CM_K_SCHEDULE_COUNT, "k_schedule_names");
+static_assert(NAME_COUNT(thor_level_names) == CM_THOR_LEVEL_COUNT, "thor_level_names");
 /* Enum fields are read and written as int. */
 static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == sizeof(int) &&
                   sizeof(cm_optimizer) == sizeof(int) && sizeof(cm_schedule_type) == sizeof(int) &&
-                  sizeof(cm_split) == sizeof(int),
+                  sizeof(cm_split) == sizeof(int) && sizeof(cm_moe_activation) == sizeof(int) &&
+                  sizeof(cm_router_type) == sizeof(int) &&
+                  sizeof(cm_router_gating) == sizeof(int) &&
+                  sizeof(cm_drop_policy) == sizeof(int) && sizeof(cm_k_schedule) == sizeof(int) &&
+                  sizeof(cm_thor_level) == sizeof(int),
               "recipe enums must be int-sized");
 
 static const char *check_run_name(const char *value) {
@@ -87,10 +107,14 @@ static const char *check_not_empty(const char *value) {
         .default_text = def, .range = "", .help = text, .enum_names = names                        \
     }
 
-#define STEPS_RANGE "[0, 1000000000000]"
+#define STEPS_RANGE   "[0, 1000000000000]"
+#define EXPERTS_RANGE "[1, 65536]"
+#define COEF_RANGE    "[0, 1000]"
 
 const recipe_section recipe_sections[] = {
     {"model", "the network"},
+    {"moe", "Mixture-of-Experts layers (only with enabled: true)"},
+    {"router", "how tokens pick experts (only with moe.enabled: true)"},
     {"data", "the data set and batching"},
     {"optim", "optimizer and gradient clipping"},
     {"schedule", "learning-rate schedule"},
@@ -115,7 +139,8 @@ const recipe_key recipe_keys[] = {
     KEY_INT("model", "d_model", model.d_model, "256", "[1, 65536]", "residual stream width"),
     KEY_INT("model", "n_heads", model.n_heads, "4", "[1, 4096]",
             "attention heads per block; must divide d_model"),
-    KEY_INT("model", "d_ff", model.d_ff, "1024", "[1, 1048576]", "hidden width of the GELU MLP"),
+    KEY_INT("model", "d_ff", model.d_ff, "1024", "[1, 1048576]",
+            "hidden width of the GELU MLP; MoE experts derive theirs from it (moe.expert_hidden)"),
     KEY_DOUBLE("model", "dropout", model.dropout, "0", "[0, 1)",
                "dropout probability on embeddings, attention weights and residual branches"),
     KEY_DOUBLE("model", "init_std", model.init_std, "0.02", "(0, 1]",
@@ -124,6 +149,73 @@ const recipe_key recipe_keys[] = {
              "scale the init of residual output projections by 1/sqrt(2 n_layers) (GPT-2)"),
     KEY_DOUBLE("model", "layernorm_eps", model.layernorm_eps, "1e-5", "(0, 1]",
                "epsilon added to the variance in layer norm"),
+
+    KEY_BOOL("moe", "enabled", moe.enabled, "false",
+             "replace the MLP of some blocks by an MoE layer; false: dense model, and the moe "
+             "and router sections are ignored"),
+    KEY_INT("moe", "num_experts", moe.num_experts, "8", EXPERTS_RANGE, "experts per MoE layer (E)"),
+    KEY_INT("moe", "every", moe.every, "1", "[1, 1024]",
+            "block i is MoE when i % every == 0: 1 = every block, 2 = blocks 0, 2, 4, ... "
+            "(THOR, Dynamic-MoE)"),
+    KEY_INT("moe", "expert_hidden", moe.expert_hidden, "0", "[0, 1048576]",
+            "hidden width of each expert; 0: model.d_ff / num_experts with split_dense, else "
+            "model.d_ff"),
+    KEY_BOOL("moe", "split_dense", moe.split_dense, "false",
+             "experts are the dense MLP cut into num_experts blocks of d_ff / num_experts "
+             "(equal total parameters; SMoE-Dropout); needs d_ff divisible by num_experts"),
+    KEY_ENUM("moe", "activation", moe.activation, cm_moe_activation, activation_names, "gelu",
+             "activation inside each expert (the dense MLP always uses gelu)"),
+
+    KEY_ENUM("router", "type", router.type, cm_router_type, router_type_names, "topk",
+             "routing method; docs/recipes.md lists the keys each one reads"),
+    KEY_INT("router", "k", router.k, "2", EXPERTS_RANGE,
+            "topk: experts per token; smoe_dropout: k at evaluation (training follows "
+            "k_schedule); at most num_experts"),
+    KEY_ENUM("router", "gating", router.gating, cm_router_gating, gating_names, "softmax_topk",
+             "topk: gates are the chosen softmax probabilities (softmax_topk) or a softmax over "
+             "the chosen logits (topk_softmax, sums to 1)"),
+    KEY_BOOL("router", "bias", router.bias, "false", "add a bias to the router's linear layer"),
+    KEY_DOUBLE("router", "init_std", router.init_std, "0.02", "(0, 1]",
+               "standard deviation of the normal init of the router weight"),
+    KEY_BOOL("router", "noisy", router.noisy, "false",
+             "add normal noise of std noise_std to the router logits in training"),
+    KEY_DOUBLE("router", "noise_std", router.noise_std, "1", "(0, 100]",
+               "standard deviation of the logit noise (with noisy: true)"),
+    KEY_DOUBLE("router", "aux_loss_coef", router.aux_loss_coef, "0.01", COEF_RANGE,
+               "Switch load-balancing loss coefficient (topk, top_p); 0 disables"),
+    KEY_DOUBLE("router", "z_loss_coef", router.z_loss_coef, "0", COEF_RANGE,
+               "router z-loss coefficient (topk); ST-MoE uses 1e-3; 0 disables"),
+    KEY_DOUBLE("router", "top_p", router.top_p, "0.4", "(0, 1]",
+               "top_p: each token takes the smallest set of most likely experts whose "
+               "probability mass exceeds this"),
+    KEY_DOUBLE("router", "entropy_coef", router.entropy_coef, "0.0001", COEF_RANGE,
+               "top_p: coefficient of the router-entropy (dynamic) loss; 0 disables"),
+    KEY_DOUBLE("router", "capacity_factor", router.capacity_factor, "0", COEF_RANGE,
+               "0: dropless; else an expert takes at most capacity_factor times its even share "
+               "of the batch's assignments (T k / E), rounded up; expert_choice: each expert "
+               "takes ceil(T capacity_factor / E) tokens, needs > 0 (usually 2)"),
+    KEY_ENUM("router", "drop_policy", router.drop_policy, cm_drop_policy, drop_policy_names,
+             "probability",
+             "an over-full expert keeps its highest-gate tokens (probability) or its first "
+             "tokens in batch order (position)"),
+    KEY_ENUM("router", "k_schedule", router.k_schedule, cm_k_schedule, k_schedule_names, "constant",
+             "smoe_dropout: k during training, from k_min to k_max over k_span_steps "
+             "(constant: k_max throughout)"),
+    KEY_INT("router", "k_min", router.k_min, "2", EXPERTS_RANGE,
+            "smoe_dropout: k at the start of the schedule"),
+    KEY_INT("router", "k_max", router.k_max, "0", "[0, 65536]",
+            "smoe_dropout: k at the end of the schedule; 0 means num_experts"),
+    KEY_INT64("router", "k_span_steps", router.k_span_steps, "0", STEPS_RANGE,
+              "smoe_dropout: steps over which k rises (S); 0 means train.steps"),
+    KEY_DOUBLE("router", "thor_alpha", router.thor_alpha, "1", COEF_RANGE,
+               "thor: weight of the consistency loss between the two forward passes (released "
+               "script: 5; 0: two passes, plain cross-entropy)"),
+    KEY_ENUM("router", "thor_level", router.thor_level, cm_thor_level, thor_level_names,
+             "per_sequence",
+             "thor at evaluation: one random expert per sequence or per token (training draws "
+             "one per batch and pass)"),
+    KEY_INT("router", "eval_k", router.eval_k, "0", "[0, 65536]",
+            "topk, smoe_dropout: k used at evaluation; 0 means router.k"),
 
     KEY_ENUM("data", "format", data.format, cm_data_format, data_format_names, "text",
              "data set format: text is a byte-level corpus (one token per byte)"),
@@ -628,48 +720,6 @@ cm_status recipe_checkpoint_dir(const cm_recipe *recipe, char *buffer, size_t ca
     if (written < 0 || (size_t)written >= capacity)
         return CM_ERR(CM_ERR_INVALID, "checkpoint directory does not fit in %zu bytes", capacity);
     return CM_OK;
-}
-
-/* ---- cross-key checks ---------------------------------------------------------- */
-
-static bool inconsistent(int involved[2], const char *section_a, const char *key_a,
-                         const char *section_b, const char *key_b) {
-    involved[0] = recipe_find_key(section_a, key_a);
-    involved[1] = recipe_find_key(section_b, key_b);
-    return false;
-}
-
-bool recipe_check_consistency(const cm_recipe *recipe, int involved[2], char *why,
-                              size_t why_capacity) {
-    involved[0] = involved[1] = -1;
-    const cm_model_cfg *model = &recipe->model;
-    if (model->d_model % model->n_heads != 0) {
-        snprintf(why, why_capacity, "model.d_model = %d is not divisible by model.n_heads = %d",
-                 model->d_model, model->n_heads);
-        return inconsistent(involved, "model", "d_model", "model", "n_heads");
-    }
-    if (recipe->data.format == CM_DATA_TEXT && model->vocab_size < 256) {
-        snprintf(why, why_capacity,
-                 "model.vocab_size = %d is too small for data.format text (bytes need 256)",
-                 model->vocab_size);
-        return inconsistent(involved, "model", "vocab_size", "data", "format");
-    }
-    if (recipe->schedule.type == CM_SCHEDULE_COSINE && recipe->schedule.min_lr > recipe->optim.lr) {
-        snprintf(why, why_capacity, "schedule.min_lr = %g is above optim.lr = %g",
-                 recipe->schedule.min_lr, recipe->optim.lr);
-        return inconsistent(involved, "schedule", "min_lr", "optim", "lr");
-    }
-    if (recipe->schedule.warmup_steps > recipe->train.steps) {
-        snprintf(why, why_capacity, "schedule.warmup_steps = %lld exceeds train.steps = %lld",
-                 (long long)recipe->schedule.warmup_steps, (long long)recipe->train.steps);
-        return inconsistent(involved, "schedule", "warmup_steps", "train", "steps");
-    }
-    if (recipe->optim.nesterov &&
-        (recipe->optim.type != CM_OPTIM_SGD || recipe->optim.momentum <= 0)) {
-        snprintf(why, why_capacity, "optim.nesterov needs optim.type sgd and optim.momentum > 0");
-        return inconsistent(involved, "optim", "nesterov", "optim", "momentum");
-    }
-    return true;
 }
 
 /* ---- did you mean -------------------------------------------------------------- */

@@ -1,0 +1,139 @@
+/* Cross-key checks: rules that no single key's range can express (d_model
+ * divisible by n_heads, router.k at most moe.num_experts, ...). They run once,
+ * on the resolved recipe, after every file and override. Each failing rule
+ * names every key that takes part in it; recipe.c reports the error at
+ * whichever of those was set last, since that is the edit that broke the
+ * recipe. The moe and router rules apply only with moe.enabled: a dense
+ * recipe ignores those sections (docs/recipes.md). */
+#include "train/recipe_internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/check.h"
+
+/* Records the keys ("section.key", NULL-terminated list) in `involved` and
+ * returns false, the value recipe_check_consistency returns on failure. */
+static bool involve(int involved[RECIPE_MAX_INVOLVED], ...) {
+    va_list args;
+    va_start(args, involved);
+    int count = 0;
+    for (const char *path = va_arg(args, const char *); path; path = va_arg(args, const char *)) {
+        CM_ASSERT(count < RECIPE_MAX_INVOLVED, "too many keys in one cross-key check");
+        const char *dot = strchr(path, '.');
+        char section[32];
+        snprintf(section, sizeof section, "%.*s", (int)(dot - path), path);
+        involved[count] = recipe_find_key(section, dot + 1);
+        CM_ASSERT(involved[count] >= 0, "cross-key check names the unknown key %s", path);
+        count++;
+    }
+    va_end(args);
+    return false;
+}
+
+static bool check_base(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
+                       size_t why_capacity) {
+    const cm_model_cfg *model = &recipe->model;
+    if (model->d_model % model->n_heads != 0) {
+        snprintf(why, why_capacity, "model.d_model = %d is not divisible by model.n_heads = %d",
+                 model->d_model, model->n_heads);
+        return involve(involved, "model.d_model", "model.n_heads", NULL);
+    }
+    if (recipe->data.format == CM_DATA_TEXT && model->vocab_size < 256) {
+        snprintf(why, why_capacity,
+                 "model.vocab_size = %d is too small for data.format text (bytes need 256)",
+                 model->vocab_size);
+        return involve(involved, "model.vocab_size", "data.format", NULL);
+    }
+    if (recipe->schedule.type == CM_SCHEDULE_COSINE && recipe->schedule.min_lr > recipe->optim.lr) {
+        snprintf(why, why_capacity, "schedule.min_lr = %g is above optim.lr = %g",
+                 recipe->schedule.min_lr, recipe->optim.lr);
+        return involve(involved, "schedule.min_lr", "optim.lr", "schedule.type", NULL);
+    }
+    if (recipe->schedule.warmup_steps > recipe->train.steps) {
+        snprintf(why, why_capacity, "schedule.warmup_steps = %lld exceeds train.steps = %lld",
+                 (long long)recipe->schedule.warmup_steps, (long long)recipe->train.steps);
+        return involve(involved, "schedule.warmup_steps", "train.steps", NULL);
+    }
+    if (recipe->optim.nesterov &&
+        (recipe->optim.type != CM_OPTIM_SGD || recipe->optim.momentum <= 0)) {
+        snprintf(why, why_capacity, "optim.nesterov needs optim.type sgd and optim.momentum > 0");
+        return involve(involved, "optim.nesterov", "optim.momentum", "optim.type", NULL);
+    }
+    return true;
+}
+
+/* Only called with moe.enabled, so moe.enabled takes part in every rule: a
+ * recipe that turns MoE on last is blamed for the contradiction it exposes. */
+static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
+                      size_t why_capacity) {
+    const cm_moe_cfg *moe = &recipe->moe;
+    const cm_router_cfg *router = &recipe->router;
+    const int experts = moe->num_experts, d_ff = recipe->model.d_ff;
+    if (moe->split_dense && d_ff % experts != 0) {
+        snprintf(why, why_capacity,
+                 "moe.split_dense needs model.d_ff = %d to be divisible by moe.num_experts = %d",
+                 d_ff, experts);
+        return involve(involved, "moe.split_dense", "model.d_ff", "moe.num_experts", "moe.enabled",
+                       NULL);
+    }
+    if (moe->split_dense && moe->expert_hidden != 0 && moe->expert_hidden != d_ff / experts) {
+        snprintf(why, why_capacity,
+                 "moe.expert_hidden = %d contradicts moe.split_dense (model.d_ff / "
+                 "moe.num_experts = %d); set expert_hidden to 0 or split_dense to false",
+                 moe->expert_hidden, d_ff / experts);
+        return involve(involved, "moe.expert_hidden", "moe.split_dense", "model.d_ff",
+                       "moe.num_experts", "moe.enabled", NULL);
+    }
+    bool uses_k = router->type == CM_ROUTER_TOPK || router->type == CM_ROUTER_SMOE_DROPOUT;
+    if (uses_k && router->k > experts) {
+        snprintf(why, why_capacity, "router.k = %d exceeds moe.num_experts = %d (router.type %s)",
+                 router->k, experts, router->type == CM_ROUTER_TOPK ? "topk" : "smoe_dropout");
+        return involve(involved, "router.k", "moe.num_experts", "router.type", "moe.enabled", NULL);
+    }
+    if (router->eval_k > experts) {
+        snprintf(why, why_capacity, "router.eval_k = %d exceeds moe.num_experts = %d",
+                 router->eval_k, experts);
+        return involve(involved, "router.eval_k", "moe.num_experts", "moe.enabled", NULL);
+    }
+    if (router->type == CM_ROUTER_SMOE_DROPOUT) {
+        if (router->k_max > experts) {
+            snprintf(why, why_capacity,
+                     "router.k_max = %d exceeds moe.num_experts = %d (router.type smoe_dropout)",
+                     router->k_max, experts);
+            return involve(involved, "router.k_max", "moe.num_experts", "router.type",
+                           "moe.enabled", NULL);
+        }
+        int k_max = router->k_max > 0 ? router->k_max : experts;
+        if (router->k_min > k_max) {
+            if (router->k_max > 0)
+                snprintf(why, why_capacity,
+                         "router.k_min = %d is above router.k_max = %d (router.type "
+                         "smoe_dropout)",
+                         router->k_min, router->k_max);
+            else
+                snprintf(why, why_capacity,
+                         "router.k_min = %d is above router.k_max (0: moe.num_experts = %d; "
+                         "router.type smoe_dropout)",
+                         router->k_min, experts);
+            return involve(involved, "router.k_min", "router.k_max", "moe.num_experts",
+                           "router.type", "moe.enabled", NULL);
+        }
+    }
+    if (router->type == CM_ROUTER_EXPERT_CHOICE && router->capacity_factor <= 0) {
+        snprintf(why, why_capacity,
+                 "router.type expert_choice needs router.capacity_factor > 0 (each expert "
+                 "takes T * capacity_factor / num_experts tokens; 2 is the usual value)");
+        return involve(involved, "router.capacity_factor", "router.type", "moe.enabled", NULL);
+    }
+    return true;
+}
+
+bool recipe_check_consistency(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
+                              size_t why_capacity) {
+    for (int i = 0; i < RECIPE_MAX_INVOLVED; i++) involved[i] = -1;
+    if (!check_base(recipe, involved, why, why_capacity)) return false;
+    if (recipe->moe.enabled && !check_moe(recipe, involved, why, why_capacity)) return false;
+    return true;
+}
