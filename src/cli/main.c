@@ -50,11 +50,16 @@ static const char train_help[] =
 
 static const char eval_help[] =
     "usage: cmoe eval RECIPE --ckpt PATH [--split valid|test|train] [--max-batches N]\n"
-    "                 [--set SECTION.KEY=VALUE]...\n"
+    "                 [--set SECTION.KEY=VALUE]... [--sweep-k [--out DIR]]\n"
     "\n"
     "Loads the weights of checkpoint PATH into the model of RECIPE and prints the\n"
     "mean cross-entropy and bits per byte over the split (default: eval.split of\n"
-    "the recipe), over every batch unless --max-batches is given.\n";
+    "the recipe), over every batch unless --max-batches is given.\n"
+    "\n"
+    "MoE models: --set router.k=K evaluates with K experts per token (top-k and\n"
+    "SMoE-Dropout routers). --sweep-k evaluates k = 1, 2, 4, ..., num_experts and\n"
+    "writes the table and plot (k-sweep.tsv, k-sweep.png) into DIR (default: the\n"
+    "checkpoint's directory).\n";
 
 static const char inspect_help[] =
     "usage: cmoe inspect CKPT\n"
@@ -153,17 +158,62 @@ static int command_train(int argc, char **argv) {
 
 /* ---- eval ------------------------------------------------------------------- */
 
+/* Evaluates k = 1, 2, 4, ..., E (and E itself) and writes the table + plot. */
+static int eval_sweep(const cm_recipe *recipe, const char *checkpoint, cm_split split,
+                      const char *split_name, long long max_batches, const char *out_dir) {
+    if (!recipe->moe.enabled) {
+        fprintf(stderr, "cmoe eval: --sweep-k needs an MoE recipe (moe.enabled: true)\n");
+        return EXIT_USAGE;
+    }
+    int ks[32], n = 0;
+    for (int k = 1; k < recipe->moe.num_experts && n < 31; k *= 2) ks[n++] = k;
+    ks[n++] = recipe->moe.num_experts;
+    double bpc[32];
+    printf("k\tbpc (%s split)\n", split_name);
+    for (int i = 0; i < n; i++) {
+        double loss;
+        int64_t tokens;
+        if (trainer_evaluate(recipe, checkpoint, split, max_batches, ks[i], &loss, &tokens) !=
+            CM_OK)
+            return fail("eval");
+        bpc[i] = loss / LN2;
+        printf("%d\t%.4f\n", ks[i], bpc[i]);
+        fflush(stdout);
+    }
+    char dir[4096];
+    if (out_dir) {
+        snprintf(dir, sizeof dir, "%s", out_dir);
+    } else {
+        snprintf(dir, sizeof dir, "%s", checkpoint);
+        char *slash = strrchr(dir, '/');
+        if (slash)
+            *slash = '\0';
+        else
+            snprintf(dir, sizeof dir, ".");
+    }
+    char title[256];
+    snprintf(title, sizeof title, "%s, %s split", recipe->name, split_name);
+    if (metrics_plot_k_sweep(dir, ks, bpc, n, title) != CM_OK) return fail("eval");
+    printf("wrote %s/k-sweep.tsv and %s/k-sweep.png\n", dir, dir);
+    return 0;
+}
+
 static int command_eval(int argc, char **argv) {
-    const char *recipe_path = NULL, *checkpoint = NULL, *split_name = NULL;
+    const char *recipe_path = NULL, *checkpoint = NULL, *split_name = NULL, *out_dir = NULL;
     const char *overrides[MAX_OVERRIDES];
     int n_overrides = 0;
     long long max_batches = 0;
+    bool sweep = false;
     for (int i = 0; i < argc; i++) {
         if (is_help(argv[i])) {
             fputs(eval_help, stdout);
             return 0;
         } else if (strcmp(argv[i], "--ckpt") == 0 && i + 1 < argc) {
             checkpoint = argv[++i];
+        } else if (strcmp(argv[i], "--sweep-k") == 0) {
+            sweep = true;
+        } else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
+            out_dir = argv[++i];
         } else if (strcmp(argv[i], "--split") == 0 && i + 1 < argc) {
             split_name = argv[++i];
         } else if (strcmp(argv[i], "--max-batches") == 0 && i + 1 < argc) {
@@ -198,9 +248,11 @@ static int command_eval(int argc, char **argv) {
                                split_name);
         split = (cm_split)found;
     }
+    if (sweep)
+        return eval_sweep(&recipe, checkpoint, split, split_names[split], max_batches, out_dir);
     double loss;
     int64_t tokens;
-    if (trainer_evaluate(&recipe, checkpoint, split, max_batches, &loss, &tokens) != CM_OK)
+    if (trainer_evaluate(&recipe, checkpoint, split, max_batches, 0, &loss, &tokens) != CM_OK)
         return fail("eval");
     printf("%s split: loss %.6f nats/byte, bpc %.6f over %lld bytes\n", split_names[split], loss,
            loss / LN2, (long long)tokens);

@@ -337,9 +337,9 @@ cm_status ckpt_describe(const char *path, FILE *out) {
             (long long)meta.optimizer_step);
     describe_state state = {out, 0, 0};
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
-    herr_t walked = values < 0 ? -1
-                               : H5Literate(values, H5_INDEX_NAME, H5_ITER_INC, NULL,
-                                             describe_one, &state);
+    herr_t walked =
+        values < 0 ? -1
+                   : H5Literate(values, H5_INDEX_NAME, H5_ITER_INC, NULL, describe_one, &state);
     if (values >= 0) H5Gclose(values);
     char *recipe = read_string_attr(file, "recipe");
     H5Fclose(file);
@@ -347,8 +347,8 @@ cm_status ckpt_describe(const char *path, FILE *out) {
         free(recipe);
         return CM_ERR(CM_ERR_FORMAT, "%s: cannot list /params (corrupted checkpoint?)", path);
     }
-    fprintf(out, "  %lld parameters (%lld trainable)\n\nrecipe:\n%s", state.total,
-            state.trainable, recipe ? recipe : "(none)\n");
+    fprintf(out, "  %lld parameters (%lld trainable)\n\nrecipe:\n%s", state.total, state.trainable,
+            recipe ? recipe : "(none)\n");
     free(recipe);
     return CM_OK;
 }

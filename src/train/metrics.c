@@ -132,7 +132,35 @@ cm_status metrics_plot(const char *run_dir) {
     fprintf(gnuplot, "\n");
     int status = pclose(gnuplot);
     if (status != 0)
-        return CM_ERR(CM_ERR_IO, "gnuplot failed (exit status %d) writing %s; is gnuplot-nox "
-                      "installed (scripts/install-deps.sh)?", status, png_path);
+        return CM_ERR(CM_ERR_IO,
+                      "gnuplot failed (exit status %d) writing %s; is gnuplot-nox "
+                      "installed (scripts/install-deps.sh)?",
+                      status, png_path);
+    return CM_OK;
+}
+
+cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc, int n,
+                               const char *title) {
+    char tsv_path[PATH_CAPACITY], png_path[PATH_CAPACITY];
+    snprintf(tsv_path, sizeof tsv_path, "%s/k-sweep.tsv", dir);
+    snprintf(png_path, sizeof png_path, "%s/k-sweep.png", dir);
+    FILE *tsv = fopen(tsv_path, "w");
+    if (!tsv) return CM_ERR(CM_ERR_IO, "%s: cannot write: %s", tsv_path, strerror(errno));
+    fprintf(tsv, "# k\tbpc\n");
+    for (int i = 0; i < n; i++) fprintf(tsv, "%d\t%.6f\n", ks[i], bpc[i]);
+    if (fclose(tsv) != 0) return CM_ERR(CM_ERR_IO, "%s: cannot write", tsv_path);
+    FILE *gnuplot = popen("gnuplot 2>&1", "w");
+    if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
+    fprintf(gnuplot,
+            "set terminal pngcairo size 720,480 font ',10'\n"
+            "set output '%s'\n"
+            "set title 'cmoe: %s'\n"
+            "set xlabel 'experts per token at evaluation (k)'\nset ylabel 'bits per byte'\n"
+            "set logscale x 2\nset grid\nset key off\n"
+            "plot '%s' using 1:2 with linespoints pt 7 lw 2 lc rgb '#4477aa'\n",
+            png_path, title, tsv_path);
+    int status = pclose(gnuplot);
+    if (status != 0)
+        return CM_ERR(CM_ERR_IO, "gnuplot failed (exit status %d) writing %s", status, png_path);
     return CM_OK;
 }

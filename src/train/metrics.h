@@ -35,4 +35,10 @@ bool metrics_is_kind(const char *line, const char *kind);
  * plots to RUN_DIR/curves-train.tsv and curves-valid.tsv. */
 cm_status metrics_plot(const char *run_dir);
 
+/* Writes DIR/k-sweep.tsv (k, bpc) and renders DIR/k-sweep.png: bits per byte
+ * against the number of experts used at evaluation (the "self-slimmable"
+ * curve of SMoE-Dropout). */
+cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc, int n,
+                               const char *title);
+
 #endif

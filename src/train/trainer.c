@@ -14,6 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/progress.h"
+#include "train/recipe_moe.h"
 
 #define LN2 0.69314718055994530942
 
@@ -33,9 +34,18 @@ typedef struct run {
     optim_config optim;
     optim_state optim_state;
     optim_lr_schedule schedule;
+    /* MoE: routing statistics summed over the current log window. */
+    int moe_layers, num_experts;
+    int64_t *window_load; /* [moe_layers][E] tokens routed to each expert */
+    int64_t window_tokens, window_slots[LM_MAX_LAYERS], window_dropped[LM_MAX_LAYERS];
+    double window_entropy[LM_MAX_LAYERS];
+    int window_k[LM_MAX_LAYERS];
+    int window_reports;
+    double window_aux;
 } run;
 
 static void run_free(run *r) {
+    free(r->window_load);
     free(r->recipe_text);
     free(r->inputs);
     free(r->targets);
@@ -76,11 +86,30 @@ static lm_config model_config(const cm_recipe *recipe) {
                        .layernorm_eps = (float)m->layernorm_eps};
 }
 
+static lm_config full_model_config(const cm_recipe *recipe) {
+    lm_config config = model_config(recipe);
+    if (recipe->moe.enabled) {
+        config.moe_every = recipe->moe.every;
+        recipe_moe_config(recipe, &config.moe);
+    }
+    return config;
+}
+
+static bool is_thor(const cm_recipe *recipe) {
+    return recipe->moe.enabled && recipe->router.type == CM_ROUTER_THOR;
+}
+
 /* Model, parameters, arena and batch buffers (no data, no optimizer). */
 static cm_status build_model(run *r) {
     const cm_recipe *recipe = r->recipe;
-    lm_config config = model_config(recipe);
+    lm_config config = full_model_config(recipe);
     CM_TRY(lm_declare(&r->model, &config, &r->params));
+    for (int l = 0; l < config.n_layer; l++) r->moe_layers += r->model.blocks[l].is_moe;
+    r->num_experts = recipe->moe.enabled ? recipe->moe.num_experts : 0;
+    if (r->moe_layers > 0) {
+        r->window_load = calloc((size_t)r->moe_layers * (size_t)r->num_experts, sizeof(int64_t));
+        if (!r->window_load) return CM_ERR(CM_ERR_NOMEM, "out of memory");
+    }
     CM_TRY(ag_params_finalize(&r->params, (uint64_t)recipe->train.seed));
     optim_apply_decay_policy(&r->params, recipe->optim.decay_norms, recipe->optim.decay_biases,
                              recipe->optim.decay_embeddings);
@@ -97,13 +126,13 @@ static cm_status build_model(run *r) {
 static cm_status open_split(const char *path, const char *what, text_dataset *dataset) {
     if (path[0] == '\0') return CM_ERR(CM_ERR_INVALID, "data.%s is empty", what);
     cm_status status = text_dataset_open(dataset, path);
-    if (status != CM_OK)
-        return cm_error_wrap(status, "data.%s (run data/prepare_kjv.sh for the KJV corpus)", what);
+    if (status != CM_OK) return cm_error_wrap(status, "data.%s", what);
     return CM_OK;
 }
 
-/* Mean cross-entropy (nats) over a split, in no-grad mode. */
-static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batches,
+/* Mean cross-entropy (nats) over a split, in no-grad mode; routers use
+ * k_override when > 0 (THOR draws its inference experts from the run seed). */
+static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batches, int k_override,
                           double *mean_loss, int64_t *tokens_out) {
     const cm_recipe *recipe = r->recipe;
     const int B = recipe->data.batch_size, T = recipe->data.seq_len;
@@ -117,7 +146,11 @@ static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batch
         int rows = 0;
         if (text_eval_next(&iter, r->inputs, r->targets, &rows) == 0) break;
         ag_ctx_reset(&r->ctx);
-        lm_forward_args args = {.ids = r->inputs, .batch = rows, .seq_len = T};
+        lm_forward_args args = {.ids = r->inputs,
+                                .batch = rows,
+                                .seq_len = T,
+                                .seed = (uint64_t)recipe->train.seed,
+                                .k_override = k_override};
         ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
         if ((status = ag_ctx_status(&r->ctx)) != CM_OK) break;
         total += (double)loss->data[0] * rows * T;
@@ -187,7 +220,75 @@ static void setup_optimizer(run *r) {
                                       .gamma = s->gamma};
 }
 
-/* One optimizer step at 0-based index `step`; returns the loss (nats). */
+/* Adds one forward pass's routing statistics to the log window. */
+static void record_routing(run *r, const lm_moe_report *report) {
+    for (int i = 0; i < report->n_layers; i++) {
+        const router_stats *stats = &report->stats[i];
+        int64_t *load = r->window_load + (size_t)i * (size_t)r->num_experts;
+        for (int e = 0; e < r->num_experts; e++) load[e] += stats->tokens_per_expert[e];
+        r->window_slots[i] += stats->slots;
+        r->window_dropped[i] += stats->dropped;
+        r->window_entropy[i] += isnan(stats->entropy) ? 0.0 : stats->entropy;
+        r->window_k[i] = stats->k;
+    }
+    if (report->n_layers > 0) {
+        r->window_tokens += report->stats[0].tokens;
+        r->window_reports++;
+    }
+}
+
+/* One "kind": "moe" line per MoE layer, then the window starts again. */
+static void log_routing(run *r, cm_metrics *metrics, int64_t step) {
+    if (r->moe_layers == 0 || r->window_reports == 0) return;
+    for (int i = 0; i < r->moe_layers; i++) {
+        const int64_t *load = r->window_load + (size_t)i * (size_t)r->num_experts;
+        int64_t max_load = 0;
+        char loads[1024];
+        size_t used = 0;
+        for (int e = 0; e < r->num_experts && used < sizeof loads; e++) {
+            max_load = load[e] > max_load ? load[e] : max_load;
+            used += (size_t)snprintf(loads + used, sizeof loads - used, "%s%lld", e ? ", " : "",
+                                     (long long)load[e]);
+        }
+        double mean_load = (double)r->window_slots[i] / r->num_experts;
+        double candidates = (double)(r->window_slots[i] + r->window_dropped[i]);
+        int layer = 0;
+        for (int l = 0, seen = 0; l < r->model.config.n_layer; l++)
+            if (r->model.blocks[l].is_moe && seen++ == i) layer = l;
+        metrics_write(metrics,
+                      "{\"kind\": \"moe\", \"step\": %lld, \"layer\": %d, \"mean_k\": %.4f, "
+                      "\"k\": %d, \"entropy\": %.4f, \"dropped_fraction\": %.4f, "
+                      "\"load_max_over_mean\": %.4f, \"tokens_per_expert\": [%s]}",
+                      (long long)step, layer, (double)r->window_slots[i] / (double)r->window_tokens,
+                      r->window_k[i], r->window_entropy[i] / r->window_reports,
+                      candidates > 0 ? (double)r->window_dropped[i] / candidates : 0.0,
+                      mean_load > 0 ? (double)max_load / mean_load : 0.0, loads);
+    }
+    memset(r->window_load, 0, (size_t)r->moe_layers * (size_t)r->num_experts * sizeof(int64_t));
+    memset(r->window_slots, 0, sizeof r->window_slots);
+    memset(r->window_dropped, 0, sizeof r->window_dropped);
+    memset(r->window_entropy, 0, sizeof r->window_entropy);
+    r->window_tokens = 0;
+    r->window_reports = 0;
+}
+
+/* Mean activated experts per token over the MoE layers of the window. */
+static double window_mean_k(const run *r) {
+    if (r->moe_layers == 0 || r->window_tokens == 0) return 0.0;
+    double total = 0.0;
+    for (int i = 0; i < r->moe_layers; i++) total += (double)r->window_slots[i];
+    return total / ((double)r->window_tokens * r->moe_layers);
+}
+
+/* THOR: 0.5 (KL(P1||P2) + KL(P2||P1)) over the positions, from two logits. */
+static ag_tensor *thor_consistency(ag_ctx *ctx, ag_tensor *logits1, ag_tensor *logits2) {
+    ag_tensor *log_p1 = ag_log_softmax(ctx, logits1), *log_p2 = ag_log_softmax(ctx, logits2);
+    return ag_scale(
+        ctx, ag_add(ctx, ag_kl_div(ctx, log_p1, log_p2), ag_kl_div(ctx, log_p2, log_p1)), 0.5f);
+}
+
+/* One optimizer step at 0-based index `step`; returns the language-model loss
+ * (nats; THOR: the mean of its two passes' cross-entropies). */
 static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad_norm) {
     const cm_recipe *recipe = r->recipe;
     const int B = recipe->data.batch_size, T = recipe->data.seq_len;
@@ -196,26 +297,49 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
                               r->inputs, r->targets));
     ag_ctx_reset(&r->ctx);
     ag_params_zero_grad(&r->params);
+    ag_ctx *ctx = &r->ctx;
+    lm_moe_report report;
     lm_forward_args args = {.ids = r->inputs,
                             .batch = B,
                             .seq_len = T,
                             .training = true,
                             .seed = seed,
-                            .step = (uint64_t)step};
-    ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
-    CM_TRY(ag_ctx_status(&r->ctx));
-    double value = loss->data[0];
-    if (!isfinite(value))
+                            .step = (uint64_t)step,
+                            .report = &report};
+    ag_tensor *logits = lm_forward(ctx, &r->model, &args);
+    ag_tensor *lm = lm_loss(ctx, logits, r->targets);
+    ag_tensor *total = lm;
+    ag_tensor *aux = report.aux_loss;
+    if (is_thor(recipe)) {
+        /* THOR: a second pass with its own expert draws and dropout masks;
+         * loss = CE1 + CE2 + alpha * consistency (METHODS.md 2.2). */
+        lm_moe_report second_report;
+        lm_forward_args second = args;
+        second.pass = 1;
+        second.report = &second_report;
+        ag_tensor *logits2 = lm_forward(ctx, &r->model, &second);
+        ag_tensor *lm2 = lm_loss(ctx, logits2, r->targets);
+        ag_tensor *consistency = thor_consistency(ctx, logits, logits2);
+        total = ag_add(ctx, ag_add(ctx, lm, lm2),
+                       ag_scale(ctx, consistency, (float)recipe->router.thor_alpha));
+        CM_TRY(ag_ctx_status(ctx));
+        record_routing(r, &second_report);
+        *loss_out = 0.5 * ((double)lm->data[0] + (double)lm2->data[0]);
+    }
+    if (aux) total = ag_add(ctx, total, aux);
+    CM_TRY(ag_ctx_status(ctx));
+    if (!is_thor(recipe)) *loss_out = lm->data[0];
+    record_routing(r, &report);
+    if (aux) r->window_aux += aux->data[0];
+    if (!isfinite(total->data[0]))
         return CM_ERR(CM_ERR_NUMERIC,
-                      "the loss is %g at step %lld; lower optim.lr or set "
-                      "optim.grad_clip",
-                      value, (long long)step + 1);
-    CM_TRY(ag_backward(&r->ctx, loss));
+                      "the loss is %g at step %lld; lower optim.lr or set optim.grad_clip",
+                      (double)total->data[0], (long long)step + 1);
+    CM_TRY(ag_backward(ctx, total));
     *grad_norm = NAN;
     if (recipe->optim.grad_clip > 0)
         CM_TRY(optim_clip_grad_norm(&r->params, recipe->optim.grad_clip, grad_norm));
     optim_step(&r->params, &r->optim, optim_lr_at(&r->schedule, step), &r->optim_state);
-    *loss_out = value;
     return CM_OK;
 }
 
@@ -266,16 +390,23 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         double rate = tokens_per_step * (double)window_steps / (elapsed > 0 ? elapsed : 1e-9);
         bool log_now = step % train->log_every == 0 || step == train->steps;
         char text[128];
-        snprintf(text, sizeof text, "loss %.4f  bpc %.3f", loss, loss / LN2);
+        int written = snprintf(text, sizeof text, "loss %.4f  bpc %.3f", loss, loss / LN2);
+        if (r->moe_layers > 0 && written > 0)
+            snprintf(text + written, sizeof text - (size_t)written, "  k %.2f", window_mean_k(r));
         progress_update(&progress, step, text, rate, "tok/s", log_now);
         if (log_now) {
             double mean = window_loss / (double)window_steps;
             metrics_write(
                 &metrics,
                 "{\"kind\": \"train\", \"step\": %lld, \"loss\": %.6f, \"bpc\": %.6f, "
-                "\"loss_last\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, \"tok_s\": %.1f}",
-                (long long)step, mean, mean / LN2, loss, optim_lr_at(&r->schedule, step - 1),
+                "\"loss_last\": %.9g, \"aux_loss\": %.6g, \"mean_k\": %.4f, \"lr\": %.6g, "
+                "\"grad_norm\": %.6g, \"tok_s\": %.1f}",
+                (long long)step, mean, mean / LN2, loss, r->window_aux / (double)window_steps,
+                window_mean_k(r), optim_lr_at(&r->schedule, step - 1),
                 isnan(grad_norm) ? -1.0 : grad_norm, rate);
+            result->mean_k = window_mean_k(r);
+            log_routing(r, &metrics, step);
+            r->window_aux = 0.0;
             window_loss = 0.0;
             window_steps = 0;
             window_start = cm_now();
@@ -283,7 +414,8 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         }
         if (train->eval_every > 0 && (step % train->eval_every == 0 || step == train->steps)) {
             double valid_loss;
-            if ((status = evaluate(r, &r->valid, train->eval_batches, &valid_loss, NULL)) != CM_OK)
+            if ((status = evaluate(r, &r->valid, train->eval_batches, recipe->router.eval_k,
+                                   &valid_loss, NULL)) != CM_OK)
                 break;
             result->last_valid_bpc = valid_loss / LN2;
             metrics_write(&metrics,
@@ -313,7 +445,7 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         result->tokens_per_second = tokens_per_step * (double)(step - start) / seconds;
         double test_loss;
         int64_t tokens;
-        status = evaluate(r, &r->test, 0, &test_loss, &tokens);
+        status = evaluate(r, &r->test, 0, recipe->router.eval_k, &test_loss, &tokens);
         if (status == CM_OK) {
             result->test_bpc = test_loss / LN2;
             metrics_write(&metrics,
@@ -341,7 +473,8 @@ cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
 }
 
 cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_split split,
-                           int64_t max_batches, double *mean_loss, int64_t *tokens) {
+                           int64_t max_batches, int k_override, double *mean_loss,
+                           int64_t *tokens) {
     run r = {0};
     cm_status status = prepare(&r, recipe);
     const char *paths[CM_SPLIT_COUNT] = {recipe->data.valid_path, recipe->data.test_path,
@@ -349,7 +482,13 @@ cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_s
     const char *names[CM_SPLIT_COUNT] = {"valid_path", "test_path", "path"};
     if (status == CM_OK) status = ckpt_load(checkpoint, &r.params, NULL, false);
     if (status == CM_OK) status = open_split(paths[split], names[split], &r.test);
-    if (status == CM_OK) status = evaluate(&r, &r.test, max_batches, mean_loss, tokens);
+    if (k_override <= 0) k_override = recipe->router.eval_k;
+    if (status == CM_OK && k_override > 0 && !recipe->moe.enabled)
+        status = CM_ERR(CM_ERR_INVALID, "a k for the routers was given, but the model has no MoE");
+    if (status == CM_OK && k_override > recipe->moe.num_experts)
+        status = CM_ERR(CM_ERR_INVALID, "k = %d exceeds moe.num_experts = %d", k_override,
+                        recipe->moe.num_experts);
+    if (status == CM_OK) status = evaluate(&r, &r.test, max_batches, k_override, mean_loss, tokens);
     run_free(&r);
     return status;
 }

@@ -35,6 +35,7 @@ typedef struct trainer_result {
     double last_valid_bpc;  /* NAN if never evaluated */
     double test_bpc;        /* NAN if not evaluated */
     double tokens_per_second;
+    double mean_k; /* activated experts per token in the last log window (0: dense) */
     char last_checkpoint[4096];
 } trainer_result;
 
@@ -43,8 +44,9 @@ cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
 
 /* Loads the model of `recipe` with the weights of `checkpoint` and returns
  * the mean cross-entropy (nats per byte) over the whole `split`
- * (max_batches <= 0: every batch). */
+ * (max_batches <= 0: every batch). Routers use k_override experts per token
+ * when > 0, else router.eval_k, else router.k. */
 cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_split split,
-                           int64_t max_batches, double *mean_loss, int64_t *tokens);
+                           int64_t max_batches, int k_override, double *mean_loss, int64_t *tokens);
 
 #endif
