@@ -10,6 +10,8 @@
 
 #include "layers/transformer.h"
 #include "train/checkpoint.h"
+#include "train/metrics.h"
+#include "train/recipe_moe.h"
 #include "train/trainer.h"
 
 static char dir[] = "/tmp/cmoe-trainer-XXXXXX";
@@ -41,8 +43,9 @@ static void remove_corpus(void) {
     strcpy(dir, "/tmp/cmoe-trainer-XXXXXX");
 }
 
-static cm_recipe tiny_recipe(const char *out_dir, int64_t steps) {
-    char text[2048];
+/* A tiny LM recipe; `extra` (may be "") adds YAML sections such as moe/router. */
+static cm_recipe tiny_recipe_with(const char *out_dir, int64_t steps, const char *extra) {
+    char text[4096];
     snprintf(text, sizeof text,
              "name: tiny\n"
              "model: {n_layers: 2, d_model: 32, n_heads: 2, d_ff: 64, dropout: 0.1}\n"
@@ -52,12 +55,16 @@ static cm_recipe tiny_recipe(const char *out_dir, int64_t steps) {
              "schedule: {type: cosine, warmup_steps: 2, min_lr: 1.0e-4}\n"
              "train: {steps: %lld, log_every: 1, eval_every: 4, eval_batches: 2, arena_mib: 32,"
              " out_dir: '%s', threads: 1}\n"
-             "checkpoint: {every: 0, keep_last: 0}\n",
-             train_path, valid_path, valid_path, (long long)steps, out_dir);
+             "checkpoint: {every: 0, keep_last: 0}\n%s",
+             train_path, valid_path, valid_path, (long long)steps, out_dir, extra);
     cm_recipe recipe;
     ck_assert_msg(recipe_load_text(text, "tiny", NULL, 0, &recipe) == CM_OK, "%s",
                   cm_error_message());
     return recipe;
+}
+
+static cm_recipe tiny_recipe(const char *out_dir, int64_t steps) {
+    return tiny_recipe_with(out_dir, steps, "");
 }
 
 /* The numeric fields of a run's metrics (timings excluded), one per line. */
@@ -85,7 +92,7 @@ static char *loss_lines(const char *run_dir) {
     return out;
 }
 
-/* Parameters, m and v of a checkpoint of the tiny model. */
+/* Parameters, m and v of a checkpoint of the tiny (dense) model. */
 static ag_params load_final(const cm_recipe *recipe, const char *checkpoint) {
     lm_config config = {.vocab = 256,
                         .d_model = 32,
@@ -182,12 +189,145 @@ START_TEST(test_missing_data_is_a_clear_error) {
 }
 END_TEST
 
+static const char *const moe_sections[] = {
+    "moe: {enabled: true, num_experts: 4, split_dense: true}\n"
+    "router: {type: topk, k: 2, aux_loss_coef: 0.01, z_loss_coef: 0.001}\n",
+    "moe: {enabled: true, num_experts: 4, split_dense: true}\n"
+    "router: {type: topk, k: 1, gating: topk_softmax, capacity_factor: 1.0}\n",
+    "moe: {enabled: true, num_experts: 4, split_dense: true}\n"
+    "router: {type: smoe_dropout, k: 2, k_schedule: linear_increase, k_min: 1, k_max: 4}\n",
+    "moe: {enabled: true, num_experts: 2, every: 2}\n"
+    "router: {type: thor, thor_alpha: 1.0}\n",
+    "moe: {enabled: true, num_experts: 4, split_dense: true}\n"
+    "router: {type: top_p, top_p: 0.5, entropy_coef: 0.001}\n",
+    "moe: {enabled: true, num_experts: 4, split_dense: true}\n"
+    "router: {type: expert_choice, capacity_factor: 2.0}\n",
+};
+
+/* Every router trains: the loss falls, stays finite, and the run writes
+ * routing statistics; and each resumes bit for bit (THOR's random experts
+ * and SMoE-Dropout's k schedule included). */
+START_TEST(test_moe_routers_train_and_resume) {
+    write_corpus();
+    for (size_t i = 0; i < sizeof moe_sections / sizeof moe_sections[0]; i++) {
+        char straight_dir[300], resumed_dir[300];
+        snprintf(straight_dir, sizeof straight_dir, "%s/straight%zu", dir, i);
+        snprintf(resumed_dir, sizeof resumed_dir, "%s/resumed%zu", dir, i);
+        cm_recipe recipe = tiny_recipe_with(straight_dir, 30, moe_sections[i]);
+        recipe.train.eval_every = 15;
+        trainer_options options = {.quiet = true};
+        trainer_result result;
+        ck_assert_msg(trainer_run(&recipe, &options, &result) == CM_OK, "case %zu: %s", i,
+                      cm_error_message());
+        ck_assert_msg(result.last_valid_bpc < 5.0, "case %zu: validation bpc %.3f", i,
+                      result.last_valid_bpc);
+        ck_assert_double_gt(result.mean_k, 0.0);
+        char *straight = loss_lines(straight_dir);
+        ck_assert_msg(strstr(straight, "\"step\": 30") != NULL, "case %zu", i);
+
+        cm_recipe resumed = tiny_recipe_with(resumed_dir, 30, moe_sections[i]);
+        resumed.train.eval_every = 15;
+        options.stop_at_step = 13;
+        ck_assert_int_eq(trainer_run(&resumed, &options, &result), CM_OK);
+        options.stop_at_step = 0;
+        options.resume = "auto";
+        ck_assert_int_eq(trainer_run(&resumed, &options, &result), CM_OK);
+        char *again = loss_lines(resumed_dir);
+        ck_assert_msg(strcmp(straight, again) == 0, "case %zu:\n%s\nresumed:\n%s", i, straight,
+                      again);
+        free(straight);
+        free(again);
+        char metrics[400];
+        snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", straight_dir);
+        FILE *file = fopen(metrics, "r");
+        char line[2048];
+        int moe_lines = 0;
+        while (fgets(line, sizeof line, file))
+            moe_lines += strstr(line, "\"kind\": \"moe\"") != NULL;
+        fclose(file);
+        ck_assert_int_ge(moe_lines, 30); /* one per MoE layer per log step */
+    }
+    remove_corpus();
+}
+END_TEST
+
+/* SMoE-Dropout: the router never changes, and k follows the schedule. */
+START_TEST(test_smoe_router_frozen_and_k_scheduled) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/smoe", dir);
+    cm_recipe recipe = tiny_recipe_with(run_dir, 12, moe_sections[2]);
+    trainer_options options = {.quiet = true};
+    trainer_result result;
+    ck_assert_int_eq(trainer_run(&recipe, &options, &result), CM_OK);
+
+    /* The same model freshly initialised: router weights must match the
+     * trained checkpoint bit for bit, experts must not. */
+    lm_config config = {.vocab = 256,
+                        .d_model = 32,
+                        .n_layer = 2,
+                        .n_head = 2,
+                        .d_ff = 64,
+                        .max_seq = 16,
+                        .dropout = 0.1f,
+                        .init_std = 0.02f,
+                        .scale_residual_init = true,
+                        .layernorm_eps = 1e-5f,
+                        .moe_every = 1};
+    recipe_moe_config(&recipe, &config.moe);
+    ag_params fresh, trained;
+    lm_model model_a, model_b;
+    ag_params_init(&fresh);
+    ag_params_init(&trained);
+    ck_assert_int_eq(lm_declare(&model_a, &config, &fresh), CM_OK);
+    ck_assert_int_eq(lm_declare(&model_b, &config, &trained), CM_OK);
+    ck_assert_int_eq(ag_params_finalize(&fresh, (uint64_t)recipe.train.seed), CM_OK);
+    ck_assert_int_eq(ag_params_finalize(&trained, 1), CM_OK);
+    char path[400];
+    ckpt_path_for_step(run_dir, 12, path, sizeof path);
+    ck_assert_msg(ckpt_load(path, &trained, NULL, true) == CM_OK, "%s", cm_error_message());
+    for (int l = 0; l < 2; l++) {
+        const ag_tensor *a = &model_a.blocks[l].moe.router.weight->tensor;
+        const ag_tensor *b = &model_b.blocks[l].moe.router.weight->tensor;
+        ck_assert(model_b.blocks[l].moe.router.weight->frozen);
+        ck_assert_int_eq(memcmp(a->data, b->data, (size_t)a->numel * sizeof(float)), 0);
+        const ag_tensor *w1a = &model_a.blocks[l].moe.w1->tensor;
+        const ag_tensor *w1b = &model_b.blocks[l].moe.w1->tensor;
+        ck_assert_int_ne(memcmp(w1a->data, w1b->data, (size_t)w1a->numel * sizeof(float)), 0);
+    }
+    ag_params_free(&fresh);
+    ag_params_free(&trained);
+
+    /* k per logged step equals the schedule at that step's update. */
+    router_config router_cfg;
+    recipe_router_config(&recipe, &router_cfg);
+    char metrics[400], line[2048];
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", run_dir);
+    FILE *file = fopen(metrics, "r");
+    int checked = 0;
+    while (fgets(line, sizeof line, file)) {
+        double step, k;
+        if (!metrics_is_kind(line, "moe")) continue;
+        ck_assert(metrics_find_number(line, "step", &step) && metrics_find_number(line, "k", &k));
+        ck_assert_int_eq((int)k, optim_k_at(&router_cfg.k_schedule, (int64_t)step - 1));
+        checked++;
+    }
+    fclose(file);
+    ck_assert_int_eq(checked, 24);
+    ck_assert_int_eq(optim_k_at(&router_cfg.k_schedule, 0), 1);
+    ck_assert_int_eq(optim_k_at(&router_cfg.k_schedule, 11), 4);
+    remove_corpus();
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("trainer");
     TCase *tc = tcase_create("trainer");
     tcase_add_test(tc, test_resume_is_bit_identical);
     tcase_add_test(tc, test_training_lowers_the_loss);
     tcase_add_test(tc, test_missing_data_is_a_clear_error);
+    tcase_add_test(tc, test_moe_routers_train_and_resume);
+    tcase_add_test(tc, test_smoe_router_frozen_and_k_scheduled);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
