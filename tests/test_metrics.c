@@ -24,8 +24,9 @@ START_TEST(test_write_resume_truncates_and_plot) {
     cm_metrics metrics;
     ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
     for (int step = 10; step <= 100; step += 10) {
-        metrics_write(&metrics, "{\"kind\": \"train\", \"step\": %d, \"loss\": %.4f, \"bpc\": %.4f}",
-                      step, 3.0 - step / 100.0, (3.0 - step / 100.0) / 0.6931);
+        metrics_write(&metrics,
+                      "{\"kind\": \"train\", \"step\": %d, \"loss\": %.4f, \"bpc\": %.4f}", step,
+                      3.0 - step / 100.0, (3.0 - step / 100.0) / 0.6931);
         if (step % 50 == 0)
             metrics_write(&metrics, "{\"kind\": \"valid\", \"step\": %d, \"bpc\": %.4f}", step,
                           4.0 - step / 100.0);
@@ -98,10 +99,60 @@ START_TEST(test_plain_progress_lines) {
     progress_print(&progress, "saved %s", "ckpt");
     progress_finish(&progress);
     fclose(stream);
-    ck_assert_msg(strstr(buffer, "step 100/200  loss 1.11  41.0k tok/s  ETA") != NULL, "%s", buffer);
+    ck_assert_msg(strstr(buffer, "step 100/200  loss 1.11  41.0k tok/s  ETA") != NULL, "%s",
+                  buffer);
     ck_assert_ptr_null(strstr(buffer, "loss 1.23"));
     ck_assert_ptr_nonnull(strstr(buffer, "saved ckpt\n"));
     free(buffer);
+}
+END_TEST
+
+static void assert_png(const char *dir, const char *name) {
+    char path[300];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *file = fopen(path, "rb");
+    ck_assert_msg(file != NULL, "%s missing", path);
+    unsigned char magic[8];
+    ck_assert_int_eq(fread(magic, 1, 8, file), 8);
+    fclose(file);
+    ck_assert_int_eq(memcmp(magic, "\x89PNG\r\n\x1a\n", 8), 0);
+}
+
+START_TEST(test_routing_plots) {
+    char dir[] = "/tmp/cmoe-metrics-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    cm_metrics metrics;
+    ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
+    for (int step = 10; step <= 50; step += 10) {
+        metrics_write(&metrics, "{\"kind\": \"train\", \"step\": %d, \"bpc\": 3.0}", step);
+        for (int layer = 0; layer < 4; layer += 2)
+            metrics_write(&metrics,
+                          "{\"kind\": \"moe\", \"step\": %d, \"layer\": %d, \"mean_k\": %.2f, "
+                          "\"tokens_per_expert\": [%d, 10, 20, %d]}",
+                          step, layer, 2.0 - step / 100.0, step, 60 - step);
+    }
+    metrics_close(&metrics);
+    ck_assert_msg(metrics_plot(dir) == CM_OK, "%s", cm_error_message());
+    assert_png(dir, "moe-load.png");
+    assert_png(dir, "moe-k.png");
+    /* The data behind them: layer blocks, shares summing to 1 per step. */
+    char path[300], line[256];
+    snprintf(path, sizeof path, "%s/moe-routing.tsv", dir);
+    FILE *file = fopen(path, "r");
+    double share_sum = 0;
+    int rows = 0;
+    while (fgets(line, sizeof line, file)) {
+        double step, expert, share;
+        if (sscanf(line, "%lf %lf %lf", &step, &expert, &share) != 3) continue;
+        rows++;
+        if (step == 30) share_sum += share;
+    }
+    fclose(file);
+    ck_assert_int_eq(rows, 2 * 5 * 4);
+    ck_assert_double_eq_tol(share_sum, 2.0, 1e-4); /* two layers */
+    char command[300];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(command), 0);
 }
 END_TEST
 
@@ -112,6 +163,7 @@ int main(void) {
     tcase_add_test(tc, test_parsing);
     tcase_add_test(tc, test_duration_format);
     tcase_add_test(tc, test_plain_progress_lines);
+    tcase_add_test(tc, test_routing_plots);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -90,6 +90,115 @@ static int extract(FILE *in, const char *kind, FILE *out) {
     return count;
 }
 
+enum { PLOT_MAX_LAYERS = 64, PLOT_MAX_EXPERTS = 256 };
+
+/* The numbers of the "tokens_per_expert": [...] array of a moe line. */
+static int parse_loads(const char *line, double *loads, int capacity) {
+    const char *at = strstr(line, "\"tokens_per_expert\": [");
+    if (!at) return 0;
+    at = strchr(at, '[') + 1;
+    int n = 0;
+    while (n < capacity) {
+        char *end;
+        double value = strtod(at, &end);
+        if (end == at) break;
+        loads[n++] = value;
+        at = end;
+        while (*at == ',' || *at == ' ') at++;
+    }
+    return n;
+}
+
+/* From the "moe" lines: RUN_DIR/moe-load.png (per MoE layer, a heatmap of
+ * the share of routed tokens each expert got, over training) and
+ * RUN_DIR/moe-k.png (activated experts per token, per layer, over training).
+ * Does nothing for a dense run. */
+static cm_status plot_routing(const char *run_dir, FILE *in) {
+    int layers[PLOT_MAX_LAYERS], n_layers = 0, n_experts = 0;
+    char line[LINE_CAPACITY], path[PATH_CAPACITY];
+    double loads[PLOT_MAX_EXPERTS];
+    rewind(in);
+    while (fgets(line, sizeof line, in)) {
+        double layer;
+        if (!metrics_is_kind(line, "moe") || !metrics_find_number(line, "layer", &layer)) continue;
+        bool known = false;
+        for (int i = 0; i < n_layers; i++) known = known || layers[i] == (int)layer;
+        if (!known && n_layers < PLOT_MAX_LAYERS) layers[n_layers++] = (int)layer;
+        int n = parse_loads(line, loads, PLOT_MAX_EXPERTS);
+        n_experts = n > n_experts ? n : n_experts;
+    }
+    if (n_layers == 0 || n_experts == 0) return CM_OK;
+
+    char k_path[PATH_CAPACITY];
+    snprintf(path, sizeof path, "%s/moe-routing.tsv", run_dir);
+    snprintf(k_path, sizeof k_path, "%s/moe-k.tsv", run_dir);
+    FILE *out = fopen(path, "w"), *k_out = fopen(k_path, "w");
+    if (!out || !k_out) {
+        if (out) fclose(out);
+        if (k_out) fclose(k_out);
+        return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data: %s", run_dir, strerror(errno));
+    }
+    double last_step = 0;
+    /* One gnuplot data block per layer (index i): moe-routing.tsv has rows
+     * "step expert share" with a blank line after each step (a grid for
+     * `with image`); moe-k.tsv has rows "step mean_k". */
+    for (int i = 0; i < n_layers; i++) {
+        rewind(in);
+        while (fgets(line, sizeof line, in)) {
+            double layer, step, mean_k;
+            if (!metrics_is_kind(line, "moe") || !metrics_find_number(line, "layer", &layer) ||
+                (int)layer != layers[i] || !metrics_find_number(line, "step", &step) ||
+                !metrics_find_number(line, "mean_k", &mean_k))
+                continue;
+            int n = parse_loads(line, loads, PLOT_MAX_EXPERTS);
+            double total = 0;
+            for (int e = 0; e < n; e++) total += loads[e];
+            for (int e = 0; e < n; e++)
+                fprintf(out, "%.0f\t%d\t%.5f\n", step, e, total > 0 ? loads[e] / total : 0);
+            fputc('\n', out);
+            fprintf(k_out, "%.0f\t%.4f\n", step, mean_k);
+            last_step = step > last_step ? step : last_step;
+        }
+        fputs("\n\n", out);
+        fputs("\n\n", k_out);
+    }
+    fclose(out);
+    fclose(k_out);
+
+    FILE *gnuplot = popen("gnuplot 2>&1", "w");
+    if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
+    fprintf(gnuplot,
+            "set terminal pngcairo size 900,%d font ',9'\n"
+            "set output '%s/moe-load.png'\n"
+            "set multiplot layout %d,1 title 'cmoe: share of routed tokens per expert'\n"
+            "set palette defined (0 'white', 1 '#4477aa', 2 '#cc3311')\n"
+            "set cbrange [0:*]\nset ylabel 'expert'\nset yrange [-0.5:%d.5]\n"
+            "set xrange [0:%.0f]\n",
+            220 * n_layers + 60, run_dir, n_layers, n_experts - 1, last_step * 1.02);
+    for (int i = 0; i < n_layers; i++)
+        fprintf(gnuplot,
+                "set title 'layer %d' offset 0,-0.8\n%s"
+                "plot '%s' index %d using 1:2:3 with image notitle\n",
+                layers[i], i == n_layers - 1 ? "set xlabel 'step'\n" : "", path, i);
+    fprintf(gnuplot,
+            "unset multiplot\n"
+            "set terminal pngcairo size 900,480 font ',10'\n"
+            "set output '%s/moe-k.png'\n"
+            "set title 'cmoe: activated experts per token'\nset xlabel 'step'\n"
+            "set ylabel 'mean k'\nset autoscale\nset yrange [0:*]\nset grid\nset key top right\n"
+            "plot ",
+            run_dir);
+    for (int i = 0; i < n_layers; i++)
+        fprintf(gnuplot, "%s'%s' index %d using 1:2 with lines lw 2 title 'layer %d'",
+                i ? ", " : "", k_path, i, layers[i]);
+    fprintf(gnuplot, "\n");
+    int status = pclose(gnuplot);
+    if (status != 0)
+        return CM_ERR(CM_ERR_IO, "gnuplot failed (exit status %d) plotting routing in %s", status,
+                      run_dir);
+    return CM_OK;
+}
+
 cm_status metrics_plot(const char *run_dir) {
     char path[PATH_CAPACITY], train_path[PATH_CAPACITY], valid_path[PATH_CAPACITY],
         png_path[PATH_CAPACITY];
@@ -107,7 +216,9 @@ cm_status metrics_plot(const char *run_dir) {
         return CM_ERR(CM_ERR_IO, "%s: cannot write the curve data", run_dir);
     }
     int n_train = extract(in, "train", train), n_valid = extract(in, "valid", valid);
+    cm_status routing = plot_routing(run_dir, in);
     fclose(in);
+    CM_TRY(routing);
     fclose(train);
     fclose(valid);
     if (n_train == 0)

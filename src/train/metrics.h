@@ -30,9 +30,11 @@ bool metrics_find_number(const char *line, const char *key, double *value);
 /* True when the line's "kind" is `kind`. */
 bool metrics_is_kind(const char *line, const char *kind);
 
-/* Reads RUN_DIR/metrics.jsonl and renders RUN_DIR/curves.png (bits per byte
- * of training and validation against step) with gnuplot; writes the data it
- * plots to RUN_DIR/curves-train.tsv and curves-valid.tsv. */
+/* Reads RUN_DIR/metrics.jsonl and renders with gnuplot RUN_DIR/curves.png
+ * (bits per byte of training and validation against step), and for MoE runs
+ * RUN_DIR/moe-load.png (per layer, a heatmap of each expert's share of the
+ * routed tokens over training) and RUN_DIR/moe-k.png (activated experts per
+ * token, per layer); the plotted data go to curves-*.tsv and moe-routing.tsv. */
 cm_status metrics_plot(const char *run_dir);
 
 /* Writes DIR/k-sweep.tsv (k, bpc) and renders DIR/k-sweep.png: bits per byte
