@@ -83,7 +83,7 @@ START_TEST(test_dense_recipe) {
     ck_assert_int_eq(r.data.seq_len, 256);
     ck_assert_int_eq(r.data.batch_size, 16);
     ck_assert_int_eq(r.optim.type, CM_OPTIM_ADAMW);
-    ck_assert_double_eq(r.optim.lr, 3e-4);
+    ck_assert_double_eq(r.optim.lr, 1e-3);
     ck_assert_double_eq(r.optim.beta1, 0.9);
     ck_assert_double_eq(r.optim.beta2, 0.95);
     ck_assert_double_eq(r.optim.eps, 1e-8);
@@ -91,8 +91,8 @@ START_TEST(test_dense_recipe) {
     ck_assert(!r.optim.decay_norms && !r.optim.decay_biases && !r.optim.decay_embeddings);
     ck_assert_double_eq(r.optim.grad_clip, 1.0);
     ck_assert_int_eq(r.schedule.type, CM_SCHEDULE_COSINE);
-    ck_assert_int_eq(r.schedule.warmup_steps, 100);
-    ck_assert_double_eq(r.schedule.min_lr, 3e-5);
+    ck_assert_int_eq(r.schedule.warmup_steps, 50);
+    ck_assert_double_eq(r.schedule.min_lr, 1e-4);
     ck_assert_int_eq(r.train.steps, 2000);
     ck_assert_int_eq(r.train.seed, 1234);
     ck_assert_int_eq(r.train.log_every, 10);
