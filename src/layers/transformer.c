@@ -156,3 +156,9 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
 ag_tensor *lm_loss(ag_ctx *ctx, ag_tensor *logits, const int32_t *targets) {
     return ag_cross_entropy(ctx, logits, targets, -1);
 }
+
+ag_tensor *lm_thor_consistency(ag_ctx *ctx, ag_tensor *logits1, ag_tensor *logits2) {
+    ag_tensor *log_p1 = ag_log_softmax(ctx, logits1), *log_p2 = ag_log_softmax(ctx, logits2);
+    return ag_scale(
+        ctx, ag_add(ctx, ag_kl_div(ctx, log_p1, log_p2), ag_kl_div(ctx, log_p2, log_p1)), 0.5f);
+}

@@ -90,4 +90,9 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
 /* Mean cross-entropy of logits [B*T,V] against targets [B*T] (nats). */
 ag_tensor *lm_loss(ag_ctx *ctx, ag_tensor *logits, const int32_t *targets);
 
+/* THOR's consistency regularizer between two forward passes' logits [N,V]:
+ * 0.5 (KL(P1||P2) + KL(P2||P1)), averaged over the N positions; gradients
+ * reach both passes (METHODS.md 2.2). */
+ag_tensor *lm_thor_consistency(ag_ctx *ctx, ag_tensor *logits1, ag_tensor *logits2);
+
 #endif

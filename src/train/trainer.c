@@ -280,13 +280,6 @@ static double window_mean_k(const run *r) {
     return total / ((double)r->window_tokens * r->moe_layers);
 }
 
-/* THOR: 0.5 (KL(P1||P2) + KL(P2||P1)) over the positions, from two logits. */
-static ag_tensor *thor_consistency(ag_ctx *ctx, ag_tensor *logits1, ag_tensor *logits2) {
-    ag_tensor *log_p1 = ag_log_softmax(ctx, logits1), *log_p2 = ag_log_softmax(ctx, logits2);
-    return ag_scale(
-        ctx, ag_add(ctx, ag_kl_div(ctx, log_p1, log_p2), ag_kl_div(ctx, log_p2, log_p1)), 0.5f);
-}
-
 /* One optimizer step at 0-based index `step`; returns the language-model loss
  * (nats; THOR: the mean of its two passes' cross-entropies). */
 static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad_norm) {
@@ -319,7 +312,7 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
         second.report = &second_report;
         ag_tensor *logits2 = lm_forward(ctx, &r->model, &second);
         ag_tensor *lm2 = lm_loss(ctx, logits2, r->targets);
-        ag_tensor *consistency = thor_consistency(ctx, logits, logits2);
+        ag_tensor *consistency = lm_thor_consistency(ctx, logits, logits2);
         total = ag_add(ctx, ag_add(ctx, lm, lm2),
                        ag_scale(ctx, consistency, (float)recipe->router.thor_alpha));
         CM_TRY(ag_ctx_status(ctx));
