@@ -165,7 +165,7 @@ static cm_status plot_routing(const char *run_dir, FILE *in) {
     fclose(out);
     fclose(k_out);
 
-    FILE *gnuplot = popen("gnuplot 2>&1", "w");
+    FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
     if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
     fprintf(gnuplot,
             "set terminal pngcairo size 900,%d font ',9'\n"
@@ -224,7 +224,7 @@ cm_status metrics_plot(const char *run_dir) {
     if (n_train == 0)
         return CM_ERR(CM_ERR_INVALID, "%s: no training steps with a bpc value to plot", path);
 
-    FILE *gnuplot = popen("gnuplot 2>&1", "w");
+    FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
     if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
     fprintf(gnuplot,
             "set terminal pngcairo size 900,560 font ',10'\n"
@@ -260,7 +260,7 @@ cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc
     fprintf(tsv, "# k\tbpc\n");
     for (int i = 0; i < n; i++) fprintf(tsv, "%d\t%.6f\n", ks[i], bpc[i]);
     if (fclose(tsv) != 0) return CM_ERR(CM_ERR_IO, "%s: cannot write", tsv_path);
-    FILE *gnuplot = popen("gnuplot 2>&1", "w");
+    FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
     if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
     fprintf(gnuplot,
             "set terminal pngcairo size 720,480 font ',10'\n"

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Trains every LM recipe (dense and the MoE routers) for the same step budget
+# and prints one table: final validation and test bits per byte, training
+# throughput and mean activated experts per token; then the SMoE-Dropout
+# k-sweep (the "self-slimmable" curve). Results go to OUT (default
+# runs/compare): one run directory per recipe, table.md, and k-sweep.*.
+#
+# usage: scripts/compare-lm.sh [--steps N] [--out DIR] [--build DIR] [--recipes "a b"]
+#                              [-- extra --set overrides for every run]
+# example (about an hour on 2 cores):
+#   scripts/compare-lm.sh --steps 600 -- --set data.seq_len=128
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+steps=600
+out=runs/compare
+build=build
+recipes="dense moe-top2 switch smoe-dropout thor top-p expert-choice"
+while [ $# -gt 0 ]; do
+    case $1 in
+    --steps) steps=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --build) build=$2; shift 2 ;;
+    --recipes) recipes=$2; shift 2 ;;
+    --) shift; break ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "compare-lm.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+extra=("$@")
+cmoe=$build/cmoe
+[ -x "$cmoe" ] || { echo "compare-lm.sh: $cmoe not built (see README)" >&2; exit 1; }
+[ -s data/kjv/train.txt ] || bash data/prepare_kjv.sh
+mkdir -p "$out"
+
+for recipe in $recipes; do
+    echo "== $recipe: $steps steps"
+    "$cmoe" train "recipes/lm/$recipe.yaml" --set train.steps="$steps" \
+        --set train.out_dir="$out/$recipe" --set checkpoint.every=0 --set checkpoint.keep_last=1 \
+        --set train.eval_every=$((steps / 4)) "${extra[@]}" | tail -n 4
+done
+
+# One row per run, from its metrics.jsonl.
+table=$out/table.md
+{
+    echo "| recipe | valid bpc | test bpc | tok/s (median) | mean experts/token |"
+    echo "| --- | --- | --- | --- | --- |"
+    for recipe in $recipes; do
+        awk -v name="$recipe" '
+            function num(key,   m) {
+                if (match($0, "\"" key "\": [-0-9.e+]+")) {
+                    m = substr($0, RSTART, RLENGTH); sub(/.*: /, "", m); return m + 0
+                }
+                return ""
+            }
+            /"kind": "train"/ { rates[++n] = num("tok_s"); k = num("mean_k") }
+            /"kind": "valid"/ { valid = num("bpc") }
+            /"kind": "test"/ { test = num("bpc") }
+            END {
+                for (i = 2; i <= n; i++)            # insertion sort (mawk has no asort)
+                    for (j = i; j > 1 && rates[j - 1] > rates[j]; j--) {
+                        t = rates[j]; rates[j] = rates[j - 1]; rates[j - 1] = t
+                    }
+                median = n ? (n % 2 ? rates[(n + 1) / 2] : (rates[n / 2] + rates[n / 2 + 1]) / 2) : 0
+                printf "| %s | %.3f | %.3f | %.0f | %s |\n", name, valid, test, median,
+                       (k > 0 ? sprintf("%.2f", k) : "dense")
+            }' "$out/$recipe/metrics.jsonl"
+    done
+} > "$table"
+cat "$table"
+
+if [[ " $recipes " == *" smoe-dropout "* ]]; then
+    ckpt=$(ls "$out"/smoe-dropout/ckpt-*.h5 | tail -n 1)
+    echo "== SMoE-Dropout k-sweep on the validation split ($ckpt)"
+    "$cmoe" eval recipes/lm/smoe-dropout.yaml --ckpt "$ckpt" --split valid --sweep-k \
+        --out "$out" "${extra[@]}"
+fi
