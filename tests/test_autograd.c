@@ -21,7 +21,7 @@ START_TEST(test_arena_alignment_reset_overflow) {
     ck_assert_uint_eq((uintptr_t)first % AG_ARENA_ALIGN, 0);
     ck_assert_uint_eq((uintptr_t)second % AG_ARENA_ALIGN, 0);
     ck_assert_ptr_ne(first, second);
-    ck_assert_ptr_null(ag_arena_alloc(&arena, 8192)); /* does not fit */
+    ck_assert_ptr_null(ag_arena_alloc(&arena, 8192));     /* does not fit */
     ck_assert_ptr_null(ag_arena_alloc(&arena, SIZE_MAX)); /* no overflow in rounding */
     size_t high_water = arena.high_water;
     ag_arena_reset(&arena);

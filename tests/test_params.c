@@ -123,9 +123,9 @@ START_TEST(test_declaration_errors) {
     ck_assert_ptr_nonnull(strstr(cm_error_message(), "declared twice"));
     ck_assert_int_eq(ag_params_declare(&params, "b", AG_GROUP_DENSE, 2, (int[]){3, 0}, zero, NULL),
                      CM_ERR_INVALID);
-    ck_assert_int_eq(ag_params_declare(&params, "c", AG_GROUP_DENSE, 5, (int[]){1, 1, 1, 1, 1},
-                                       zero, NULL),
-                     CM_ERR_INVALID);
+    ck_assert_int_eq(
+        ag_params_declare(&params, "c", AG_GROUP_DENSE, 5, (int[]){1, 1, 1, 1, 1}, zero, NULL),
+        CM_ERR_INVALID);
     ck_assert_int_eq(ag_params_finalize(&params, 1), CM_OK);
     ck_assert_int_eq(ag_params_declare(&params, "d", AG_GROUP_DENSE, 1, (int[]){3}, zero, NULL),
                      CM_ERR_INTERNAL);
