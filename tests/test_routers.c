@@ -232,9 +232,9 @@ START_TEST(test_switch_loss_uniform_and_z_loss) {
         for (int i = 0; i < tokens * experts; i++) probs->data[i] = 1.0f / experts;
         int32_t counts[5]; /* 120 slots split evenly */
         for (int e = 0; e < experts; e++) counts[e] = k * tokens / experts;
-        ag_tensor *loss = router_switch_loss(&ctx, probs, counts, k, 0.01f);
+        ag_tensor *loss = router_switch_loss(&ctx, probs, counts, k, 0.01f, &(router_call){0});
         ck_assert_double_eq_tol(loss->data[0], 0.01, 1e-6 * 0.01);
-        ck_assert_ptr_null(router_switch_loss(&ctx, probs, counts, k, 0.0f));
+        ck_assert_ptr_null(router_switch_loss(&ctx, probs, counts, k, 0.0f, &(router_call){0}));
     }
     /* The same through the router: token t prefers expert t, so every column
      * of p holds the same values and every expert gets one token. */
@@ -253,14 +253,14 @@ START_TEST(test_switch_loss_uniform_and_z_loss) {
 
     /* z-loss against coef * mean_t logsumexp(z_t)^2. */
     ag_tensor *z = gc_tensor_new(2, (int[]){5, 7}, -4.0f, 4.0f, 8, false);
-    ag_tensor *zloss = router_z_loss(&ctx, z, 0.25f);
+    ag_tensor *zloss = router_z_loss(&ctx, z, 0.25f, &(router_call){0});
     double want = 0.0;
     for (int t = 0; t < 5; t++) {
         double lse = ref_logsumexp(z->data + t * 7, 7);
         want += 0.25 * lse * lse / 5;
     }
     ck_assert_double_eq_tol(zloss->data[0], want, 1e-5 * want);
-    ck_assert_ptr_null(router_z_loss(&ctx, z, 0.0f));
+    ck_assert_ptr_null(router_z_loss(&ctx, z, 0.0f, &(router_call){0}));
     gc_tensor_free(z);
     ag_ctx_free(&ctx);
 }

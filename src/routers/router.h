@@ -34,6 +34,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <mpi.h>
+
 #include "autograd/ops.h"
 #include "autograd/params.h"
 #include "optim/optim.h"
@@ -99,6 +101,14 @@ typedef struct router_call {
     int pass;             /* THOR: index of the forward pass in this step (independent draws) */
     int seq_len;          /* tokens per sequence (THOR per-sequence inference) */
     uint64_t first_token; /* global index of token 0 of x (data-parallel rank offset) */
+    /* The ranks whose tokens form the global batch (0 or MPI_COMM_NULL: this
+     * process alone) and the global token count (0: this call's T). The
+     * load-balancing statistics are global: expert counts are summed over
+     * `group`, and every per-token mean is divided by global_tokens, so the
+     * losses summed over the ranks, and their gradients, equal those of one
+     * process running the whole batch. */
+    MPI_Comm group;
+    int64_t global_tokens;
 } router_call;
 
 typedef struct router_stats {

@@ -7,6 +7,8 @@
 #include "common/check.h"
 #include "routers/router_internal.h"
 
+#include "parallel/comm.h"
+
 /* ---- helpers -------------------------------------------------------------- */
 
 /* Merges the sorted runs index[lo,mid) and index[mid,hi), left run first on
@@ -187,17 +189,32 @@ cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
 
 /* probs [T,E] -> [1]: coef E sum_i f_i P_i, written as sum_i w_i colsum_i with
  * the constant w_i = coef E f_i / T, so the gradient reaches probs only. */
+double router_token_share(const router_call *call, int tokens) {
+    return call->global_tokens > 0 ? (double)tokens / (double)call->global_tokens : 1.0;
+}
+
 ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
-                              float coef) {
-    if (coef == 0.0f || !probs) return NULL;
+                              float coef, const router_call *call) {
+    if (coef == 0.0f || !probs || ag_failed(ctx)) return NULL;
     int tokens = (int)ag_rows(probs), experts = ag_last_dim(probs);
-    ag_tensor *column_sums = ag_sum_rows(ctx, probs); /* [E] = T P */
+    ag_tensor *column_sums = ag_sum_rows(ctx, probs); /* [E] = T P over this rank's tokens */
     ag_tensor *weights = ag_empty(ctx, "switch_loss", 1, &experts);
-    if (!column_sums || !weights) return NULL;
-    double slots = (double)k * tokens;
+    int32_t *global_counts = ag_alloc_ints(ctx, experts, "switch_loss");
+    if (!column_sums || !weights || !global_counts) return NULL;
+    memcpy(global_counts, counts, (size_t)experts * sizeof(int32_t));
+    cm_status status = comm_sum_int32(call->group, global_counts, experts);
+    if (status != CM_OK) {
+        ctx->status = status;
+        return NULL;
+    }
+    double global_tokens = tokens / router_token_share(call, tokens);
+    double slots = (double)k * global_tokens;
+    if (k == 0)
+        for (int e = 0; e < experts; e++) slots += global_counts[e];
+    if (slots == 0.0) return NULL; /* no assignment at all: nothing to balance */
     for (int e = 0; e < experts; e++) {
-        double fraction = counts[e] / slots;
-        weights->data[e] = (float)((double)coef * experts * fraction / tokens);
+        double fraction = global_counts[e] / slots;
+        weights->data[e] = (float)((double)coef * experts * fraction / global_tokens);
     }
     return ag_sum(ctx, ag_mul(ctx, column_sums, weights));
 }
@@ -205,8 +222,9 @@ ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *coun
 /* logits [T,E] -> [1]: coef mean_t lse_t^2. logsumexp has no op of its own:
  * lse = z_0 - log_softmax(z)_0 for any column (here 0), and its gradient
  * through both terms is softmax(z), as it should be. */
-ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef) {
+ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef, const router_call *call) {
     if (coef == 0.0f || !logits) return NULL;
+    coef = (float)(coef * router_token_share(call, (int)ag_rows(logits)));
     ag_tensor *first_logit = ag_slice(ctx, logits, 1, 0, 1);
     ag_tensor *first_log_prob = ag_slice(ctx, ag_log_softmax(ctx, logits), 1, 0, 1);
     ag_tensor *lse = ag_sub(ctx, first_logit, first_log_prob); /* [T,1] */

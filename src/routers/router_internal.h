@@ -33,13 +33,19 @@ ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const route
 cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
                         const router_candidates *candidates, router_output *out);
 
-/* Switch/GShard load balancing: coef * E * sum_i f_i P_i with f_i = (kept
- * assignments to i) / (k T) from `counts` (no gradient) and P_i = mean over
- * tokens of probs[:, i]. Returns [1], or NULL when coef == 0. */
+/* Switch/GShard load balancing over the global batch (see router_call):
+ * coef * E * sum_i f_i P_i with f_i = (kept assignments to i, summed over
+ * call->group) / (k T_global) (no gradient; k = 0: divided by all kept
+ * assignments instead, for top-p's variable k) and P_i = mean over the
+ * global tokens of probs[:, i]; this rank returns its tokens' share of the
+ * sum. Returns [1], or NULL when coef == 0 (an MPI failure sets ctx). */
 ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
-                              float coef);
-/* ST-MoE z-loss: coef * mean over tokens of logsumexp(logits)^2; NULL when coef == 0. */
-ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef);
+                              float coef, const router_call *call);
+/* ST-MoE z-loss: coef * mean over the global tokens of logsumexp(logits)^2
+ * (this rank's share); NULL when coef == 0. */
+ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef, const router_call *call);
+/* This call's tokens over the global batch's (1 for a single process). */
+double router_token_share(const router_call *call, int tokens);
 /* Mean entropy of the rows of probs [T,E] in nats (for statistics only). */
 double router_mean_entropy(const ag_tensor *probs);
 /* Sum of the non-NULL losses (NULL if all are NULL). */

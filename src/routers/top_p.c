@@ -70,17 +70,13 @@ cm_status router_route_top_p(ag_ctx *ctx, const router *r, ag_tensor *x, const r
     router_candidates candidates = {count, token, expert, priority, gates};
     CM_TRY(router_finish(ctx, r, tokens, 0, &candidates, out));
 
-    /* router_switch_loss divides the counts by k T; with k = 1 and the
-     * coefficient scaled by T / assignments that is a division by the
-     * assignments, as documented above. */
-    ag_tensor *balance = NULL;
-    if (out->n_slots > 0 && config->aux_loss_coef != 0.0f) {
-        float coef = (float)((double)config->aux_loss_coef * tokens / out->n_slots);
-        balance = router_switch_loss(ctx, probs, out->stats.tokens_per_expert, 1, coef);
-    }
-    ag_tensor *dynamic = config->entropy_coef != 0.0f
-                             ? ag_scale(ctx, ag_entropy(ctx, probs), config->entropy_coef)
-                             : NULL;
+    /* router_switch_loss normalises f by all kept assignments, as documented
+     * above. */
+    ag_tensor *balance = router_switch_loss(ctx, probs, out->stats.tokens_per_expert, 0,
+                                            config->aux_loss_coef, call);
+    float entropy_coef = (float)(config->entropy_coef * router_token_share(call, tokens));
+    ag_tensor *dynamic =
+        entropy_coef != 0.0f ? ag_scale(ctx, ag_entropy(ctx, probs), entropy_coef) : NULL;
     out->aux_loss = router_add_losses(ctx, balance, dynamic);
     out->stats.entropy = router_mean_entropy(probs);
     out->stats.k = 0; /* variable; the mean is slots / tokens */

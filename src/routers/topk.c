@@ -86,8 +86,9 @@ cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
     router_candidates candidates = {count, token, expert, priority, gates};
     CM_TRY(router_finish(ctx, r, tokens, k, &candidates, out));
     /* f counts the kept assignments (after dropping), as the experts saw them. */
-    ag_tensor *aux = router_switch_loss(ctx, probs, out->stats.tokens_per_expert, k, aux_coef);
-    out->aux_loss = router_add_losses(ctx, aux, router_z_loss(ctx, logits, z_coef));
+    ag_tensor *aux =
+        router_switch_loss(ctx, probs, out->stats.tokens_per_expert, k, aux_coef, call);
+    out->aux_loss = router_add_losses(ctx, aux, router_z_loss(ctx, logits, z_coef, call));
     out->stats.entropy = router_mean_entropy(probs);
     out->stats.k = k;
     return ag_ctx_status(ctx);

@@ -1,0 +1,33 @@
+/* Token exchange for expert parallelism, as autograd ops.
+ *
+ * The MoE layer sorts its token slots by expert, so the rows bound for each
+ * rank of the EP group are contiguous (ranks own consecutive experts). Then:
+ *   1. dispatch_exchange_counts: MPI_Alltoall of the per-expert row counts,
+ *      so each rank learns how many rows each source sends for each of its
+ *      experts;
+ *   2. ag_all_to_all: MPI_Alltoallv of the rows themselves;
+ *   and after the experts the same op in reverse brings the results home.
+ * The backward of ag_all_to_all is the reverse exchange of the gradients,
+ * run by every rank at the same point of its (identical) tape, so the
+ * collectives match. With a group of one rank the exchange is a copy on the
+ * same code path. */
+#ifndef CMOE_PARALLEL_DISPATCH_H
+#define CMOE_PARALLEL_DISPATCH_H
+
+#include <mpi.h>
+
+#include "autograd/ops.h"
+
+/* send[p * per_rank + j] rows go to rank p for its j-th local expert;
+ * recv[p * per_rank + j] rows arrive from rank p for this rank's j-th expert. */
+cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv,
+                                   int per_rank);
+
+/* x [S,D] with send_counts[p] rows for rank p, in rank order -> [R,D] with
+ * recv_counts[p] rows from rank p, in rank order. The count arrays must stay
+ * valid until backward (allocate them from the arena). Returns NULL and sets
+ * the context error if MPI fails. */
+ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
+                         const int32_t *recv_counts, MPI_Comm group);
+
+#endif
