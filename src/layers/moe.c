@@ -1,5 +1,8 @@
 #include "layers/moe.h"
 
+#include "parallel/comm.h"
+#include "parallel/dispatch.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -18,6 +21,14 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
                       c->hidden);
     *moe = (moe_layer){.config = *c, .layer = layer};
     const int E = c->router.num_experts, D = c->d_model, H = c->hidden;
+    const int ranks = c->ep_size > 1 ? c->ep_size : 1;
+    if (E % ranks != 0)
+        return CM_ERR(CM_ERR_INVALID,
+                      "moe.num_experts = %d cannot be split evenly over %d expert-parallel ranks",
+                      E, ranks);
+    moe->local_experts = E / ranks;
+    moe->first_expert = (c->ep_size > 1 ? c->ep_rank : 0) * moe->local_experts;
+    const int L = moe->local_experts;
     char name[AG_PARAM_NAME_MAX];
     snprintf(name, sizeof name, "%s.router", prefix);
     CM_TRY(router_declare(&moe->router, &c->router, layer, D, params, name));
@@ -29,17 +40,97 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
         int shape[3];
         ag_init init;
     } tensors[] = {
-        {"w1", &moe->w1, 3, {E, H, D}, {AG_INIT_NORMAL, 0.0f, c->init_std}},
-        {"b1", &moe->b1, 2, {E, H, 0}, zero},
-        {"w2", &moe->w2, 3, {E, D, H}, {AG_INIT_NORMAL, 0.0f, c->out_std}},
-        {"b2", &moe->b2, 2, {E, D, 0}, zero},
+        {"w1", &moe->w1, 3, {L, H, D}, {AG_INIT_NORMAL, 0.0f, c->init_std}},
+        {"b1", &moe->b1, 2, {L, H, 0}, zero},
+        {"w2", &moe->w2, 3, {L, D, H}, {AG_INIT_NORMAL, 0.0f, c->out_std}},
+        {"b2", &moe->b2, 2, {L, D, 0}, zero},
     };
     for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++) {
         snprintf(name, sizeof name, "%s.experts.%s", prefix, tensors[i].suffix);
         CM_TRY(ag_params_declare(params, name, AG_GROUP_EXPERT, tensors[i].ndim, tensors[i].shape,
                                  tensors[i].init, tensors[i].out));
+        /* Draw each expert's initial values at its global position. */
+        ag_tensor *t = &(*tensors[i].out)->tensor;
+        (*tensors[i].out)->init_index_offset =
+            (uint64_t)moe->first_expert * (uint64_t)(t->numel / L);
     }
     return CM_OK;
+}
+
+/* Who sends how many rows to whom, for one layer call. With a single rank
+ * every array describes the identity and no row moves. */
+typedef struct exchange_plan {
+    int ranks;
+    int32_t *send_rows, *recv_rows; /* [ranks] */
+    int32_t *local_offsets;         /* [local_experts+1] over the received rows */
+    int32_t *to_expert_major;       /* [R]: received row for expert-major position i */
+    int32_t *from_expert_major;     /* [R]: its inverse */
+    int received;
+} exchange_plan;
+
+static cm_status plan_exchange(ag_ctx *ctx, const moe_layer *moe, const int32_t *expert_offsets,
+                               exchange_plan *plan) {
+    const moe_config *c = &moe->config;
+    const int ranks = c->ep_size > 1 ? c->ep_size : 1, L = moe->local_experts;
+    const int E = c->router.num_experts;
+    plan->ranks = ranks;
+    int32_t *send_counts = ag_alloc_ints(ctx, E, "moe exchange");
+    int32_t *recv_counts = ag_alloc_ints(ctx, E, "moe exchange"); /* [source][local expert] */
+    plan->send_rows = ag_alloc_ints(ctx, ranks, "moe exchange");
+    plan->recv_rows = ag_alloc_ints(ctx, ranks, "moe exchange");
+    plan->local_offsets = ag_alloc_ints(ctx, L + 1, "moe exchange");
+    if (!send_counts || !recv_counts || !plan->send_rows || !plan->recv_rows ||
+        !plan->local_offsets)
+        return ag_ctx_status(ctx);
+    for (int e = 0; e < E; e++) send_counts[e] = expert_offsets[e + 1] - expert_offsets[e];
+    CM_TRY(dispatch_exchange_counts(c->ep_group, send_counts, recv_counts, L));
+    plan->received = 0;
+    for (int p = 0; p < ranks; p++) {
+        plan->send_rows[p] = expert_offsets[(p + 1) * L] - expert_offsets[p * L];
+        plan->recv_rows[p] = 0;
+        for (int j = 0; j < L; j++) plan->recv_rows[p] += recv_counts[p * L + j];
+        plan->received += plan->recv_rows[p];
+    }
+    /* Received rows come grouped by source, then local expert; the experts
+     * want them grouped by local expert, then source. */
+    int R = plan->received;
+    plan->to_expert_major = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe exchange");
+    plan->from_expert_major = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe exchange");
+    int32_t *block_start = ag_alloc_ints(ctx, ranks * L, "moe exchange");
+    if (!plan->to_expert_major || !plan->from_expert_major || !block_start)
+        return ag_ctx_status(ctx);
+    for (int i = 0, at = 0; i < ranks * L; i++) {
+        block_start[i] = at;
+        at += recv_counts[i];
+    }
+    int position = 0;
+    for (int j = 0; j < L; j++) {
+        plan->local_offsets[j] = position;
+        for (int p = 0; p < ranks; p++)
+            for (int row = 0; row < recv_counts[p * L + j]; row++, position++) {
+                int received_row = block_start[p * L + j] + row;
+                plan->to_expert_major[position] = received_row;
+                plan->from_expert_major[received_row] = position;
+            }
+    }
+    plan->local_offsets[L] = position;
+    return CM_OK;
+}
+
+/* xs [S,D] in dispatch order -> [R,D] for this rank's experts, expert-major. */
+static ag_tensor *to_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *xs,
+                             const exchange_plan *plan) {
+    ag_tensor *received =
+        ag_all_to_all(ctx, xs, plan->send_rows, plan->recv_rows, moe->config.ep_group);
+    if (plan->ranks == 1) return received; /* already expert-major */
+    return ag_gather_rows(ctx, received, plan->to_expert_major, plan->received);
+}
+
+/* y [R,D] expert-major -> [S,D] back on the tokens' ranks, in dispatch order. */
+static ag_tensor *from_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *y,
+                               const exchange_plan *plan) {
+    if (plan->ranks > 1) y = ag_gather_rows(ctx, y, plan->from_expert_major, plan->received);
+    return ag_all_to_all(ctx, y, plan->recv_rows, plan->send_rows, moe->config.ep_group);
 }
 
 static ag_tensor *activate(ag_ctx *ctx, moe_activation activation, ag_tensor *h) {
@@ -84,11 +175,16 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
 
     const moe_config *c = &moe->config;
     ag_tensor *xs = ag_gather_rows(ctx, x, sorted_token, S);
-    ag_tensor *h = ag_grouped_linear(ctx, xs, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
-                                     expert_offsets);
+    exchange_plan plan = {0};
+    CM_TRY(plan_exchange(ctx, moe, expert_offsets, &plan));
+    /* Rows for the experts here, expert-major: [R,D]. */
+    ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
+    ag_tensor *h = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
+                                     plan.local_offsets);
     h = activate(ctx, c->activation, h);
     ag_tensor *y = ag_grouped_linear(ctx, h, ag_param_tensor(moe->w2), ag_param_tensor(moe->b2),
-                                     expert_offsets);
+                                     plan.local_offsets);
+    y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
     ag_tensor *weighted = ag_mul(ctx, y, ag_reshape(ctx, gates, 2, (int[]){S, 1}));
     result->out = ag_scatter_add_rows(ctx, weighted, sorted_token, T);

@@ -2,7 +2,9 @@
  *
  *   x [T,D] -> router: per token a list of (expert, gate) slots (CSR, S slots)
  *           -> dispatch: a stable counting sort of the slots by expert, so each
- *              expert's rows are contiguous; xs = x[token of slot] [S,D]
+ *              expert's rows are contiguous; xs = x[token of slot] [S,D];
+ *              with expert parallelism the rows travel to the ranks that own
+ *              their experts (parallel/dispatch.h) and come back after
  *           -> experts: per expert e, h = act(xs_e W1_e^T + b1_e) [S_e,H],
  *              y_e = h W2_e^T + b2_e [S_e,D] (one sgemm per expert and matrix;
  *              experts with no rows cost nothing)
@@ -12,8 +14,9 @@
  * Capacity dropping happens in the router: a dropped slot is simply absent,
  * so the token keeps its other experts and the residual carries it.
  *
- * Parameters (expert group, leading dimension = expert):
- *   PREFIX.experts.w1 [E,H,D], .b1 [E,H], .w2 [E,D,H], .b2 [E,D],
+ * Parameters (expert group, leading dimension = this rank's experts; the
+ * values of expert e do not depend on how the experts are sharded):
+ *   PREFIX.experts.w1 [E_local,H,D], .b1 [E_local,H], .w2 [E_local,D,H], .b2 [E_local,D],
  * and the router's PREFIX.router.weight [E,D] (+ bias) in the dense group.
  * Owns: parameter handles; all per-step buffers come from the arena. */
 #ifndef CMOE_LAYERS_MOE_H
@@ -37,13 +40,19 @@ typedef struct moe_config {
     float init_std;       /* w1 init std */
     float out_std;        /* w2 init std (residual projection) */
     router_config router; /* router.num_experts = E */
+    /* Expert parallelism: this rank holds experts
+     * [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges tokens with
+     * the other ranks of ep_group. ep_size 0 or 1: all experts here. */
+    MPI_Comm ep_group;
+    int ep_rank, ep_size;
 } moe_config;
 
 typedef struct moe_layer {
     moe_config config;
     int layer;
     router router;
-    ag_param *w1, *b1, *w2, *b2;
+    int first_expert, local_experts; /* the experts held here */
+    ag_param *w1, *b1, *w2, *b2;     /* [local_experts, ...] */
 } moe_layer;
 
 typedef struct moe_result {
