@@ -377,7 +377,7 @@ START_TEST(test_yaml_shape_errors) {
     expect_text_error("colour: red\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown top-level key 'colour'; valid top-level keys and "
                       "sections: base, name, model, moe, router, data, optim, schedule, train, "
-                      "checkpoint, eval");
+                      "checkpoint, eval, parallel");
     expect_text_error("adversarial:\n  eps: 8\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown section 'adversarial': planned, but this version "
                       "has no adversarial keys");
@@ -561,6 +561,7 @@ static const char *const every_key_overrides[] = {
     "checkpoint.every=0",
     "checkpoint.keep_last=0",
     "eval.split=test",
+    "parallel.expert_parallel=2",
 };
 
 START_TEST(test_round_trip) {

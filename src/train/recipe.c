@@ -328,7 +328,7 @@ typedef struct file_contents {
 
 /* Sections DESIGN.md plans but the key table does not have yet: a clearer
  * message than a did-you-mean. Remove a name when its section lands. */
-static const char *const planned_sections[] = {"adversarial", "parallel"};
+static const char *const planned_sections[] = {"adversarial"};
 
 static cm_status unknown_top_level(yaml_reader *reader, const char *name, int line, int column) {
     for (size_t i = 0; i < sizeof planned_sections / sizeof planned_sections[0]; i++) {

@@ -192,6 +192,10 @@ typedef struct cm_eval_cfg {
     cm_split split;
 } cm_eval_cfg;
 
+typedef struct cm_parallel_cfg {
+    int expert_parallel; /* ranks per expert-parallel group; 0: all ranks */
+} cm_parallel_cfg;
+
 typedef struct cm_recipe {
     char name[CM_RECIPE_NAME_CAP]; /* letters, digits, '.', '_', '-' (a directory name) */
     cm_model_cfg model;
@@ -203,6 +207,7 @@ typedef struct cm_recipe {
     cm_train_cfg train;
     cm_checkpoint_cfg checkpoint;
     cm_eval_cfg eval;
+    cm_parallel_cfg parallel;
 } cm_recipe;
 
 /* Every key at its default. The struct is zeroed first (padding and string

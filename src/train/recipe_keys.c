@@ -121,6 +121,7 @@ const recipe_section recipe_sections[] = {
     {"train", "the training loop"},
     {"checkpoint", "HDF5 checkpoints"},
     {"eval", "evaluation"},
+    {"parallel", "MPI expert and data parallelism (mpirun -np N)"},
 };
 const int recipe_sections_total = (int)(sizeof recipe_sections / sizeof recipe_sections[0]);
 
@@ -285,6 +286,9 @@ const recipe_key recipe_keys[] = {
 
     KEY_ENUM("eval", "split", eval.split, cm_split, split_names, "valid",
              "split evaluated during and after training"),
+    KEY_INT("parallel", "expert_parallel", parallel.expert_parallel, "0", "[0, 65536]",
+            "ranks that share one copy of the experts (EP); 0 means all ranks; the rest of the "
+            "world is data parallel (DP = ranks / EP)"),
 };
 const int recipe_keys_total = (int)(sizeof recipe_keys / sizeof recipe_keys[0]);
 
