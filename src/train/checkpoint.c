@@ -9,6 +9,8 @@
 
 #include "common/check.h"
 
+#include <stdint.h>
+
 static const char FORMAT_NAME[] = "cmoe-ckpt";
 
 /* HDF5 prints its error stack by default; cmoe reports errors itself. */
@@ -89,9 +91,11 @@ static herr_t write_dataset(hid_t group, const char *name, const ag_tensor *shap
     return status;
 }
 
-/* Reads dataset `name` of `group` into `data` after checking its shape. */
+/* Reads dataset `name` of `group` into `data` after checking its shape. The
+ * file holds `shards` times the parameter's leading dimension (expert tensors
+ * in their global layout); this rank reads rows [shard * rows, (shard+1) rows). */
 static cm_status read_dataset(const char *path, hid_t group, const char *group_name,
-                              const ag_param *param, float *data) {
+                              const ag_param *param, float *data, int shard, int shards) {
     if (H5Lexists(group, param->name, H5P_DEFAULT) <= 0)
         return CM_ERR(CM_ERR_FORMAT, "%s: no dataset /%s/%s; the checkpoint is of another model",
                       path, group_name, param->name);
@@ -104,12 +108,22 @@ static cm_status read_dataset(const char *path, hid_t group, const char *group_n
     hsize_t dims[AG_MAX_DIMS] = {0};
     bool same = ndim == param->tensor.ndim;
     if (same && H5Sget_simple_extent_dims(space, dims, NULL) < 0) same = false;
-    for (int i = 0; same && i < ndim; i++) same = dims[i] == (hsize_t)param->tensor.shape[i];
-    H5Sclose(space);
+    ag_tensor global = param->tensor; /* the shape the file should have */
+    global.shape[0] *= shards;
+    for (int i = 0; same && i < ndim; i++) same = dims[i] == (hsize_t)global.shape[i];
     cm_status status = CM_OK;
+    hid_t memory = H5S_ALL, selection = H5S_ALL;
+    if (same && shards > 1) { /* this rank's rows of the leading dimension */
+        hsize_t start[AG_MAX_DIMS] = {0}, count[AG_MAX_DIMS];
+        for (int i = 0; i < ndim; i++) count[i] = (hsize_t)param->tensor.shape[i];
+        start[0] = (hsize_t)shard * (hsize_t)param->tensor.shape[0];
+        H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
+        memory = H5Screate_simple(ndim, count, NULL);
+        selection = space;
+    }
     if (!same) {
         char want[64], got[96] = "[";
-        ag_shape_str(&param->tensor, want, sizeof want);
+        ag_shape_str(&global, want, sizeof want);
         for (int i = 0; i < ndim && i < AG_MAX_DIMS; i++)
             snprintf(got + strlen(got), sizeof got - strlen(got), i ? ",%llu" : "%llu",
                      (unsigned long long)dims[i]);
@@ -118,20 +132,30 @@ static cm_status read_dataset(const char *path, hid_t group, const char *group_n
                         "%s: /%s/%s has shape %s in the checkpoint but %s in the model; the "
                         "checkpoint is of another model shape",
                         path, group_name, param->name, got, want);
-    } else if (H5Dread(dataset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+    } else if (H5Dread(dataset, H5T_NATIVE_FLOAT, memory, selection, H5P_DEFAULT, data) < 0) {
         status = CM_ERR(CM_ERR_FORMAT,
                         "%s: cannot read /%s/%s: checksum mismatch or truncated data (corrupted "
                         "checkpoint)",
                         path, group_name, param->name);
     }
+    if (memory != H5S_ALL) H5Sclose(memory);
+    H5Sclose(space);
     H5Dclose(dataset);
     return status;
 }
 
 /* ---- save ------------------------------------------------------------------ */
 
-static cm_status write_file(const char *path, const ag_params *params, const ckpt_meta *meta,
-                            const char *recipe_text) {
+/* What is written for one parameter: its global shape and where its
+ * values and moments are (gathered copies for sharded expert tensors). */
+typedef struct ckpt_entry {
+    const ag_param *param;
+    ag_tensor shape; /* global shape */
+    const float *data, *m, *v;
+} ckpt_entry;
+
+static cm_status write_file(const char *path, const ckpt_entry *entries, int count,
+                            const ckpt_meta *meta, const char *recipe_text) {
     hid_t access = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_LATEST);
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, access);
@@ -152,10 +176,9 @@ static cm_status write_file(const char *path, const ag_params *params, const ckp
     hid_t first = optim < 0 ? -1 : H5Gcreate2(optim, "m", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     hid_t second = optim < 0 ? -1 : H5Gcreate2(optim, "v", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     failed |= values < 0 || optim < 0 || first < 0 || second < 0;
-    for (int i = 0; i < params->count && !failed; i++) {
-        const ag_param *param = params->items[i];
-        const ag_param_buffer *buffer = &params->buffers[param->group];
-        failed |= write_dataset(values, param->name, &param->tensor, param->tensor.data) < 0;
+    for (int i = 0; i < count && !failed; i++) {
+        const ag_param *param = entries[i].param;
+        failed |= write_dataset(values, param->name, &entries[i].shape, entries[i].data) < 0;
         hid_t dataset = failed ? -1 : H5Dopen2(values, param->name, H5P_DEFAULT);
         if (dataset >= 0) {
             const int frozen = param->frozen, expert = param->group == AG_GROUP_EXPERT;
@@ -166,8 +189,8 @@ static cm_status write_file(const char *path, const ag_params *params, const ckp
             H5Dclose(dataset);
         }
         if (param->frozen) continue;
-        failed |= write_dataset(first, param->name, &param->tensor, buffer->m + param->offset) < 0;
-        failed |= write_dataset(second, param->name, &param->tensor, buffer->v + param->offset) < 0;
+        failed |= write_dataset(first, param->name, &entries[i].shape, entries[i].m) < 0;
+        failed |= write_dataset(second, param->name, &entries[i].shape, entries[i].v) < 0;
     }
     if (first >= 0) H5Gclose(first);
     if (second >= 0) H5Gclose(second);
@@ -178,13 +201,14 @@ static cm_status write_file(const char *path, const ag_params *params, const ckp
     return CM_OK;
 }
 
-cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
-                    const char *recipe_text) {
+/* Writes entries to path.tmp, then renames it to path. */
+static cm_status write_atomically(const char *path, const ckpt_entry *entries, int count,
+                                  const ckpt_meta *meta, const char *recipe_text) {
     silence_hdf5();
     char temporary[4096];
     if ((size_t)snprintf(temporary, sizeof temporary, "%s.tmp", path) >= sizeof temporary)
         return CM_ERR(CM_ERR_INVALID, "checkpoint path too long: %s", path);
-    cm_status status = write_file(temporary, params, meta, recipe_text);
+    cm_status status = write_file(temporary, entries, count, meta, recipe_text);
     if (status != CM_OK) {
         remove(temporary);
         return status;
@@ -192,6 +216,75 @@ cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *
     if (rename(temporary, path) != 0) {
         status = CM_ERR(CM_ERR_IO, "cannot rename %s to %s: %s", temporary, path, strerror(errno));
         remove(temporary);
+    }
+    return status;
+}
+
+static ckpt_entry local_entry(const ag_params *params, const ag_param *param) {
+    const ag_param_buffer *buffer = &params->buffers[param->group];
+    return (ckpt_entry){param, param->tensor, param->tensor.data, buffer->m + param->offset,
+                        buffer->v + param->offset};
+}
+
+cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
+                    const char *recipe_text) {
+    return ckpt_save_sharded(path, params, meta, recipe_text, NULL);
+}
+
+/* Gathers `local` (count floats per rank) of the EP group to its rank 0. */
+static cm_status gather_shards(const cm_comm *comm, const float *local, int64_t count,
+                               float *global) {
+    if (count > INT32_MAX) return CM_ERR(CM_ERR_INVALID, "expert tensor too large to gather");
+    int code = MPI_Gather(local, (int)count, MPI_FLOAT, global, (int)count, MPI_FLOAT, 0, comm->ep);
+    return code == MPI_SUCCESS ? CM_OK : CM_ERR(CM_ERR_MPI, "MPI_Gather of expert shards failed");
+}
+
+cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckpt_meta *meta,
+                            const char *recipe_text, const cm_comm *comm) {
+    ckpt_entry *entries = calloc((size_t)params->count, sizeof *entries);
+    if (!entries) return CM_ERR(CM_ERR_NOMEM, "out of memory saving %s", path);
+    bool sharded = comm && comm->ep_size > 1;
+    bool writer = !comm || comm->world_rank == 0;
+    /* Only the first EP group gathers; world rank 0 is its rank 0. */
+    bool gathers = sharded && comm->dp_rank == 0;
+    cm_status status = CM_OK;
+    float *copies[3 * 1024] = {0};
+    int n_copies = 0;
+    for (int i = 0; i < params->count && status == CM_OK; i++) {
+        const ag_param *param = params->items[i];
+        entries[i] = local_entry(params, param);
+        if (!sharded || param->group != AG_GROUP_EXPERT) continue;
+        entries[i].shape.shape[0] *= comm->ep_size;
+        entries[i].shape.numel *= comm->ep_size;
+        if (!gathers) continue;
+        const float *sources[3] = {entries[i].data, entries[i].m, entries[i].v};
+        const float **targets[3] = {&entries[i].data, &entries[i].m, &entries[i].v};
+        for (int j = 0; j < 3 && status == CM_OK; j++) {
+            float *global = NULL;
+            if (writer) {
+                if (n_copies == (int)(sizeof copies / sizeof copies[0])) {
+                    status = CM_ERR(CM_ERR_INVALID, "too many expert tensors to checkpoint");
+                    break;
+                }
+                global = copies[n_copies++] =
+                    malloc((size_t)entries[i].shape.numel * sizeof(float));
+                if (!global) status = CM_ERR(CM_ERR_NOMEM, "out of memory saving %s", path);
+            }
+            if (status == CM_OK)
+                status = gather_shards(comm, sources[j], param->tensor.numel, global);
+            if (writer) *targets[j] = global;
+        }
+    }
+    if (writer && status == CM_OK)
+        status = write_atomically(path, entries, params->count, meta, recipe_text);
+    for (int i = 0; i < n_copies; i++) free(copies[i]);
+    free(entries);
+    if (comm && comm->world_size > 1) {
+        /* Every rank learns whether the writer succeeded. */
+        int code = (int)status;
+        MPI_Bcast(&code, 1, MPI_INT, 0, comm->world);
+        if (!writer && code != CM_OK)
+            status = CM_ERR((cm_status)code, "rank 0 could not write the checkpoint %s", path);
     }
     return status;
 }
@@ -233,7 +326,13 @@ static hsize_t count_links(hid_t group) {
     return H5Gget_info(group, &info) < 0 ? 0 : info.nlinks;
 }
 
-static cm_status load_groups(const char *path, hid_t file, ag_params *params, bool load_optimizer) {
+/* Expert tensors are read as shard `shard` of `shards`; dense ones whole. */
+#define GROUP_SHARD(param)                                                                         \
+    ((param)->group == AG_GROUP_EXPERT ? shard : 0),                                               \
+        ((param)->group == AG_GROUP_EXPERT ? shards : 1)
+
+static cm_status load_groups(const char *path, hid_t file, ag_params *params, bool load_optimizer,
+                             int shard, int shards) {
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
     if (values < 0) return CM_ERR(CM_ERR_FORMAT, "%s: no /params group", path);
     cm_status status = CM_OK;
@@ -243,8 +342,8 @@ static cm_status load_groups(const char *path, hid_t file, ag_params *params, bo
                         "another model",
                         path, (unsigned long long)count_links(values), params->count);
     for (int i = 0; i < params->count && status == CM_OK; i++)
-        status =
-            read_dataset(path, values, "params", params->items[i], params->items[i]->tensor.data);
+        status = read_dataset(path, values, "params", params->items[i],
+                              params->items[i]->tensor.data, GROUP_SHARD(params->items[i]));
     H5Gclose(values);
     if (status != CM_OK || !load_optimizer) return status;
 
@@ -256,9 +355,11 @@ static cm_status load_groups(const char *path, hid_t file, ag_params *params, bo
         ag_param *param = params->items[i];
         if (param->frozen) continue;
         ag_param_buffer *buffer = &params->buffers[param->group];
-        status = read_dataset(path, first, "optim/m", param, buffer->m + param->offset);
+        status = read_dataset(path, first, "optim/m", param, buffer->m + param->offset,
+                              GROUP_SHARD(param));
         if (status == CM_OK)
-            status = read_dataset(path, second, "optim/v", param, buffer->v + param->offset);
+            status = read_dataset(path, second, "optim/v", param, buffer->v + param->offset,
+                                  GROUP_SHARD(param));
     }
     if (first >= 0) H5Gclose(first);
     if (second >= 0) H5Gclose(second);
@@ -266,7 +367,13 @@ static cm_status load_groups(const char *path, hid_t file, ag_params *params, bo
 }
 
 cm_status ckpt_load(const char *path, ag_params *params, ckpt_meta *meta, bool load_optimizer) {
+    return ckpt_load_sharded(path, params, meta, load_optimizer, NULL);
+}
+
+cm_status ckpt_load_sharded(const char *path, ag_params *params, ckpt_meta *meta,
+                            bool load_optimizer, const cm_comm *comm) {
     CM_ASSERT(params->finalized, "ckpt_load needs a finalized parameter registry");
+    int shard = comm ? comm->ep_rank : 0, shards = comm ? comm->ep_size : 1;
     hid_t file;
     CM_TRY(open_checkpoint(path, &file));
     cm_status status = CM_OK;
@@ -275,7 +382,7 @@ cm_status ckpt_load(const char *path, ag_params *params, ckpt_meta *meta, bool l
         read_attr(file, "seed", H5T_NATIVE_UINT64, &read.seed) < 0 ||
         read_attr(file, "optimizer_step", H5T_NATIVE_INT64, &read.optimizer_step) < 0)
         status = CM_ERR(CM_ERR_FORMAT, "%s: missing step/seed/optimizer_step attributes", path);
-    if (status == CM_OK) status = load_groups(path, file, params, load_optimizer);
+    if (status == CM_OK) status = load_groups(path, file, params, load_optimizer, shard, shards);
     H5Fclose(file);
     if (status == CM_OK && meta) *meta = read;
     return status;

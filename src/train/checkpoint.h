@@ -21,6 +21,7 @@
 
 #include "autograd/params.h"
 #include "common/status.h"
+#include "parallel/comm.h"
 
 enum { CKPT_FORMAT_VERSION = 1 };
 
@@ -40,6 +41,18 @@ cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *
  * hold parameters the model lacks. With load_optimizer false, the moments
  * are left untouched (evaluation). */
 cm_status ckpt_load(const char *path, ag_params *params, ckpt_meta *meta, bool load_optimizer);
+
+/* The same under expert parallelism (comm NULL: one process). Collective
+ * over the world: expert tensors are gathered from the first EP group to
+ * world rank 0, which writes them in their global layout [E, ...] (so the
+ * file does not depend on the rank count); every rank learns whether the
+ * write succeeded. */
+cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckpt_meta *meta,
+                            const char *recipe_text, const cm_comm *comm);
+/* Every rank reads the file; expert tensors read this rank's experts (the
+ * file's leading dimension must be E = local experts x EP ranks). */
+cm_status ckpt_load_sharded(const char *path, ag_params *params, ckpt_meta *meta,
+                            bool load_optimizer, const cm_comm *comm);
 
 /* The recipe text stored in a checkpoint (malloc'd; caller frees). */
 cm_status ckpt_read_recipe(const char *path, char **recipe_text);
