@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "parallel/comm.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/recipe.h"
@@ -130,12 +131,22 @@ static int command_train(int argc, char **argv) {
         }
     }
     if (!recipe_path) return usage_error("train", "missing RECIPE%s", "");
+    if (comm_start(&argc, &argv) != CM_OK) return fail("train");
+    /* Every rank reads the recipe; an error is the same everywhere, so only
+     * rank 0 reports it and all ranks exit without hanging. */
     cm_recipe recipe;
     if (recipe_load(recipe_path, overrides, n_overrides, &recipe) != CM_OK) {
-        fprintf(stderr, "%s\n", cm_error_message());
+        if (cm_log_rank() == 0) fprintf(stderr, "%s\n", cm_error_message());
+        comm_stop();
         return EXIT_FAILURE;
     }
-    if (!quiet) {
+    cm_comm comm;
+    if (comm_init(&comm, recipe.parallel.expert_parallel) != CM_OK) {
+        if (cm_log_rank() == 0) fprintf(stderr, "cmoe train: %s\n", cm_error_message());
+        comm_stop();
+        return EXIT_FAILURE;
+    }
+    if (!quiet && comm.world_rank == 0) {
         char run_dir[4096];
         recipe_run_dir(&recipe, run_dir, sizeof run_dir);
         printf("[cmoe] recipe %s -> %s\n", recipe_path, run_dir);
@@ -144,15 +155,29 @@ static int command_train(int argc, char **argv) {
                recipe.model.n_layers, recipe.model.d_model, recipe.model.n_heads, recipe.model.d_ff,
                recipe.data.seq_len, recipe.data.batch_size, (long long)recipe.train.steps,
                recipe.data.path);
+        if (comm.world_size > 1)
+            printf("[cmoe] %d ranks: %d expert-parallel x %d data-parallel\n", comm.world_size,
+                   comm.ep_size, comm.dp_size);
     }
     struct sigaction action = {0};
     action.sa_handler = on_stop_signal;
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
-    trainer_options options = {resume, &stop_requested, quiet, stop_at};
+    trainer_options options = {resume, &stop_requested, quiet, stop_at, &comm};
     trainer_result result;
-    if (trainer_run(&recipe, &options, &result) != CM_OK) return fail("train");
+    if (trainer_run(&recipe, &options, &result) != CM_OK) {
+        /* The failure may be this rank's alone: end the whole job now. */
+        char reason[2300];
+        snprintf(reason, sizeof reason, "cmoe train: %s", cm_error_message());
+        if (comm.world_size > 1) comm_abort(reason);
+        fprintf(stderr, "%s\n", reason);
+        comm_free(&comm);
+        comm_stop();
+        return EXIT_FAILURE;
+    }
+    comm_free(&comm);
+    comm_stop();
     return result.interrupted ? EXIT_INTERRUPTED : 0;
 }
 
@@ -173,7 +198,7 @@ static int eval_sweep(const cm_recipe *recipe, const char *checkpoint, cm_split 
     for (int i = 0; i < n; i++) {
         double loss;
         int64_t tokens;
-        if (trainer_evaluate(recipe, checkpoint, split, max_batches, ks[i], &loss, &tokens) !=
+        if (trainer_evaluate(recipe, checkpoint, split, max_batches, ks[i], &loss, &tokens, NULL) !=
             CM_OK)
             return fail("eval");
         bpc[i] = loss / LN2;
@@ -252,7 +277,7 @@ static int command_eval(int argc, char **argv) {
         return eval_sweep(&recipe, checkpoint, split, split_names[split], max_batches, out_dir);
     double loss;
     int64_t tokens;
-    if (trainer_evaluate(&recipe, checkpoint, split, max_batches, 0, &loss, &tokens) != CM_OK)
+    if (trainer_evaluate(&recipe, checkpoint, split, max_batches, 0, &loss, &tokens, NULL) != CM_OK)
         return fail("eval");
     printf("%s split: loss %.6f nats/byte, bpc %.6f over %lld bytes\n", split_names[split], loss,
            loss / LN2, (long long)tokens);

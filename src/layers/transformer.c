@@ -98,7 +98,9 @@ static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
                         .k_override = args->k_override,
                         .pass = args->pass,
                         .seq_len = args->seq_len,
-                        .first_token = args->first_row * (uint64_t)args->seq_len};
+                        .first_token = args->first_row * (uint64_t)args->seq_len,
+                        .group = args->group,
+                        .global_tokens = args->global_tokens};
     moe_result result;
     ag_tensor *flat = ag_reshape(ctx, h, 2, (int[]){tokens, D});
     if (moe_forward(ctx, &b->moe, flat, &call, &result) != CM_OK) return NULL;

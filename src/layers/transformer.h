@@ -82,6 +82,10 @@ typedef struct lm_forward_args {
     int k_override;        /* > 0: routers use this k (evaluation sweeps) */
     int pass;              /* THOR: forward pass index within the step */
     lm_moe_report *report; /* may be NULL */
+    /* Data parallelism: the ranks sharing the global batch (0: this process
+     * alone) and its token count (0: this call's); see router_call. */
+    MPI_Comm group;
+    int64_t global_tokens;
 } lm_forward_args;
 
 /* -> logits [B*T, V]; NULL if the context failed (see ag_ctx_status). */

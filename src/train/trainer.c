@@ -23,6 +23,9 @@ enum { PATH_CAPACITY = 4096 };
 /* Everything a run holds; released by run_free. */
 typedef struct run {
     const cm_recipe *recipe;
+    const cm_comm *comm; /* NULL: one process */
+    int rank, ranks;     /* in the world */
+    bool leader;         /* world rank 0: prints, logs, writes files */
     char *recipe_text;
     char run_dir[PATH_CAPACITY], checkpoint_dir[PATH_CAPACITY];
     ag_params params;
@@ -43,6 +46,11 @@ typedef struct run {
     int window_reports;
     double window_aux;
 } run;
+
+/* The ranks sharing the global batch (0: this process alone). */
+static MPI_Comm world(const run *r) {
+    return r->comm ? r->comm->world : (MPI_Comm)0;
+}
 
 static void run_free(run *r) {
     free(r->window_load);
@@ -103,6 +111,16 @@ static bool is_thor(const cm_recipe *recipe) {
 static cm_status build_model(run *r) {
     const cm_recipe *recipe = r->recipe;
     lm_config config = full_model_config(recipe);
+    if (r->comm && recipe->moe.enabled) {
+        CM_TRY(comm_check_experts(r->comm, recipe->moe.num_experts));
+        config.moe.ep_group = r->comm->ep;
+        config.moe.ep_rank = r->comm->ep_rank;
+        config.moe.ep_size = r->comm->ep_size;
+    }
+    if (recipe->data.batch_size < r->ranks)
+        return CM_ERR(CM_ERR_INVALID,
+                      "data.batch_size = %d is smaller than the %d ranks of the job",
+                      recipe->data.batch_size, r->ranks);
     CM_TRY(lm_declare(&r->model, &config, &r->params));
     for (int l = 0; l < config.n_layer; l++) r->moe_layers += r->model.blocks[l].is_moe;
     r->num_experts = recipe->moe.enabled ? recipe->moe.num_experts : 0;
@@ -137,31 +155,43 @@ static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batch
     const cm_recipe *recipe = r->recipe;
     const int B = recipe->data.batch_size, T = recipe->data.seq_len;
     text_eval_iter iter;
-    CM_TRY(text_eval_begin(&iter, dataset, B, T, 0, 1, max_batches));
+    CM_TRY(text_eval_begin(&iter, dataset, B, T, r->rank, r->ranks, max_batches));
     bool previous = ag_set_grad_enabled(&r->ctx, false);
-    double total = 0.0;
-    int64_t tokens = 0;
+    double sums[2] = {0.0, 0.0}; /* loss x tokens, tokens */
     cm_status status = CM_OK;
     for (;;) {
-        int rows = 0;
-        if (text_eval_next(&iter, r->inputs, r->targets, &rows) == 0) break;
+        int64_t batch_first = iter.next_window;
+        int rows = 0, windows = text_eval_next(&iter, r->inputs, r->targets, &rows);
+        if (windows == 0) break;
+        /* A rank with no rows of a short last batch still runs the MoE
+         * layers' exchanges with the others. */
+        if (rows == 0 && r->moe_layers == 0) continue;
         ag_ctx_reset(&r->ctx);
-        lm_forward_args args = {.ids = r->inputs,
-                                .batch = rows,
-                                .seq_len = T,
-                                .seed = (uint64_t)recipe->train.seed,
-                                .k_override = k_override};
-        ag_tensor *loss = lm_loss(&r->ctx, lm_forward(&r->ctx, &r->model, &args), r->targets);
+        lm_forward_args args = {
+            .ids = r->inputs,
+            .batch = rows,
+            .seq_len = T,
+            .seed = (uint64_t)recipe->train.seed,
+            .first_row = (uint64_t)(batch_first + text_rank_rows(windows, r->rank, r->ranks).begin),
+            .k_override = k_override,
+            .group = world(r),
+            .global_tokens = (int64_t)windows * T};
+        ag_tensor *logits = lm_forward(&r->ctx, &r->model, &args);
+        if (rows > 0) {
+            ag_tensor *loss = lm_loss(&r->ctx, logits, r->targets);
+            if ((status = ag_ctx_status(&r->ctx)) != CM_OK) break;
+            sums[0] += (double)loss->data[0] * rows * T;
+            sums[1] += (double)rows * T;
+        }
         if ((status = ag_ctx_status(&r->ctx)) != CM_OK) break;
-        total += (double)loss->data[0] * rows * T;
-        tokens += (int64_t)rows * T;
     }
     ag_set_grad_enabled(&r->ctx, previous);
     ag_ctx_reset(&r->ctx);
     CM_TRY(status);
-    if (tokens == 0) return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
-    *mean_loss = total / (double)tokens;
-    if (tokens_out) *tokens_out = tokens;
+    CM_TRY(comm_sum_doubles(world(r), sums, 2));
+    if (sums[1] == 0) return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
+    *mean_loss = sums[0] / sums[1];
+    if (tokens_out) *tokens_out = (int64_t)sums[1];
     return CM_OK;
 }
 
@@ -169,9 +199,9 @@ static cm_status save_checkpoint(run *r, int64_t step, trainer_result *result) {
     char path[PATH_CAPACITY];
     ckpt_path_for_step(r->checkpoint_dir, step, path, sizeof path);
     ckpt_meta meta = {step, (uint64_t)r->recipe->train.seed, r->optim_state.step};
-    CM_TRY(ckpt_save(path, &r->params, &meta, r->recipe_text));
+    CM_TRY(ckpt_save_sharded(path, &r->params, &meta, r->recipe_text, r->comm));
     snprintf(result->last_checkpoint, sizeof result->last_checkpoint, "%s", path);
-    if (r->recipe->checkpoint.keep_last > 0)
+    if (r->leader && r->recipe->checkpoint.keep_last > 0)
         CM_TRY(ckpt_prune(r->checkpoint_dir, r->recipe->checkpoint.keep_last));
     return CM_OK;
 }
@@ -189,7 +219,7 @@ static cm_status resume_from(run *r, const char *resume, int64_t *start_step) {
         snprintf(path, sizeof path, "%s", resume);
     }
     ckpt_meta meta;
-    CM_TRY(ckpt_load(path, &r->params, &meta, true));
+    CM_TRY(ckpt_load_sharded(path, &r->params, &meta, true, r->comm));
     if (meta.seed != (uint64_t)r->recipe->train.seed)
         return CM_ERR(CM_ERR_INVALID,
                       "%s was trained with train.seed %llu but the recipe says %lld; resuming "
@@ -238,8 +268,17 @@ static void record_routing(run *r, const lm_moe_report *report) {
 }
 
 /* One "kind": "moe" line per MoE layer, then the window starts again. */
-static void log_routing(run *r, cm_metrics *metrics, int64_t step) {
-    if (r->moe_layers == 0 || r->window_reports == 0) return;
+static cm_status log_routing(run *r, cm_metrics *metrics, int64_t step) {
+    if (r->moe_layers == 0 || r->window_reports == 0) return CM_OK;
+    if (r->ranks > 1) { /* the statistics of the global batch */
+        MPI_Comm group = world(r);
+        CM_TRY(comm_sum_int64(group, r->window_load, r->moe_layers * r->num_experts));
+        CM_TRY(comm_sum_int64(group, r->window_slots, r->moe_layers));
+        CM_TRY(comm_sum_int64(group, r->window_dropped, r->moe_layers));
+        CM_TRY(comm_sum_int64(group, &r->window_tokens, 1));
+        CM_TRY(comm_sum_doubles(group, r->window_entropy, r->moe_layers));
+        for (int i = 0; i < r->moe_layers; i++) r->window_entropy[i] /= r->ranks;
+    }
     for (int i = 0; i < r->moe_layers; i++) {
         const int64_t *load = r->window_load + (size_t)i * (size_t)r->num_experts;
         int64_t max_load = 0;
@@ -270,6 +309,7 @@ static void log_routing(run *r, cm_metrics *metrics, int64_t step) {
     memset(r->window_entropy, 0, sizeof r->window_entropy);
     r->window_tokens = 0;
     r->window_reports = 0;
+    return CM_OK;
 }
 
 /* Mean activated experts per token over the MoE layers of the window. */
@@ -282,26 +322,53 @@ static double window_mean_k(const run *r) {
 
 /* One optimizer step at 0-based index `step`; returns the language-model loss
  * (nats; THOR: the mean of its two passes' cross-entropies). */
+/* Expert-group gradient norms live on different ranks: sum them over the
+ * EP group (the dense part is already the same everywhere after its
+ * all-reduce, and DP replicas of an expert hold the same gradient). */
+static cm_status sum_expert_norms(double group_sq[AG_NUM_GROUPS], void *user) {
+    const cm_comm *comm = user;
+    return comm_sum_doubles(comm->ep, &group_sq[AG_GROUP_EXPERT], 1);
+}
+
+/* Sums the gradients of this step over the ranks that share them. */
+static cm_status reduce_gradients(run *r) {
+    if (!r->comm || r->ranks == 1) return CM_OK;
+    ag_param_buffer *dense = &r->params.buffers[AG_GROUP_DENSE];
+    ag_param_buffer *expert = &r->params.buffers[AG_GROUP_EXPERT];
+    CM_TRY(comm_sum_floats(r->comm->world, dense->grad, (int64_t)dense->numel));
+    return comm_sum_floats(r->comm->dp, expert->grad, (int64_t)expert->numel);
+}
+
+/* One optimizer step at 0-based index `step`; returns the language-model loss
+ * of the global batch (nats; THOR: the mean of its two passes'). Each rank
+ * takes its rows of the global batch and scales its per-token means by its
+ * share of the tokens, so the gradients summed over the ranks are those of
+ * the whole batch. */
 static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad_norm) {
     const cm_recipe *recipe = r->recipe;
     const int B = recipe->data.batch_size, T = recipe->data.seq_len;
     const uint64_t seed = (uint64_t)recipe->train.seed;
-    CM_TRY(text_dataset_batch(&r->train, seed, (uint64_t)step, B, T, text_rank_rows(B, 0, 1),
-                              r->inputs, r->targets));
+    text_row_range rows = text_rank_rows(B, r->rank, r->ranks);
+    const int local_rows = rows.end - rows.begin;
+    const float share = (float)local_rows / (float)B;
+    CM_TRY(text_dataset_batch(&r->train, seed, (uint64_t)step, B, T, rows, r->inputs, r->targets));
     ag_ctx_reset(&r->ctx);
     ag_params_zero_grad(&r->params);
     ag_ctx *ctx = &r->ctx;
     lm_moe_report report;
     lm_forward_args args = {.ids = r->inputs,
-                            .batch = B,
+                            .batch = local_rows,
                             .seq_len = T,
                             .training = true,
                             .seed = seed,
                             .step = (uint64_t)step,
-                            .report = &report};
+                            .first_row = (uint64_t)rows.begin,
+                            .report = &report,
+                            .group = world(r),
+                            .global_tokens = (int64_t)B * T};
     ag_tensor *logits = lm_forward(ctx, &r->model, &args);
-    ag_tensor *lm = lm_loss(ctx, logits, r->targets);
-    ag_tensor *total = lm;
+    ag_tensor *lm = ag_scale(ctx, lm_loss(ctx, logits, r->targets), share);
+    ag_tensor *total = lm, *lm2 = NULL;
     ag_tensor *aux = report.aux_loss;
     if (is_thor(recipe)) {
         /* THOR: a second pass with its own expert draws and dropout masks;
@@ -311,33 +378,45 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
         second.pass = 1;
         second.report = &second_report;
         ag_tensor *logits2 = lm_forward(ctx, &r->model, &second);
-        ag_tensor *lm2 = lm_loss(ctx, logits2, r->targets);
+        lm2 = ag_scale(ctx, lm_loss(ctx, logits2, r->targets), share);
         ag_tensor *consistency = lm_thor_consistency(ctx, logits, logits2);
         total = ag_add(ctx, ag_add(ctx, lm, lm2),
-                       ag_scale(ctx, consistency, (float)recipe->router.thor_alpha));
+                       ag_scale(ctx, consistency, (float)recipe->router.thor_alpha * share));
         CM_TRY(ag_ctx_status(ctx));
         record_routing(r, &second_report);
-        *loss_out = 0.5 * ((double)lm->data[0] + (double)lm2->data[0]);
     }
     if (aux) total = ag_add(ctx, total, aux);
     CM_TRY(ag_ctx_status(ctx));
-    if (!is_thor(recipe)) *loss_out = lm->data[0];
     record_routing(r, &report);
-    if (aux) r->window_aux += aux->data[0];
-    if (!isfinite(total->data[0]))
+    /* The global batch's values: lm, the second pass's lm, aux, total. */
+    double values[4] = {lm->data[0], lm2 ? lm2->data[0] : 0.0, aux ? aux->data[0] : 0.0,
+                        total->data[0]};
+    CM_TRY(comm_sum_doubles(world(r), values, 4));
+    *loss_out = lm2 ? 0.5 * (values[0] + values[1]) : values[0];
+    r->window_aux += values[2];
+    if (!isfinite(values[3]))
         return CM_ERR(CM_ERR_NUMERIC,
                       "the loss is %g at step %lld; lower optim.lr or set optim.grad_clip",
-                      (double)total->data[0], (long long)step + 1);
+                      values[3], (long long)step + 1);
     CM_TRY(ag_backward(ctx, total));
+    CM_TRY(reduce_gradients(r));
     *grad_norm = NAN;
-    if (recipe->optim.grad_clip > 0)
-        CM_TRY(optim_clip_grad_norm(&r->params, recipe->optim.grad_clip, grad_norm));
+    if (recipe->optim.grad_clip > 0) {
+        optim_norm_reducer reducer = {r->comm && r->ranks > 1 ? sum_expert_norms : NULL,
+                                      (void *)r->comm};
+        CM_TRY(
+            optim_clip_grad_norm_reduced(&r->params, recipe->optim.grad_clip, &reducer, grad_norm));
+    }
     optim_step(&r->params, &r->optim, optim_lr_at(&r->schedule, step), &r->optim_state);
     return CM_OK;
 }
 
-static cm_status prepare(run *r, const cm_recipe *recipe) {
+static cm_status prepare(run *r, const cm_recipe *recipe, const cm_comm *comm) {
     r->recipe = recipe;
+    r->comm = comm;
+    r->rank = comm ? comm->world_rank : 0;
+    r->ranks = comm ? comm->world_size : 1;
+    r->leader = r->rank == 0;
     size_t length = recipe_format(recipe, NULL, 0);
     r->recipe_text = malloc(length + 1);
     if (!r->recipe_text) return CM_ERR(CM_ERR_NOMEM, "out of memory");
@@ -360,10 +439,10 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
     int64_t start = 0;
     if (options->resume) CM_TRY(resume_from(r, options->resume, &start));
     cm_metrics metrics = {0};
-    CM_TRY(metrics_open(&metrics, r->run_dir, start > 0 ? start : -1));
+    if (r->leader) CM_TRY(metrics_open(&metrics, r->run_dir, start > 0 ? start : -1));
 
     cm_progress progress;
-    progress_init(&progress, stdout, start, train->steps, !options->quiet);
+    progress_init(&progress, stdout, start, train->steps, !options->quiet && r->leader);
     const double tokens_per_step = (double)recipe->data.batch_size * recipe->data.seq_len;
     if (start > 0) progress_print(&progress, "resumed from step %lld", (long long)start);
     cm_status status = CM_OK;
@@ -398,7 +477,7 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
                 window_mean_k(r), optim_lr_at(&r->schedule, step - 1),
                 isnan(grad_norm) ? -1.0 : grad_norm, rate);
             result->mean_k = window_mean_k(r);
-            log_routing(r, &metrics, step);
+            if ((status = log_routing(r, &metrics, step)) != CM_OK) break;
             r->window_aux = 0.0;
             window_loss = 0.0;
             window_steps = 0;
@@ -419,6 +498,11 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         }
         bool stop = (options->stop_requested && *options->stop_requested) ||
                     (options->stop_at_step > 0 && step >= options->stop_at_step);
+        if (r->ranks > 1) { /* a signal may reach only some ranks: stop together */
+            int64_t any = stop;
+            if ((status = comm_sum_int64(world(r), &any, 1)) != CM_OK) break;
+            stop = any > 0;
+        }
         bool periodic = recipe->checkpoint.every > 0 && step % recipe->checkpoint.every == 0;
         if (periodic || stop || step == train->steps) {
             if ((status = save_checkpoint(r, step, result)) != CM_OK) break;
@@ -450,7 +534,7 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         }
     }
     metrics_close(&metrics);
-    if (status == CM_OK && metrics_plot(r->run_dir) == CM_OK)
+    if (status == CM_OK && r->leader && metrics_plot(r->run_dir) == CM_OK)
         progress_print(&progress, "curves: %s/curves.png", r->run_dir);
     return status;
 }
@@ -459,21 +543,21 @@ cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
                       trainer_result *result) {
     *result = (trainer_result){.last_valid_bpc = NAN, .test_bpc = NAN};
     run r = {0};
-    cm_status status = prepare(&r, recipe);
+    cm_status status = prepare(&r, recipe, options->comm);
     if (status == CM_OK) status = train_loop(&r, options, result);
     run_free(&r);
     return status;
 }
 
 cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_split split,
-                           int64_t max_batches, int k_override, double *mean_loss,
-                           int64_t *tokens) {
+                           int64_t max_batches, int k_override, double *mean_loss, int64_t *tokens,
+                           const cm_comm *comm) {
     run r = {0};
-    cm_status status = prepare(&r, recipe);
+    cm_status status = prepare(&r, recipe, comm);
     const char *paths[CM_SPLIT_COUNT] = {recipe->data.valid_path, recipe->data.test_path,
                                          recipe->data.path};
     const char *names[CM_SPLIT_COUNT] = {"valid_path", "test_path", "path"};
-    if (status == CM_OK) status = ckpt_load(checkpoint, &r.params, NULL, false);
+    if (status == CM_OK) status = ckpt_load_sharded(checkpoint, &r.params, NULL, false, comm);
     if (status == CM_OK) status = open_split(paths[split], names[split], &r.test);
     if (k_override <= 0) k_override = recipe->router.eval_k;
     if (status == CM_OK && k_override > 0 && !recipe->moe.enabled)

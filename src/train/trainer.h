@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
+#include "parallel/comm.h"
 #include "train/recipe.h"
 
 typedef struct trainer_options {
@@ -26,6 +27,7 @@ typedef struct trainer_options {
     volatile sig_atomic_t *stop_requested; /* set by a signal handler; may be NULL */
     bool quiet;                            /* no progress output (tests) */
     int64_t stop_at_step; /* > 0: save a checkpoint and stop once this step is done */
+    const cm_comm *comm;  /* MPI groups (NULL: one process); every rank calls trainer_run */
 } trainer_options;
 
 typedef struct trainer_result {
@@ -47,6 +49,7 @@ cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
  * (max_batches <= 0: every batch). Routers use k_override experts per token
  * when > 0, else router.eval_k, else router.k. */
 cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_split split,
-                           int64_t max_batches, int k_override, double *mean_loss, int64_t *tokens);
+                           int64_t max_batches, int k_override, double *mean_loss, int64_t *tokens,
+                           const cm_comm *comm);
 
 #endif
