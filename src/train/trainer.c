@@ -448,8 +448,19 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
     cm_status status = CM_OK;
     double window_start = cm_now(), run_start = window_start, window_loss = 0.0;
     int64_t window_steps = 0, step = start;
+    /* Test hook: CMOE_FAIL_AT="RANK:STEP" makes that rank fail at that step,
+     * to check that one rank's error ends the whole job (tests/cli). */
+    const char *fail_at = getenv("CMOE_FAIL_AT");
+    int fail_rank = -1;
+    long long fail_step = -1;
+    if (fail_at && sscanf(fail_at, "%d:%lld", &fail_rank, &fail_step) != 2) fail_rank = -1;
     while (step < train->steps) {
         double loss = 0.0, grad_norm = 0.0;
+        if (fail_rank == r->rank && step + 1 == fail_step) {
+            status =
+                CM_ERR(CM_ERR_INTERNAL, "failure injected by CMOE_FAIL_AT at step %lld", fail_step);
+            break;
+        }
         if ((status = train_step(r, step, &loss, &grad_norm)) != CM_OK) break;
         step++;
         if (step == start + 1 && !options->quiet && start == 0)
