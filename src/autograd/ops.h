@@ -14,6 +14,9 @@
  * - Broadcasting (add/sub/mul): the output has a's shape; b, aligned to the
  *   right, has in each dimension either a's size or 1. b [D] against a [N,D]
  *   is a row broadcast; b [N,1] against a [N,D] scales rows.
+ *
+ * The CNN ops (conv2d, batchnorm2d, pooling, channel gather) are declared in
+ * ops_conv.h; the token exchange of expert parallelism in parallel/dispatch.h.
  */
 #ifndef CMOE_AUTOGRAD_OPS_H
 #define CMOE_AUTOGRAD_OPS_H
