@@ -1,0 +1,228 @@
+/* L-inf attacks (PGD, FGSM, TRADES / AdvMoE) and the TRADES loss; see
+ * adversarial.h. */
+#include "train/adversarial.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "common/check.h"
+
+adv_attack_config adv_pgd_config(float epsilon, float step_size, int steps, ag_rng_key key) {
+    return (adv_attack_config){.epsilon = epsilon,
+                               .step_size = step_size,
+                               .steps = steps,
+                               .start = ADV_START_UNIFORM,
+                               .objective = ADV_OBJECTIVE_CE,
+                               .key = key};
+}
+
+adv_attack_config adv_fgsm_config(float epsilon) {
+    return (adv_attack_config){.epsilon = epsilon,
+                               .step_size = epsilon,
+                               .steps = 1,
+                               .start = ADV_START_NONE,
+                               .objective = ADV_OBJECTIVE_CE};
+}
+
+adv_attack_config adv_trades_config(float epsilon, float step_size, int steps, float router_weight,
+                                    ag_rng_key key) {
+    return (adv_attack_config){.epsilon = epsilon,
+                               .step_size = step_size,
+                               .steps = steps,
+                               .start = ADV_START_NORMAL,
+                               .start_std = 0.001f,
+                               .objective = ADV_OBJECTIVE_KL,
+                               .router_weight = router_weight,
+                               .key = key};
+}
+
+static cm_status check_config(const adv_model *model, const adv_attack_config *config,
+                              const int32_t *labels) {
+    if (!(config->epsilon >= 0.0f) || !(config->step_size >= 0.0f) || config->steps < 0 ||
+        !(config->router_weight >= 0.0f) || !(config->start_std >= 0.0f))
+        return CM_ERR(CM_ERR_INVALID,
+                      "attack: epsilon (%g), step_size (%g), steps (%d), router_weight (%g) and "
+                      "start_std (%g) must be >= 0",
+                      (double)config->epsilon, (double)config->step_size, config->steps,
+                      (double)config->router_weight, (double)config->start_std);
+    if (config->objective == ADV_OBJECTIVE_CE && !labels)
+        return CM_ERR(CM_ERR_INVALID, "attack: the cross-entropy objective needs labels");
+    if (config->objective == ADV_OBJECTIVE_CE && config->router_weight > 0.0f &&
+        model->num_experts < 1)
+        return CM_ERR(CM_ERR_INVALID, "attack: a router CE term needs adv_model.num_experts");
+    return CM_OK;
+}
+
+/* x_adv = x plus the configured random start. */
+static void start_point(const adv_attack_config *config, const float *x, int64_t numel,
+                        uint64_t first_index, float *x_adv) {
+    if (config->start == ADV_START_NONE) {
+        memcpy(x_adv, x, (size_t)numel * sizeof(float));
+    } else if (config->start == ADV_START_UNIFORM) {
+        ag_rng_fill_uniform(config->key, first_index, numel, -config->epsilon, config->epsilon,
+                            x_adv);
+        for (int64_t i = 0; i < numel; i++) x_adv[i] = fminf(fmaxf(x[i] + x_adv[i], 0.0f), 1.0f);
+    } else {
+        ag_rng_fill_normal(config->key, first_index, numel, 0.0f, config->start_std, x_adv);
+        for (int64_t i = 0; i < numel; i++) x_adv[i] += x[i];
+    }
+}
+
+/* log-softmax of the clean logits (classifier, then routers), no gradient. */
+typedef struct clean_reference {
+    ag_tensor *logp;
+    int n_routers;
+    ag_tensor *router_logp[ADV_MAX_ROUTERS];
+} clean_reference;
+
+static cm_status clean_forward(ag_ctx *ctx, const adv_model *model, const adv_attack_config *config,
+                               ag_tensor *x, clean_reference *ref) {
+    bool previous = ag_set_grad_enabled(ctx, false);
+    adv_model_output out = {0};
+    cm_status status = model->forward(ctx, model->model, x, config->bn_training, &out);
+    if (status == CM_OK) {
+        ref->logp = ag_log_softmax(ctx, out.logits);
+        ref->n_routers = config->router_weight > 0.0f ? out.n_routers : 0;
+        for (int r = 0; r < ref->n_routers; r++)
+            ref->router_logp[r] = ag_log_softmax(ctx, out.router_logits[r]);
+        status = ag_ctx_status(ctx);
+    }
+    ag_set_grad_enabled(ctx, previous);
+    return status;
+}
+
+/* The attack objective of adversarial.h on one forward's output -> [1]. */
+static ag_tensor *objective(ag_ctx *ctx, const adv_model *model, const adv_attack_config *config,
+                            const adv_model_output *out, const clean_reference *ref,
+                            const int32_t *labels) {
+    const int batch = out->logits ? out->logits->shape[0] : 0;
+    if (config->objective == ADV_OBJECTIVE_KL) {
+        ag_tensor *loss = ag_kl_div(ctx, ref->logp, ag_log_softmax(ctx, out->logits));
+        for (int r = 0; r < ref->n_routers && r < out->n_routers; r++) {
+            ag_tensor *term =
+                ag_kl_div(ctx, ref->router_logp[r], ag_log_softmax(ctx, out->router_logits[r]));
+            loss = ag_add(ctx, loss, ag_scale(ctx, term, config->router_weight));
+        }
+        return loss;
+    }
+    ag_tensor *loss = ag_cross_entropy(ctx, out->logits, labels, -1);
+    if (config->router_weight > 0.0f && out->n_routers > 0) {
+        int32_t *route_labels = ag_alloc_ints(ctx, batch, "attack");
+        if (!route_labels) return NULL;
+        for (int n = 0; n < batch; n++) route_labels[n] = labels[n] % model->num_experts;
+        for (int r = 0; r < out->n_routers; r++) {
+            ag_tensor *term = ag_cross_entropy(ctx, out->router_logits[r], route_labels, -1);
+            loss = ag_add(ctx, loss, ag_scale(ctx, term, config->router_weight));
+        }
+    }
+    return loss;
+}
+
+/* x_adv <- clip01(clip_[x-eps, x+eps](x_adv + alpha sign(grad))); grad NULL = 0. */
+static void ascend(const adv_attack_config *config, const float *x, const float *grad,
+                   int64_t numel, float *x_adv) {
+    const float eps = config->epsilon, alpha = config->step_size;
+    for (int64_t i = 0; i < numel; i++) {
+        float g = grad ? grad[i] : 0.0f;
+        float sign = g > 0.0f ? 1.0f : g < 0.0f ? -1.0f : 0.0f;
+        float v = x_adv[i] + alpha * sign;
+        v = fminf(fmaxf(v, x[i] - eps), x[i] + eps);
+        x_adv[i] = fminf(fmaxf(v, 0.0f), 1.0f);
+    }
+}
+
+cm_status adv_attack(ag_ctx *ctx, const adv_model *model, const adv_attack_config *config,
+                     const ag_tensor *x, const int32_t *labels, uint64_t first_index,
+                     float *x_adv) {
+    if (ag_failed(ctx)) return ag_ctx_status(ctx);
+    CM_TRY(check_config(model, config, labels));
+    const int64_t numel = x->numel;
+    start_point(config, x->data, numel, first_index, x_adv);
+    if (config->steps == 0) return CM_OK;
+
+    const ag_mark base = ag_ctx_mark(ctx);
+    const bool grad_mode = ag_set_grad_enabled(ctx, true);
+    /* Input gradients only: parameters stop requiring a gradient meanwhile. */
+    ag_params *params = model->params;
+    const int n_params = params ? params->count : 0;
+    bool *requires_grad =
+        n_params ? ag_alloc(ctx, (size_t)n_params * sizeof(bool), "attack") : NULL;
+    if (n_params && !requires_grad) {
+        ag_set_grad_enabled(ctx, grad_mode);
+        return ag_ctx_status(ctx);
+    }
+    for (int i = 0; i < n_params; i++) {
+        requires_grad[i] = params->items[i]->tensor.requires_grad;
+        params->items[i]->tensor.requires_grad = false;
+    }
+
+    cm_status status = CM_OK;
+    clean_reference ref = {0};
+    /* The model reads x but never writes it. */
+    ag_tensor *clean = ag_alias(ctx, "attack_x", (float *)x->data, x->ndim, x->shape);
+    if (!clean) status = ag_ctx_status(ctx);
+    if (status == CM_OK && config->objective == ADV_OBJECTIVE_KL)
+        status = clean_forward(ctx, model, config, clean, &ref);
+    for (int step = 0; step < config->steps && status == CM_OK; step++) {
+        const ag_mark iteration = ag_ctx_mark(ctx);
+        ag_tensor *input = ag_alias(ctx, "x_adv", x_adv, x->ndim, x->shape);
+        if (!input) {
+            status = ag_ctx_status(ctx);
+            break;
+        }
+        input->requires_grad = true;
+        adv_model_output out = {0};
+        status = model->forward(ctx, model->model, input, config->bn_training, &out);
+        if (status == CM_OK) {
+            ag_tensor *loss = objective(ctx, model, config, &out, &ref, labels);
+            status = loss ? ag_backward(ctx, loss) : ag_ctx_status(ctx);
+            if (status == CM_OK && !loss) status = CM_ERR(CM_ERR_INTERNAL, "attack: no loss");
+        }
+        if (status == CM_OK) ascend(config, x->data, input->grad, numel, x_adv);
+        ag_ctx_release(ctx, iteration);
+    }
+
+    for (int i = 0; i < n_params; i++) params->items[i]->tensor.requires_grad = requires_grad[i];
+    ag_ctx_release(ctx, base);
+    ag_set_grad_enabled(ctx, grad_mode);
+    return status;
+}
+
+ag_tensor *adv_trades_loss(ag_ctx *ctx, ag_tensor *logits_clean, ag_tensor *logits_adv,
+                           const int32_t *targets, float ce_weight, float beta) {
+    ag_tensor *natural = ag_cross_entropy(ctx, logits_clean, targets, -1);
+    ag_tensor *robust =
+        ag_kl_div(ctx, ag_log_softmax(ctx, logits_clean), ag_log_softmax(ctx, logits_adv));
+    return ag_add(ctx, ag_scale(ctx, natural, ce_weight), ag_scale(ctx, robust, beta));
+}
+
+/* ---- adapters -------------------------------------------------------------- */
+
+cm_status adv_cnn_forward(ag_ctx *ctx, void *model, ag_tensor *x, bool bn_training,
+                          adv_model_output *out) {
+    *out = (adv_model_output){0};
+    cnn_forward_args args = {.training = bn_training};
+    out->logits = cnn_forward(ctx, model, x, &args);
+    if (!out->logits && !ag_failed(ctx))
+        return CM_ERR(CM_ERR_INTERNAL, "adv_cnn_forward: no logits");
+    return ag_ctx_status(ctx);
+}
+
+cm_status adv_moe_cnn_forward(ag_ctx *ctx, void *model, ag_tensor *x, bool bn_training,
+                              adv_model_output *out) {
+    const adv_moe_cnn *binding = model;
+    *out = (adv_model_output){0};
+    moe_cnn_forward_args args = binding->args;
+    args.training = bn_training;
+    ag_tensor *image = x;
+    if (binding->expert_input) {
+        image = binding->expert_input;
+        args.router_input = x;
+    }
+    moe_cnn_output result;
+    CM_TRY(moe_cnn_forward(ctx, binding->model, image, &args, &result));
+    out->logits = result.logits;
+    out->n_routers = result.n_routers;
+    for (int r = 0; r < result.n_routers; r++) out->router_logits[r] = result.router_logits[r];
+    return CM_OK;
+}
