@@ -12,6 +12,7 @@
 
 #include "layers/transformer.h"
 #include "optim/optim.h"
+#include "parity_util.h"
 #include "train/checkpoint.h"
 
 #ifndef CMOE_SOURCE_DIR
@@ -27,27 +28,6 @@ enum { BATCH = 3, SEQ = 8, LAYERS = 2, HEADS = 2, STEPS = 3 };
  * the tolerance; the other gradients are 1e-4 and larger, where eps does not
  * matter. */
 static const double LR = 1e-2, BETA1 = 0.9, BETA2 = 0.95, EPS = 1e-5, WEIGHT_DECAY = 0.1;
-
-static double relative_tensor_error(const float *got, const double *want, int64_t n) {
-    double max_diff = 0.0, max_ref = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        max_diff = fmax(max_diff, fabs((double)got[i] - want[i]));
-        max_ref = fmax(max_ref, fabs(want[i]));
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
-}
-
-static double *read_doubles(hid_t file, const char *name, int64_t n) {
-    hid_t dataset = H5Dopen2(file, name, H5P_DEFAULT);
-    ck_assert_msg(dataset >= 0, "reference has no %s", name);
-    hid_t space = H5Dget_space(dataset);
-    ck_assert_int_eq(H5Sget_simple_extent_npoints(space), n);
-    H5Sclose(space);
-    double *values = malloc((size_t)n * sizeof(double));
-    ck_assert_int_ge(H5Dread(dataset, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, values), 0);
-    H5Dclose(dataset);
-    return values;
-}
 
 START_TEST(test_dense_lm_matches_pytorch) {
     char dir[] = "/tmp/cmoe-parity-XXXXXX";
@@ -129,7 +109,7 @@ START_TEST(test_dense_lm_matches_pytorch) {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t file = H5Fopen(out_path, H5F_ACC_RDONLY, H5P_DEFAULT);
     ck_assert_int_ge(file, 0);
-    double *want_losses = read_doubles(file, "losses", STEPS);
+    double *want_losses = parity_read_doubles(file, "losses", STEPS);
     for (int step = 0; step < STEPS; step++) {
         double error = fabs(losses[step] - want_losses[step]) / fabs(want_losses[step]);
         printf("parity: step %d loss cmoe %.8f torch %.8f (relative %.2e)\n", step, losses[step],
@@ -143,15 +123,15 @@ START_TEST(test_dense_lm_matches_pytorch) {
         ag_param *p = params.items[i];
         char name[160];
         snprintf(name, sizeof name, "grads/%s", p->name);
-        double *want = read_doubles(file, name, p->tensor.numel);
-        double error = relative_tensor_error(first_grads + p->offset, want, p->tensor.numel);
+        double *want = parity_read_doubles(file, name, p->tensor.numel);
+        double error = parity_relative_error(first_grads + p->offset, want, p->tensor.numel);
         worst_grad = fmax(worst_grad, error);
         ck_assert_msg(error < 1e-4, "gradient of %s differs by %.3e (relative to its max)", p->name,
                       error);
         free(want);
         snprintf(name, sizeof name, "params_after/%s", p->name);
-        want = read_doubles(file, name, p->tensor.numel);
-        error = relative_tensor_error(p->tensor.data, want, p->tensor.numel);
+        want = parity_read_doubles(file, name, p->tensor.numel);
+        error = parity_relative_error(p->tensor.data, want, p->tensor.numel);
         worst_param = fmax(worst_param, error);
         ck_assert_msg(error < 1e-4, "%s after %d AdamW steps differs by %.3e", p->name, STEPS,
                       error);

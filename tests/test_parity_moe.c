@@ -28,6 +28,7 @@
 
 #include "layers/transformer.h"
 #include "optim/optim.h"
+#include "parity_util.h"
 #include "train/checkpoint.h"
 
 #ifndef CMOE_SOURCE_DIR
@@ -237,29 +238,6 @@ static void teardown_reference(void) {
 
 /* ---- comparison helpers ---- */
 
-static double relative_tensor_error(const float *got, const double *want, int64_t n) {
-    double max_diff = 0.0, max_ref = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        max_diff = fmax(max_diff, fabs((double)got[i] - want[i]));
-        max_ref = fmax(max_ref, fabs(want[i]));
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
-}
-
-/* Any numeric dataset of n elements, converted to double by HDF5. */
-static double *read_doubles(hid_t file, const char *name, int64_t n) {
-    hid_t dataset = H5Dopen2(file, name, H5P_DEFAULT);
-    ck_assert_msg(dataset >= 0, "reference has no %s", name);
-    hid_t space = H5Dget_space(dataset);
-    ck_assert_int_eq(H5Sget_simple_extent_npoints(space), n);
-    H5Sclose(space);
-    double *values = malloc((size_t)n * sizeof(double));
-    ck_assert_ptr_nonnull(values);
-    ck_assert_int_ge(H5Dread(dataset, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, values), 0);
-    H5Dclose(dataset);
-    return values;
-}
-
 /* What cmoe produced over the STEPS steps. */
 typedef struct cmoe_run {
     double loss[STEPS], aux[STEPS];
@@ -345,11 +323,11 @@ static void free_run(cmoe_run *run) {
  * where the two first disagree. */
 static void compare_step(const moe_case *c, hid_t file, const cmoe_run *run, ag_params *params,
                          int step, double *worst_grad) {
-    double *want_k = read_doubles(file, "routing/k", STEPS);
-    double *want_counts = read_doubles(file, "routing/counts", STEPS * LAYERS * EXPERTS);
-    double *margins = read_doubles(file, "routing/margin", STEPS * LAYERS);
-    double *want_loss = read_doubles(file, "losses", STEPS);
-    double *want_aux = read_doubles(file, "aux", STEPS);
+    double *want_k = parity_read_doubles(file, "routing/k", STEPS);
+    double *want_counts = parity_read_doubles(file, "routing/counts", STEPS * LAYERS * EXPERTS);
+    double *margins = parity_read_doubles(file, "routing/margin", STEPS * LAYERS);
+    double *want_loss = parity_read_doubles(file, "losses", STEPS);
+    double *want_aux = parity_read_doubles(file, "aux", STEPS);
     double loss = run->loss[step], aux = run->aux[step];
     for (int l = 0; l < LAYERS; l++) {
         double margin = margins[step * LAYERS + l];
@@ -394,7 +372,7 @@ static void compare_step(const moe_case *c, hid_t file, const cmoe_run *run, ag_
             const int64_t n = p->tensor.numel;
             char name[192];
             snprintf(name, sizeof name, "grads/step%d/%s", step, p->name);
-            double *want = read_doubles(file, name, n);
+            double *want = parity_read_doubles(file, name, n);
             const float *got = run->grads[step][p->group] + p->offset;
             if (pass == 0) {
                 ck_assert_msg(p->frozen, "%s: %s is not frozen", c->name, p->name);
@@ -407,7 +385,7 @@ static void compare_step(const moe_case *c, hid_t file, const cmoe_run *run, ag_
                 }
             } else {
                 ck_assert_msg(!p->frozen, "%s: %s is frozen", c->name, p->name);
-                double grad_error = relative_tensor_error(got, want, n);
+                double grad_error = parity_relative_error(got, want, n);
                 *worst_grad = fmax(*worst_grad, grad_error);
                 ck_assert_msg(grad_error < TOLERANCE,
                               "%s: gradient of %s at step %d differs by %.3e (relative to its max)",
@@ -473,8 +451,8 @@ static void check_case(const moe_case *c) {
         const int64_t n = p->tensor.numel;
         char name[192];
         snprintf(name, sizeof name, "params_after/%s", p->name);
-        double *want = read_doubles(file, name, n);
-        double error = relative_tensor_error(p->tensor.data, want, n);
+        double *want = parity_read_doubles(file, name, n);
+        double error = parity_relative_error(p->tensor.data, want, n);
         worst_param = fmax(worst_param, error);
         ck_assert_msg(error < TOLERANCE, "%s: %s after %d AdamW steps differs by %.3e", c->name,
                       p->name, STEPS, error);
