@@ -377,10 +377,21 @@ START_TEST(test_yaml_shape_errors) {
     expect_text_error("colour: red\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown top-level key 'colour'; valid top-level keys and "
                       "sections: base, name, model, moe, router, data, optim, schedule, train, "
-                      "checkpoint, eval, parallel");
+                      "checkpoint, eval, parallel, adversarial");
     expect_text_error("adversarial:\n  eps: 8\n", CM_ERR_INVALID,
-                      "inline.yaml:1:1: unknown section 'adversarial': planned, but this version "
-                      "has no adversarial keys");
+                      "inline.yaml:2:8: adversarial.eps = 8 is out of range (0, 1]");
+    expect_text_error("adversarial:\n  eps: 0\n", CM_ERR_INVALID,
+                      "inline.yaml:2:8: adversarial.eps = 0 is out of range (0, 1]");
+    expect_text_error("model:\n  cnn_widths: 32,x\n", CM_ERR_INVALID,
+                      "inline.yaml:2:15: bad model.cnn_widths '32,x': expected 1 to 4 "
+                      "comma-separated widths, e.g. 32,64,128");
+    expect_text_error("model:\n  arch: resnet\n", CM_ERR_INVALID,
+                      "inline.yaml:2:9: model.arch resnet needs data.format idx (images)");
+    expect_text_error("model:\n  arch: resnet\ndata:\n  format: idx\nadversarial:\n  mode: "
+                      "advmoe\n",
+                      CM_ERR_INVALID,
+                      "inline.yaml:6:9: adversarial.mode advmoe needs moe.enabled: true and "
+                      "moe.num_experts >= 2 (it alternates expert and router steps)");
     expect_text_error("moe:\n  num_expert: 8\n", CM_ERR_INVALID,
                       "inline.yaml:2:3: unknown key 'num_expert' in section 'moe' (did you mean "
                       "'num_experts'?)");
@@ -488,7 +499,7 @@ END_TEST
 /* A non-default value for every key, including strings that need quoting. */
 static const char *const every_key_overrides[] = {
     "name=all.keys-1",
-    "model.arch=transformer_lm", /* the only architecture so far */
+    "model.arch=resnet", /* with data.format idx; the LM keys still round-trip */
     "model.vocab_size=300",
     "model.n_layers=3",
     "model.d_model=96",
@@ -498,6 +509,10 @@ static const char *const every_key_overrides[] = {
     "model.init_std=0.03",
     "model.scale_residual_init=false",
     "model.layernorm_eps=1e-6",
+    "model.cnn_widths=8,16",
+    "model.cnn_blocks=2",
+    "model.cnn_stem=12",
+    "model.cnn_ratio=0.5",
     /* moe and router: d_ff 200 / 5 experts = 40, so expert_hidden 40 agrees
      * with split_dense; smoe_dropout needs k_min <= k_max <= num_experts. */
     "moe.enabled=true",
@@ -506,6 +521,7 @@ static const char *const every_key_overrides[] = {
     "moe.expert_hidden=40",
     "moe.split_dense=true",
     "moe.activation=silu",
+    "moe.cnn_routing=per_layer",
     "router.type=smoe_dropout",
     "router.k=3",
     "router.gating=topk_softmax",
@@ -526,12 +542,16 @@ static const char *const every_key_overrides[] = {
     "router.thor_alpha=5",
     "router.thor_level=per_token",
     "router.eval_k=5",
-    "data.format=text",
+    "data.format=idx",
     "data.path=with \"quotes\" and \\backslash\\: #hash",
     "data.valid_path=v\tab.txt",
     "data.test_path=t\xc3\xa9st.txt",
     "data.seq_len=31",
     "data.batch_size=5",
+    "data.labels_path=l.gz",
+    "data.test_labels_path=tl.gz",
+    "data.augment_crop=2",
+    "data.augment_flip=true",
     "optim.type=sgd",
     "optim.lr=0.1",
     "optim.beta1=0.85",
@@ -562,6 +582,15 @@ static const char *const every_key_overrides[] = {
     "checkpoint.keep_last=0",
     "eval.split=test",
     "parallel.expert_parallel=2",
+    "adversarial.mode=advmoe",
+    "adversarial.eps=0.3",
+    "adversarial.step_size=0.05",
+    "adversarial.steps=7",
+    "adversarial.eval_steps=9",
+    "adversarial.eval_step_size=0.01",
+    "adversarial.beta=1.5",
+    "adversarial.router_weight=2.5",
+    "adversarial.router_objective=paper",
 };
 
 START_TEST(test_round_trip) {
@@ -622,7 +651,7 @@ START_TEST(test_round_trip) {
     fclose(file);
 
     /* A few lines, so a change in the layout is noticed. */
-    ck_assert_ptr_nonnull(strstr(text, "name: \"all.keys-1\"\nmodel:\n  arch: transformer_lm\n"));
+    ck_assert_ptr_nonnull(strstr(text, "name: \"all.keys-1\"\nmodel:\n  arch: resnet\n"));
     ck_assert_ptr_nonnull(strstr(text, "\n  lr: 0.1\n"));
     ck_assert_ptr_nonnull(
         strstr(text, "\n  path: \"with \\\"quotes\\\" and \\\\backslash\\\\: #hash\"\n"));

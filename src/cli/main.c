@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "parallel/comm.h"
 #include "train/checkpoint.h"
+#include "train/cnn_trainer.h"
 #include "train/metrics.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
@@ -29,7 +30,8 @@ static const char usage_text[] =
     "  plot RUN_DIR    render RUN_DIR/curves.png from RUN_DIR/metrics.jsonl\n"
     "\n"
     "Run `cmoe COMMAND --help` for the options of each command.\n"
-    "Recipes: recipes/lm/*.yaml; every key is described in docs/recipes.md.\n";
+    "Recipes: recipes/lm/*.yaml (language models), recipes/cnn/*.yaml (image\n"
+    "classifiers, adversarial training); every key is described in docs/recipes.md.\n";
 
 static const char train_help[] =
     "usage: cmoe train RECIPE [--set SECTION.KEY=VALUE]... [--resume PATH|auto]\n"
@@ -37,6 +39,9 @@ static const char train_help[] =
     "\n"
     "Trains the model of RECIPE and writes, into the run directory (train.out_dir,\n"
     "default runs/NAME): metrics.jsonl, checkpoints ckpt-STEP.h5 and curves.png.\n"
+    "model.arch resnet (recipes/cnn/) trains an image classifier with\n"
+    "adversarial.mode standard, pgd_at, trades or advmoe and ends with the test\n"
+    "standard and robust accuracy (SA, RA) in metrics.jsonl; it runs in one process.\n"
     "\n"
     "  --set K=V       override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)\n"
     "  --resume PATH   continue from a checkpoint file\n"
@@ -60,7 +65,11 @@ static const char eval_help[] =
     "MoE models: --set router.k=K evaluates with K experts per token (top-k and\n"
     "SMoE-Dropout routers). --sweep-k evaluates k = 1, 2, 4, ..., num_experts and\n"
     "writes the table and plot (k-sweep.tsv, k-sweep.png) into DIR (default: the\n"
-    "checkpoint's directory).\n";
+    "checkpoint's directory).\n"
+    "\n"
+    "model.arch resnet: prints the standard accuracy (SA) and the accuracy under\n"
+    "PGD (RA; adversarial.eps, eval_steps, eval_step_size) on the test images\n"
+    "(--split train: the training images; there is no validation split).\n";
 
 static const char inspect_help[] =
     "usage: cmoe inspect CKPT\n"
@@ -146,7 +155,27 @@ static int command_train(int argc, char **argv) {
         comm_stop();
         return EXIT_FAILURE;
     }
-    if (!quiet && comm.world_rank == 0) {
+    if (recipe.model.arch == CM_ARCH_RESNET) {
+        if (comm.world_size > 1) {
+            if (comm.world_rank == 0)
+                fprintf(stderr, "cmoe train: model.arch resnet runs in one process\n");
+            comm_free(&comm);
+            comm_stop();
+            return EXIT_FAILURE;
+        }
+        if (!quiet) {
+            char run_dir[4096];
+            recipe_run_dir(&recipe, run_dir, sizeof run_dir);
+            printf("[cmoe] recipe %s -> %s\n", recipe_path, run_dir);
+            printf(
+                "[cmoe] resnet widths %s x %d blocks, ratio %g, %s, mode %s, batch %d, %lld "
+                "steps, data %s\n",
+                recipe.model.cnn_widths, recipe.model.cnn_blocks, recipe.model.cnn_ratio,
+                recipe.moe.enabled ? "MoE" : "dense",
+                (const char *[]){"standard", "pgd_at", "trades", "advmoe"}[recipe.adversarial.mode],
+                recipe.data.batch_size, (long long)recipe.train.steps, recipe.data.path);
+        }
+    } else if (!quiet && comm.world_rank == 0) {
         char run_dir[4096];
         recipe_run_dir(&recipe, run_dir, sizeof run_dir);
         printf("[cmoe] recipe %s -> %s\n", recipe_path, run_dir);
@@ -165,8 +194,16 @@ static int command_train(int argc, char **argv) {
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
     trainer_options options = {resume, &stop_requested, quiet, stop_at, &comm};
-    trainer_result result;
-    if (trainer_run(&recipe, &options, &result) != CM_OK) {
+    trainer_result result = {0};
+    cm_status status;
+    if (recipe.model.arch == CM_ARCH_RESNET) {
+        cnn_trainer_result cnn_result;
+        status = cnn_trainer_run(&recipe, &options, &cnn_result);
+        result.interrupted = cnn_result.interrupted;
+    } else {
+        status = trainer_run(&recipe, &options, &result);
+    }
+    if (status != CM_OK) {
         /* The failure may be this rank's alone: end the whole job now. */
         char reason[2300];
         snprintf(reason, sizeof reason, "cmoe train: %s", cm_error_message());
@@ -272,6 +309,20 @@ static int command_eval(int argc, char **argv) {
             return usage_error("eval", "--split must be valid, test or train, not '%s'",
                                split_name);
         split = (cm_split)found;
+    }
+    if (recipe.model.arch == CM_ARCH_RESNET) {
+        if (sweep) return usage_error("eval", "--sweep-k is for the language models%s", "");
+        if (split == CM_SPLIT_VALID && split_name)
+            return usage_error("eval", "idx data has no validation split; use --split test%s", "");
+        double sa, ra;
+        int64_t images;
+        if (cnn_trainer_evaluate(&recipe, checkpoint, split, max_batches, &sa, &ra, &images) !=
+            CM_OK)
+            return fail("eval");
+        printf("%s split: SA %.4f, RA %.4f (PGD-%d, eps %g, step %g) over %lld images\n",
+               split == CM_SPLIT_TRAIN ? "train" : "test", sa, ra, recipe.adversarial.eval_steps,
+               recipe.adversarial.eps, recipe.adversarial.eval_step_size, (long long)images);
+        return 0;
     }
     if (sweep)
         return eval_sweep(&recipe, checkpoint, split, split_names[split], max_batches, out_dir);

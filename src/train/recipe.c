@@ -326,18 +326,7 @@ typedef struct file_contents {
     int base_line, base_column;
 } file_contents;
 
-/* Sections DESIGN.md plans but the key table does not have yet: a clearer
- * message than a did-you-mean. Remove a name when its section lands. */
-static const char *const planned_sections[] = {"adversarial"};
-
 static cm_status unknown_top_level(yaml_reader *reader, const char *name, int line, int column) {
-    for (size_t i = 0; i < sizeof planned_sections / sizeof planned_sections[0]; i++) {
-        if (strcmp(name, planned_sections[i]) == 0) {
-            return fail_at(CM_ERR_INVALID, reader->origin, line, column,
-                           "unknown section '%s': planned, but this version has no %s keys", name,
-                           name);
-        }
-    }
     const char *names[MAX_NAMES + 64] = {0};
     int count = 0;
     names[count++] = "base";

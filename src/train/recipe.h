@@ -1,13 +1,12 @@
 /* Recipes: strict YAML -> one plain C struct (cm_recipe) that configures a run.
  *
  * A recipe is a YAML mapping with the top-level keys `name` and `base` and the
- * sections model, moe, router, data, optim, schedule, train, checkpoint and
- * eval. Every key is declared once in a table (recipe_keys.c) with its type,
- * default, range and help text. Defaults, parsing, range checks, printing and
- * the reference in docs/recipes.md all come from that table. Anything else
- * fails before a run starts: an unknown section or key, a wrong type, an
- * out-of-range or unknown enum value, a duplicate key, a non-mapping where a
- * mapping belongs, malformed YAML, a missing file, a `base:` cycle, or keys
+ * sections model, moe, router, data, optim, schedule, train, checkpoint,
+ * eval, parallel and adversarial. Every key is declared once in a table (recipe_keys.c) with its
+ * type, default, range and help text. Defaults, parsing, range checks, printing and the reference
+ * in docs/recipes.md all come from that table. Anything else fails before a run starts: an unknown
+ * section or key, a wrong type, an out-of-range or unknown enum value, a duplicate key, a
+ * non-mapping where a mapping belongs, malformed YAML, a missing file, a `base:` cycle, or keys
  * that contradict each other (d_model not divisible by n_heads, router.k
  * above moe.num_experts, ...).
  * The moe and router sections only matter with moe.enabled: true; without it
@@ -43,8 +42,33 @@ enum {
 
 /* Enum values are indices into the name lists in recipe_keys.c (the names a
  * recipe spells); a *_COUNT member guards those lists with a static_assert. */
-typedef enum cm_model_arch { CM_ARCH_TRANSFORMER_LM = 0, CM_ARCH_COUNT } cm_model_arch;
-typedef enum cm_data_format { CM_DATA_TEXT = 0, CM_DATA_FORMAT_COUNT } cm_data_format;
+typedef enum cm_model_arch {
+    CM_ARCH_TRANSFORMER_LM = 0,
+    CM_ARCH_RESNET, /* image classifier, layers/cnn.h and layers/moe_conv.h */
+    CM_ARCH_COUNT
+} cm_model_arch;
+typedef enum cm_data_format {
+    CM_DATA_TEXT = 0,
+    CM_DATA_IDX, /* gzip IDX images + labels (Fashion-MNIST), data/idx.h */
+    CM_DATA_FORMAT_COUNT
+} cm_data_format;
+typedef enum cm_cnn_routing {
+    CM_CNN_ROUTING_IMAGE = 0, /* one router on the image, shared by every MoE conv */
+    CM_CNN_ROUTING_PER_LAYER, /* one router per MoE conv */
+    CM_CNN_ROUTING_COUNT
+} cm_cnn_routing;
+typedef enum cm_adv_mode {
+    CM_ADV_STANDARD = 0, /* clean cross-entropy */
+    CM_ADV_PGD_AT,       /* Madry: CE on PGD examples, all parameters jointly */
+    CM_ADV_TRADES,       /* TRADES loss, all parameters jointly */
+    CM_ADV_ADVMOE,       /* alternating expert (theta) and router (phi) steps */
+    CM_ADV_MODE_COUNT
+} cm_adv_mode;
+typedef enum cm_adv_router_objective {
+    CM_ADV_ROUTER_CODE = 0, /* alpha CE(r(x), y mod E) + beta KL (the release) */
+    CM_ADV_ROUTER_PAPER,    /* the full MoE TRADES loss w.r.t. phi */
+    CM_ADV_ROUTER_OBJECTIVE_COUNT
+} cm_adv_router_objective;
 typedef enum cm_optimizer { CM_OPTIM_ADAMW = 0, CM_OPTIM_SGD, CM_OPTIM_COUNT } cm_optimizer;
 typedef enum cm_schedule_type {
     CM_SCHEDULE_CONSTANT = 0,
@@ -110,6 +134,11 @@ typedef struct cm_model_cfg {
     double init_std;          /* std of the normal init (GPT-2: 0.02) */
     bool scale_residual_init; /* residual projections get init_std / sqrt(2 n_layers) */
     double layernorm_eps;
+    /* arch resnet */
+    char cnn_widths[CM_RECIPE_NAME_CAP]; /* "32,64,128": dense width of each stage */
+    int cnn_blocks;                      /* BasicBlocks per stage */
+    int cnn_stem;                        /* stem channels (not scaled by cnn_ratio) */
+    double cnn_ratio;                    /* stage width = int(ratio * width) */
 } cm_model_cfg;
 
 typedef struct cm_moe_cfg {
@@ -119,6 +148,7 @@ typedef struct cm_moe_cfg {
     int expert_hidden; /* 0: d_ff / E with split_dense, else d_ff; see recipe_expert_hidden */
     bool split_dense;  /* experts are the dense MLP cut into E blocks of d_ff / E */
     cm_moe_activation activation;
+    cm_cnn_routing cnn_routing; /* arch resnet */
 } cm_moe_cfg;
 
 typedef struct cm_router_cfg {
@@ -150,6 +180,11 @@ typedef struct cm_data_cfg {
     char test_path[CM_RECIPE_PATH_CAP];
     int seq_len;    /* tokens per sequence; also the size of the learned position table */
     int batch_size; /* sequences per optimizer step, summed over data-parallel ranks */
+    /* format idx: path / test_path are image files, these their labels */
+    char labels_path[CM_RECIPE_PATH_CAP];
+    char test_labels_path[CM_RECIPE_PATH_CAP];
+    int augment_crop;  /* random-crop padding in pixels; 0: none */
+    bool augment_flip; /* random horizontal flip */
 } cm_data_cfg;
 
 typedef struct cm_optim_cfg {
@@ -196,6 +231,19 @@ typedef struct cm_parallel_cfg {
     int expert_parallel; /* ranks per expert-parallel group; 0: all ranks */
 } cm_parallel_cfg;
 
+/* Adversarial training and robust evaluation of the resnet (METHODS.md 4). */
+typedef struct cm_adversarial_cfg {
+    cm_adv_mode mode;
+    double eps;       /* L-inf radius, train and test */
+    double step_size; /* training attack */
+    int steps;        /* training attack */
+    int eval_steps;   /* PGD at test time (RA) */
+    double eval_step_size;
+    double beta;          /* TRADES KL weight */
+    double router_weight; /* AdvMoE alpha */
+    cm_adv_router_objective router_objective;
+} cm_adversarial_cfg;
+
 typedef struct cm_recipe {
     char name[CM_RECIPE_NAME_CAP]; /* letters, digits, '.', '_', '-' (a directory name) */
     cm_model_cfg model;
@@ -208,6 +256,7 @@ typedef struct cm_recipe {
     cm_checkpoint_cfg checkpoint;
     cm_eval_cfg eval;
     cm_parallel_cfg parallel;
+    cm_adversarial_cfg adversarial;
 } cm_recipe;
 
 /* Every key at its default. The struct is zeroed first (padding and string

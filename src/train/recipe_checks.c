@@ -4,7 +4,9 @@
  * names every key that takes part in it; recipe.c reports the error at
  * whichever of those was set last, since that is the edit that broke the
  * recipe. The moe and router rules apply only with moe.enabled: a dense
- * recipe ignores those sections (docs/recipes.md). */
+ * recipe ignores those sections (docs/recipes.md). The LM's moe and router
+ * rules do not apply to model.arch resnet, which reads only moe.enabled,
+ * moe.num_experts and moe.cnn_routing. */
 #include "train/recipe_internal.h"
 
 #include <stdarg.h>
@@ -130,10 +132,38 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
     return true;
 }
 
+/* The image classifier: its data format, and what adversarial.mode needs. */
+static bool check_resnet(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
+                         size_t why_capacity) {
+    if (recipe->data.format != CM_DATA_IDX) {
+        snprintf(why, why_capacity, "model.arch resnet needs data.format idx (images)");
+        return involve(involved, "data.format", "model.arch", NULL);
+    }
+    if (recipe->moe.enabled && recipe->moe.num_experts > 64) {
+        snprintf(why, why_capacity, "moe.num_experts = %d is above 64, the MoE-CNN's limit",
+                 recipe->moe.num_experts);
+        return involve(involved, "moe.num_experts", "moe.enabled", "model.arch", NULL);
+    }
+    if (recipe->adversarial.mode == CM_ADV_ADVMOE &&
+        (!recipe->moe.enabled || recipe->moe.num_experts < 2)) {
+        snprintf(why, why_capacity,
+                 "adversarial.mode advmoe needs moe.enabled: true and moe.num_experts >= 2 "
+                 "(it alternates expert and router steps)");
+        return involve(involved, "adversarial.mode", "moe.enabled", "moe.num_experts", NULL);
+    }
+    return true;
+}
+
 bool recipe_check_consistency(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                               size_t why_capacity) {
     for (int i = 0; i < RECIPE_MAX_INVOLVED; i++) involved[i] = -1;
     if (!check_base(recipe, involved, why, why_capacity)) return false;
+    if (recipe->model.arch == CM_ARCH_RESNET)
+        return check_resnet(recipe, involved, why, why_capacity);
+    if (recipe->data.format != CM_DATA_TEXT) {
+        snprintf(why, why_capacity, "model.arch transformer_lm needs data.format text");
+        return involve(involved, "data.format", "model.arch", NULL);
+    }
     if (recipe->moe.enabled && !check_moe(recipe, involved, why, why_capacity)) return false;
     return true;
 }

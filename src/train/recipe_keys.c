@@ -20,8 +20,11 @@
 
 /* ---- enum name registries --------------------------------------------------- */
 
-static const char *const arch_names[] = {"transformer_lm", NULL};
-static const char *const data_format_names[] = {"text", NULL};
+static const char *const arch_names[] = {"transformer_lm", "resnet", NULL};
+static const char *const data_format_names[] = {"text", "idx", NULL};
+static const char *const cnn_routing_names[] = {"image", "per_layer", NULL};
+static const char *const adv_mode_names[] = {"standard", "pgd_at", "trades", "advmoe", NULL};
+static const char *const adv_router_objective_names[] = {"code", "paper", NULL};
 static const char *const optimizer_names[] = {"adamw", "sgd", NULL};
 static const char *const schedule_names[] = {"constant", "cosine", "step", NULL};
 static const char *const split_names[] = {"valid", "test", "train", NULL};
@@ -47,6 +50,10 @@ static_assert(NAME_COUNT(gating_names) == CM_GATING_COUNT, "gating_names out of 
 static_assert(NAME_COUNT(drop_policy_names) == CM_DROP_POLICY_COUNT, "drop_policy_names");
 static_assert(NAME_COUNT(k_schedule_names) == CM_K_SCHEDULE_COUNT, "k_schedule_names");
 static_assert(NAME_COUNT(thor_level_names) == CM_THOR_LEVEL_COUNT, "thor_level_names");
+static_assert(NAME_COUNT(cnn_routing_names) == CM_CNN_ROUTING_COUNT, "cnn_routing_names");
+static_assert(NAME_COUNT(adv_mode_names) == CM_ADV_MODE_COUNT, "adv_mode_names");
+static_assert(NAME_COUNT(adv_router_objective_names) == CM_ADV_ROUTER_OBJECTIVE_COUNT,
+              "adv_router_objective_names");
 /* Enum fields are read and written as int. */
 static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == sizeof(int) &&
                   sizeof(cm_optimizer) == sizeof(int) && sizeof(cm_schedule_type) == sizeof(int) &&
@@ -54,7 +61,9 @@ static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == 
                   sizeof(cm_router_type) == sizeof(int) &&
                   sizeof(cm_router_gating) == sizeof(int) &&
                   sizeof(cm_drop_policy) == sizeof(int) && sizeof(cm_k_schedule) == sizeof(int) &&
-                  sizeof(cm_thor_level) == sizeof(int),
+                  sizeof(cm_thor_level) == sizeof(int) && sizeof(cm_cnn_routing) == sizeof(int) &&
+                  sizeof(cm_adv_mode) == sizeof(int) &&
+                  sizeof(cm_adv_router_objective) == sizeof(int),
               "recipe enums must be int-sized");
 
 static const char *check_run_name(const char *value) {
@@ -69,6 +78,25 @@ static const char *check_run_name(const char *value) {
 
 static const char *check_not_empty(const char *value) {
     return value[0] == '\0' ? "it must not be empty" : NULL;
+}
+
+/* "32,64,128": 1 to 4 (CNN_MAX_STAGES) positive widths of at most 65536. */
+static const char *check_cnn_widths(const char *value) {
+    int count = 0;
+    const char *c = value;
+    for (;;) {
+        if (!isdigit((unsigned char)*c))
+            return "expected 1 to 4 comma-separated widths, e.g. 32,64,128";
+        long width = 0;
+        while (isdigit((unsigned char)*c)) {
+            width = width * 10 + (*c++ - '0');
+            if (width > 65536) return "a width is above 65536";
+        }
+        if (width < 1) return "a width is 0";
+        if (++count > 4) return "at most 4 stages";
+        if (*c == '\0') return NULL;
+        if (*c++ != ',') return "expected 1 to 4 comma-separated widths, e.g. 32,64,128";
+    }
 }
 
 /* ---- the table ----------------------------------------------------------------- */
@@ -122,6 +150,7 @@ const recipe_section recipe_sections[] = {
     {"checkpoint", "HDF5 checkpoints"},
     {"eval", "evaluation"},
     {"parallel", "MPI expert and data parallelism (mpirun -np N)"},
+    {"adversarial", "adversarial training and robust evaluation (model.arch resnet)"},
 };
 const int recipe_sections_total = (int)(sizeof recipe_sections / sizeof recipe_sections[0]);
 
@@ -133,7 +162,9 @@ const recipe_key recipe_keys[] = {
         check_run_name),
 
     KEY_ENUM("model", "arch", model.arch, cm_model_arch, arch_names, "transformer_lm",
-             "architecture: embedding + learned positions, pre-LN blocks, final LN, untied head"),
+             "transformer_lm: embedding + learned positions, pre-LN blocks, final LN, untied head; "
+             "resnet: image classifier (stem, stages of BasicBlocks, pool, linear; MoE convs "
+             "with moe.enabled)"),
     KEY_INT("model", "vocab_size", model.vocab_size, "256", "[2, 16777216]",
             "input and output vocabulary size (at least 256 for byte-level text)"),
     KEY_INT("model", "n_layers", model.n_layers, "4", "[1, 1024]", "number of transformer blocks"),
@@ -150,6 +181,17 @@ const recipe_key recipe_keys[] = {
              "scale the init of residual output projections by 1/sqrt(2 n_layers) (GPT-2)"),
     KEY_DOUBLE("model", "layernorm_eps", model.layernorm_eps, "1e-5", "(0, 1]",
                "epsilon added to the variance in layer norm"),
+    KEY_STRING("model", "cnn_widths", model.cnn_widths, "32,64,128",
+               "resnet: dense width of each stage (1 to 4 comma-separated; a stage after the "
+               "first halves the resolution)",
+               check_cnn_widths),
+    KEY_INT("model", "cnn_blocks", model.cnn_blocks, "1", "[1, 8]",
+            "resnet: BasicBlocks per stage"),
+    KEY_INT("model", "cnn_stem", model.cnn_stem, "32", "[1, 65536]",
+            "resnet: channels of the stem conv (not scaled by cnn_ratio)"),
+    KEY_DOUBLE("model", "cnn_ratio", model.cnn_ratio, "1", "(0, 16]",
+               "resnet: stage width = int(cnn_ratio * width); with MoE the width of each expert "
+               "(AdvMoE: E 2, ratio 0.5)"),
 
     KEY_BOOL("moe", "enabled", moe.enabled, "false",
              "replace the MLP of some blocks by an MoE layer; false: dense model, and the moe "
@@ -166,6 +208,9 @@ const recipe_key recipe_keys[] = {
              "(equal total parameters; SMoE-Dropout); needs d_ff divisible by num_experts"),
     KEY_ENUM("moe", "activation", moe.activation, cm_moe_activation, activation_names, "gelu",
              "activation inside each expert (the dense MLP always uses gelu)"),
+    KEY_ENUM("moe", "cnn_routing", moe.cnn_routing, cm_cnn_routing, cnn_routing_names, "image",
+             "resnet: one router reading the image whose choice every MoE conv uses (image, the "
+             "AdvMoE release) or one router per MoE conv reading its input (per_layer)"),
 
     KEY_ENUM("router", "type", router.type, cm_router_type, router_type_names, "topk",
              "routing method; docs/recipes.md lists the keys each one reads"),
@@ -219,7 +264,8 @@ const recipe_key recipe_keys[] = {
             "topk, smoe_dropout: k used at evaluation; 0 means router.k"),
 
     KEY_ENUM("data", "format", data.format, cm_data_format, data_format_names, "text",
-             "data set format: text is a byte-level corpus (one token per byte)"),
+             "data set format: text is a byte-level corpus (one token per byte); idx is gzip IDX "
+             "images (path, test_path) with labels (labels_path, test_labels_path)"),
     KEY_STRING("data", "path", data.path, "data/kjv/train.txt",
                "training split, relative to the working directory; not empty", check_not_empty),
     KEY_STRING("data", "valid_path", data.valid_path, "data/kjv/valid.txt",
@@ -230,6 +276,15 @@ const recipe_key recipe_keys[] = {
             "tokens per training sequence; also the size of the learned position table"),
     KEY_INT("data", "batch_size", data.batch_size, "16", "[1, 1048576]",
             "sequences per optimizer step, summed over data-parallel ranks"),
+    KEY_STRING("data", "labels_path", data.labels_path, "data/fmnist/train-labels-idx1-ubyte.gz",
+               "idx: labels of the training images (data.path)", check_not_empty),
+    KEY_STRING("data", "test_labels_path", data.test_labels_path,
+               "data/fmnist/t10k-labels-idx1-ubyte.gz",
+               "idx: labels of the test images (data.test_path)", check_not_empty),
+    KEY_INT("data", "augment_crop", data.augment_crop, "0", "[0, 16]",
+            "idx: random crop of the image zero-padded by this many pixels; 0: none"),
+    KEY_BOOL("data", "augment_flip", data.augment_flip, "false",
+             "idx: horizontal flip with probability 1/2"),
 
     KEY_ENUM("optim", "type", optim.type, cm_optimizer, optimizer_names, "adamw", "optimizer"),
     KEY_DOUBLE("optim", "lr", optim.lr, "3e-4", "(0, 10]",
@@ -289,6 +344,28 @@ const recipe_key recipe_keys[] = {
     KEY_INT("parallel", "expert_parallel", parallel.expert_parallel, "0", "[0, 65536]",
             "ranks that share one copy of the experts (EP); 0 means all ranks; the rest of the "
             "world is data parallel (DP = ranks / EP)"),
+
+    KEY_ENUM("adversarial", "mode", adversarial.mode, cm_adv_mode, adv_mode_names, "standard",
+             "standard (clean CE), pgd_at (CE on PGD examples), trades (TRADES loss), advmoe "
+             "(alternating expert and router steps; needs moe.enabled)"),
+    KEY_DOUBLE("adversarial", "eps", adversarial.eps, "0.1", "(0, 1]",
+               "L-inf radius of the training and test attacks (pixels in [0, 1])"),
+    KEY_DOUBLE("adversarial", "step_size", adversarial.step_size, "0.0833", "(0, 1]",
+               "step of the training attack (METHODS.md 4.6: 2.5 eps / steps)"),
+    KEY_INT("adversarial", "steps", adversarial.steps, "3", "[1, 1000]",
+            "steps of the training attack"),
+    KEY_INT("adversarial", "eval_steps", adversarial.eval_steps, "20", "[0, 1000]",
+            "PGD steps of the test attack (random start); 0: no robust accuracy"),
+    KEY_DOUBLE("adversarial", "eval_step_size", adversarial.eval_step_size, "0.0125", "(0, 1]",
+               "step of the test attack (eps / 8)"),
+    KEY_DOUBLE("adversarial", "beta", adversarial.beta, "6", COEF_RANGE,
+               "TRADES weight of the KL term (trades, advmoe)"),
+    KEY_DOUBLE("adversarial", "router_weight", adversarial.router_weight, "6", COEF_RANGE,
+               "advmoe: alpha, weight of the router CE to y mod E (router_objective code)"),
+    KEY_ENUM("adversarial", "router_objective", adversarial.router_objective,
+             cm_adv_router_objective, adv_router_objective_names, "code",
+             "advmoe router step: code = alpha CE(r(x), y mod E) + beta KL of r(x') from r(x) (the "
+             "release); paper = the full MoE TRADES loss minimized w.r.t. the routers"),
 };
 const int recipe_keys_total = (int)(sizeof recipe_keys / sizeof recipe_keys[0]);
 

@@ -1,0 +1,387 @@
+/* Tests for train/cnn_trainer.c on tiny synthetic IDX data (8x8 images,
+ * two classes: the bright blob is in the left or the right half):
+ *   - standard training lowers the loss and reaches SA well above chance,
+ *     and writes the test line with sa/ra to metrics.jsonl;
+ *   - advmoe: the expert step changes only theta, the router step only phi;
+ *   - pgd_at and trades steps run and change the parameters;
+ *   - an out-of-range adversarial.eps is a file:line:col recipe error;
+ *   - a missing IDX file is a clear error naming the file and the keys;
+ *   - a run stopped and resumed from its checkpoint ends bit-identical to
+ *     an uninterrupted one (advmoe, so both optimizer states and both attack
+ *     streams are covered). */
+#include <check.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "train/checkpoint.h"
+#include "train/cnn_trainer.h"
+
+enum { SIDE = 8, SAMPLES = 256, TEST_SAMPLES = 64 };
+
+static char dir[256];
+
+static void put_u32(uint8_t *out, uint32_t value) {
+    out[0] = (uint8_t)(value >> 24);
+    out[1] = (uint8_t)(value >> 16);
+    out[2] = (uint8_t)(value >> 8);
+    out[3] = (uint8_t)value;
+}
+
+static void write_gz(const char *path, const uint8_t *bytes, size_t size) {
+    gzFile file = gzopen(path, "wb");
+    ck_assert_ptr_nonnull(file);
+    ck_assert_int_eq(gzwrite(file, bytes, (unsigned)size), (int)size);
+    ck_assert_int_eq(gzclose(file), Z_OK);
+}
+
+/* Class 0: a bright 3x3 blob somewhere in the left half; class 1: in the
+ * right half; background noise below 60. Deterministic (an LCG). */
+static void write_split(const char *name, int samples, uint32_t seed) {
+    size_t image_bytes = 16 + (size_t)samples * SIDE * SIDE;
+    uint8_t *images = calloc(image_bytes, 1), *labels = calloc(8 + (size_t)samples, 1);
+    put_u32(images, 0x803);
+    put_u32(images + 4, (uint32_t)samples);
+    put_u32(images + 8, SIDE);
+    put_u32(images + 12, SIDE);
+    put_u32(labels, 0x801);
+    put_u32(labels + 4, (uint32_t)samples);
+    uint32_t state = seed;
+    for (int n = 0; n < samples; n++) {
+        uint8_t *pixels = images + 16 + (size_t)n * SIDE * SIDE;
+        for (int p = 0; p < SIDE * SIDE; p++) {
+            state = state * 1664525u + 1013904223u;
+            pixels[p] = (uint8_t)((state >> 24) % 60);
+        }
+        int label = n % 2;
+        state = state * 1664525u + 1013904223u;
+        int y = (int)((state >> 24) % (SIDE - 2));
+        int x = (int)((state >> 16) % (SIDE / 2 - 2)) + (label ? SIDE / 2 : 0);
+        for (int dy = 0; dy < 3; dy++)
+            for (int dx = 0; dx < 3 && x + dx < SIDE; dx++) pixels[(y + dy) * SIDE + x + dx] = 230;
+        labels[8 + n] = (uint8_t)label;
+    }
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s-images.gz", dir, name);
+    write_gz(path, images, image_bytes);
+    snprintf(path, sizeof path, "%s/%s-labels.gz", dir, name);
+    write_gz(path, labels, 8 + (size_t)samples);
+    free(images);
+    free(labels);
+}
+
+static void setup(void) {
+    snprintf(dir, sizeof dir, "/tmp/cmoe-test-cnn-trainer-%d", (int)getpid());
+    char command[600];
+    snprintf(command, sizeof command, "rm -rf '%s' && mkdir -p '%s'", dir, dir);
+    ck_assert_int_eq(system(command), 0);
+    write_split("train", SAMPLES, 7);
+    write_split("test", TEST_SAMPLES, 99);
+}
+
+static void teardown(void) {
+    char command[600];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(command), 0);
+}
+
+/* A small recipe on the synthetic data plus `extra` overrides. */
+static cm_recipe make_recipe(const char *run_name, const char *const *extra, int n_extra) {
+    static char paths[6][600];
+    snprintf(paths[0], sizeof paths[0], "data.path=%s/train-images.gz", dir);
+    snprintf(paths[1], sizeof paths[1], "data.labels_path=%s/train-labels.gz", dir);
+    snprintf(paths[2], sizeof paths[2], "data.test_path=%s/test-images.gz", dir);
+    snprintf(paths[3], sizeof paths[3], "data.test_labels_path=%s/test-labels.gz", dir);
+    snprintf(paths[4], sizeof paths[4], "train.out_dir=%s/%s", dir, run_name);
+    const char *overrides[48] = {paths[0],
+                                 paths[1],
+                                 paths[2],
+                                 paths[3],
+                                 paths[4],
+                                 "model.arch=resnet",
+                                 "data.format=idx",
+                                 "model.cnn_stem=8",
+                                 "model.cnn_widths=8,16",
+                                 "data.batch_size=32",
+                                 "optim.type=sgd",
+                                 "optim.lr=0.05",
+                                 "optim.momentum=0.9",
+                                 "optim.weight_decay=0",
+                                 "train.arena_mib=64",
+                                 "train.eval_every=0",
+                                 "train.eval_batches=2",
+                                 "train.log_every=5",
+                                 "checkpoint.every=0",
+                                 "checkpoint.keep_last=0",
+                                 "adversarial.eps=0.1",
+                                 "adversarial.step_size=0.05",
+                                 "adversarial.steps=2",
+                                 "adversarial.eval_steps=3",
+                                 "adversarial.eval_step_size=0.03"};
+    int n = 25;
+    for (int i = 0; i < n_extra; i++) overrides[n++] = extra[i];
+    cm_recipe recipe;
+    cm_status status = recipe_load(NULL, overrides, n, &recipe);
+    ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    return recipe;
+}
+
+static const char *const moe_overrides[] = {"moe.enabled=true", "moe.num_experts=2",
+                                            "model.cnn_ratio=0.5", "adversarial.mode=advmoe"};
+
+START_TEST(test_standard_training_learns) {
+    const char *extra[] = {"train.steps=40"};
+    cm_recipe recipe = make_recipe("standard", extra, 1);
+    /* The loss of the first step, from the step function itself. */
+    cnn_run *run = NULL;
+    ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
+    double first_loss = 0;
+    ck_assert_int_eq(cnn_run_step(run, 0, &first_loss), CM_OK);
+    cnn_run_close(run);
+    ck_assert(first_loss > 1.5); /* about ln 10: ten output classes at init */
+
+    trainer_options options = {.quiet = true};
+    cnn_trainer_result result;
+    cm_status status = cnn_trainer_run(&recipe, &options, &result);
+    ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    ck_assert_int_eq(result.steps_done, 40);
+    ck_assert_msg(result.last_train_loss < 0.5 * first_loss, "loss %g -> %g", first_loss,
+                  result.last_train_loss);
+    ck_assert_msg(result.sa > 0.8, "SA %g (chance 0.5)", result.sa);
+    ck_assert(result.ra >= 0 && result.ra <= result.sa);
+    ck_assert_int_eq(result.eval_images, TEST_SAMPLES);
+    ck_assert(result.flops > 0);
+
+    char path[700], line[1024];
+    snprintf(path, sizeof path, "%s/standard/metrics.jsonl", dir);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    bool found = false;
+    while (fgets(line, sizeof line, file)) {
+        if (!strstr(line, "\"kind\": \"test\"")) continue;
+        found = true;
+        ck_assert_ptr_nonnull(strstr(line, "\"sa\": "));
+        ck_assert_ptr_nonnull(strstr(line, "\"ra\": "));
+        ck_assert_ptr_nonnull(strstr(line, "\"step\": 40"));
+    }
+    fclose(file);
+    ck_assert(found);
+}
+END_TEST
+
+/* Trained values (frozen state such as batch-norm statistics excluded) of
+ * every parameter, concatenated. */
+static float *snapshot(ag_params *params, int64_t *count) {
+    int64_t total = 0;
+    for (int i = 0; i < params->count; i++) total += params->items[i]->tensor.numel;
+    float *values = malloc((size_t)total * sizeof *values);
+    int64_t at = 0;
+    for (int i = 0; i < params->count; i++) {
+        const ag_tensor *t = &params->items[i]->tensor;
+        memcpy(values + at, t->data, (size_t)t->numel * sizeof *values);
+        at += t->numel;
+    }
+    *count = total;
+    return values;
+}
+
+static bool is_router(ag_param *const *routers, int n, const ag_param *param) {
+    for (int i = 0; i < n; i++)
+        if (routers[i] == param) return true;
+    return false;
+}
+
+/* Counts the changed trained parameters in each set between two snapshots. */
+static void changes(ag_params *params, ag_param *const *routers, int n_routers, const float *before,
+                    const float *after, int *theta_changed, int *phi_changed) {
+    *theta_changed = *phi_changed = 0;
+    int64_t at = 0;
+    for (int i = 0; i < params->count; i++) {
+        const ag_param *param = params->items[i];
+        int64_t numel = param->tensor.numel;
+        bool changed = memcmp(before + at, after + at, (size_t)numel * sizeof(float)) != 0;
+        at += numel;
+        if (param->frozen || !changed) continue;
+        if (is_router(routers, n_routers, param))
+            (*phi_changed)++;
+        else
+            (*theta_changed)++;
+    }
+}
+
+START_TEST(test_advmoe_phases_update_their_own_parameters) {
+    /* code objective with the image router, paper objective, per-layer routers */
+    for (int variant = 0; variant < 3; variant++) {
+        const char *extra[] = {moe_overrides[0],
+                               moe_overrides[1],
+                               moe_overrides[2],
+                               moe_overrides[3],
+                               "train.steps=3",
+                               variant == 1 ? "adversarial.router_objective=paper"
+                                            : "adversarial.router_objective=code",
+                               variant == 2 ? "moe.cnn_routing=per_layer"
+                                            : "moe.cnn_routing=image"};
+        cm_recipe recipe = make_recipe("advmoe", extra, 7);
+        cnn_run *run = NULL;
+        ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
+        ag_params *params = cnn_run_params(run);
+        ag_param *routers[64];
+        int n_routers = cnn_run_router_params(run, routers, 64);
+        ck_assert_int_gt(n_routers, 0);
+        ck_assert_int_le(n_routers, 64);
+        int64_t count;
+        for (int64_t step = 0; step < 2; step++) {
+            float *before = snapshot(params, &count);
+            double loss;
+            cm_status status = cnn_run_expert_step(run, step, &loss);
+            ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+            ck_assert(isfinite(loss));
+            float *middle = snapshot(params, &count);
+            ck_assert_int_eq(cnn_run_router_step(run, step, &loss), CM_OK);
+            ck_assert(isfinite(loss));
+            float *after = snapshot(params, &count);
+            int theta, phi;
+            changes(params, routers, n_routers, before, middle, &theta, &phi);
+            ck_assert_msg(phi == 0, "expert step changed %d router parameters", phi);
+            ck_assert_int_gt(theta, 5);
+            changes(params, routers, n_routers, middle, after, &theta, &phi);
+            ck_assert_msg(theta == 0, "router step changed %d expert parameters", theta);
+            ck_assert_int_gt(phi, 0);
+            /* The frozen flags are restored after each phase. */
+            for (int i = 0; i < n_routers; i++)
+                if (!strstr(routers[i]->name, "running_")) ck_assert(!routers[i]->frozen);
+            free(before);
+            free(middle);
+            free(after);
+        }
+        cnn_run_close(run);
+    }
+}
+END_TEST
+
+START_TEST(test_joint_modes_update_everything) {
+    const char *modes[] = {"adversarial.mode=pgd_at", "adversarial.mode=trades"};
+    for (int m = 0; m < 2; m++) {
+        const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2], modes[m],
+                               "train.steps=2"};
+        cm_recipe recipe = make_recipe("joint", extra, 5);
+        cnn_run *run = NULL;
+        ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
+        ag_params *params = cnn_run_params(run);
+        ag_param *routers[64];
+        int n_routers = cnn_run_router_params(run, routers, 64);
+        int64_t count;
+        float *before = snapshot(params, &count);
+        double loss;
+        cm_status status = cnn_run_step(run, 0, &loss);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        ck_assert(isfinite(loss) && loss > 0);
+        float *after = snapshot(params, &count);
+        int theta, phi;
+        changes(params, routers, n_routers, before, after, &theta, &phi);
+        ck_assert_int_gt(theta, 5);
+        ck_assert_int_gt(phi, 0); /* the straight-through gradient trains the router */
+        ck_assert_int_eq(cnn_run_router_step(run, 0, &loss), CM_ERR_INVALID);
+        free(before);
+        free(after);
+        cnn_run_close(run);
+    }
+}
+END_TEST
+
+START_TEST(test_eps_out_of_range) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/bad.yaml", dir);
+    FILE *file = fopen(path, "w");
+    ck_assert_ptr_nonnull(file);
+    fputs(
+        "model:\n  arch: resnet\ndata:\n  format: idx\nadversarial:\n  mode: trades\n  eps: 1.5\n",
+        file);
+    fclose(file);
+    cm_recipe recipe;
+    ck_assert_int_eq(recipe_load(path, NULL, 0, &recipe), CM_ERR_INVALID);
+    char expected[700];
+    snprintf(expected, sizeof expected, "%s:7:8: adversarial.eps = 1.5 is out of range (0, 1]",
+             path);
+    ck_assert_str_eq(cm_error_message(), expected);
+}
+END_TEST
+
+START_TEST(test_missing_idx_file) {
+    char missing[600];
+    snprintf(missing, sizeof missing, "data.path=%s/nope-images.gz", dir);
+    const char *extra[] = {missing};
+    cm_recipe recipe = make_recipe("missing", extra, 1);
+    cnn_run *run = NULL;
+    ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_ERR_IO);
+    ck_assert_ptr_null(run);
+    const char *message = cm_error_message();
+    ck_assert_msg(strstr(message, "nope-images.gz") && strstr(message, "data.path"), "%s", message);
+    /* The full run reports the same. */
+    trainer_options options = {.quiet = true};
+    cnn_trainer_result result;
+    ck_assert_int_eq(cnn_trainer_run(&recipe, &options, &result), CM_ERR_IO);
+}
+END_TEST
+
+/* The final parameters of a checkpoint, as floats of the whole registry. */
+static float *checkpoint_values(const cm_recipe *recipe, const char *path, int64_t *count) {
+    cnn_run *run = NULL;
+    ck_assert_int_eq(cnn_run_open(recipe, &run), CM_OK);
+    ckpt_meta meta;
+    ck_assert_int_eq(ckpt_load(path, cnn_run_params(run), &meta, true), CM_OK);
+    float *values = snapshot(cnn_run_params(run), count);
+    cnn_run_close(run);
+    return values;
+}
+
+START_TEST(test_resume_is_bit_identical) {
+    const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2],
+                           moe_overrides[3], "train.steps=4",  "adversarial.eval_steps=0"};
+    cm_recipe straight = make_recipe("straight", extra, 6);
+    cm_recipe resumed = make_recipe("resumed", extra, 6);
+    trainer_options options = {.quiet = true};
+    cnn_trainer_result a, b;
+    ck_assert_int_eq(cnn_trainer_run(&straight, &options, &a), CM_OK);
+    ck_assert(isnan(a.ra)); /* eval_steps 0: no robust accuracy */
+    trainer_options first = {.quiet = true, .stop_at_step = 2};
+    ck_assert_int_eq(cnn_trainer_run(&resumed, &first, &b), CM_OK);
+    ck_assert(b.interrupted);
+    ck_assert_int_eq(b.steps_done, 2);
+    trainer_options second = {.quiet = true, .resume = "auto"};
+    ck_assert_int_eq(cnn_trainer_run(&resumed, &second, &b), CM_OK);
+    ck_assert_int_eq(b.steps_done, 4);
+    ck_assert(a.last_train_loss == b.last_train_loss);
+    ck_assert(a.sa == b.sa);
+    int64_t count_a, count_b;
+    float *values_a = checkpoint_values(&straight, a.last_checkpoint, &count_a);
+    float *values_b = checkpoint_values(&straight, b.last_checkpoint, &count_b);
+    ck_assert_int_eq(count_a, count_b);
+    ck_assert(memcmp(values_a, values_b, (size_t)count_a * sizeof(float)) == 0);
+    free(values_a);
+    free(values_b);
+}
+END_TEST
+
+int main(void) {
+    Suite *suite = suite_create("cnn_trainer");
+    TCase *tc = tcase_create("cnn_trainer");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_standard_training_learns);
+    tcase_add_test(tc, test_advmoe_phases_update_their_own_parameters);
+    tcase_add_test(tc, test_joint_modes_update_everything);
+    tcase_add_test(tc, test_eps_out_of_range);
+    tcase_add_test(tc, test_missing_idx_file);
+    tcase_add_test(tc, test_resume_is_bit_identical);
+    suite_add_tcase(suite, tc);
+    SRunner *runner = srunner_create(suite);
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
