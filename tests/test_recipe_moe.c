@@ -76,7 +76,7 @@ START_TEST(test_lm_recipes) {
 
     cm_recipe top2 = load_lm("moe-top2.yaml", NULL, 0);
     ck_assert_str_eq(top2.name, "moe-top2");
-    assert_dense_elsewhere(&top2, &dense, 1024);
+    assert_dense_elsewhere(&top2, &dense, 1280);
     ck_assert_int_eq(top2.moe.num_experts, 8);
     ck_assert_int_eq(top2.moe.every, 1);
     ck_assert(top2.moe.split_dense);
