@@ -101,7 +101,7 @@ START_TEST(test_lm_recipes) {
 
     cm_recipe smoe = load_lm("smoe-dropout.yaml", NULL, 0);
     ck_assert_str_eq(smoe.name, "smoe-dropout");
-    assert_dense_elsewhere(&smoe, &dense, 2048);
+    assert_dense_elsewhere(&smoe, &dense, 3072);
     ck_assert_int_eq(smoe.router.type, CM_ROUTER_SMOE_DROPOUT);
     ck_assert_int_eq(smoe.router.gating, CM_GATING_TOPK_SOFTMAX);
     ck_assert_double_eq(smoe.router.aux_loss_coef, 0.0);
@@ -135,7 +135,7 @@ START_TEST(test_lm_recipes) {
 
     cm_recipe top_p = load_lm("top-p.yaml", NULL, 0);
     ck_assert_str_eq(top_p.name, "top-p");
-    assert_dense_elsewhere(&top_p, &dense, 2048);
+    assert_dense_elsewhere(&top_p, &dense, 3072);
     ck_assert_int_eq(top_p.router.type, CM_ROUTER_TOP_P);
     ck_assert_double_eq(top_p.router.top_p, 0.4);
     ck_assert_double_eq(top_p.router.entropy_coef, 1e-4);
@@ -143,7 +143,7 @@ START_TEST(test_lm_recipes) {
 
     cm_recipe choice = load_lm("expert-choice.yaml", NULL, 0);
     ck_assert_str_eq(choice.name, "expert-choice");
-    assert_dense_elsewhere(&choice, &dense, 1024);
+    assert_dense_elsewhere(&choice, &dense, 1280);
     ck_assert_int_eq(choice.router.type, CM_ROUTER_EXPERT_CHOICE);
     ck_assert_double_eq(choice.router.capacity_factor, 2.0);
 
