@@ -1,5 +1,7 @@
 #include "train/cnn_trainer.h"
 
+#include "train/run_common.h"
+
 #include <cblas.h>
 #include <errno.h>
 #include <math.h>
@@ -78,25 +80,6 @@ static cm_status open_split(idx_dataset *dataset, const char *images, const char
     return CM_OK;
 }
 
-static void setup_optimizer(cnn_run *r) {
-    const cm_optim_cfg *o = &r->recipe->optim;
-    const cm_schedule_cfg *s = &r->recipe->schedule;
-    r->optim = (optim_config){
-        .kind = o->type == CM_OPTIM_SGD ? OPTIM_SGD : OPTIM_ADAMW,
-        .adamw = {o->beta1, o->beta2, o->eps, o->weight_decay},
-        .sgd = {o->momentum, o->weight_decay, o->nesterov},
-    };
-    const optim_lr_kind kinds[CM_SCHEDULE_COUNT] = {OPTIM_LR_CONSTANT, OPTIM_LR_COSINE,
-                                                    OPTIM_LR_STEP};
-    r->schedule = (optim_lr_schedule){.kind = kinds[s->type],
-                                      .lr = o->lr,
-                                      .min_lr = s->min_lr,
-                                      .warmup_steps = s->warmup_steps,
-                                      .total_steps = r->recipe->train.steps,
-                                      .step_size = s->step_size,
-                                      .gamma = s->gamma};
-}
-
 /* Model, parameters, arena, optimizer; no data. */
 static cm_status build(cnn_run *r, const cm_recipe *recipe) {
     r->recipe = recipe;
@@ -129,7 +112,8 @@ static cm_status build(cnn_run *r, const cm_recipe *recipe) {
     CM_TRY(ag_ctx_init(&r->ctx, (size_t)recipe->train.arena_mib << 20));
     r->ctx_ready = true;
     if (recipe->train.threads > 0) openblas_set_num_threads(recipe->train.threads);
-    setup_optimizer(r);
+    r->optim = run_optimizer(recipe);
+    r->schedule = run_lr_schedule(recipe);
     return CM_OK;
 }
 
@@ -425,49 +409,13 @@ int cnn_run_router_params(cnn_run *r, ag_param **out, int capacity) {
     return r->n_router_params;
 }
 
-static cm_status make_dirs(const char *path) {
-    char partial[PATH_CAPACITY];
-    size_t length = strlen(path);
-    if (length >= sizeof partial) return CM_ERR(CM_ERR_INVALID, "path too long: %s", path);
-    memcpy(partial, path, length + 1);
-    for (size_t i = 1; i <= length; i++) {
-        if (partial[i] != '/' && partial[i] != '\0') continue;
-        char saved = partial[i];
-        partial[i] = '\0';
-        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
-            return CM_ERR(CM_ERR_IO, "cannot create directory %s: %s", partial, strerror(errno));
-        partial[i] = saved;
-    }
-    return CM_OK;
-}
-
-static cm_status save_checkpoint(cnn_run *r, int64_t step, cnn_trainer_result *result) {
-    char path[PATH_CAPACITY];
-    ckpt_path_for_step(r->checkpoint_dir, step, path, sizeof path);
-    ckpt_meta meta = {step, (uint64_t)r->recipe->train.seed, r->theta_state.step};
-    CM_TRY(ckpt_save_sharded(path, &r->params, &meta, r->recipe_text, NULL));
-    snprintf(result->last_checkpoint, sizeof result->last_checkpoint, "%s", path);
-    if (r->recipe->checkpoint.keep_last > 0)
-        CM_TRY(ckpt_prune(r->checkpoint_dir, r->recipe->checkpoint.keep_last));
-    return CM_OK;
-}
-
+/* Continues from `resume`; the optimizer step counts come back with it. */
 static cm_status resume_from(cnn_run *r, const char *resume, int64_t *start_step) {
-    char path[PATH_CAPACITY];
-    *start_step = 0;
-    if (strcmp(resume, "auto") == 0) {
-        if (ckpt_find_latest(r->checkpoint_dir, path, sizeof path) != CM_OK) return CM_OK;
-    } else {
-        snprintf(path, sizeof path, "%s", resume);
-    }
     ckpt_meta meta;
-    CM_TRY(ckpt_load_sharded(path, &r->params, &meta, true, NULL));
-    if (meta.seed != (uint64_t)r->recipe->train.seed)
-        return CM_ERR(CM_ERR_INVALID,
-                      "%s was trained with train.seed %llu but the recipe says %lld (use --set "
-                      "train.seed=%llu)",
-                      path, (unsigned long long)meta.seed, (long long)r->recipe->train.seed,
-                      (unsigned long long)meta.seed);
+    bool found;
+    *start_step = 0;
+    CM_TRY(run_resume(r->recipe, r->checkpoint_dir, resume, &r->params, NULL, &meta, &found));
+    if (!found) return CM_OK;
     r->theta_state.step = meta.optimizer_step;
     /* advmoe takes one router step per theta step. */
     r->router_state.step = r->recipe->adversarial.mode == CM_ADV_ADVMOE ? meta.optimizer_step : 0;
@@ -501,8 +449,8 @@ static cm_status train_loop(cnn_run *r, const trainer_options *options,
     CM_TRY(open_split(&r->test, recipe->data.test_path, recipe->data.test_labels_path,
                       "data.test_path / data.test_labels_path"));
     r->test_open = true;
-    CM_TRY(make_dirs(r->run_dir));
-    CM_TRY(make_dirs(r->checkpoint_dir));
+    CM_TRY(run_make_dirs(r->run_dir));
+    CM_TRY(run_make_dirs(r->checkpoint_dir));
     int64_t start = 0;
     if (options->resume) CM_TRY(resume_from(r, options->resume, &start));
     cm_metrics metrics = {0};
@@ -559,7 +507,10 @@ static cm_status train_loop(cnn_run *r, const trainer_options *options,
         }
         bool periodic = recipe->checkpoint.every > 0 && step % recipe->checkpoint.every == 0;
         if (periodic || stop || step == train->steps) {
-            if ((status = save_checkpoint(r, step, result)) != CM_OK) break;
+            status = run_save_checkpoint(r->recipe, r->checkpoint_dir, r->recipe_text, &r->params,
+                                         step, r->theta_state.step, NULL, result->last_checkpoint,
+                                         sizeof result->last_checkpoint);
+            if (status != CM_OK) break;
             progress_print(&progress, "saved %s", result->last_checkpoint);
         }
         if (stop) {

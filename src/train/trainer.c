@@ -15,6 +15,7 @@
 #include "train/metrics.h"
 #include "train/progress.h"
 #include "train/recipe_moe.h"
+#include "train/run_common.h"
 
 #define LN2 0.69314718055994530942
 
@@ -62,22 +63,6 @@ static void run_free(run *r) {
     text_dataset_close(&r->train);
     text_dataset_close(&r->valid);
     text_dataset_close(&r->test);
-}
-
-static cm_status make_dirs(const char *path) {
-    char partial[PATH_CAPACITY];
-    size_t length = strlen(path);
-    if (length >= sizeof partial) return CM_ERR(CM_ERR_INVALID, "path too long: %s", path);
-    memcpy(partial, path, length + 1);
-    for (size_t i = 1; i <= length; i++) {
-        if (partial[i] != '/' && partial[i] != '\0') continue;
-        char saved = partial[i];
-        partial[i] = '\0';
-        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
-            return CM_ERR(CM_ERR_IO, "cannot create directory %s: %s", partial, strerror(errno));
-        partial[i] = saved;
-    }
-    return CM_OK;
 }
 
 static lm_config model_config(const cm_recipe *recipe) {
@@ -195,60 +180,8 @@ static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batch
     return CM_OK;
 }
 
-static cm_status save_checkpoint(run *r, int64_t step, trainer_result *result) {
-    char path[PATH_CAPACITY];
-    ckpt_path_for_step(r->checkpoint_dir, step, path, sizeof path);
-    ckpt_meta meta = {step, (uint64_t)r->recipe->train.seed, r->optim_state.step};
-    CM_TRY(ckpt_save_sharded(path, &r->params, &meta, r->recipe_text, r->comm));
-    snprintf(result->last_checkpoint, sizeof result->last_checkpoint, "%s", path);
-    if (r->leader && r->recipe->checkpoint.keep_last > 0)
-        CM_TRY(ckpt_prune(r->checkpoint_dir, r->recipe->checkpoint.keep_last));
-    return CM_OK;
-}
-
 /* Loads the checkpoint named by `resume` ("auto": the newest in the
  * checkpoint directory) and returns the step it reached. */
-static cm_status resume_from(run *r, const char *resume, int64_t *start_step) {
-    char path[PATH_CAPACITY];
-    if (strcmp(resume, "auto") == 0) {
-        if (ckpt_find_latest(r->checkpoint_dir, path, sizeof path) != CM_OK) {
-            *start_step = 0; /* nothing to resume: a fresh run */
-            return CM_OK;
-        }
-    } else {
-        snprintf(path, sizeof path, "%s", resume);
-    }
-    ckpt_meta meta;
-    CM_TRY(ckpt_load_sharded(path, &r->params, &meta, true, r->comm));
-    if (meta.seed != (uint64_t)r->recipe->train.seed)
-        return CM_ERR(CM_ERR_INVALID,
-                      "%s was trained with train.seed %llu but the recipe says %lld; resuming "
-                      "with another seed would change the data order (use --set train.seed=%llu)",
-                      path, (unsigned long long)meta.seed, (long long)r->recipe->train.seed,
-                      (unsigned long long)meta.seed);
-    r->optim_state.step = meta.optimizer_step;
-    *start_step = meta.step;
-    return CM_OK;
-}
-
-static void setup_optimizer(run *r) {
-    const cm_optim_cfg *o = &r->recipe->optim;
-    const cm_schedule_cfg *s = &r->recipe->schedule;
-    r->optim = (optim_config){
-        .kind = o->type == CM_OPTIM_SGD ? OPTIM_SGD : OPTIM_ADAMW,
-        .adamw = {o->beta1, o->beta2, o->eps, o->weight_decay},
-        .sgd = {o->momentum, o->weight_decay, o->nesterov},
-    };
-    const optim_lr_kind kinds[CM_SCHEDULE_COUNT] = {OPTIM_LR_CONSTANT, OPTIM_LR_COSINE,
-                                                    OPTIM_LR_STEP};
-    r->schedule = (optim_lr_schedule){.kind = kinds[s->type],
-                                      .lr = o->lr,
-                                      .min_lr = s->min_lr,
-                                      .warmup_steps = s->warmup_steps,
-                                      .total_steps = r->recipe->train.steps,
-                                      .step_size = s->step_size,
-                                      .gamma = s->gamma};
-}
 
 /* Adds one forward pass's routing statistics to the log window. */
 static void record_routing(run *r, const lm_moe_report *report) {
@@ -432,12 +365,19 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
     CM_TRY(open_split(recipe->data.path, "path", &r->train));
     if (train->eval_every > 0) CM_TRY(open_split(recipe->data.valid_path, "valid_path", &r->valid));
     CM_TRY(open_split(recipe->data.test_path, "test_path", &r->test));
-    CM_TRY(make_dirs(r->run_dir));
-    CM_TRY(make_dirs(r->checkpoint_dir));
-    setup_optimizer(r);
+    CM_TRY(run_make_dirs(r->run_dir));
+    CM_TRY(run_make_dirs(r->checkpoint_dir));
+    r->optim = run_optimizer(recipe);
+    r->schedule = run_lr_schedule(recipe);
 
     int64_t start = 0;
-    if (options->resume) CM_TRY(resume_from(r, options->resume, &start));
+    if (options->resume) {
+        ckpt_meta meta;
+        bool found;
+        CM_TRY(run_resume(recipe, r->checkpoint_dir, options->resume, &r->params, r->comm, &meta,
+                          &found));
+        if (found) start = meta.step, r->optim_state.step = meta.optimizer_step;
+    }
     cm_metrics metrics = {0};
     if (r->leader) CM_TRY(metrics_open(&metrics, r->run_dir, start > 0 ? start : -1));
 
@@ -516,7 +456,10 @@ static cm_status train_loop(run *r, const trainer_options *options, trainer_resu
         }
         bool periodic = recipe->checkpoint.every > 0 && step % recipe->checkpoint.every == 0;
         if (periodic || stop || step == train->steps) {
-            if ((status = save_checkpoint(r, step, result)) != CM_OK) break;
+            status = run_save_checkpoint(recipe, r->checkpoint_dir, r->recipe_text, &r->params,
+                                         step, r->optim_state.step, r->comm,
+                                         result->last_checkpoint, sizeof result->last_checkpoint);
+            if (status != CM_OK) break;
             progress_print(&progress, "saved %s", result->last_checkpoint);
         }
         if (stop) {
