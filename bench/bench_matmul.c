@@ -30,8 +30,10 @@
 #include <time.h>
 
 #include "autograd/ops.h"
+#include "common/pool.h"
 
 void openblas_set_num_threads(int);
+static int bench_threads = 1;
 
 enum { ARENA_BYTES = 96 << 20 };
 
@@ -199,6 +201,9 @@ static double time_pair(bench_state *s, bench_fn raw_setup, bench_fn raw, bench_
         /* A B B A ...: neither side always runs first (warm caches, turbo). */
         for (int turn = 0; turn < 2; turn++) {
             bool raw_turn = (turn == 0) == (i % 2 == 0);
+            /* raw: OpenBLAS's own threads; op: OpenBLAS single-threaded under
+             * cmoe's pool, as in training (common/pool.h) */
+            openblas_set_num_threads(raw_turn ? bench_threads : 1);
             if (raw_turn && raw_setup) raw_setup(s);
             if (!raw_turn && op_setup) op_setup(s);
             double start = now_seconds();
@@ -350,7 +355,8 @@ int main(int argc, char **argv) {
             return EXIT_FAILURE;
         }
     }
-    openblas_set_num_threads(threads);
+    bench_threads = threads;
+    cm_pool_set_threads(threads);
 
     const bench_case cases[] = {
         {"matmul 1024x1024x1024", CASE_MATMUL, 1024, 1024, 1024, 0, false},

@@ -11,8 +11,41 @@
 #include <string.h>
 
 #include "autograd/ops_internal.h"
+#include "common/pool.h"
 
 /* ---- the sgemm kernel ------------------------------------------------------- */
+
+/* Below this many multiply-adds an sgemm runs on the calling thread: the
+ * split would cost more than it saves (~0.1 ms of work at 2 threads). */
+#define PARALLEL_MIN_MACS (1 << 21)
+
+typedef struct sgemm_job {
+    CBLAS_TRANSPOSE trans_a, trans_b;
+    int m, n, k, lda, ldb, ldc, tasks;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+    bool split_rows; /* else columns */
+} sgemm_job;
+
+/* One block of C's rows (or columns): an ordinary single-threaded sgemm. */
+static void sgemm_block(void *context, int task) {
+    const sgemm_job *j = context;
+    int64_t begin, end;
+    if (j->split_rows) {
+        cm_pool_split(j->m, j->tasks, task, 16, &begin, &end);
+        if (begin == end) return;
+        int64_t a_offset = j->trans_a == CblasTrans ? begin : begin * j->lda;
+        cblas_sgemm(CblasRowMajor, j->trans_a, j->trans_b, (int)(end - begin), j->n, j->k, j->alpha,
+                    j->a + a_offset, j->lda, j->b, j->ldb, j->beta, j->c + begin * j->ldc, j->ldc);
+    } else {
+        cm_pool_split(j->n, j->tasks, task, 16, &begin, &end);
+        if (begin == end) return;
+        int64_t b_offset = j->trans_b == CblasTrans ? begin * j->ldb : begin;
+        cblas_sgemm(CblasRowMajor, j->trans_a, j->trans_b, j->m, (int)(end - begin), j->k, j->alpha,
+                    j->a, j->lda, j->b + b_offset, j->ldb, j->beta, j->c + begin, j->ldc);
+    }
+}
 
 /* c [m,n] = alpha op(a) op(b) + beta c; op(a) [m,k] is stored as a [m,k]
  * (lda >= k) or, transposed, as a [k,m] (lda >= m); likewise op(b) [k,n]. */
@@ -35,8 +68,26 @@ void ag_sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, cons
         }
         return;
     }
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    sgemm_job job = {.trans_a = trans_a ? CblasTrans : CblasNoTrans,
+                     .trans_b = trans_b ? CblasTrans : CblasNoTrans,
+                     .m = m,
+                     .n = n,
+                     .k = k,
+                     .lda = lda,
+                     .ldb = ldb,
+                     .ldc = ldc,
+                     .tasks = cm_pool_threads(),
+                     .alpha = alpha,
+                     .beta = beta,
+                     .a = a,
+                     .b = b,
+                     .c = c,
+                     .split_rows = m >= n};
+    /* OpenBLAS runs single-threaded (cm_pool_set_threads): the pool's
+     * threads each take a block of rows or columns of C */
+    if (job.tasks == 1 || cm_pool_in_task() || (int64_t)m * n * k < PARALLEL_MIN_MACS)
+        job.tasks = 1;
+    cm_pool_run(job.tasks, sgemm_block, &job);
 }
 
 /* ---- matmul and bmm ------------------------------------------------------------ */

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/commands.h"
 #include "common/log.h"
 #include "parallel/comm.h"
 #include "train/checkpoint.h"
@@ -28,6 +29,7 @@ static const char usage_text[] =
     "  eval RECIPE     evaluate a checkpoint on a data split\n"
     "  inspect CKPT    print a checkpoint's step, parameters and recipe\n"
     "  plot RUN_DIR    render RUN_DIR/curves.png from RUN_DIR/metrics.jsonl\n"
+    "  bench RECIPE    time training steps (tokens/s, GFLOP/s, peak RSS, allocations)\n"
     "\n"
     "Run `cmoe COMMAND --help` for the options of each command.\n"
     "Recipes: recipes/lm/*.yaml (language models), recipes/cnn/*.yaml (image\n"
@@ -373,6 +375,7 @@ int main(int argc, char **argv) {
     if (strcmp(command, "eval") == 0) return command_eval(argc - 2, argv + 2);
     if (strcmp(command, "inspect") == 0) return command_inspect(argc - 2, argv + 2);
     if (strcmp(command, "plot") == 0) return command_plot(argc - 2, argv + 2);
+    if (strcmp(command, "bench") == 0) return command_bench(argc - 2, argv + 2);
     fprintf(stderr, "cmoe: unknown command '%s'\n\n%s", command, usage_text);
     return EXIT_USAGE;
 }

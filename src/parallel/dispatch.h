@@ -30,4 +30,8 @@ cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t 
 ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
                          const int32_t *recv_counts, MPI_Comm group);
 
+/* Seconds this process has spent in the exchanges' MPI calls so far
+ * (counts and rows, forward and backward; single-process groups add nothing). */
+double dispatch_exchange_seconds(void);
+
 #endif

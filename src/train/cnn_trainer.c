@@ -1,5 +1,6 @@
 #include "train/cnn_trainer.h"
 
+#include "common/pool.h"
 #include "train/run_common.h"
 
 #include <cblas.h>
@@ -111,7 +112,7 @@ static cm_status build(cnn_run *r, const cm_recipe *recipe) {
                               .num_experts = config.num_experts > 1 ? config.num_experts : 0};
     CM_TRY(ag_ctx_init(&r->ctx, (size_t)recipe->train.arena_mib << 20));
     r->ctx_ready = true;
-    if (recipe->train.threads > 0) openblas_set_num_threads(recipe->train.threads);
+    if (recipe->train.threads > 0) cm_pool_set_threads(recipe->train.threads);
     r->optim = run_optimizer(recipe);
     r->schedule = run_lr_schedule(recipe);
     return CM_OK;
@@ -402,6 +403,10 @@ void cnn_run_close(cnn_run *r) {
 
 ag_params *cnn_run_params(cnn_run *r) {
     return &r->params;
+}
+
+int64_t cnn_run_flops_per_image(const cnn_run *r) {
+    return moe_cnn_flops(&r->model.config, r->height, r->width).total;
 }
 
 int cnn_run_router_params(cnn_run *r, ag_param **out, int capacity) {

@@ -77,6 +77,8 @@ typedef struct cnn_run cnn_run;
 cm_status cnn_run_open(const cm_recipe *recipe, cnn_run **out);
 void cnn_run_close(cnn_run *run);
 ag_params *cnn_run_params(cnn_run *run);
+/* Inference multiply-adds per image of the model (moe_cnn_flops total). */
+int64_t cnn_run_flops_per_image(const cnn_run *run);
 /* The router parameters (phi); 0 for a dense model. */
 int cnn_run_router_params(cnn_run *run, ag_param **out, int capacity);
 /* One optimizer step at 0-based `step` of adversarial.mode (advmoe: both

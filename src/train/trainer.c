@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "common/pool.h"
 #include "data/text.h"
 #include "layers/transformer.h"
 #include "optim/optim.h"
@@ -122,7 +123,7 @@ static cm_status build_model(run *r) {
     r->inputs = malloc(tokens * sizeof *r->inputs);
     r->targets = malloc(tokens * sizeof *r->targets);
     if (!r->inputs || !r->targets) return CM_ERR(CM_ERR_NOMEM, "cannot allocate batch buffers");
-    if (recipe->train.threads > 0) openblas_set_num_threads(recipe->train.threads);
+    if (recipe->train.threads > 0) cm_pool_set_threads(recipe->train.threads);
     return CM_OK;
 }
 
@@ -499,6 +500,25 @@ cm_status trainer_run(const cm_recipe *recipe, const trainer_options *options,
     run r = {0};
     cm_status status = prepare(&r, recipe, options->comm);
     if (status == CM_OK) status = train_loop(&r, options, result);
+    run_free(&r);
+    return status;
+}
+
+cm_status trainer_bench(const cm_recipe *recipe, const cm_comm *comm, int64_t steps,
+                        trainer_step_hook hook, void *user) {
+    run r = {0};
+    cm_status status = prepare(&r, recipe, comm);
+    if (status == CM_OK) status = open_split(recipe->data.path, "path", &r.train);
+    if (status == CM_OK) {
+        r.optim = run_optimizer(recipe);
+        r.schedule = run_lr_schedule(recipe);
+        hook(user, 0);
+    }
+    for (int64_t step = 0; status == CM_OK && step < steps; step++) {
+        double loss, grad_norm;
+        status = train_step(&r, step, &loss, &grad_norm);
+        if (status == CM_OK) hook(user, step + 1);
+    }
     run_free(&r);
     return status;
 }

@@ -52,4 +52,15 @@ cm_status trainer_evaluate(const cm_recipe *recipe, const char *checkpoint, cm_s
                            int64_t max_batches, int k_override, double *mean_loss, int64_t *tokens,
                            const cm_comm *comm);
 
+/* Called by trainer_bench with steps_done = 0 before the first step and after
+ * every step (so the caller can time each step and count its allocations). */
+typedef void (*trainer_step_hook)(void *user, int64_t steps_done);
+
+/* The training step alone, for `cmoe bench`: builds the model of `recipe`
+ * from fresh parameters, opens its training split and runs `steps` steps
+ * (forward, backward, gradient reduction, clipping, update) with no
+ * logging, evaluation or checkpoint; every rank of comm calls it. */
+cm_status trainer_bench(const cm_recipe *recipe, const cm_comm *comm, int64_t steps,
+                        trainer_step_hook hook, void *user);
+
 #endif

@@ -1,0 +1,20 @@
+/* The cmoe subcommands that live outside main.c, and the allocation counter
+ * of the cmoe executable (alloc_count.c). */
+#ifndef CMOE_CLI_COMMANDS_H
+#define CMOE_CLI_COMMANDS_H
+
+#include <stdbool.h>
+
+/* `cmoe bench RECIPE ...`: argc/argv after the command name; returns the
+ * process exit status. */
+int command_bench(int argc, char **argv);
+
+/* False in sanitizer builds, whose allocator is the sanitizer's. */
+bool alloc_count_available(void);
+/* Counting on or off (off at start). */
+void alloc_count_enable(bool on);
+/* Allocation calls counted so far in the whole process, all threads
+ * (malloc, calloc, realloc and the aligned variants); -1 if unavailable. */
+long long alloc_count_total(void);
+
+#endif
