@@ -830,6 +830,7 @@ static float *moe_gradients(moe_fixture *f, ag_tensor *x, const moe_cnn_forward_
                             float **logits, float **router_logit_grad) {
     ag_ctx ctx;
     ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
+    ctx.keep_grads = true; /* the router logits' gradient is read after backward */
     ag_params_zero_grad(&f->params);
     memset(x->grad, 0, (size_t)x->numel * sizeof(float));
     moe_cnn_output out;

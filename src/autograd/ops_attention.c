@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "autograd/ops_internal.h"
+#include "common/pool.h"
 
 /* The softmax loops use GCC/Clang vector extensions: at the project's -O2,
  * GCC vectorises no loop with an unknown trip count, and never a float sum
@@ -140,58 +141,95 @@ typedef struct attention_saved {
     float *probs; /* [B,H,T,T] */
 } attention_saved;
 
-/* qkv [B,T,3D] -> out [B,T,D]; probs [T,T] per (b,h) at probs + (b H + h) T T,
- * or one reused [T,T] block when probs_per_head is false (no backward). */
-static void attention_forward(const attention_shape *s, const float *qkv, float *out, float *probs,
-                              bool probs_per_head) {
+/* The (b,h) pairs are independent: the pool's threads take contiguous runs
+ * of them (one run per task, each with its own [T,T] scratch block where
+ * one is needed), and the sgemms inside a task run on its thread. */
+typedef struct attention_job {
+    const attention_shape *s;
+    const float *qkv, *dout;
+    float *out, *dqkv;
+    float *probs;   /* [B,H,T,T], or one [T,T] block per task (forward without backward) */
+    float *scratch; /* backward: one [T,T] block per task */
+    bool probs_per_head;
+    int tasks;
+} attention_job;
+
+/* qkv [B,T,3D] -> out [B,T,D] for the (b,h) pairs of `task`. */
+static void attention_forward_task(void *context, int task) {
+    const attention_job *j = context;
+    const attention_shape *s = j->s;
     int t_len = s->t_len, head_dim = s->head_dim, ld_qkv = 3 * s->model_dim;
-    for (int b = 0; b < s->batch; b++)
-        for (int h = 0; h < s->n_head; h++) {
-            const float *q = qkv + (int64_t)b * t_len * ld_qkv + h * head_dim;
-            const float *k = q + s->model_dim, *v = q + 2 * s->model_dim;
-            float *o = out + (int64_t)b * t_len * s->model_dim + h * head_dim;
-            float *p =
-                probs_per_head ? probs + ((int64_t)b * s->n_head + h) * t_len * t_len : probs;
-            /* S [T,T] = scale Q K^T */
-            ag_sgemm(false, true, t_len, t_len, head_dim, s->scale, q, ld_qkv, k, ld_qkv, 0.0f, p,
-                     t_len);
-            causal_softmax_rows(p, t_len);
-            /* O [T,Dh] = P V, written into the output's head columns */
-            ag_sgemm(false, false, t_len, head_dim, t_len, 1.0f, p, t_len, v, ld_qkv, 0.0f, o,
-                     s->model_dim);
-        }
+    int64_t first, last;
+    cm_pool_split((int64_t)s->batch * s->n_head, j->tasks, task, 1, &first, &last);
+    for (int64_t pair = first; pair < last; pair++) {
+        int64_t b = pair / s->n_head, h = pair % s->n_head;
+        const float *q = j->qkv + b * t_len * ld_qkv + h * head_dim;
+        const float *k = q + s->model_dim, *v = q + 2 * s->model_dim;
+        float *o = j->out + b * t_len * s->model_dim + h * head_dim;
+        float *p = j->probs + (j->probs_per_head ? pair : task) * t_len * t_len;
+        /* S [T,T] = scale Q K^T */
+        ag_sgemm(false, true, t_len, t_len, head_dim, s->scale, q, ld_qkv, k, ld_qkv, 0.0f, p,
+                 t_len);
+        causal_softmax_rows(p, t_len);
+        /* O [T,Dh] = P V, written into the output's head columns */
+        ag_sgemm(false, false, t_len, head_dim, t_len, 1.0f, p, t_len, v, ld_qkv, 0.0f, o,
+                 s->model_dim);
+    }
 }
 
-/* qkv [B,T,3D] -> out [B,T,D]; every product accumulates into dqkv. */
+/* Every product of the (b,h) pairs of `task` accumulates into dqkv. */
+static void attention_backward_task(void *context, int task) {
+    const attention_job *j = context;
+    const attention_shape *s = j->s;
+    int t_len = s->t_len, head_dim = s->head_dim, ld_qkv = 3 * s->model_dim;
+    float *dprobs = j->scratch + (int64_t)task * t_len * t_len;
+    int64_t first, last;
+    cm_pool_split((int64_t)s->batch * s->n_head, j->tasks, task, 1, &first, &last);
+    for (int64_t pair = first; pair < last; pair++) {
+        int64_t b = pair / s->n_head, h = pair % s->n_head;
+        int64_t q_offset = b * t_len * ld_qkv + h * head_dim;
+        const float *q = j->qkv + q_offset;
+        const float *k = q + s->model_dim, *v = q + 2 * s->model_dim;
+        float *dq = j->dqkv + q_offset;
+        float *dk = dq + s->model_dim, *dv = dq + 2 * s->model_dim;
+        const float *dout = j->dout + b * t_len * s->model_dim + h * head_dim;
+        const float *p = j->probs + pair * t_len * t_len;
+        /* dP [T,T] = dO V^T */
+        ag_sgemm(false, true, t_len, t_len, head_dim, 1.0f, dout, s->model_dim, v, ld_qkv, 0.0f,
+                 dprobs, t_len);
+        /* dV [T,Dh] += P^T dO */
+        ag_sgemm(true, false, t_len, head_dim, t_len, 1.0f, p, t_len, dout, s->model_dim, 1.0f, dv,
+                 ld_qkv);
+        causal_softmax_backward_rows(p, dprobs, t_len);
+        /* dQ [T,Dh] += scale dS K;  dK [T,Dh] += scale dS^T Q */
+        ag_sgemm(false, false, t_len, head_dim, t_len, s->scale, dprobs, t_len, k, ld_qkv, 1.0f, dq,
+                 ld_qkv);
+        ag_sgemm(true, false, t_len, head_dim, t_len, s->scale, dprobs, t_len, q, ld_qkv, 1.0f, dk,
+                 ld_qkv);
+    }
+}
+
+static int attention_tasks(const attention_shape *s) {
+    int64_t pairs = (int64_t)s->batch * s->n_head;
+    int threads = cm_pool_threads();
+    return pairs < threads ? (int)(pairs > 0 ? pairs : 1) : threads;
+}
+
+/* qkv [B,T,3D] -> out [B,T,D] */
 static void attention_backward(ag_ctx *ctx, ag_node *node) {
     const attention_saved *saved = node->saved;
     const attention_shape *s = &saved->shape;
     ag_tensor *qkv = node->in[0];
-    int t_len = s->t_len, head_dim = s->head_dim, ld_qkv = 3 * s->model_dim;
-    float *dprobs = ag_alloc_floats(ctx, (int64_t)t_len * t_len, "causal_attention backward");
-    if (!dprobs) return; /* ctx->status holds the error */
-    for (int b = 0; b < s->batch; b++)
-        for (int h = 0; h < s->n_head; h++) {
-            int64_t q_offset = (int64_t)b * t_len * ld_qkv + h * head_dim;
-            const float *q = qkv->data + q_offset;
-            const float *k = q + s->model_dim, *v = q + 2 * s->model_dim;
-            float *dq = qkv->grad + q_offset;
-            float *dk = dq + s->model_dim, *dv = dq + 2 * s->model_dim;
-            const float *dout = node->out->grad + (int64_t)b * t_len * s->model_dim + h * head_dim;
-            const float *p = saved->probs + ((int64_t)b * s->n_head + h) * t_len * t_len;
-            /* dP [T,T] = dO V^T */
-            ag_sgemm(false, true, t_len, t_len, head_dim, 1.0f, dout, s->model_dim, v, ld_qkv, 0.0f,
-                     dprobs, t_len);
-            /* dV [T,Dh] += P^T dO */
-            ag_sgemm(true, false, t_len, head_dim, t_len, 1.0f, p, t_len, dout, s->model_dim, 1.0f,
-                     dv, ld_qkv);
-            causal_softmax_backward_rows(p, dprobs, t_len);
-            /* dQ [T,Dh] += scale dS K;  dK [T,Dh] += scale dS^T Q */
-            ag_sgemm(false, false, t_len, head_dim, t_len, s->scale, dprobs, t_len, k, ld_qkv, 1.0f,
-                     dq, ld_qkv);
-            ag_sgemm(true, false, t_len, head_dim, t_len, s->scale, dprobs, t_len, q, ld_qkv, 1.0f,
-                     dk, ld_qkv);
-        }
+    attention_job job = {.s = s,
+                         .qkv = qkv->data,
+                         .dout = node->out->grad,
+                         .dqkv = qkv->grad,
+                         .probs = saved->probs,
+                         .tasks = attention_tasks(s)};
+    job.scratch =
+        ag_alloc_floats(ctx, (int64_t)job.tasks * s->t_len * s->t_len, "causal_attention backward");
+    if (!job.scratch) return; /* ctx->status holds the error */
+    cm_pool_run(job.tasks, attention_backward_task, &job);
 }
 
 /* qkv [B,T,3D] -> [B,T,D] */
@@ -215,11 +253,18 @@ ag_tensor *ag_causal_attention(ag_ctx *ctx, ag_tensor *qkv, int n_head) {
     if (!out) return NULL;
     ag_node *node = ag_record(ctx, op, attention_backward, out, 1, &qkv, sizeof(attention_saved));
     if (ag_failed(ctx)) return NULL;
-    /* Without a backward, one [T,T] block serves every head in turn. */
-    int64_t prob_count = (int64_t)s.t_len * s.t_len * (node ? (int64_t)s.batch * n_head : 1);
-    float *probs = ag_alloc_floats(ctx, prob_count, op);
-    if (!probs && prob_count) return NULL;
-    attention_forward(&s, qkv->data, out->data, probs, node != NULL);
+    /* Without a backward, one [T,T] block per task serves its heads in turn. */
+    attention_job job = {.s = &s,
+                         .qkv = qkv->data,
+                         .out = out->data,
+                         .probs_per_head = node != NULL,
+                         .tasks = attention_tasks(&s)};
+    int64_t prob_count =
+        (int64_t)s.t_len * s.t_len * (node ? (int64_t)s.batch * n_head : job.tasks);
+    job.probs = ag_alloc_floats(ctx, prob_count, op);
+    if (!job.probs && prob_count) return NULL;
+    cm_pool_run(job.tasks, attention_forward_task, &job);
+    float *probs = job.probs;
     if (node) *(attention_saved *)node->saved = (attention_saved){s, probs};
     return out;
 }

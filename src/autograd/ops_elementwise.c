@@ -4,6 +4,7 @@
 
 #include "autograd/fastmath.h"
 #include "autograd/ops_internal.h"
+#include "common/pool.h"
 
 /* ---- broadcasting binary ops ---------------------------------------------- */
 
@@ -177,16 +178,38 @@ ag_tensor *ag_scale(ag_ctx *ctx, ag_tensor *a, float factor) {
 #define GELU_CUBIC          0.044715f
 
 /* a [*] -> [*]: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) */
-static void gelu_backward(ag_ctx *ctx, ag_node *node) {
-    (void)ctx;
-    ag_tensor *a = node->in[0];
-    const float *dout = node->out->grad;
-    for (int64_t i = 0; i < a->numel; i++) {
-        float x = a->data[i];
+/* Elements per task below which an elementwise loop stays on one thread. */
+#define ELEMENTWISE_GRAIN 16384
+
+typedef struct gelu_job {
+    const float *x, *dout;
+    float *out, *dx;
+} gelu_job;
+
+static void gelu_backward_range(void *context, int64_t begin, int64_t end) {
+    const gelu_job *j = context;
+    for (int64_t i = begin; i < end; i++) {
+        float x = j->x[i];
         float inner = GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
         float t = cm_tanhf(inner);
         float dinner = GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
-        a->grad[i] += dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner);
+        j->dx[i] += j->dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner);
+    }
+}
+
+static void gelu_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    ag_tensor *a = node->in[0];
+    gelu_job job = {.x = a->data, .dout = node->out->grad, .dx = a->grad};
+    cm_pool_for(a->numel, ELEMENTWISE_GRAIN, gelu_backward_range, &job);
+}
+
+static void gelu_forward_range(void *context, int64_t begin, int64_t end) {
+    const gelu_job *j = context;
+    for (int64_t i = begin; i < end; i++) {
+        float x = j->x[i];
+        j->out[i] =
+            0.5f * x * (1.0f + cm_tanhf(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
     }
 }
 
@@ -195,11 +218,8 @@ ag_tensor *ag_gelu(ag_ctx *ctx, ag_tensor *a) {
     ag_node *node;
     ag_tensor *out = unary_begin(ctx, "gelu", gelu_backward, a, 0, &node);
     if (!out) return NULL;
-    for (int64_t i = 0; i < a->numel; i++) {
-        float x = a->data[i];
-        out->data[i] =
-            0.5f * x * (1.0f + cm_tanhf(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
-    }
+    gelu_job job = {.x = a->data, .out = out->data};
+    cm_pool_for(a->numel, ELEMENTWISE_GRAIN, gelu_forward_range, &job);
     return out;
 }
 

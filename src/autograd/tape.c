@@ -17,6 +17,7 @@ void ag_ctx_free(ag_ctx *ctx) {
 
 void ag_ctx_reset(ag_ctx *ctx) {
     ag_arena_reset(&ctx->arena);
+    ctx->grad_free = NULL;
     ctx->tape_tail = NULL;
     ctx->tape_length = 0;
     ctx->status = CM_OK;
@@ -29,6 +30,9 @@ ag_mark ag_ctx_mark(const ag_ctx *ctx) {
 void ag_ctx_release(ag_ctx *ctx, ag_mark mark) {
     CM_ASSERT(mark.arena_used <= ctx->arena.used, "releasing a mark taken after a reset");
     ctx->arena.used = mark.arena_used;
+    /* freed blocks may lie above the mark: forget them all (those below it
+     * are only lost until the next reset) */
+    ctx->grad_free = NULL;
     ctx->tape_tail = mark.tape_tail;
     ctx->tape_length = mark.tape_length;
 }
@@ -101,11 +105,53 @@ ag_node *ag_record(ag_ctx *ctx, const char *op, ag_backward_fn backward, ag_tens
     return node;
 }
 
-/* Gives `t` a zeroed gradient buffer from the arena if it has none. */
+/* A gradient buffer from ensure_grad sits after this header (one cache
+ * line, so the buffer stays 64-byte aligned). */
+struct ag_grad_block {
+    uint64_t magic; /* GRAD_MAGIC: the block came from grad_alloc */
+    size_t bytes;   /* capacity of the buffer after the header */
+    ag_grad_block *next;
+    unsigned char pad[AG_ARENA_ALIGN - 24];
+};
+_Static_assert(sizeof(ag_grad_block) == AG_ARENA_ALIGN, "gradient header is one cache line");
+#define GRAD_MAGIC 0x6772616462756621ULL
+
+/* The smallest freed block that holds `bytes` and wastes at most half of
+ * itself, else a new one from the arena. */
+static float *grad_alloc(ag_ctx *ctx, size_t bytes, const char *op) {
+    ag_grad_block **best = NULL;
+    for (ag_grad_block **link = &ctx->grad_free; *link; link = &(*link)->next) {
+        size_t size = (*link)->bytes;
+        if (size >= bytes && size / 2 <= bytes && (!best || size < (*best)->bytes)) best = link;
+    }
+    ag_grad_block *block;
+    if (best) {
+        block = *best;
+        *best = block->next;
+    } else {
+        block = ag_alloc(ctx, sizeof *block + bytes, op);
+        if (!block) return NULL;
+        block->magic = GRAD_MAGIC;
+        block->bytes = bytes;
+    }
+    block->next = NULL;
+    return (float *)(block + 1);
+}
+
+static void grad_release(ag_ctx *ctx, ag_tensor *t) {
+    ag_grad_block *block = (ag_grad_block *)t->grad - 1;
+    CM_ASSERT(block->magic == GRAD_MAGIC, "releasing a gradient of '%s' that backward did not make",
+              t->name ? t->name : "?");
+    block->next = ctx->grad_free;
+    ctx->grad_free = block;
+    t->grad = NULL;
+}
+
+/* Gives `t` a zeroed gradient buffer if it has none. */
 static cm_status ensure_grad(ag_ctx *ctx, ag_tensor *t, const char *op) {
     if (t->grad) return CM_OK;
-    t->grad = ag_alloc_floats(ctx, t->numel, op);
-    if (!t->grad && t->numel) return ctx->status;
+    t->grad = grad_alloc(ctx, (size_t)t->numel * sizeof(float), op);
+    if (!t->grad) return ctx->status;
     if (t->numel) memset(t->grad, 0, (size_t)t->numel * sizeof(float));
     return CM_OK;
 }
@@ -125,7 +171,13 @@ cm_status ag_backward_from(ag_ctx *ctx, ag_tensor *out, const float *dout) {
         if (!node->out->grad) continue; /* nothing downstream used this output */
         for (int i = 0; i < node->n_in; i++)
             if (node->in[i]->requires_grad) CM_TRY(ensure_grad(ctx, node->in[i], node->op));
+        /* What the op's backward allocates is scratch: free it after. */
+        size_t scratch_mark = ctx->arena.used;
         node->backward(ctx, node);
+        if (ctx->status != CM_OK) break;
+        ctx->arena.used = scratch_mark;
+        /* Every consumer of this output came later on the tape and has run. */
+        if (!ctx->keep_grads) grad_release(ctx, node->out);
     }
     ctx->tape_tail = NULL;
     ctx->tape_length = 0;

@@ -41,12 +41,21 @@ struct ag_node {
     ag_node *prev;
 };
 
+typedef struct ag_grad_block ag_grad_block;
+
 struct ag_ctx {
     ag_arena arena;
     ag_node *tape_tail;
     int64_t tape_length;
     bool grad_enabled;
     cm_status status; /* sticky: the first failure inside an op */
+    /* Backward frees the gradient of an op's output once that op's backward
+     * has run (nothing reads it afterwards) and reuses the block for later
+     * gradients, so a step holds the live gradients, not all of them.
+     * keep_grads: every gradient stays readable after backward (for tests
+     * and dumps that inspect intermediate gradients). */
+    ag_grad_block *grad_free; /* freed gradient blocks, reused best-fit */
+    bool keep_grads;
 };
 
 typedef struct ag_mark {
@@ -96,6 +105,8 @@ static inline bool ag_wants_grad(const ag_tensor *t) {
     return t->requires_grad && t->grad;
 }
 
+/* Gradients of op outputs (intermediates) are released during backward
+ * unless ctx->keep_grads; leaf tensors (parameters, inputs) keep theirs. */
 /* Backward from a scalar `loss` (seeded with 1), or from any tensor `out`
  * seeded with the upstream gradient `dout` (same numel). Consumes the tape. */
 cm_status ag_backward(ag_ctx *ctx, ag_tensor *loss);

@@ -189,3 +189,31 @@ void cm_pool_split(int64_t n, int parts, int part, int64_t align, int64_t *begin
     *begin = first < n ? first : n;
     *end = first + chunk < n ? first + chunk : n;
 }
+
+typedef struct range_job {
+    int64_t n;
+    int tasks;
+    cm_range_fn fn;
+    void *ctx;
+} range_job;
+
+static void range_task(void *context, int task) {
+    const range_job *job = context;
+    int64_t begin, end;
+    cm_pool_split(job->n, job->tasks, task, 16, &begin, &end);
+    if (begin < end) job->fn(job->ctx, begin, end);
+}
+
+void cm_pool_for(int64_t n, int64_t grain, cm_range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    if (grain < 1) grain = 1;
+    int64_t most = n / grain;
+    int threads = inside_task ? 1 : cm_pool_threads();
+    int tasks = most < threads ? (int)(most > 1 ? most : 1) : threads;
+    if (tasks == 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    range_job job = {n, tasks, fn, ctx};
+    cm_pool_run(tasks, range_task, &job);
+}

@@ -51,6 +51,13 @@ bool cm_pool_in_task(void);
  * a multiple of `align` (except n itself). */
 void cm_pool_split(int64_t n, int parts, int part, int64_t align, int64_t *begin, int64_t *end);
 
+/* A loop over [0, n) cut into contiguous ranges (boundaries multiples of
+ * 16), at most one per thread and none shorter than `grain` elements:
+ * fn(ctx, begin, end) for each. For loops whose elements are independent,
+ * so the result does not depend on the cut. */
+typedef void (*cm_range_fn)(void *ctx, int64_t begin, int64_t end);
+void cm_pool_for(int64_t n, int64_t grain, cm_range_fn fn, void *ctx);
+
 /* Stops the workers (they are restarted by the next call that needs them). */
 void cm_pool_shutdown(void);
 
