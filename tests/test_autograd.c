@@ -181,6 +181,65 @@ START_TEST(test_arena_reused_across_steps) {
 }
 END_TEST
 
+/* Backward frees an op output's gradient once that op's backward has run
+ * and reuses the block: a chain of 20 ops then needs the memory of a couple
+ * of live gradients, not 20. Leaves keep theirs; keep_grads keeps all. */
+START_TEST(test_intermediate_gradients_recycled) {
+    enum { N = 4096, CHAIN = 20 };
+    size_t grown[2];
+    for (int keep = 0; keep < 2; keep++) {
+        ag_ctx ctx;
+        ck_assert_int_eq(ag_ctx_init(&ctx, 8 << 20), CM_OK);
+        ctx.keep_grads = keep;
+        float *x_data = calloc(N, sizeof(float)), *x_grad = calloc(N, sizeof(float));
+        for (int i = 0; i < N; i++) x_data[i] = 0.001f * (float)i;
+        ag_tensor x = ag_tensor_wrap(x_data, x_grad, 1, (int[]){N}, true);
+        ag_tensor *chain[CHAIN];
+        ag_tensor *y = &x;
+        for (int i = 0; i < CHAIN; i++) y = chain[i] = ag_scale(&ctx, y, 1.0f + 0.01f * (float)i);
+        size_t before = ctx.arena.used;
+        ck_assert_int_eq(ag_backward_from(&ctx, y, ones), CM_OK);
+        grown[keep] = ctx.arena.used - before;
+        double factor = 1.0;
+        for (int i = 0; i < CHAIN; i++) factor *= 1.0 + 0.01 * i;
+        ck_assert_double_eq_tol(x_grad[N - 1], factor, 1e-4);
+        for (int i = 0; i < CHAIN; i++)
+            ck_assert(keep ? chain[i]->grad != NULL : chain[i]->grad == NULL);
+        free(x_data);
+        free(x_grad);
+        ag_ctx_free(&ctx);
+    }
+    /* every one of the 20 gradients kept vs two blocks alternating */
+    ck_assert_uint_ge(grown[1], (size_t)CHAIN * N * sizeof(float));
+    ck_assert_uint_le(grown[0], 3 * (N * sizeof(float) + 64));
+}
+END_TEST
+
+/* Blocks freed inside a released scope are not handed out afterwards (they
+ * lie above the mark, where new tensors now live). */
+START_TEST(test_release_drops_freed_blocks_above_mark) {
+    enum { N = 1024 };
+    ag_ctx ctx;
+    ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
+    float x_data[N], x_grad[N] = {0};
+    for (int i = 0; i < N; i++) x_data[i] = 1.0f;
+    ag_tensor x = ag_tensor_wrap(x_data, x_grad, 1, (int[]){N}, true);
+    ag_mark mark = ag_ctx_mark(&ctx);
+    ag_tensor *inner = ag_scale(&ctx, ag_scale(&ctx, &x, 2.0f), 3.0f);
+    ck_assert_int_eq(ag_backward_from(&ctx, inner, ones), CM_OK);
+    ck_assert_ptr_nonnull(ctx.grad_free); /* the scope's freed gradients */
+    ag_ctx_release(&ctx, mark);
+    ck_assert_ptr_null(ctx.grad_free);
+    /* what comes next reuses the scope's memory and computes correctly */
+    memset(x_grad, 0, sizeof x_grad);
+    ag_tensor *outer = ag_scale(&ctx, ag_scale(&ctx, &x, 5.0f), 7.0f);
+    ck_assert_int_eq(ag_backward_from(&ctx, outer, ones), CM_OK);
+    for (int i = 0; i < N; i++) ck_assert_float_eq(x_grad[i], 35.0f);
+    ck_assert_float_eq(outer->data[0], 35.0f);
+    ag_ctx_free(&ctx);
+}
+END_TEST
+
 int main(void) {
     setup();
     Suite *suite = suite_create("autograd");
@@ -193,6 +252,8 @@ int main(void) {
     tcase_add_test(tc, test_backward_rejects_non_scalar);
     tcase_add_test(tc, test_mark_release);
     tcase_add_test(tc, test_arena_reused_across_steps);
+    tcase_add_test(tc, test_intermediate_gradients_recycled);
+    tcase_add_test(tc, test_release_drops_freed_blocks_above_mark);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

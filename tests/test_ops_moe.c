@@ -123,6 +123,80 @@ START_TEST(test_grouped_linear_grad) {
 }
 END_TEST
 
+/* grouped_linear_act: h through each activation, then the group products. */
+typedef struct act_case {
+    const int32_t *offsets;
+    ag_activation activation;
+    bool bias;
+} act_case;
+
+static ag_tensor *forward_grouped_act(ag_ctx *ctx, ag_tensor *const *in, void *user) {
+    const act_case *c = user;
+    return ag_grouped_linear_act(ctx, in[0], c->activation, in[1], c->bias ? in[2] : NULL,
+                                 c->offsets);
+}
+
+START_TEST(test_grouped_linear_act_grad) {
+    ag_tensor *in[3] = {gc_tensor_new(2, (int[]){9, 5}, -2, 2, 14, true),
+                        gc_tensor_new(3, (int[]){4, 7, 5}, -1, 1, 15, true),
+                        gc_tensor_new(2, (int[]){4, 7}, -1, 1, 16, true)};
+    /* ReLU's kink: keep h away from 0 so central differences are exact */
+    for (int i = 0; i < 45; i++)
+        if (fabsf(in[0]->data[i]) < 0.05f) in[0]->data[i] = 0.3f;
+    gc_options options = gc_default_options();
+    options.max_checks_per_input = 1000;
+    const char *names[3] = {"grouped_linear_act gelu", "grouped_linear_act relu",
+                            "grouped_linear_act silu"};
+    for (int a = 0; a < 3; a++)
+        for (int bias = 0; bias < 2; bias++) {
+            act_case c = {expert_offsets, (ag_activation)a, bias};
+            gc_result r = gc_check(names[a], forward_grouped_act, in, bias ? 3 : 2, &c, &options);
+            ck_assert_msg(r.ok, "%s (bias %d): %s", names[a], bias, r.message);
+        }
+    for (int i = 0; i < 3; i++) gc_tensor_free(in[i]);
+}
+END_TEST
+
+/* The fused op equals the activation op then grouped_linear: outputs and
+ * every gradient, for each activation, with all rows in one expert too. */
+START_TEST(test_grouped_linear_act_matches_composition) {
+    ag_tensor *(*activations[3])(ag_ctx *, ag_tensor *) = {ag_gelu, ag_relu, ag_silu};
+    const int32_t *cases[2] = {expert_offsets, (const int32_t[]){0, 0, 0, 9, 9}};
+    for (int a = 0; a < 3; a++)
+        for (int c = 0; c < 2; c++) {
+            float grads[2][45 + 140 + 28], outputs[2][63];
+            for (int way = 0; way < 2; way++) {
+                ag_ctx ctx;
+                ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
+                ag_tensor *h = gc_tensor_new(2, (int[]){9, 5}, -2, 2, 21, true);
+                ag_tensor *w = gc_tensor_new(3, (int[]){4, 7, 5}, -1, 1, 22, true);
+                ag_tensor *b = gc_tensor_new(2, (int[]){4, 7}, -1, 1, 23, true);
+                ag_tensor *y =
+                    way == 0 ? ag_grouped_linear_act(&ctx, h, (ag_activation)a, w, b, cases[c])
+                             : ag_grouped_linear(&ctx, activations[a](&ctx, h), w, b, cases[c]);
+                ck_assert_ptr_nonnull(y);
+                float dout[63];
+                for (int i = 0; i < 63; i++) dout[i] = (float)((i * 7) % 11) / 11.0f - 0.4f;
+                ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
+                memcpy(outputs[way], y->data, sizeof outputs[way]);
+                memcpy(grads[way], h->grad, 45 * sizeof(float));
+                memcpy(grads[way] + 45, w->grad, 140 * sizeof(float));
+                memcpy(grads[way] + 185, b->grad, 28 * sizeof(float));
+                gc_tensor_free(h);
+                gc_tensor_free(w);
+                gc_tensor_free(b);
+                ag_ctx_free(&ctx);
+            }
+            for (int i = 0; i < 63; i++)
+                ck_assert_float_eq_tol(outputs[0][i], outputs[1][i], 1e-6f);
+            for (int i = 0; i < 45 + 140 + 28; i++)
+                ck_assert_msg(fabsf(grads[0][i] - grads[1][i]) <= 1e-5f,
+                              "activation %d case %d gradient %d: fused %g, composed %g", a, c, i,
+                              grads[0][i], grads[1][i]);
+        }
+}
+END_TEST
+
 START_TEST(test_grouped_linear_values_and_all_rows) {
     ag_ctx ctx;
     ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
@@ -201,6 +275,8 @@ int main(void) {
     tcase_add_test(tc, test_segment_softmax);
     tcase_add_test(tc, test_sum_rows);
     tcase_add_test(tc, test_grouped_linear_grad);
+    tcase_add_test(tc, test_grouped_linear_act_grad);
+    tcase_add_test(tc, test_grouped_linear_act_matches_composition);
     tcase_add_test(tc, test_grouped_linear_values_and_all_rows);
     tcase_add_test(tc, test_gradients_accumulate);
     suite_add_tcase(suite, tc);

@@ -124,4 +124,12 @@ ag_tensor *ag_sum_rows(ag_ctx *ctx, ag_tensor *x);
 ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
                              const int32_t *offsets);
 
+typedef enum ag_activation { AG_ACT_GELU = 0, AG_ACT_RELU, AG_ACT_SILU } ag_activation;
+/* ag_grouped_linear(act(h), w, bias, offsets) as one op that keeps only h:
+ * act(h) [S,IN] is made in scratch for the forward product and made again
+ * in backward, so neither it nor its gradient is ever stored (the experts'
+ * largest tensors). h [S,IN] -> [S,OUT]. */
+ag_tensor *ag_grouped_linear_act(ag_ctx *ctx, ag_tensor *h, ag_activation activation, ag_tensor *w,
+                                 ag_tensor *bias, const int32_t *offsets);
+
 #endif

@@ -2,7 +2,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "autograd/fastmath.h"
+#include "autograd/activations.h"
 #include "autograd/ops_internal.h"
 #include "common/pool.h"
 
@@ -174,10 +174,6 @@ ag_tensor *ag_scale(ag_ctx *ctx, ag_tensor *a, float factor) {
     return out;
 }
 
-#define GELU_SQRT_2_OVER_PI 0.7978845608028654f
-#define GELU_CUBIC          0.044715f
-
-/* a [*] -> [*]: 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) */
 /* Elements per task below which an elementwise loop stays on one thread. */
 #define ELEMENTWISE_GRAIN 16384
 
@@ -188,13 +184,7 @@ typedef struct gelu_job {
 
 static void gelu_backward_range(void *context, int64_t begin, int64_t end) {
     const gelu_job *j = context;
-    for (int64_t i = begin; i < end; i++) {
-        float x = j->x[i];
-        float inner = GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
-        float t = cm_tanhf(inner);
-        float dinner = GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
-        j->dx[i] += j->dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner);
-    }
+    for (int64_t i = begin; i < end; i++) j->dx[i] += j->dout[i] * ag_gelu_derivative(j->x[i]);
 }
 
 static void gelu_backward(ag_ctx *ctx, ag_node *node) {
@@ -206,13 +196,10 @@ static void gelu_backward(ag_ctx *ctx, ag_node *node) {
 
 static void gelu_forward_range(void *context, int64_t begin, int64_t end) {
     const gelu_job *j = context;
-    for (int64_t i = begin; i < end; i++) {
-        float x = j->x[i];
-        j->out[i] =
-            0.5f * x * (1.0f + cm_tanhf(GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
-    }
+    for (int64_t i = begin; i < end; i++) j->out[i] = ag_gelu_value(j->x[i]);
 }
 
+/* a [*] -> [*]: GELU (tanh form, activations.h) */
 ag_tensor *ag_gelu(ag_ctx *ctx, ag_tensor *a) {
     AG_OP_BEGIN(ctx, a);
     ag_node *node;
@@ -228,7 +215,7 @@ static void relu_backward(ag_ctx *ctx, ag_node *node) {
     (void)ctx;
     ag_tensor *a = node->in[0];
     const float *dout = node->out->grad;
-    for (int64_t i = 0; i < a->numel; i++) a->grad[i] += a->data[i] > 0.0f ? dout[i] : 0.0f;
+    for (int64_t i = 0; i < a->numel; i++) a->grad[i] += dout[i] * ag_relu_derivative(a->data[i]);
 }
 
 ag_tensor *ag_relu(ag_ctx *ctx, ag_tensor *a) {
@@ -236,7 +223,7 @@ ag_tensor *ag_relu(ag_ctx *ctx, ag_tensor *a) {
     ag_node *node;
     ag_tensor *out = unary_begin(ctx, "relu", relu_backward, a, 0, &node);
     if (!out) return NULL;
-    for (int64_t i = 0; i < a->numel; i++) out->data[i] = a->data[i] > 0.0f ? a->data[i] : 0.0f;
+    for (int64_t i = 0; i < a->numel; i++) out->data[i] = ag_relu_value(a->data[i]);
     return out;
 }
 
@@ -245,11 +232,7 @@ static void silu_backward(ag_ctx *ctx, ag_node *node) {
     (void)ctx;
     ag_tensor *a = node->in[0];
     const float *dout = node->out->grad;
-    for (int64_t i = 0; i < a->numel; i++) {
-        float x = a->data[i];
-        float s = cm_sigmoidf(x);
-        a->grad[i] += dout[i] * s * (1.0f + x * (1.0f - s));
-    }
+    for (int64_t i = 0; i < a->numel; i++) a->grad[i] += dout[i] * ag_silu_derivative(a->data[i]);
 }
 
 ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a) {
@@ -257,10 +240,7 @@ ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a) {
     ag_node *node;
     ag_tensor *out = unary_begin(ctx, "silu", silu_backward, a, 0, &node);
     if (!out) return NULL;
-    for (int64_t i = 0; i < a->numel; i++) {
-        float x = a->data[i];
-        out->data[i] = x * cm_sigmoidf(x);
-    }
+    for (int64_t i = 0; i < a->numel; i++) out->data[i] = ag_silu_value(a->data[i]);
     return out;
 }
 

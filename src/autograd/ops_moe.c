@@ -4,7 +4,9 @@
 #include <string.h>
 
 #include "autograd/fastmath.h"
+#include "autograd/activations.h"
 #include "autograd/ops_internal.h"
+#include "common/pool.h"
 
 /* ---- gather_elements: x [*] flat, index[s] -> [s] -------------------------- */
 
@@ -116,24 +118,22 @@ typedef struct grouped_saved {
     const int32_t *offsets;
 } grouped_saved;
 
-static void grouped_linear_backward(ag_ctx *ctx, ag_node *node) {
-    (void)ctx;
-    const int32_t *offsets = ((const grouped_saved *)node->saved)->offsets;
-    ag_tensor *x = node->in[0], *w = node->in[1];
-    ag_tensor *bias = node->n_in > 2 ? node->in[2] : NULL;
+/* dx [S,IN] += dy w_e (per group), dw += dy_e^T x_e, dbias += rows of dy, for
+ * x [S,IN] (dx may be NULL: no input gradient wanted). */
+static void grouped_backward_products(const int32_t *offsets, const float *x, float *dx,
+                                      ag_tensor *w, ag_tensor *bias, const float *dy) {
     const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
-    const float *dy = node->out->grad;
+    const int64_t w_stride = (int64_t)out_features * in_features;
     for (int e = 0; e < experts; e++) {
         int rows = offsets[e + 1] - offsets[e];
         if (rows == 0) continue;
         const float *dy_e = dy + (int64_t)offsets[e] * out_features;
-        const float *x_e = x->data + (int64_t)offsets[e] * in_features;
-        const int64_t w_stride = (int64_t)out_features * in_features;
+        const float *x_e = x + (int64_t)offsets[e] * in_features;
         /* dx_e [rows,IN] += dy_e [rows,OUT] w_e [OUT,IN] */
-        if (ag_wants_grad(x))
+        if (dx)
             ag_sgemm(false, false, rows, in_features, out_features, 1.0f, dy_e, out_features,
                      w->data + e * w_stride, in_features, 1.0f,
-                     x->grad + (int64_t)offsets[e] * in_features, in_features);
+                     dx + (int64_t)offsets[e] * in_features, in_features);
         /* dw_e [OUT,IN] += dy_e^T [OUT,rows] x_e [rows,IN] */
         if (ag_wants_grad(w))
             ag_sgemm(true, false, out_features, in_features, rows, 1.0f, dy_e, out_features, x_e,
@@ -146,27 +146,24 @@ static void grouped_linear_backward(ag_ctx *ctx, ag_node *node) {
     }
 }
 
-ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
-                             const int32_t *offsets) {
-    AG_OP_BEGIN(ctx, x, w);
-    AG_CHECK_SHAPES(x->ndim == 2 && w->ndim == 3 && x->shape[1] == w->shape[2], "grouped_linear", x,
-                    w);
+static void grouped_linear_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const int32_t *offsets = ((const grouped_saved *)node->saved)->offsets;
+    ag_tensor *x = node->in[0];
+    grouped_backward_products(offsets, x->data, ag_wants_grad(x) ? x->grad : NULL, node->in[1],
+                              node->n_in > 2 ? node->in[2] : NULL, node->out->grad);
+}
+
+/* out [S,OUT] = x w_e^T (+ bias_e) per group, x [S,IN]. */
+static void grouped_forward_products(const int32_t *offsets, const float *x, const ag_tensor *w,
+                                     const ag_tensor *bias, float *out) {
     const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
-    if (bias)
-        AG_CHECK_SHAPES(bias->ndim == 2 && bias->shape[0] == experts &&
-                            bias->shape[1] == out_features,
-                        "grouped_linear", w, bias);
-    CM_ASSERT(offsets[0] == 0 && offsets[experts] == x->shape[0],
-              "grouped_linear: offsets span [%d,%d) but x has %d rows", offsets[0],
-              offsets[experts], x->shape[0]);
-    ag_tensor *out = ag_empty(ctx, "grouped_linear", 2, (int[]){x->shape[0], out_features});
-    if (!out) return NULL;
     const int64_t w_stride = (int64_t)out_features * in_features;
     for (int e = 0; e < experts; e++) {
         int rows = offsets[e + 1] - offsets[e];
         CM_ASSERT(rows >= 0, "grouped_linear: offsets not ascending at expert %d", e);
         if (rows == 0) continue;
-        float *y_e = out->data + (int64_t)offsets[e] * out_features;
+        float *y_e = out + (int64_t)offsets[e] * out_features;
         float beta = 0.0f;
         if (bias) {
             const float *b = bias->data + (int64_t)e * out_features;
@@ -176,13 +173,123 @@ ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor 
         }
         /* y_e [rows,OUT] = x_e [rows,IN] w_e^T [IN,OUT] (+ bias rows) */
         ag_sgemm(false, true, rows, out_features, in_features, 1.0f,
-                 x->data + (int64_t)offsets[e] * in_features, in_features, w->data + e * w_stride,
+                 x + (int64_t)offsets[e] * in_features, in_features, w->data + e * w_stride,
                  in_features, beta, y_e, out_features);
     }
+}
+
+/* Shapes shared by grouped_linear and grouped_linear_act. */
+static void check_grouped(const char *op, const ag_tensor *x, const ag_tensor *w,
+                          const ag_tensor *bias, const int32_t *offsets) {
+    AG_CHECK_SHAPES(x->ndim == 2 && w->ndim == 3 && x->shape[1] == w->shape[2], op, x, w);
+    const int experts = w->shape[0], out_features = w->shape[1];
+    if (bias)
+        AG_CHECK_SHAPES(bias->ndim == 2 && bias->shape[0] == experts &&
+                            bias->shape[1] == out_features,
+                        op, w, bias);
+    CM_ASSERT(offsets[0] == 0 && offsets[experts] == x->shape[0],
+              "%s: offsets span [%d,%d) but x has %d rows", op, offsets[0], offsets[experts],
+              x->shape[0]);
+}
+
+ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
+                             const int32_t *offsets) {
+    AG_OP_BEGIN(ctx, x, w);
+    check_grouped("grouped_linear", x, w, bias, offsets);
+    ag_tensor *out = ag_empty(ctx, "grouped_linear", 2, (int[]){x->shape[0], w->shape[1]});
+    if (!out) return NULL;
+    grouped_forward_products(offsets, x->data, w, bias, out->data);
     ag_tensor *inputs[3] = {x, w, bias};
     ag_node *node = ag_record(ctx, "grouped_linear", grouped_linear_backward, out, bias ? 3 : 2,
                               inputs, sizeof(grouped_saved));
     if (ag_failed(ctx)) return NULL;
     if (node) ((grouped_saved *)node->saved)->offsets = offsets;
+    return out;
+}
+
+/* ---- grouped_linear_act: act(h) [S,IN] per group through w, bias -> [S,OUT] ------- */
+
+typedef struct grouped_act_saved {
+    const int32_t *offsets;
+    ag_activation activation;
+} grouped_act_saved;
+
+#define ACT_GRAIN 16384 /* elements per task below which the loop stays on one thread */
+
+typedef struct act_job {
+    ag_activation activation;
+    const float *h, *da;
+    float *a, *dh;
+} act_job;
+
+/* a = act(h) over [begin, end) */
+static void act_forward_range(void *context, int64_t begin, int64_t end) {
+    const act_job *j = context;
+    switch (j->activation) {
+    case AG_ACT_RELU:
+        for (int64_t i = begin; i < end; i++) j->a[i] = ag_relu_value(j->h[i]);
+        break;
+    case AG_ACT_SILU:
+        for (int64_t i = begin; i < end; i++) j->a[i] = ag_silu_value(j->h[i]);
+        break;
+    default:
+        for (int64_t i = begin; i < end; i++) j->a[i] = ag_gelu_value(j->h[i]);
+    }
+}
+
+/* dh += da act'(h) over [begin, end) */
+static void act_backward_range(void *context, int64_t begin, int64_t end) {
+    const act_job *j = context;
+    switch (j->activation) {
+    case AG_ACT_RELU:
+        for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_relu_derivative(j->h[i]);
+        break;
+    case AG_ACT_SILU:
+        for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_silu_derivative(j->h[i]);
+        break;
+    default:
+        for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_gelu_derivative(j->h[i]);
+    }
+}
+
+static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
+    const grouped_act_saved *saved = node->saved;
+    ag_tensor *h = node->in[0];
+    /* act(h) again, and d act(h), both scratch (freed after this backward) */
+    float *a = ag_alloc_floats(ctx, h->numel, "grouped_linear_act backward");
+    float *da =
+        ag_wants_grad(h) ? ag_alloc_floats(ctx, h->numel, "grouped_linear_act backward") : NULL;
+    if (!a || (ag_wants_grad(h) && !da)) return; /* ctx->status holds the error */
+    act_job job = {.activation = saved->activation, .h = h->data, .a = a};
+    cm_pool_for(h->numel, ACT_GRAIN, act_forward_range, &job);
+    if (da) memset(da, 0, (size_t)h->numel * sizeof(float));
+    grouped_backward_products(saved->offsets, a, da, node->in[1],
+                              node->n_in > 2 ? node->in[2] : NULL, node->out->grad);
+    if (!da) return;
+    job.da = da;
+    job.dh = h->grad;
+    cm_pool_for(h->numel, ACT_GRAIN, act_backward_range, &job);
+}
+
+ag_tensor *ag_grouped_linear_act(ag_ctx *ctx, ag_tensor *h, ag_activation activation, ag_tensor *w,
+                                 ag_tensor *bias, const int32_t *offsets) {
+    AG_OP_BEGIN(ctx, h, w);
+    const char *op = "grouped_linear_act";
+    check_grouped(op, h, w, bias, offsets);
+    ag_tensor *out = ag_empty(ctx, op, 2, (int[]){h->shape[0], w->shape[1]});
+    if (!out) return NULL;
+    ag_tensor *inputs[3] = {h, w, bias};
+    ag_node *node = ag_record(ctx, op, grouped_linear_act_backward, out, bias ? 3 : 2, inputs,
+                              sizeof(grouped_act_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node) *(grouped_act_saved *)node->saved = (grouped_act_saved){offsets, activation};
+    /* act(h) lives only while the products use it */
+    size_t scratch = ag_scratch_mark(ctx);
+    float *a = ag_alloc_floats(ctx, h->numel, op);
+    if (!a) return NULL;
+    act_job job = {.activation = activation, .h = h->data, .a = a};
+    cm_pool_for(h->numel, ACT_GRAIN, act_forward_range, &job);
+    grouped_forward_products(offsets, a, w, bias, out->data);
+    ag_scratch_release(ctx, scratch);
     return out;
 }

@@ -5,6 +5,17 @@
 
 #include "common/check.h"
 
+/* A gradient buffer from ensure_grad sits after this header (one cache
+ * line, so the buffer stays 64-byte aligned). */
+struct ag_grad_block {
+    uint64_t magic; /* GRAD_MAGIC: the block came from grad_alloc */
+    size_t bytes;   /* capacity of the buffer after the header */
+    ag_grad_block *next;
+    unsigned char pad[AG_ARENA_ALIGN - 24];
+};
+_Static_assert(sizeof(ag_grad_block) == AG_ARENA_ALIGN, "gradient header is one cache line");
+#define GRAD_MAGIC 0x6772616462756621ULL
+
 cm_status ag_ctx_init(ag_ctx *ctx, size_t arena_bytes) {
     memset(ctx, 0, sizeof *ctx);
     ctx->grad_enabled = true;
@@ -30,9 +41,14 @@ ag_mark ag_ctx_mark(const ag_ctx *ctx) {
 void ag_ctx_release(ag_ctx *ctx, ag_mark mark) {
     CM_ASSERT(mark.arena_used <= ctx->arena.used, "releasing a mark taken after a reset");
     ctx->arena.used = mark.arena_used;
-    /* freed blocks may lie above the mark: forget them all (those below it
-     * are only lost until the next reset) */
-    ctx->grad_free = NULL;
+    /* freed gradient blocks above the mark are gone with the rest */
+    const unsigned char *limit = ctx->arena.base + mark.arena_used;
+    for (ag_grad_block **link = &ctx->grad_free; *link;) {
+        if ((const unsigned char *)*link >= limit)
+            *link = (*link)->next;
+        else
+            link = &(*link)->next;
+    }
     ctx->tape_tail = mark.tape_tail;
     ctx->tape_length = mark.tape_length;
 }
@@ -105,17 +121,6 @@ ag_node *ag_record(ag_ctx *ctx, const char *op, ag_backward_fn backward, ag_tens
     return node;
 }
 
-/* A gradient buffer from ensure_grad sits after this header (one cache
- * line, so the buffer stays 64-byte aligned). */
-struct ag_grad_block {
-    uint64_t magic; /* GRAD_MAGIC: the block came from grad_alloc */
-    size_t bytes;   /* capacity of the buffer after the header */
-    ag_grad_block *next;
-    unsigned char pad[AG_ARENA_ALIGN - 24];
-};
-_Static_assert(sizeof(ag_grad_block) == AG_ARENA_ALIGN, "gradient header is one cache line");
-#define GRAD_MAGIC 0x6772616462756621ULL
-
 /* The smallest freed block that holds `bytes` and wastes at most half of
  * itself, else a new one from the arena. */
 static float *grad_alloc(ag_ctx *ctx, size_t bytes, const char *op) {
@@ -172,10 +177,10 @@ cm_status ag_backward_from(ag_ctx *ctx, ag_tensor *out, const float *dout) {
         for (int i = 0; i < node->n_in; i++)
             if (node->in[i]->requires_grad) CM_TRY(ensure_grad(ctx, node->in[i], node->op));
         /* What the op's backward allocates is scratch: free it after. */
-        size_t scratch_mark = ctx->arena.used;
+        size_t scratch = ag_scratch_mark(ctx);
         node->backward(ctx, node);
         if (ctx->status != CM_OK) break;
-        ctx->arena.used = scratch_mark;
+        ag_scratch_release(ctx, scratch);
         /* Every consumer of this output came later on the tape and has run. */
         if (!ctx->keep_grads) grad_release(ctx, node->out);
     }

@@ -80,6 +80,16 @@ static inline bool ag_failed(const ag_ctx *ctx) {
 ag_mark ag_ctx_mark(const ag_ctx *ctx);
 void ag_ctx_release(ag_ctx *ctx, ag_mark mark);
 
+/* Scratch inside one op: everything allocated after the mark is freed by
+ * the release (nothing recorded in between may outlive it). Backward
+ * releases each op's backward allocations this way. */
+static inline size_t ag_scratch_mark(const ag_ctx *ctx) {
+    return ctx->arena.used;
+}
+static inline void ag_scratch_release(ag_ctx *ctx, size_t mark) {
+    ctx->arena.used = mark;
+}
+
 /* No-grad mode (evaluation): ops record nothing. Returns the previous mode. */
 bool ag_set_grad_enabled(ag_ctx *ctx, bool enabled);
 

@@ -120,27 +120,29 @@ static cm_status plan_exchange(ag_ctx *ctx, const moe_layer *moe, const int32_t 
 /* xs [S,D] in dispatch order -> [R,D] for this rank's experts, expert-major. */
 static ag_tensor *to_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *xs,
                              const exchange_plan *plan) {
+    /* One rank: the rows are already here, expert-major (no copy to keep) */
+    if (plan->ranks == 1) return xs;
     ag_tensor *received =
         ag_all_to_all(ctx, xs, plan->send_rows, plan->recv_rows, moe->config.ep_group);
-    if (plan->ranks == 1) return received; /* already expert-major */
     return ag_gather_rows(ctx, received, plan->to_expert_major, plan->received);
 }
 
 /* y [R,D] expert-major -> [S,D] back on the tokens' ranks, in dispatch order. */
 static ag_tensor *from_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *y,
                                const exchange_plan *plan) {
-    if (plan->ranks > 1) y = ag_gather_rows(ctx, y, plan->from_expert_major, plan->received);
+    if (plan->ranks == 1) return y;
+    y = ag_gather_rows(ctx, y, plan->from_expert_major, plan->received);
     return ag_all_to_all(ctx, y, plan->recv_rows, plan->send_rows, moe->config.ep_group);
 }
 
-static ag_tensor *activate(ag_ctx *ctx, moe_activation activation, ag_tensor *h) {
+static ag_activation op_activation(moe_activation activation) {
     switch (activation) {
     case MOE_RELU:
-        return ag_relu(ctx, h);
+        return AG_ACT_RELU;
     case MOE_SILU:
-        return ag_silu(ctx, h);
+        return AG_ACT_SILU;
     default:
-        return ag_gelu(ctx, h);
+        return AG_ACT_GELU;
     }
 }
 
@@ -181,9 +183,10 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
     ag_tensor *h = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
                                      plan.local_offsets);
-    h = activate(ctx, c->activation, h);
-    ag_tensor *y = ag_grouped_linear(ctx, h, ag_param_tensor(moe->w2), ag_param_tensor(moe->b2),
-                                     plan.local_offsets);
+    /* the activation is fused into the second product: act(h) is not kept */
+    ag_tensor *y =
+        ag_grouped_linear_act(ctx, h, op_activation(c->activation), ag_param_tensor(moe->w2),
+                              ag_param_tensor(moe->b2), plan.local_offsets);
     y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
     ag_tensor *weighted = ag_mul(ctx, y, ag_reshape(ctx, gates, 2, (int[]){S, 1}));
