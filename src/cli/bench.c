@@ -17,7 +17,9 @@
  *     all libraries) during each timed step: the most in one step is
  *     reported (alloc_count.c);
  *   under MPI, the all-to-all time of the expert exchange (the slowest
- *     rank's median), and step time as seen by rank 0. */
+ *     rank's median) and, apart, the wait for the slowest rank before
+ *     each exchange (a barrier absorbs it: expert load imbalance, not
+ *     communication); step time as seen by rank 0. */
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -54,21 +56,22 @@ static const char bench_help[] =
 
 typedef struct bench_timer {
     int64_t steps;
-    double last_time, last_exchange;
+    double last_time, last_exchange, last_wait;
     long long last_allocations;
-    double *seconds, *exchange_seconds;
+    double *seconds, *exchange_seconds, *wait_seconds;
     long long *allocations;
     bool print;
 } bench_timer;
 
 static void on_step(void *user, int64_t steps_done) {
     bench_timer *t = user;
-    double now = cm_now(), exchange = dispatch_exchange_seconds();
+    double now = cm_now(), exchange = dispatch_exchange_seconds(), wait = dispatch_wait_seconds();
     long long allocations = alloc_count_total();
     if (steps_done > 0) {
         int64_t i = steps_done - 1;
         t->seconds[i] = now - t->last_time;
         t->exchange_seconds[i] = exchange - t->last_exchange;
+        t->wait_seconds[i] = wait - t->last_wait;
         t->allocations[i] = allocations - t->last_allocations;
         if (t->print) {
             fprintf(stderr, "\rstep %lld/%lld  %.1f ms", (long long)steps_done, (long long)t->steps,
@@ -79,6 +82,7 @@ static void on_step(void *user, int64_t steps_done) {
     /* read the clock last, so the bookkeeping above is not timed */
     t->last_allocations = alloc_count_total();
     t->last_exchange = dispatch_exchange_seconds();
+    t->last_wait = dispatch_wait_seconds();
     t->last_time = cm_now();
 }
 
@@ -158,6 +162,7 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
     double rss_mib = (double)usage.ru_maxrss / 1024.0; /* ru_maxrss is in KiB on Linux */
     double rss_max = max_over_ranks(comm, rss_mib), rss_sum = sum_over_ranks(comm, rss_mib);
     double exchange_median = max_over_ranks(comm, median(t->exchange_seconds + skip, n));
+    double wait_median = max_over_ranks(comm, median(t->wait_seconds + skip, n));
     double allocations_most = max_over_ranks(comm, (double)allocations_max);
     if (comm->world_rank != 0) return;
     const bool lm = recipe->model.arch != CM_ARCH_RESNET;
@@ -192,8 +197,9 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
            threads, (long long)n, flops_per_step / 1e9,
            alloc_count_available() ? allocations_most : -1.0);
     if (comm->world_size > 1)
-        printf(", \"peak_rss_mib_sum\": %.1f, \"alltoall_ms_median\": %.3f", rss_sum,
-               1e3 * exchange_median);
+        printf(", \"peak_rss_mib_sum\": %.1f, \"alltoall_ms_median\": %.3f, "
+               "\"imbalance_wait_ms_median\": %.3f",
+               rss_sum, 1e3 * exchange_median, 1e3 * wait_median);
     printf("}\n");
     fflush(stdout);
 }
@@ -266,13 +272,16 @@ int command_bench(int argc, char **argv) {
     bench_timer timer = {.steps = steps, .print = cm_log_rank() == 0};
     timer.seconds = calloc((size_t)steps, sizeof(double));
     timer.exchange_seconds = calloc((size_t)steps, sizeof(double));
+    timer.wait_seconds = calloc((size_t)steps, sizeof(double));
     timer.allocations = calloc((size_t)steps, sizeof(long long));
-    if (status == CM_OK && (!timer.seconds || !timer.exchange_seconds || !timer.allocations))
+    if (status == CM_OK &&
+        (!timer.seconds || !timer.exchange_seconds || !timer.wait_seconds || !timer.allocations))
         status = CM_ERR(CM_ERR_NOMEM, "out of memory");
     double flops_per_step = 0.0;
     int exit_code = EXIT_FAILURE;
     if (status == CM_OK) {
         alloc_count_enable(true);
+        dispatch_separate_wait(true);
         if (recipe.model.arch == CM_ARCH_RESNET) {
             exit_code = run_cnn(&recipe, &timer, &flops_per_step);
         } else {
@@ -291,6 +300,7 @@ int command_bench(int argc, char **argv) {
     }
     free(timer.seconds);
     free(timer.exchange_seconds);
+    free(timer.wait_seconds);
     free(timer.allocations);
     if (comm_ready) comm_free(&comm);
     comm_stop();

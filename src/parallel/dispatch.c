@@ -5,12 +5,30 @@
 #include "autograd/ops_internal.h"
 #include "parallel/comm.h"
 
-/* Wall time spent inside the exchanges' MPI calls (the waiting for the
- * slowest rank included): what `cmoe bench` reports as the all-to-all share. */
-static double exchange_seconds;
+/* Wall time inside the exchanges' MPI calls, for `cmoe bench`. With
+ * separate_wait, a barrier first absorbs the wait for the slowest rank
+ * (load imbalance), so exchange_seconds is the transfer alone. */
+static double exchange_seconds, wait_seconds;
+static bool separate_wait;
 
 double dispatch_exchange_seconds(void) {
     return exchange_seconds;
+}
+double dispatch_wait_seconds(void) {
+    return wait_seconds;
+}
+void dispatch_separate_wait(bool on) {
+    separate_wait = on;
+}
+
+/* Starts timing one exchange: after the barrier when separate_wait. */
+static double exchange_start(MPI_Comm group) {
+    double start = MPI_Wtime();
+    if (!separate_wait) return start;
+    MPI_Barrier(group);
+    double now = MPI_Wtime();
+    wait_seconds += now - start;
+    return now;
 }
 
 cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv,
@@ -20,7 +38,7 @@ cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t 
         memcpy(recv, send, (size_t)per_rank * sizeof(int32_t));
         return CM_OK;
     }
-    double start = MPI_Wtime();
+    double start = exchange_start(group);
     int code = MPI_Alltoall(send, per_rank, MPI_INT32_T, recv, per_rank, MPI_INT32_T, group);
     exchange_seconds += MPI_Wtime() - start;
     if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoall of expert counts failed");
@@ -51,7 +69,7 @@ static cm_status exchange(MPI_Comm group, const float *in, const int32_t *send_r
         return CM_ERR(CM_ERR_INVALID, "expert-parallel groups of more than %d ranks", MAX_RANKS);
     layout(send_rows, ranks, d, send_counts, send_displacements);
     layout(recv_rows, ranks, d, recv_counts, recv_displacements);
-    double start = MPI_Wtime();
+    double start = exchange_start(group);
     int code = MPI_Alltoallv(in, send_counts, send_displacements, MPI_FLOAT, out, recv_counts,
                              recv_displacements, MPI_FLOAT, group);
     exchange_seconds += MPI_Wtime() - start;

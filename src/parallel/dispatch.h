@@ -15,6 +15,7 @@
 #define CMOE_PARALLEL_DISPATCH_H
 
 #include <mpi.h>
+#include <stdbool.h>
 
 #include "autograd/ops.h"
 
@@ -33,5 +34,11 @@ ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
 /* Seconds this process has spent in the exchanges' MPI calls so far
  * (counts and rows, forward and backward; single-process groups add nothing). */
 double dispatch_exchange_seconds(void);
+/* With separate_wait on, each exchange first waits at a barrier for the
+ * slowest rank of its group; that wait (the experts' load imbalance, not
+ * communication) is counted apart, in dispatch_wait_seconds. Off by default:
+ * the barrier is only for measuring. */
+void dispatch_separate_wait(bool on);
+double dispatch_wait_seconds(void);
 
 #endif
