@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "autograd/ops_internal.h"
+#include "common/pool.h"
 
 /* Output size along one axis (floor mode). */
 static int pooled_size(int in, int kernel, int stride, int padding) {
@@ -110,54 +111,134 @@ static void col2im_add(const conv_geometry *g, const float *restrict cols, float
 
 typedef struct conv_saved {
     conv_geometry geometry;
-    float *cols; /* [C*KH*KW, HO*WO] scratch; NULL on the pointwise path */
+    int tasks;   /* images are split into this many contiguous runs */
+    float *cols; /* [tasks][C*KH*KW, HO*WO] scratch; NULL on the pointwise path */
 } conv_saved;
+
+/* The images of a batch are independent: the pool's threads take
+ * contiguous runs of them, each with its own column buffer. */
+typedef struct conv_job {
+    const conv_geometry *g;
+    int tasks;
+    const float *x, *w, *bias, *dy;
+    float *out, *cols, *dx;
+    /* backward: task 0 adds into dw / dbias, task t > 0 into its own zeroed
+     * partial block, summed in task order afterwards (the same result for a
+     * given thread count) */
+    float *dw, *dbias, *dw_partial, *dbias_partial;
+} conv_job;
+
+static int conv_tasks(const conv_geometry *g) {
+    int threads = cm_pool_threads();
+    return g->n < threads ? (g->n > 0 ? g->n : 1) : threads;
+}
+
+static void conv_forward_task(void *context, int task) {
+    const conv_job *j = context;
+    const conv_geometry *g = j->g;
+    bool pointwise = conv_is_pointwise(g);
+    int rows = conv_col_rows(g), plane = conv_out_plane(g);
+    int64_t image_size = (int64_t)g->c * g->h * g->w, out_size = (int64_t)g->co * plane;
+    float *cols = pointwise ? NULL : j->cols + (int64_t)task * rows * plane;
+    int64_t first, last;
+    cm_pool_split(g->n, j->tasks, task, 1, &first, &last);
+    for (int64_t n = first; n < last; n++) {
+        const float *image = j->x + n * image_size;
+        float *y = j->out + n * out_size;
+        if (!pointwise) im2col(g, image, cols);
+        ag_sgemm(false, false, g->co, plane, rows, 1.0f, j->w, rows, pointwise ? image : cols,
+                 plane, 0.0f, y, plane);
+        if (j->bias)
+            for (int co = 0; co < g->co; co++) {
+                float *y_row = y + (int64_t)co * plane, b = j->bias[co];
+                for (int p = 0; p < plane; p++) y_row[p] += b;
+            }
+    }
+}
 
 /* Per image n, with Y_n [CO,HO*WO] = W [CO,C*KH*KW] cols_n + bias:
  *   dbias += row sums of dY_n,  dW += dY_n cols_n^T,
  *   dx_n += col2im(W^T dY_n).
  * cols_n is rebuilt from x (keeping every image's columns would cost
  * KH*KW times the input); the same buffer then takes W^T dY_n. */
-static void conv2d_backward(ag_ctx *ctx, ag_node *node) {
-    (void)ctx;
-    const conv_saved *saved = node->saved;
-    const conv_geometry *g = &saved->geometry;
-    ag_tensor *x = node->in[0], *w = node->in[1], *bias = node->n_in > 2 ? node->in[2] : NULL;
-    bool want_x = ag_wants_grad(x), want_w = ag_wants_grad(w);
-    bool want_bias = bias && ag_wants_grad(bias);
+static void conv_backward_task(void *context, int task) {
+    const conv_job *j = context;
+    const conv_geometry *g = j->g;
+    bool pointwise = conv_is_pointwise(g);
     int rows = conv_col_rows(g), plane = conv_out_plane(g);
     int64_t image_size = (int64_t)g->c * g->h * g->w, out_size = (int64_t)g->co * plane;
-    bool pointwise = conv_is_pointwise(g);
-    for (int n = 0; n < g->n; n++) {
-        const float *image = x->data + n * image_size;
-        const float *dy = node->out->grad + n * out_size;
-        if (want_bias)
+    float *cols = pointwise ? NULL : j->cols + (int64_t)task * rows * plane;
+    float *dw = j->dw, *dbias = j->dbias;
+    if (task > 0) {
+        if (dw) dw = j->dw_partial + (int64_t)(task - 1) * g->co * rows;
+        if (dbias) dbias = j->dbias_partial + (int64_t)(task - 1) * g->co;
+    }
+    int64_t first, last;
+    cm_pool_split(g->n, j->tasks, task, 1, &first, &last);
+    for (int64_t n = first; n < last; n++) {
+        const float *image = j->x + n * image_size;
+        const float *dy = j->dy + n * out_size;
+        if (dbias)
             for (int co = 0; co < g->co; co++) {
                 const float *dy_row = dy + (int64_t)co * plane;
                 float total = 0.0f;
                 for (int p = 0; p < plane; p++) total += dy_row[p];
-                bias->grad[co] += total;
+                dbias[co] += total;
             }
-        if (want_w) {
-            const float *cols = image;
+        if (dw) {
+            const float *image_cols = image;
             if (!pointwise) {
-                im2col(g, image, saved->cols);
-                cols = saved->cols;
+                im2col(g, image, cols);
+                image_cols = cols;
             }
-            ag_sgemm(false, true, g->co, rows, plane, 1.0f, dy, plane, cols, plane, 1.0f, w->grad,
+            ag_sgemm(false, true, g->co, rows, plane, 1.0f, dy, plane, image_cols, plane, 1.0f, dw,
                      rows);
         }
-        if (want_x) {
-            float *dimage = x->grad + n * image_size;
+        if (j->dx) {
+            float *dimage = j->dx + n * image_size;
             if (pointwise) {
-                ag_sgemm(true, false, rows, plane, g->co, 1.0f, w->data, rows, dy, plane, 1.0f,
-                         dimage, plane);
+                ag_sgemm(true, false, rows, plane, g->co, 1.0f, j->w, rows, dy, plane, 1.0f, dimage,
+                         plane);
             } else {
-                ag_sgemm(true, false, rows, plane, g->co, 1.0f, w->data, rows, dy, plane, 0.0f,
-                         saved->cols, plane);
-                col2im_add(g, saved->cols, dimage);
+                ag_sgemm(true, false, rows, plane, g->co, 1.0f, j->w, rows, dy, plane, 0.0f, cols,
+                         plane);
+                col2im_add(g, cols, dimage);
             }
         }
+    }
+}
+
+static void conv2d_backward(ag_ctx *ctx, ag_node *node) {
+    const conv_saved *saved = node->saved;
+    const conv_geometry *g = &saved->geometry;
+    ag_tensor *x = node->in[0], *w = node->in[1], *bias = node->n_in > 2 ? node->in[2] : NULL;
+    conv_job job = {.g = g,
+                    .tasks = saved->tasks,
+                    .x = x->data,
+                    .w = w->data,
+                    .dy = node->out->grad,
+                    .cols = saved->cols,
+                    .dx = ag_wants_grad(x) ? x->grad : NULL,
+                    .dw = ag_wants_grad(w) ? w->grad : NULL,
+                    .dbias = bias && ag_wants_grad(bias) ? bias->grad : NULL};
+    int64_t w_size = (int64_t)g->co * conv_col_rows(g), partials = job.tasks - 1;
+    /* partial sums of the other tasks: scratch, freed after this backward */
+    if (partials > 0 && job.dw) {
+        job.dw_partial = ag_alloc_floats(ctx, partials * w_size, "conv2d backward");
+        if (!job.dw_partial) return; /* ctx->status holds the error */
+        memset(job.dw_partial, 0, (size_t)(partials * w_size) * sizeof(float));
+    }
+    if (partials > 0 && job.dbias) {
+        job.dbias_partial = ag_alloc_floats(ctx, partials * g->co, "conv2d backward");
+        if (!job.dbias_partial) return;
+        memset(job.dbias_partial, 0, (size_t)(partials * g->co) * sizeof(float));
+    }
+    cm_pool_run(job.tasks, conv_backward_task, &job);
+    for (int64_t t = 0; t < partials; t++) {
+        if (job.dw)
+            for (int64_t i = 0; i < w_size; i++) job.dw[i] += job.dw_partial[t * w_size + i];
+        if (job.dbias)
+            for (int co = 0; co < g->co; co++) job.dbias[co] += job.dbias_partial[t * g->co + co];
     }
 }
 
@@ -187,30 +268,24 @@ ag_tensor *ag_conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, i
     ag_node *node =
         ag_record(ctx, "conv2d", conv2d_backward, out, bias ? 3 : 2, inputs, sizeof(conv_saved));
     if (ag_failed(ctx)) return NULL;
-    /* Without a node the column buffer is released after the forward pass. */
-    ag_mark scratch = ag_ctx_mark(ctx);
-    bool pointwise = conv_is_pointwise(&g);
-    int rows = conv_col_rows(&g), plane = conv_out_plane(&g);
-    float *cols = pointwise ? NULL : ag_alloc_floats(ctx, (int64_t)rows * plane, "conv2d");
-    if (ag_failed(ctx)) return NULL;
-
-    int64_t image_size = (int64_t)g.c * g.h * g.w, out_size = (int64_t)g.co * plane;
-    for (int n = 0; n < g.n; n++) {
-        const float *image = x->data + n * image_size;
-        float *y = out->data + n * out_size;
-        if (!pointwise) im2col(&g, image, cols);
-        ag_sgemm(false, false, g.co, plane, rows, 1.0f, w->data, rows, pointwise ? image : cols,
-                 plane, 0.0f, y, plane);
-        if (bias)
-            for (int co = 0; co < g.co; co++) {
-                float *y_row = y + (int64_t)co * plane, b = bias->data[co];
-                for (int p = 0; p < plane; p++) y_row[p] += b;
-            }
+    /* Without a node the column buffers are released after the forward pass. */
+    size_t scratch = ag_scratch_mark(ctx);
+    conv_job job = {.g = &g,
+                    .tasks = conv_tasks(&g),
+                    .x = x->data,
+                    .w = w->data,
+                    .bias = bias ? bias->data : NULL,
+                    .out = out->data};
+    if (!conv_is_pointwise(&g)) {
+        job.cols = ag_alloc_floats(ctx, (int64_t)job.tasks * conv_col_rows(&g) * conv_out_plane(&g),
+                                   "conv2d");
+        if (!job.cols) return NULL;
     }
+    cm_pool_run(job.tasks, conv_forward_task, &job);
     if (node)
-        *(conv_saved *)node->saved = (conv_saved){g, cols};
+        *(conv_saved *)node->saved = (conv_saved){g, job.tasks, job.cols};
     else
-        ag_ctx_release(ctx, scratch);
+        ag_scratch_release(ctx, scratch);
     return out;
 }
 
@@ -226,22 +301,28 @@ typedef struct batchnorm_saved {
  *   dbeta += sum dy,  dgamma += sum dy xhat,
  *   training: dx += gamma rstd (dy - sum(dy) / M - xhat sum(dy xhat) / M)
  *   eval:     dx += gamma rstd dy (the statistics are constants). */
-static void batchnorm_backward(ag_ctx *ctx, ag_node *node) {
-    (void)ctx;
-    const batchnorm_saved *saved = node->saved;
-    ag_tensor *x = node->in[0], *gamma = node->in[1], *beta = node->in[2];
-    bool want_x = ag_wants_grad(x), want_gamma = ag_wants_grad(gamma),
-         want_beta = ag_wants_grad(beta);
-    const float *dy = node->out->grad;
+/* Channels are independent: the pool's threads take runs of them. */
+typedef struct batchnorm_job {
+    const ag_tensor *x, *gamma, *beta;
+    const float *dy;
+    float *out, *running_mean, *running_var;
+    float *mean, *rstd;
+    bool training, want_x, want_gamma, want_beta;
+    float momentum, eps;
+} batchnorm_job;
+
+static void batchnorm_backward_channels(void *context, int64_t c_begin, int64_t c_end) {
+    const batchnorm_job *j = context;
+    const ag_tensor *x = j->x, *gamma = j->gamma, *beta = j->beta;
     int batch = x->shape[0], channels = x->shape[1];
     int64_t plane = (int64_t)x->shape[2] * x->shape[3];
     double count = (double)batch * plane;
-    for (int c = 0; c < channels; c++) {
-        float mean = saved->mean[c], rstd = saved->rstd[c];
+    for (int64_t c = c_begin; c < c_end; c++) {
+        float mean = j->mean[c], rstd = j->rstd[c];
         double dy_total = 0.0, dy_xhat_total = 0.0;
         for (int n = 0; n < batch; n++) {
             int64_t offset = ((int64_t)n * channels + c) * plane;
-            const float *x_row = x->data + offset, *dy_row = dy + offset;
+            const float *x_row = x->data + offset, *dy_row = j->dy + offset;
             float row_dy = 0.0f, row_dy_xhat = 0.0f;
             for (int64_t p = 0; p < plane; p++) {
                 row_dy += dy_row[p];
@@ -250,15 +331,15 @@ static void batchnorm_backward(ag_ctx *ctx, ag_node *node) {
             dy_total += row_dy;
             dy_xhat_total += row_dy_xhat;
         }
-        if (want_gamma) gamma->grad[c] += (float)dy_xhat_total;
-        if (want_beta) beta->grad[c] += (float)dy_total;
-        if (!want_x) continue;
+        if (j->want_gamma) gamma->grad[c] += (float)dy_xhat_total;
+        if (j->want_beta) beta->grad[c] += (float)dy_total;
+        if (!j->want_x) continue;
         float scale = gamma->data[c] * rstd;
-        float dy_mean = saved->training ? (float)(dy_total / count) : 0.0f;
-        float dy_xhat_mean = saved->training ? (float)(dy_xhat_total / count) : 0.0f;
+        float dy_mean = j->training ? (float)(dy_total / count) : 0.0f;
+        float dy_xhat_mean = j->training ? (float)(dy_xhat_total / count) : 0.0f;
         for (int n = 0; n < batch; n++) {
             int64_t offset = ((int64_t)n * channels + c) * plane;
-            const float *x_row = x->data + offset, *dy_row = dy + offset;
+            const float *x_row = x->data + offset, *dy_row = j->dy + offset;
             float *dx_row = x->grad + offset;
             for (int64_t p = 0; p < plane; p++) {
                 float xhat = (x_row[p] - mean) * rstd;
@@ -266,6 +347,23 @@ static void batchnorm_backward(ag_ctx *ctx, ag_node *node) {
             }
         }
     }
+}
+
+static void batchnorm_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const batchnorm_saved *saved = node->saved;
+    ag_tensor *x = node->in[0], *gamma = node->in[1], *beta = node->in[2];
+    batchnorm_job job = {.x = x,
+                         .gamma = gamma,
+                         .beta = beta,
+                         .dy = node->out->grad,
+                         .mean = saved->mean,
+                         .rstd = saved->rstd,
+                         .training = saved->training,
+                         .want_x = ag_wants_grad(x),
+                         .want_gamma = ag_wants_grad(gamma),
+                         .want_beta = ag_wants_grad(beta)};
+    cm_pool_for(x->shape[1], 1, batchnorm_backward_channels, &job);
 }
 
 /* Batch mean and biased variance of channel c, in double, from sums of
@@ -287,6 +385,39 @@ static void channel_statistics(const ag_tensor *x, int c, double *mean, double *
     *mean = shift + shifted_mean;
     *variance = squares / count - shifted_mean * shifted_mean;
     if (*variance < 0.0) *variance = 0.0;
+}
+
+static void batchnorm_forward_channels(void *context, int64_t c_begin, int64_t c_end) {
+    const batchnorm_job *j = context;
+    const ag_tensor *x = j->x;
+    int batch = x->shape[0], channels = x->shape[1];
+    int64_t plane = (int64_t)x->shape[2] * x->shape[3], count = batch * plane;
+    float *mean = j->mean, *rstd = j->rstd, momentum = j->momentum;
+    for (int64_t c = c_begin; c < c_end; c++) {
+        if (j->training) {
+            double batch_mean, batch_variance;
+            channel_statistics(x, (int)c, &batch_mean, &batch_variance);
+            mean[c] = (float)batch_mean;
+            rstd[c] = (float)(1.0 / sqrt(batch_variance + j->eps));
+            if (j->running_mean) {
+                double unbiased = batch_variance * (double)count / (double)(count - 1);
+                j->running_mean[c] = (1.0f - momentum) * j->running_mean[c] + momentum * mean[c];
+                j->running_var[c] =
+                    (1.0f - momentum) * j->running_var[c] + momentum * (float)unbiased;
+            }
+        } else {
+            mean[c] = j->running_mean[c];
+            rstd[c] = (float)(1.0 / sqrt((double)j->running_var[c] + j->eps));
+        }
+        /* y = (x - mean) rstd gamma + beta as one multiply-add per element. */
+        float scale = rstd[c] * j->gamma->data[c], offset = j->beta->data[c] - mean[c] * scale;
+        for (int n = 0; n < batch; n++) {
+            int64_t row = ((int64_t)n * channels + c) * plane;
+            const float *x_row = x->data + row;
+            float *y_row = j->out + row;
+            for (int64_t p = 0; p < plane; p++) y_row[p] = x_row[p] * scale + offset;
+        }
+    }
 }
 
 ag_tensor *ag_batchnorm2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *gamma, ag_tensor *beta,
@@ -315,30 +446,18 @@ ag_tensor *ag_batchnorm2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *gamma, ag_tensor
     float *rstd = ag_alloc_floats(ctx, channels, "batchnorm2d");
     if (ag_failed(ctx)) return NULL;
 
-    for (int c = 0; c < channels; c++) {
-        if (training) {
-            double batch_mean, batch_variance;
-            channel_statistics(x, c, &batch_mean, &batch_variance);
-            mean[c] = (float)batch_mean;
-            rstd[c] = (float)(1.0 / sqrt(batch_variance + eps));
-            if (running_mean) {
-                double unbiased = batch_variance * (double)count / (double)(count - 1);
-                running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean[c];
-                running_var[c] = (1.0f - momentum) * running_var[c] + momentum * (float)unbiased;
-            }
-        } else {
-            mean[c] = running_mean[c];
-            rstd[c] = (float)(1.0 / sqrt((double)running_var[c] + eps));
-        }
-        /* y = (x - mean) rstd gamma + beta as one multiply-add per element. */
-        float scale = rstd[c] * gamma->data[c], offset = beta->data[c] - mean[c] * scale;
-        for (int n = 0; n < batch; n++) {
-            int64_t row = ((int64_t)n * channels + c) * plane;
-            const float *x_row = x->data + row;
-            float *y_row = out->data + row;
-            for (int64_t p = 0; p < plane; p++) y_row[p] = x_row[p] * scale + offset;
-        }
-    }
+    batchnorm_job job = {.x = x,
+                         .gamma = gamma,
+                         .beta = beta,
+                         .out = out->data,
+                         .running_mean = running_mean,
+                         .running_var = running_var,
+                         .mean = mean,
+                         .rstd = rstd,
+                         .training = training,
+                         .momentum = momentum,
+                         .eps = eps};
+    cm_pool_for(channels, 1, batchnorm_forward_channels, &job);
     if (node) *(batchnorm_saved *)node->saved = (batchnorm_saved){mean, rstd, training};
     return out;
 }
