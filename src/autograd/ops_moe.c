@@ -252,23 +252,47 @@ static void act_backward_range(void *context, int64_t begin, int64_t end) {
     }
 }
 
+/* One expert at a time, so the scratch (act(h) again, and its gradient) is
+ * the size of the largest expert's rows, not of all of h. */
 static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
     const grouped_act_saved *saved = node->saved;
-    ag_tensor *h = node->in[0];
-    /* act(h) again, and d act(h), both scratch (freed after this backward) */
-    float *a = ag_alloc_floats(ctx, h->numel, "grouped_linear_act backward");
+    const int32_t *offsets = saved->offsets;
+    ag_tensor *h = node->in[0], *w = node->in[1], *bias = node->n_in > 2 ? node->in[2] : NULL;
+    const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
+    int most_rows = 0;
+    for (int e = 0; e < experts; e++)
+        if (offsets[e + 1] - offsets[e] > most_rows) most_rows = offsets[e + 1] - offsets[e];
+    if (most_rows == 0) return;
+    const int64_t scratch_size = (int64_t)most_rows * in_features;
+    float *a = ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward");
     float *da =
-        ag_wants_grad(h) ? ag_alloc_floats(ctx, h->numel, "grouped_linear_act backward") : NULL;
+        ag_wants_grad(h) ? ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward") : NULL;
     if (!a || (ag_wants_grad(h) && !da)) return; /* ctx->status holds the error */
-    act_job job = {.activation = saved->activation, .h = h->data, .a = a};
-    cm_pool_for(h->numel, ACT_GRAIN, act_forward_range, &job);
-    if (da) memset(da, 0, (size_t)h->numel * sizeof(float));
-    grouped_backward_products(saved->offsets, a, da, node->in[1],
-                              node->n_in > 2 ? node->in[2] : NULL, node->out->grad);
-    if (!da) return;
-    job.da = da;
-    job.dh = h->grad;
-    cm_pool_for(h->numel, ACT_GRAIN, act_backward_range, &job);
+    int32_t one_group[2] = {0, 0};
+    for (int e = 0; e < experts; e++) {
+        int rows = offsets[e + 1] - offsets[e];
+        if (rows == 0) continue;
+        int64_t first = offsets[e], count = (int64_t)rows * in_features;
+        /* expert e alone: its weight, bias and gradient rows as one group */
+        int64_t w_offset = (int64_t)e * out_features * in_features;
+        ag_tensor w_e = ag_tensor_wrap(w->data + w_offset, w->grad ? w->grad + w_offset : NULL, 3,
+                                       (int[]){1, out_features, in_features}, w->requires_grad);
+        ag_tensor b_e;
+        if (bias)
+            b_e = ag_tensor_wrap(bias->data + (int64_t)e * out_features,
+                                 bias->grad ? bias->grad + (int64_t)e * out_features : NULL, 2,
+                                 (int[]){1, out_features}, bias->requires_grad);
+        act_job job = {.activation = saved->activation, .h = h->data + first * in_features, .a = a};
+        cm_pool_for(count, ACT_GRAIN, act_forward_range, &job);
+        if (da) memset(da, 0, (size_t)count * sizeof(float));
+        one_group[1] = rows;
+        grouped_backward_products(one_group, a, da, &w_e, bias ? &b_e : NULL,
+                                  node->out->grad + first * out_features);
+        if (!da) continue;
+        job.da = da;
+        job.dh = h->grad + first * in_features;
+        cm_pool_for(count, ACT_GRAIN, act_backward_range, &job);
+    }
 }
 
 ag_tensor *ag_grouped_linear_act(ag_ctx *ctx, ag_tensor *h, ag_activation activation, ag_tensor *w,
