@@ -5,8 +5,11 @@
  * q, k, v in place (leading dimension 3D) and writes the output in place
  * (leading dimension D): no head is ever copied out. Per (b,h):
  *   S = Q K^T / sqrt(Dh)   P = causal row softmax(S)   O = P V
- * The probabilities P [B,H,T,T] are kept for backward; the sgemms compute the
- * full T x T products and the softmax loops touch only the j <= i part. */
+ * P is not kept: backward computes S and P again per (b,h) (one more
+ * T x T x Dh sgemm per head, about 2% of an lm step) instead of holding
+ * [B,H,T,T] floats per layer until backward (67 MiB over lm-moe's four
+ * layers). The sgemms compute the full T x T products and the softmax loops
+ * touch only the j <= i part. */
 #include <math.h>
 #include <string.h>
 
@@ -138,7 +141,6 @@ typedef struct attention_shape {
 
 typedef struct attention_saved {
     attention_shape shape;
-    float *probs; /* [B,H,T,T] */
 } attention_saved;
 
 /* The (b,h) pairs are independent: the pool's threads take contiguous runs
@@ -148,9 +150,7 @@ typedef struct attention_job {
     const attention_shape *s;
     const float *qkv, *dout;
     float *out, *dqkv;
-    float *probs;   /* [B,H,T,T], or one [T,T] block per task (forward without backward) */
-    float *scratch; /* backward: one [T,T] block per task */
-    bool probs_per_head;
+    float *scratch; /* per task: one [T,T] block (forward), two (backward) */
     int tasks;
 } attention_job;
 
@@ -166,7 +166,7 @@ static void attention_forward_task(void *context, int task) {
         const float *q = j->qkv + b * t_len * ld_qkv + h * head_dim;
         const float *k = q + s->model_dim, *v = q + 2 * s->model_dim;
         float *o = j->out + b * t_len * s->model_dim + h * head_dim;
-        float *p = j->probs + (j->probs_per_head ? pair : task) * t_len * t_len;
+        float *p = j->scratch + (int64_t)task * t_len * t_len;
         /* S [T,T] = scale Q K^T */
         ag_sgemm(false, true, t_len, t_len, head_dim, s->scale, q, ld_qkv, k, ld_qkv, 0.0f, p,
                  t_len);
@@ -182,7 +182,7 @@ static void attention_backward_task(void *context, int task) {
     const attention_job *j = context;
     const attention_shape *s = j->s;
     int t_len = s->t_len, head_dim = s->head_dim, ld_qkv = 3 * s->model_dim;
-    float *dprobs = j->scratch + (int64_t)task * t_len * t_len;
+    float *probs = j->scratch + (int64_t)2 * task * t_len * t_len, *dprobs = probs + t_len * t_len;
     int64_t first, last;
     cm_pool_split((int64_t)s->batch * s->n_head, j->tasks, task, 1, &first, &last);
     for (int64_t pair = first; pair < last; pair++) {
@@ -193,7 +193,11 @@ static void attention_backward_task(void *context, int task) {
         float *dq = j->dqkv + q_offset;
         float *dk = dq + s->model_dim, *dv = dq + 2 * s->model_dim;
         const float *dout = j->dout + b * t_len * s->model_dim + h * head_dim;
-        const float *p = j->probs + pair * t_len * t_len;
+        /* P again: S = scale Q K^T, causal softmax */
+        ag_sgemm(false, true, t_len, t_len, head_dim, s->scale, q, ld_qkv, k, ld_qkv, 0.0f, probs,
+                 t_len);
+        causal_softmax_rows(probs, t_len);
+        const float *p = probs;
         /* dP [T,T] = dO V^T */
         ag_sgemm(false, true, t_len, t_len, head_dim, 1.0f, dout, s->model_dim, v, ld_qkv, 0.0f,
                  dprobs, t_len);
@@ -224,7 +228,6 @@ static void attention_backward(ag_ctx *ctx, ag_node *node) {
                          .qkv = qkv->data,
                          .dout = node->out->grad,
                          .dqkv = qkv->grad,
-                         .probs = saved->probs,
                          .tasks = attention_tasks(s)};
     job.scratch =
         ag_alloc_floats(ctx, (int64_t)job.tasks * s->t_len * s->t_len, "causal_attention backward");
@@ -253,18 +256,13 @@ ag_tensor *ag_causal_attention(ag_ctx *ctx, ag_tensor *qkv, int n_head) {
     if (!out) return NULL;
     ag_node *node = ag_record(ctx, op, attention_backward, out, 1, &qkv, sizeof(attention_saved));
     if (ag_failed(ctx)) return NULL;
-    /* Without a backward, one [T,T] block per task serves its heads in turn. */
-    attention_job job = {.s = &s,
-                         .qkv = qkv->data,
-                         .out = out->data,
-                         .probs_per_head = node != NULL,
-                         .tasks = attention_tasks(&s)};
-    int64_t prob_count =
-        (int64_t)s.t_len * s.t_len * (node ? (int64_t)s.batch * n_head : job.tasks);
-    job.probs = ag_alloc_floats(ctx, prob_count, op);
-    if (!job.probs && prob_count) return NULL;
+    if (node) *(attention_saved *)node->saved = (attention_saved){s};
+    /* one [T,T] block per task serves its heads in turn; freed at the end */
+    attention_job job = {.s = &s, .qkv = qkv->data, .out = out->data, .tasks = attention_tasks(&s)};
+    size_t scratch = ag_scratch_mark(ctx);
+    job.scratch = ag_alloc_floats(ctx, (int64_t)job.tasks * s.t_len * s.t_len, op);
+    if (!job.scratch) return NULL;
     cm_pool_run(job.tasks, attention_forward_task, &job);
-    float *probs = job.probs;
-    if (node) *(attention_saved *)node->saved = (attention_saved){s, probs};
+    ag_scratch_release(ctx, scratch);
     return out;
 }
