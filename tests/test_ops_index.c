@@ -57,6 +57,11 @@ static ag_tensor *forward_scatter(ag_ctx *ctx, ag_tensor *const *in, void *user)
     return ag_scatter_add_rows(ctx, in[0], c->index, c->count);
 }
 
+static ag_tensor *forward_scatter_scaled(ag_ctx *ctx, ag_tensor *const *in, void *user) {
+    const rows_case *c = user;
+    return ag_scatter_add_rows_scaled(ctx, in[0], in[1], c->index, c->count);
+}
+
 static ag_tensor *forward_embedding(ag_ctx *ctx, ag_tensor *const *in, void *user) {
     const rows_case *c = user;
     return ag_embedding(ctx, in[0], c->index, c->count);
@@ -180,6 +185,39 @@ START_TEST(test_scatter_add_grad) {
 }
 END_TEST
 
+/* scatter_add_rows_scaled: gradients for x and the scales, and the same
+ * values and gradients as mul by the scale column then scatter_add_rows. */
+START_TEST(test_scatter_add_scaled) {
+    rows_case c = {scatter_index, 7};
+    ag_tensor *in[2] = {gc_tensor_new(2, (int[]){6, 5}, -2.0f, 2.0f, 31, true),
+                        gc_tensor_new(1, (int[]){6}, -1.0f, 1.0f, 32, true)};
+    check_grad("scatter_add_rows_scaled [6,5] -> [7,5]", forward_scatter_scaled, in, 2, &c);
+    float outputs[2][35], grads[2][36];
+    for (int way = 0; way < 2; way++) {
+        ag_ctx ctx;
+        ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
+        memset(in[0]->grad, 0, 30 * sizeof(float));
+        memset(in[1]->grad, 0, 6 * sizeof(float));
+        ag_tensor *y =
+            way == 0 ? ag_scatter_add_rows_scaled(&ctx, in[0], in[1], scatter_index, 7)
+                     : ag_scatter_add_rows(
+                           &ctx, ag_mul(&ctx, in[0], ag_reshape(&ctx, in[1], 2, (int[]){6, 1})),
+                           scatter_index, 7);
+        float dout[35];
+        for (int i = 0; i < 35; i++) dout[i] = (float)((i * 5) % 9) - 4.0f;
+        ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
+        memcpy(outputs[way], y->data, sizeof outputs[way]);
+        memcpy(grads[way], in[0]->grad, 30 * sizeof(float));
+        memcpy(grads[way] + 30, in[1]->grad, 6 * sizeof(float));
+        ag_ctx_free(&ctx);
+    }
+    for (int i = 0; i < 35; i++) ck_assert_float_eq_tol(outputs[0][i], outputs[1][i], 1e-6f);
+    for (int i = 0; i < 36; i++) ck_assert_float_eq_tol(grads[0][i], grads[1][i], 1e-5f);
+    gc_tensor_free(in[0]);
+    gc_tensor_free(in[1]);
+}
+END_TEST
+
 static const int32_t embedding_ids[9] = {10, 0, 3, 3, 7, 0, 10, 1, 3};
 
 START_TEST(test_embedding_values) {
@@ -296,7 +334,7 @@ START_TEST(test_reshape_shares_data) {
     float dout[105];
     for (int k = 0; k < 105; k++) dout[k] = (float)k - 50.0f;
     for (int k = 0; k < 105; k++) x->grad[k] = 1.0f; /* += onto what was there */
-    ctx.keep_grads = true; /* y's gradient is read below */
+    ctx.keep_grads = true;                           /* y's gradient is read below */
     ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
     ck_assert_ptr_nonnull(y->grad);
     ck_assert_ptr_ne(y->grad, x->grad);
@@ -699,6 +737,7 @@ int main(void) {
     tcase_add_test(rows, test_gather_no_grad_records_nothing);
     tcase_add_test(rows, test_scatter_add_values);
     tcase_add_test(rows, test_scatter_add_grad);
+    tcase_add_test(rows, test_scatter_add_scaled);
     tcase_add_test(rows, test_embedding_values);
     tcase_add_test(rows, test_embedding_grad);
     tcase_add_test(rows, test_gather_scatter_round_trip);

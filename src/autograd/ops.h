@@ -97,6 +97,11 @@ ag_tensor *ag_embedding(ag_ctx *ctx, ag_tensor *table, const int32_t *ids, int n
 ag_tensor *ag_gather_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int m);
 /* x [M,D], index[M] in [0,n_out) -> [n_out,D]: out[index[i]] += x[i] */
 ag_tensor *ag_scatter_add_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, int n_out);
+/* out[index[s]] += scale[s] x[s]: scatter_add_rows of x scaled row by row,
+ * without keeping the scaled rows (the MoE combine: expert outputs times
+ * their gates). x [S,*], scale with S elements -> [n_out,*]. */
+ag_tensor *ag_scatter_add_rows_scaled(ag_ctx *ctx, ag_tensor *x, ag_tensor *scale,
+                                      const int32_t *index, int n_out);
 /* Same data, new shape (same numel; one size may be -1 and is inferred); no
  * copy of the data. The output has its own gradient, added into x's. */
 ag_tensor *ag_reshape(ag_ctx *ctx, ag_tensor *x, int ndim, const int *shape);

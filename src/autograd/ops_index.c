@@ -148,6 +148,62 @@ ag_tensor *ag_scatter_add_rows(ag_ctx *ctx, ag_tensor *x, const int32_t *index, 
     return out;
 }
 
+/* ---- scatter_add_rows_scaled ------------------------------------------------------- */
+
+typedef struct scaled_rows_saved {
+    const int32_t *index;
+    int count;
+} scaled_rows_saved;
+
+/* dx[s] += scale[s] dout[index[s]],  dscale[s] += x[s] . dout[index[s]] */
+static void scatter_scaled_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const scaled_rows_saved *saved = node->saved;
+    ag_tensor *x = node->in[0], *scale = node->in[1];
+    const int64_t d = span_numel(x, 1, x->ndim);
+    bool want_x = ag_wants_grad(x), want_scale = ag_wants_grad(scale);
+    for (int s = 0; s < saved->count; s++) {
+        const float *dout = node->out->grad + (int64_t)saved->index[s] * d;
+        const float *x_row = x->data + (int64_t)s * d;
+        if (want_x) {
+            float *dx = x->grad + (int64_t)s * d, factor = scale->data[s];
+            for (int64_t j = 0; j < d; j++) dx[j] += factor * dout[j];
+        }
+        if (want_scale) {
+            float dot = 0.0f;
+            for (int64_t j = 0; j < d; j++) dot += x_row[j] * dout[j];
+            scale->grad[s] += dot;
+        }
+    }
+}
+
+ag_tensor *ag_scatter_add_rows_scaled(ag_ctx *ctx, ag_tensor *x, ag_tensor *scale,
+                                      const int32_t *index, int n_out) {
+    AG_OP_BEGIN(ctx, x, scale);
+    const char *op = "scatter_add_rows_scaled";
+    CM_ASSERT(n_out >= 0, "%s: negative output row count %d", op, n_out);
+    int rows_in = x->shape[0];
+    AG_CHECK_SHAPES(scale->numel == rows_in, op, x, scale);
+    check_indices(op, "index", index, rows_in, n_out);
+    int shape[AG_MAX_DIMS];
+    memcpy(shape, x->shape, sizeof shape);
+    shape[0] = n_out;
+    ag_tensor *out = ag_zeros(ctx, op, x->ndim, shape);
+    if (!out) return NULL;
+    const int64_t d = span_numel(x, 1, x->ndim);
+    for (int s = 0; s < rows_in; s++) {
+        float *out_row = out->data + (int64_t)index[s] * d, factor = scale->data[s];
+        const float *x_row = x->data + (int64_t)s * d;
+        for (int64_t j = 0; j < d; j++) out_row[j] += factor * x_row[j];
+    }
+    ag_tensor *inputs[2] = {x, scale};
+    ag_node *node =
+        ag_record(ctx, op, scatter_scaled_backward, out, 2, inputs, sizeof(scaled_rows_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node) *(scaled_rows_saved *)node->saved = (scaled_rows_saved){index, rows_in};
+    return out;
+}
+
 /* ---- reshape --------------------------------------------------------------------- */
 
 static const char *dims_str(int ndim, const int *shape, char *buf, size_t size) {

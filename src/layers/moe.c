@@ -189,8 +189,7 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
                               ag_param_tensor(moe->b2), plan.local_offsets);
     y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
-    ag_tensor *weighted = ag_mul(ctx, y, ag_reshape(ctx, gates, 2, (int[]){S, 1}));
-    result->out = ag_scatter_add_rows(ctx, weighted, sorted_token, T);
+    result->out = ag_scatter_add_rows_scaled(ctx, y, gates, sorted_token, T);
     result->aux_loss = routed.aux_loss;
     result->stats = routed.stats;
     result->n_slots = S;
