@@ -215,8 +215,10 @@ static void attention_backward_task(void *context, int task) {
 
 static int attention_tasks(const attention_shape *s) {
     int64_t pairs = (int64_t)s->batch * s->n_head;
-    int threads = cm_pool_threads();
-    return pairs < threads ? (int)(pairs > 0 ? pairs : 1) : threads;
+    /* multiply-adds of the two products, at least ~50 us per task */
+    int64_t macs = pairs * 2 * (int64_t)s->t_len * s->t_len * s->head_dim;
+    int tasks = cm_pool_tasks_for(macs, (int64_t)1 << 21);
+    return tasks < pairs ? tasks : (int)(pairs > 0 ? pairs : 1);
 }
 
 /* qkv [B,T,3D] -> out [B,T,D] */

@@ -128,9 +128,13 @@ typedef struct conv_job {
     float *dw, *dbias, *dw_partial, *dbias_partial;
 } conv_job;
 
+/* Multiply-adds below which a task is not worth a thread (~50 us). */
+#define CONV_MIN_TASK_MACS (1 << 21)
+
 static int conv_tasks(const conv_geometry *g) {
-    int threads = cm_pool_threads();
-    return g->n < threads ? (g->n > 0 ? g->n : 1) : threads;
+    int64_t macs = (int64_t)g->n * g->co * conv_col_rows(g) * conv_out_plane(g);
+    int tasks = cm_pool_tasks_for(macs, CONV_MIN_TASK_MACS);
+    return tasks < g->n ? tasks : (g->n > 0 ? g->n : 1);
 }
 
 static void conv_forward_task(void *context, int task) {
@@ -311,6 +315,12 @@ typedef struct batchnorm_job {
     float momentum, eps;
 } batchnorm_job;
 
+/* Channels per task so that a task has at least ~64 K elements. */
+static int64_t channels_per_task(const ag_tensor *x) {
+    int64_t per_channel = (int64_t)x->shape[0] * x->shape[2] * x->shape[3];
+    return per_channel >= 65536 ? 1 : 65536 / (per_channel > 0 ? per_channel : 1);
+}
+
 static void batchnorm_backward_channels(void *context, int64_t c_begin, int64_t c_end) {
     const batchnorm_job *j = context;
     const ag_tensor *x = j->x, *gamma = j->gamma, *beta = j->beta;
@@ -363,7 +373,7 @@ static void batchnorm_backward(ag_ctx *ctx, ag_node *node) {
                          .want_x = ag_wants_grad(x),
                          .want_gamma = ag_wants_grad(gamma),
                          .want_beta = ag_wants_grad(beta)};
-    cm_pool_for(x->shape[1], 1, batchnorm_backward_channels, &job);
+    cm_pool_for(x->shape[1], channels_per_task(x), batchnorm_backward_channels, &job);
 }
 
 /* Batch mean and biased variance of channel c, in double, from sums of
@@ -457,7 +467,7 @@ ag_tensor *ag_batchnorm2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *gamma, ag_tensor
                          .training = training,
                          .momentum = momentum,
                          .eps = eps};
-    cm_pool_for(channels, 1, batchnorm_forward_channels, &job);
+    cm_pool_for(channels, channels_per_task(x), batchnorm_forward_channels, &job);
     if (node) *(batchnorm_saved *)node->saved = (batchnorm_saved){mean, rstd, training};
     return out;
 }

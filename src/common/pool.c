@@ -217,3 +217,10 @@ void cm_pool_for(int64_t n, int64_t grain, cm_range_fn fn, void *ctx) {
     range_job job = {n, tasks, fn, ctx};
     cm_pool_run(tasks, range_task, &job);
 }
+
+int cm_pool_tasks_for(int64_t work, int64_t min_work_per_task) {
+    if (inside_task || min_work_per_task < 1) return 1;
+    int64_t most = work / min_work_per_task;
+    int threads = cm_pool_threads();
+    return most < 1 ? 1 : most < threads ? (int)most : threads;
+}

@@ -58,6 +58,11 @@ void cm_pool_split(int64_t n, int parts, int part, int64_t align, int64_t *begin
 typedef void (*cm_range_fn)(void *ctx, int64_t begin, int64_t end);
 void cm_pool_for(int64_t n, int64_t grain, cm_range_fn fn, void *ctx);
 
+/* How many tasks to cut `work` (any unit) into: at most the thread count,
+ * and none with less than min_work_per_task (tiny work runs on the caller:
+ * waking threads would cost more than it saves). */
+int cm_pool_tasks_for(int64_t work, int64_t min_work_per_task);
+
 /* Stops the workers (they are restarted by the next call that needs them). */
 void cm_pool_shutdown(void);
 
