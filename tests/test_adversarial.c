@@ -12,7 +12,12 @@
  *   statistics alone, training mode updates them;
  * - the TRADES loss against a direct computation, and its gradient check
  *   w.r.t. both logits and w.r.t. parameters with a fixed x_adv;
- * - configuration and arena errors. */
+ * - configuration and arena errors;
+ * - adv_moe_cnn_evaluate (SA, RA, router robustness, expert RA, router-only
+ *   RA) against direct forwards of moe_cnn_forward on the attacks' images,
+ *   with image-level and per-layer routers; eps 0 gives RA = expert RA =
+ *   router-only RA = SA and every route kept; a constant router gives
+ *   expert RA = RA and router-only RA = SA. */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -606,6 +611,187 @@ START_TEST(test_pgd_dense_cnn) {
 }
 END_TEST
 
+/* ---- robust evaluation -------------------------------------------------------------- */
+
+typedef struct moe_fixture {
+    ag_params params;
+    moe_cnn_model net;
+    adv_moe_cnn binding;
+    adv_model model;
+    ag_tensor *x;
+    float x_adv[N * 49], other[N * 49];
+    ag_ctx ctx;
+} moe_fixture;
+
+static moe_fixture *moe_fixture_new(moe_cnn_routing routing, uint64_t seed) {
+    moe_fixture *f = calloc(1, sizeof *f);
+    moe_cnn_config config = moe_cnn_default_config();
+    config.body = small_body();
+    config.body.ratio = 0.5f;
+    config.routing = routing;
+    config.router = (moe_router_config){1, {3}};
+    ag_params_init(&f->params);
+    ck_assert_int_eq(moe_cnn_declare(&f->net, &config, &f->params, NULL), CM_OK);
+    ck_assert_int_eq(ag_params_finalize(&f->params, seed), CM_OK);
+    widen_heads(&f->params); /* the routers' heads too: routes depend on the image */
+    f->binding = (adv_moe_cnn){.model = &f->net};
+    f->model = (adv_model){adv_moe_cnn_forward, &f->binding, &f->params, 2};
+    f->x = gc_tensor_new(4, (int[]){N, 1, 7, 7}, 0.0f, 1.0f, seed + 1, false);
+    ck_assert_int_eq(ag_ctx_init(&f->ctx, ARENA_BYTES), CM_OK);
+    return f;
+}
+
+static void moe_fixture_free(moe_fixture *f) {
+    gc_tensor_free(f->x);
+    ag_ctx_free(&f->ctx);
+    ag_params_free(&f->params);
+    free(f);
+}
+
+/* Shifts the image router's bias so that its logit margins straddle 0 over
+ * the batch (half the images to each expert): routes an attack can move. */
+static void center_router(moe_fixture *f) {
+    ag_ctx_reset(&f->ctx);
+    bool previous = ag_set_grad_enabled(&f->ctx, false);
+    moe_cnn_output out;
+    ck_assert_int_eq(moe_cnn_forward(&f->ctx, &f->net, f->x, &(moe_cnn_forward_args){0}, &out),
+                     CM_OK);
+    ag_set_grad_enabled(&f->ctx, previous);
+    double margin[N];
+    for (int n = 0; n < N; n++)
+        margin[n] = out.router_logits[0]->data[2 * n] - out.router_logits[0]->data[2 * n + 1];
+    for (int i = 1; i < N; i++) /* insertion sort */
+        for (int k = i; k > 0 && margin[k - 1] > margin[k]; k--) {
+            double t = margin[k];
+            margin[k] = margin[k - 1];
+            margin[k - 1] = t;
+        }
+    ag_params_find(&f->params, "router.fc.bias")->tensor.data[0] -=
+        (float)(0.5 * (margin[N / 2 - 1] + margin[N / 2]));
+}
+
+/* Correct predictions of one no-grad eval forward, the experts reading
+ * `images` and the image router `router_images` (NULL: images), routes
+ * forced or not; the routes go to routes[r][n]. */
+static int64_t direct_correct(moe_fixture *f, const float *images, const float *router_images,
+                              const int32_t *const *forced, int32_t routes[][N]) {
+    ag_ctx *ctx = &f->ctx;
+    ag_ctx_reset(ctx);
+    bool previous = ag_set_grad_enabled(ctx, false);
+    const int shape[4] = {N, 1, 7, 7};
+    moe_cnn_forward_args args = {.forced_experts = forced};
+    if (router_images) args.router_input = ag_alias(ctx, "r", (float *)router_images, 4, shape);
+    moe_cnn_output out;
+    ag_tensor *x = ag_alias(ctx, "x", (float *)images, 4, shape);
+    ck_assert_int_eq(moe_cnn_forward(ctx, &f->net, x, &args, &out), CM_OK);
+    int64_t correct = 0;
+    for (int n = 0; n < N; n++) {
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (out.logits->data[n * V + v] > out.logits->data[n * V + best]) best = v;
+        correct += best == labels[n];
+    }
+    for (int r = 0; r < out.n_routers; r++) memcpy(routes[r], out.experts[r], sizeof routes[r]);
+    ag_set_grad_enabled(ctx, previous);
+    return correct;
+}
+
+static adv_eval_counts evaluate_counts(moe_fixture *f, const adv_attack_config *attack) {
+    adv_eval_counts counts = {0};
+    ag_ctx_reset(&f->ctx);
+    const size_t used = f->ctx.arena.used;
+    ck_assert_int_eq(
+        adv_moe_cnn_evaluate(&f->ctx, &f->model, attack, f->x, labels, 0, f->x_adv, &counts),
+        CM_OK);
+    ck_assert_uint_eq(f->ctx.arena.used, used);
+    ck_assert(!f->binding.args.forced_experts && !f->binding.args.no_router_gradient &&
+              !f->binding.expert_input);
+    ck_assert_int_eq(counts.images, N);
+    return counts;
+}
+
+START_TEST(test_evaluate_eps_zero) {
+    for (int routing = 0; routing < 2; routing++) {
+        moe_fixture *f = moe_fixture_new((moe_cnn_routing)routing, 60);
+        int32_t routes[8][N];
+        int64_t clean = direct_correct(f, f->x->data, NULL, NULL, routes);
+        adv_attack_config none = adv_pgd_config(0.0f, 0.05f, 3, (ag_rng_key){61, 0, 0, 0});
+        none.router_weight = 6.0f;
+        adv_eval_counts c = evaluate_counts(f, &none);
+        const int routers = routing == MOE_CNN_ROUTING_IMAGE ? 1 : 4;
+        ck_assert_int_eq(c.n_routers, routers);
+        ck_assert_int_eq(c.clean_correct, clean);
+        ck_assert_int_eq(c.robust_correct, clean);
+        ck_assert_int_eq(c.expert_correct, clean);
+        ck_assert_int_eq(c.router_only_correct, routing == MOE_CNN_ROUTING_IMAGE ? clean : 0);
+        for (int r = 0; r < routers; r++) ck_assert_int_eq(c.routes_kept[r], N);
+        ck_assert(memcmp(f->x_adv, f->x->data, sizeof f->x_adv) == 0);
+        /* No attack: SA alone. */
+        c = evaluate_counts(f, NULL);
+        ck_assert_int_eq(c.clean_correct, clean);
+        ck_assert_int_eq(c.robust_correct + c.expert_correct + c.router_only_correct, 0);
+        moe_fixture_free(f);
+    }
+}
+END_TEST
+
+START_TEST(test_evaluate_dissection) {
+    moe_fixture *f = moe_fixture_new(MOE_CNN_ROUTING_IMAGE, 62);
+    center_router(f);
+    adv_attack_config attack = adv_pgd_config(0.3f, 0.1f, 4, (ag_rng_key){63, 0, 0, 0});
+    attack.router_weight = 6.0f; /* the release's RA objective */
+    int32_t clean_routes[1][N], routes[1][N];
+    int64_t clean = direct_correct(f, f->x->data, NULL, NULL, clean_routes);
+    adv_eval_counts c = evaluate_counts(f, &attack);
+    expect_in_ball(f->x->data, f->x_adv, N * 49, 0.3f);
+    ck_assert_int_eq(c.clean_correct, clean);
+    /* RA and the routes kept, on the returned x_adv. */
+    ck_assert_int_eq(c.robust_correct, direct_correct(f, f->x_adv, NULL, NULL, routes));
+    int64_t kept = 0;
+    for (int n = 0; n < N; n++) kept += routes[0][n] == clean_routes[0][n];
+    ck_assert_int_eq(c.routes_kept[0], kept);
+    ck_assert_msg(kept < N, "the attack should move some routes at eps 0.3");
+    /* Expert RA: the attack with the clean routes forced, no router path or
+     * router term. */
+    const int32_t *forced[1] = {clean_routes[0]};
+    adv_attack_config frozen = attack;
+    frozen.router_weight = 0.0f;
+    f->binding.args.forced_experts = forced;
+    f->binding.args.no_router_gradient = true;
+    ck_assert_int_eq(adv_attack(&f->ctx, &f->model, &frozen, f->x, labels, 0, f->other), CM_OK);
+    f->binding.args = (moe_cnn_forward_args){0};
+    ck_assert_int_eq(c.expert_correct, direct_correct(f, f->other, NULL, forced, routes));
+    /* Router-only RA: the router reads the attacked image, the experts x. */
+    f->binding.expert_input = f->x;
+    ck_assert_int_eq(adv_attack(&f->ctx, &f->model, &attack, f->x, labels, 0, f->other), CM_OK);
+    f->binding.expert_input = NULL;
+    ck_assert_int_eq(c.router_only_correct, direct_correct(f, f->x->data, f->other, NULL, routes));
+    moe_fixture_free(f);
+}
+END_TEST
+
+START_TEST(test_evaluate_constant_router) {
+    moe_fixture *f = moe_fixture_new(MOE_CNN_ROUTING_IMAGE, 64);
+    /* Logits = bias [2, 0] whatever the image: every route is expert 0. */
+    ag_param *weight = ag_params_find(&f->params, "router.fc.weight");
+    ag_param *bias = ag_params_find(&f->params, "router.fc.bias");
+    memset(weight->tensor.data, 0, (size_t)weight->tensor.numel * sizeof(float));
+    bias->tensor.data[0] = 2.0f;
+    bias->tensor.data[1] = 0.0f;
+    adv_attack_config attack = adv_pgd_config(0.3f, 0.1f, 4, (ag_rng_key){65, 0, 0, 0});
+    int32_t routes[1][N];
+    int64_t clean = direct_correct(f, f->x->data, NULL, NULL, routes);
+    adv_eval_counts c = evaluate_counts(f, &attack);
+    ck_assert_int_eq(c.routes_kept[0], N);
+    ck_assert_int_eq(c.router_only_correct, clean);
+    /* No gradient reaches the image through a constant router, so the frozen
+     * attack is the RA attack. */
+    ck_assert_int_eq(c.expert_correct, c.robust_correct);
+    ck_assert_int_lt(c.robust_correct, clean); /* the attack does something */
+    moe_fixture_free(f);
+}
+END_TEST
+
 START_TEST(test_attack_errors) {
     linear_model m;
     linear_setup(&m, 50);
@@ -649,6 +835,9 @@ int main(void) {
     tcase_add_test(tc, test_advmoe_attack);
     tcase_add_test(tc, test_pgd_dense_cnn);
     tcase_add_test(tc, test_attack_errors);
+    tcase_add_test(tc, test_evaluate_eps_zero);
+    tcase_add_test(tc, test_evaluate_dissection);
+    tcase_add_test(tc, test_evaluate_constant_router);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -8,7 +8,13 @@
  *   - a missing IDX file is a clear error naming the file and the keys;
  *   - a run stopped and resumed from its checkpoint ends bit-identical to
  *     an uninterrupted one (advmoe, so both optimizer states and both attack
- *     streams are covered). */
+ *     streams are covered);
+ *   - the robustness measures of an MoE model (router robustness per router
+ *     and mean, expert RA, router-only RA) lie in [0, 1], reach the result
+ *     and the metrics test line, and `cnn_trainer_evaluate` of the final
+ *     checkpoint reproduces them; a dense model has none;
+ *   - at eps 0: RA = expert RA = router-only RA = SA and every route is kept
+ *     (image-level and per-layer routers). */
 #include <check.h>
 #include <math.h>
 #include <stdint.h>
@@ -151,10 +157,13 @@ START_TEST(test_standard_training_learns) {
     ck_assert_int_eq(result.steps_done, 40);
     ck_assert_msg(result.last_train_loss < 0.5 * first_loss, "loss %g -> %g", first_loss,
                   result.last_train_loss);
-    ck_assert_msg(result.sa > 0.8, "SA %g (chance 0.5)", result.sa);
-    ck_assert(result.ra >= 0 && result.ra <= result.sa);
-    ck_assert_int_eq(result.eval_images, TEST_SAMPLES);
+    ck_assert_msg(result.eval.sa > 0.8, "SA %g (chance 0.5)", result.eval.sa);
+    ck_assert(result.eval.ra >= 0 && result.eval.ra <= result.eval.sa);
+    ck_assert_int_eq(result.eval.images, TEST_SAMPLES);
     ck_assert(result.flops > 0);
+    ck_assert_int_eq(result.eval.n_routers, 0); /* dense: no robustness dissection */
+    ck_assert(isnan(result.eval.router_robustness) && isnan(result.eval.expert_ra) &&
+              isnan(result.eval.router_only_ra));
 
     char path[700], line[1024];
     snprintf(path, sizeof path, "%s/standard/metrics.jsonl", dir);
@@ -167,6 +176,7 @@ START_TEST(test_standard_training_learns) {
         ck_assert_ptr_nonnull(strstr(line, "\"sa\": "));
         ck_assert_ptr_nonnull(strstr(line, "\"ra\": "));
         ck_assert_ptr_nonnull(strstr(line, "\"step\": 40"));
+        ck_assert_ptr_null(strstr(line, "router_robustness"));
     }
     fclose(file);
     ck_assert(found);
@@ -347,7 +357,7 @@ START_TEST(test_resume_is_bit_identical) {
     trainer_options options = {.quiet = true};
     cnn_trainer_result a, b;
     ck_assert_int_eq(cnn_trainer_run(&straight, &options, &a), CM_OK);
-    ck_assert(isnan(a.ra)); /* eval_steps 0: no robust accuracy */
+    ck_assert(isnan(a.eval.ra)); /* eval_steps 0: no robust accuracy */
     trainer_options first = {.quiet = true, .stop_at_step = 2};
     ck_assert_int_eq(cnn_trainer_run(&resumed, &first, &b), CM_OK);
     ck_assert(b.interrupted);
@@ -356,7 +366,7 @@ START_TEST(test_resume_is_bit_identical) {
     ck_assert_int_eq(cnn_trainer_run(&resumed, &second, &b), CM_OK);
     ck_assert_int_eq(b.steps_done, 4);
     ck_assert(a.last_train_loss == b.last_train_loss);
-    ck_assert(a.sa == b.sa);
+    ck_assert(a.eval.sa == b.eval.sa);
     int64_t count_a, count_b;
     float *values_a = checkpoint_values(&straight, a.last_checkpoint, &count_a);
     float *values_b = checkpoint_values(&straight, b.last_checkpoint, &count_b);
@@ -364,6 +374,112 @@ START_TEST(test_resume_is_bit_identical) {
     ck_assert(memcmp(values_a, values_b, (size_t)count_a * sizeof(float)) == 0);
     free(values_a);
     free(values_b);
+}
+END_TEST
+
+static bool in_unit(double value) {
+    return value >= 0.0 && value <= 1.0;
+}
+
+/* The last "kind": "test" line of RUN/metrics.jsonl into line. */
+static void last_test_line(const char *run, char *line, size_t size) {
+    char path[700], buffer[4096];
+    snprintf(path, sizeof path, "%s/%s/metrics.jsonl", dir, run);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    line[0] = '\0';
+    while (fgets(buffer, sizeof buffer, file))
+        if (strstr(buffer, "\"kind\": \"test\"")) snprintf(line, size, "%s", buffer);
+    fclose(file);
+    ck_assert_msg(line[0], "no test line in %s", path);
+}
+
+START_TEST(test_robustness_metrics) {
+    const char *routings[2] = {"moe.cnn_routing=image", "moe.cnn_routing=per_layer"};
+    for (int routing = 0; routing < 2; routing++) {
+        const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2],
+                               moe_overrides[3], "train.steps=3",  routings[routing]};
+        cm_recipe recipe = make_recipe("robust", extra, 6);
+        trainer_options options = {.quiet = true};
+        cnn_trainer_result result;
+        cm_status status = cnn_trainer_run(&recipe, &options, &result);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        const cnn_eval_result *e = &result.eval;
+        ck_assert_int_eq(e->n_routers, routing == 0 ? 1 : 4); /* per layer: 2 blocks x 2 */
+        ck_assert(in_unit(e->sa) && in_unit(e->ra) && in_unit(e->expert_ra));
+        double sum = 0.0;
+        for (int k = 0; k < e->n_routers; k++) {
+            ck_assert(in_unit(e->router_robustness_per_router[k]));
+            sum += e->router_robustness_per_router[k];
+        }
+        ck_assert_double_eq_tol(e->router_robustness, sum / e->n_routers, 1e-12);
+        if (routing == 0)
+            ck_assert(in_unit(e->router_only_ra));
+        else
+            ck_assert(isnan(e->router_only_ra)); /* per-layer routers read expert features */
+
+        char line[4096], expected[256];
+        last_test_line("robust", line, sizeof line);
+        snprintf(expected, sizeof expected, "\"router_robustness\": %.6f, \"expert_ra\": %.6f",
+                 e->router_robustness, e->expert_ra);
+        ck_assert_msg(strstr(line, expected), "%s lacks %s", line, expected);
+        ck_assert_ptr_nonnull(strstr(line, "\"router_robustness_per_router\": ["));
+        if (routing == 1) ck_assert_ptr_nonnull(strstr(line, "\"router_only_ra\": -1.0"));
+
+        /* The checkpoint evaluated again gives the same numbers. */
+        cnn_eval_result again;
+        status = cnn_trainer_evaluate(&recipe, result.last_checkpoint, CM_SPLIT_TEST,
+                                      recipe.train.eval_batches, &again);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        ck_assert_int_eq(again.images, e->images);
+        ck_assert(again.sa == e->sa && again.ra == e->ra && again.expert_ra == e->expert_ra);
+        ck_assert(again.router_robustness == e->router_robustness);
+        ck_assert(routing == 1 || again.router_only_ra == e->router_only_ra);
+        /* The release's RA objective adds the routers' CE toward y mod E: with
+         * a large weight and a strong attack it moves many routes, the
+         * classifier's CE alone none (measured: 0.5 against 1). */
+        if (routing == 1) continue;
+        recipe.adversarial.eps = 0.5;
+        recipe.adversarial.eval_steps = 10;
+        recipe.adversarial.eval_step_size = 0.1;
+        cnn_eval_result weighted;
+        for (int w = 0; w < 2; w++) {
+            recipe.adversarial.eval_router_weight = w ? 1000 : 0;
+            ck_assert_int_eq(cnn_trainer_evaluate(&recipe, result.last_checkpoint, CM_SPLIT_TEST,
+                                                  recipe.train.eval_batches,
+                                                  w ? &weighted : &again),
+                             CM_OK);
+        }
+        ck_assert_msg(weighted.router_robustness < again.router_robustness - 0.2,
+                      "router robustness %g with the router term, %g without",
+                      weighted.router_robustness, again.router_robustness);
+    }
+}
+END_TEST
+
+START_TEST(test_robustness_at_eps_zero) {
+    const char *routings[2] = {"moe.cnn_routing=image", "moe.cnn_routing=per_layer"};
+    for (int routing = 0; routing < 2; routing++) {
+        const char *extra[] = {moe_overrides[0],  moe_overrides[1],
+                               moe_overrides[2],  "adversarial.mode=trades",
+                               routings[routing], "adversarial.eval_router_weight=6"};
+        cm_recipe recipe = make_recipe("eps0", extra, 6);
+        recipe.adversarial.eps = 0.0; /* below the recipe range, for this check only */
+        cnn_run *run = NULL;
+        ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
+        double loss;
+        for (int64_t step = 0; step < 3; step++)
+            ck_assert_int_eq(cnn_run_step(run, step, &loss), CM_OK);
+        cnn_eval_result e;
+        cm_status status = cnn_run_evaluate(run, 2, &e);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        ck_assert_int_eq(e.images, TEST_SAMPLES);
+        ck_assert(e.sa > 0.0 && e.ra == e.sa && e.expert_ra == e.sa);
+        ck_assert(routing == 0 ? e.router_only_ra == e.sa : isnan(e.router_only_ra));
+        ck_assert(e.router_robustness == 1.0);
+        for (int k = 0; k < e.n_routers; k++) ck_assert(e.router_robustness_per_router[k] == 1.0);
+        cnn_run_close(run);
+    }
 }
 END_TEST
 
@@ -378,6 +494,8 @@ int main(void) {
     tcase_add_test(tc, test_eps_out_of_range);
     tcase_add_test(tc, test_missing_idx_file);
     tcase_add_test(tc, test_resume_is_bit_identical);
+    tcase_add_test(tc, test_robustness_metrics);
+    tcase_add_test(tc, test_robustness_at_eps_zero);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

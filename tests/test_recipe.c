@@ -588,6 +588,7 @@ static const char *const every_key_overrides[] = {
     "adversarial.steps=7",
     "adversarial.eval_steps=9",
     "adversarial.eval_step_size=0.01",
+    "adversarial.eval_router_weight=3",
     "adversarial.beta=1.5",
     "adversarial.router_weight=2.5",
     "adversarial.router_objective=paper",

@@ -223,6 +223,128 @@ cm_status adv_moe_cnn_forward(ag_ctx *ctx, void *model, ag_tensor *x, bool bn_tr
     CM_TRY(moe_cnn_forward(ctx, binding->model, image, &args, &result));
     out->logits = result.logits;
     out->n_routers = result.n_routers;
-    for (int r = 0; r < result.n_routers; r++) out->router_logits[r] = result.router_logits[r];
+    for (int r = 0; r < result.n_routers; r++) {
+        out->router_logits[r] = result.router_logits[r];
+        out->experts[r] = result.experts[r];
+    }
     return CM_OK;
+}
+
+/* ---- robust evaluation -------------------------------------------------------- */
+
+/* Correct top-1 predictions of logits [rows,V]. */
+static int64_t count_correct(const ag_tensor *logits, const int32_t *labels) {
+    const int rows = logits->shape[0], V = logits->shape[1];
+    int64_t correct = 0;
+    for (int i = 0; i < rows; i++) {
+        const float *row = logits->data + (size_t)i * (size_t)V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        correct += best == labels[i];
+    }
+    return correct;
+}
+
+/* No-grad eval-mode forward of `images` (x's shape) -> *out. */
+static cm_status eval_forward(ag_ctx *ctx, const adv_model *model, const ag_tensor *x,
+                              float *images, adv_model_output *out) {
+    ag_tensor *input = ag_alias(ctx, "eval_x", images, x->ndim, x->shape);
+    if (!input) return ag_ctx_status(ctx);
+    bool previous = ag_set_grad_enabled(ctx, false);
+    cm_status status = model->forward(ctx, model->model, input, false, out);
+    ag_set_grad_enabled(ctx, previous);
+    return status;
+}
+
+/* Attacks x under the binding's current settings and counts the correct
+ * predictions on x_adv (same settings) and, given the clean routes, the
+ * images each router sends to the same expert. Frees its arena use. */
+static cm_status attacked_counts(ag_ctx *ctx, const adv_model *model,
+                                 const adv_attack_config *attack, const ag_tensor *x,
+                                 const int32_t *labels, uint64_t first_index, float *x_adv,
+                                 const int32_t *const *clean_routes, int64_t *correct,
+                                 int64_t *routes_kept) {
+    const ag_mark mark = ag_ctx_mark(ctx);
+    adv_model_output out;
+    cm_status status = adv_attack(ctx, model, attack, x, labels, first_index, x_adv);
+    if (status == CM_OK) status = eval_forward(ctx, model, x, x_adv, &out);
+    if (status == CM_OK) {
+        *correct += count_correct(out.logits, labels);
+        for (int r = 0; clean_routes && r < out.n_routers; r++)
+            for (int n = 0; n < x->shape[0]; n++)
+                routes_kept[r] += out.experts[r][n] == clean_routes[r][n];
+    }
+    ag_ctx_release(ctx, mark);
+    return status;
+}
+
+/* The body of adv_moe_cnn_evaluate; the caller restores the binding and the arena. */
+static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn *binding,
+                                const adv_attack_config *attack, const ag_tensor *x,
+                                const int32_t *labels, uint64_t first_index, float *x_adv,
+                                adv_eval_counts *counts) {
+    const int rows = x->shape[0], n_routers = moe_cnn_router_count(binding->model);
+    /* The clean routes, kept past the forwards and attacks (which free what they use). */
+    int32_t *clean_routes = ag_alloc_ints(ctx, (int64_t)n_routers * rows + 1, "evaluate");
+    float *scratch = ag_alloc(ctx, (size_t)x->numel * sizeof(float), "evaluate");
+    if (!clean_routes || !scratch) return ag_ctx_status(ctx);
+    const int32_t *routes[ADV_MAX_ROUTERS];
+    const ag_mark mark = ag_ctx_mark(ctx);
+    adv_model_output out;
+    CM_TRY(eval_forward(ctx, model, x, x->data, &out));
+    CM_ASSERT(out.n_routers == n_routers, "evaluate: %d routers, expected %d", out.n_routers,
+              n_routers);
+    counts->n_routers = n_routers;
+    counts->images += rows;
+    counts->clean_correct += count_correct(out.logits, labels);
+    for (int r = 0; r < n_routers; r++) {
+        memcpy(clean_routes + (size_t)r * rows, out.experts[r], (size_t)rows * sizeof(int32_t));
+        routes[r] = clean_routes + (size_t)r * rows;
+    }
+    ag_ctx_release(ctx, mark);
+    if (!attack) return CM_OK;
+
+    /* RA, and the routes it leaves unchanged. */
+    CM_TRY(attacked_counts(ctx, model, attack, x, labels, first_index, x_adv, routes,
+                           &counts->robust_correct, counts->routes_kept));
+    if (n_routers == 0) return CM_OK;
+
+    /* Expert RA: routes frozen to the clean ones, in the attack too. */
+    adv_attack_config frozen = *attack;
+    frozen.router_weight = 0.0f;
+    binding->args.forced_experts = routes;
+    binding->args.no_router_gradient = true;
+    CM_TRY(attacked_counts(ctx, model, &frozen, x, labels, first_index, scratch, NULL,
+                           &counts->expert_correct, NULL));
+    binding->args.forced_experts = NULL;
+    binding->args.no_router_gradient = false;
+
+    /* Router-only RA: the router reads x_adv, the experts x. */
+    if (binding->model->config.routing != MOE_CNN_ROUTING_IMAGE) return CM_OK;
+    binding->expert_input = ag_alias(ctx, "eval_x", (float *)x->data, x->ndim, x->shape);
+    if (!binding->expert_input) return ag_ctx_status(ctx);
+    return attacked_counts(ctx, model, attack, x, labels, first_index, scratch, NULL,
+                           &counts->router_only_correct, NULL);
+}
+
+cm_status adv_moe_cnn_evaluate(ag_ctx *ctx, const adv_model *model, const adv_attack_config *attack,
+                               const ag_tensor *x, const int32_t *labels, uint64_t first_index,
+                               float *x_adv, adv_eval_counts *counts) {
+    CM_ASSERT(model->forward == adv_moe_cnn_forward,
+              "adv_moe_cnn_evaluate: the model must be an adv_moe_cnn binding");
+    if (ag_failed(ctx)) return ag_ctx_status(ctx);
+    adv_moe_cnn *binding = model->model;
+    const moe_cnn_forward_args saved_args = binding->args;
+    ag_tensor *const saved_input = binding->expert_input;
+    binding->args.forced_experts = NULL;
+    binding->args.no_router_gradient = false;
+    binding->expert_input = NULL;
+    const ag_mark base = ag_ctx_mark(ctx);
+    cm_status status =
+        evaluate_batch(ctx, model, binding, attack, x, labels, first_index, x_adv, counts);
+    binding->args = saved_args;
+    binding->expert_input = saved_input;
+    ag_ctx_release(ctx, base);
+    return status;
 }

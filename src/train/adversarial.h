@@ -47,6 +47,7 @@ typedef struct adv_model_output {
     ag_tensor *logits;                         /* [N,V] */
     int n_routers;                             /* 0 for a dense model */
     ag_tensor *router_logits[ADV_MAX_ROUTERS]; /* [N,E] each */
+    const int32_t *experts[ADV_MAX_ROUTERS];   /* [N] expert each router chose (arena) */
 } adv_model_output;
 
 /* Runs the model on x [N,C,H,W]; batch norm in training mode when
@@ -127,5 +128,49 @@ typedef struct adv_moe_cnn {
 } adv_moe_cnn;
 cm_status adv_moe_cnn_forward(ag_ctx *ctx, void *model, ag_tensor *x, bool bn_training,
                               adv_model_output *out);
+
+/* ---- robust evaluation of the (MoE-)CNN (METHODS.md 4.4) ---------------------
+ *
+ * Per test image x (label y), in eval mode (running statistics):
+ *   SA              argmax f(x) = y;
+ *   RA              argmax f(x_adv) = y, x_adv from `attack` (PGD: uniform
+ *                   start; CE of the classifier plus attack->router_weight
+ *                   times the routers' CE to y mod E, the release's RA
+ *                   objective when that weight is beta);
+ * and for an MoE model (routers present) three measures that are cmoe's own,
+ * label-free definitions (METHODS.md 4.4 recommends them; the paper's own
+ * measures were not retrievable):
+ *   router robustness  per router, the fraction of images whose chosen expert
+ *                   on the RA attack's x_adv equals the one on x;
+ *   expert RA       accuracy with every route frozen to the clean routes of x
+ *                   while the experts see x_adv; the attack runs under the
+ *                   same freeze (forced_experts, no straight-through path to
+ *                   the routers, whose choice cannot change the prediction,
+ *                   and no router term);
+ *   router-only RA  accuracy when only the router reads x_adv and the experts
+ *                   see x; the attack (the RA objective) attacks the router's
+ *                   input in that setting, so its gradient reaches x_adv only
+ *                   through the straight-through mask. Defined for the
+ *                   image-level router only: per-layer routers read the
+ *                   features of the experts' own input.
+ * All three attacks share the random start (attack->key, first_index). */
+typedef struct adv_eval_counts {
+    int64_t images;
+    int64_t clean_correct;                /* SA */
+    int64_t robust_correct;               /* RA */
+    int64_t expert_correct;               /* expert RA (MoE) */
+    int64_t router_only_correct;          /* router-only RA (image-level router) */
+    int n_routers;                        /* of the model; 0: dense */
+    int64_t routes_kept[ADV_MAX_ROUTERS]; /* router robustness counts, per router */
+} adv_eval_counts;
+
+/* Adds one batch to *counts: x [N,C,H,W] in [0,1], labels [N]. model must be
+ * an adv_moe_cnn binding (forward adv_moe_cnn_forward; its args and
+ * expert_input are set during the call and restored). attack NULL: SA only.
+ * x_adv (caller memory, x->numel floats) receives the RA attack's images.
+ * The arena is left as it was found. */
+cm_status adv_moe_cnn_evaluate(ag_ctx *ctx, const adv_model *model, const adv_attack_config *attack,
+                               const ag_tensor *x, const int32_t *labels, uint64_t first_index,
+                               float *x_adv, adv_eval_counts *counts);
 
 #endif

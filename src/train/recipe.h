@@ -239,8 +239,9 @@ typedef struct cm_adversarial_cfg {
     int steps;        /* training attack */
     int eval_steps;   /* PGD at test time (RA) */
     double eval_step_size;
-    double beta;          /* TRADES KL weight */
-    double router_weight; /* AdvMoE alpha */
+    double eval_router_weight; /* RA attack: weight of the routers' CE to y mod E */
+    double beta;               /* TRADES KL weight */
+    double router_weight;      /* AdvMoE alpha */
     cm_adv_router_objective router_objective;
 } cm_adversarial_cfg;
 

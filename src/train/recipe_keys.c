@@ -358,6 +358,9 @@ const recipe_key recipe_keys[] = {
             "PGD steps of the test attack (random start); 0: no robust accuracy"),
     KEY_DOUBLE("adversarial", "eval_step_size", adversarial.eval_step_size, "0.0125", "(0, 1]",
                "step of the test attack (eps / 8)"),
+    KEY_DOUBLE("adversarial", "eval_router_weight", adversarial.eval_router_weight, "0", COEF_RANGE,
+               "MoE: weight of the routers' CE to y mod E in the test attack's objective; 0 "
+               "attacks the classifier only, the AdvMoE release uses beta (6)"),
     KEY_DOUBLE("adversarial", "beta", adversarial.beta, "6", COEF_RANGE,
                "TRADES weight of the KL term (trades, advmoe)"),
     KEY_DOUBLE("adversarial", "router_weight", adversarial.router_weight, "6", COEF_RANGE,

@@ -3,7 +3,8 @@
 # temporary directory (checksums verified), `cmoe train` runs
 # recipes/cnn/dense-standard.yaml for a few steps on it, the final test line of
 # metrics.jsonl carries sa and ra, `cmoe eval` reloads the checkpoint and
-# reports the same SA, and an AdvMoE recipe takes one step.
+# reports the same SA, and an AdvMoE recipe takes one step and reports the
+# router robustness, expert RA and router-only RA.
 # usage: test_cnn.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -46,10 +47,13 @@ grep -q "test split: $expected, RA [0-9.]* (PGD-2" "$work/eval.out"
 check "eval reproduces the run's SA ($expected; $(cat "$work/eval.out"))" $?
 
 "$cmoe" train "$src/recipes/cnn/advmoe.yaml" "${data[@]}" --set train.steps=1 \
-    --set train.arena_mib=512 --set train.out_dir="$work/advmoe" --quiet > "$work/advmoe.out" 2>&1
+    --set train.arena_mib=512 --set train.out_dir="$work/advmoe" > "$work/advmoe.out" 2>&1
 check "train advmoe one step ($(tail -c 400 "$work/advmoe.out"))" $?
-grep -q '"kind": "test", "step": 1, "sa"' "$work/advmoe/metrics.jsonl"
-check "advmoe test line" $?
+grep '"kind": "test", "step": 1, "sa"' "$work/advmoe/metrics.jsonl" |
+    grep -q '"router_robustness": [0-9.]*, "expert_ra": [0-9.]*, "router_only_ra": [0-9.]*, "router_robustness_per_router": \[[0-9.]*\]'
+check "advmoe test line with the robustness measures ($(tail -n 1 "$work/advmoe/metrics.jsonl"))" $?
+grep -q "test SA [0-9.]*, RA [0-9.]* (PGD-2, eps 0.1, step 0.0125) over 128 images; router robustness [0-9.]*, expert RA [0-9.]*, router-only RA [0-9.]*" "$work/advmoe.out"
+check "advmoe prints them" $?
 
 "$cmoe" train "$src/recipes/cnn/dense-standard.yaml" --set adversarial.eps=2 > "$work/bad.out" 2>&1
 [ $? -eq 1 ] && grep -q "adversarial.eps = 2 is out of range (0, 1]" "$work/bad.out"
