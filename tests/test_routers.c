@@ -261,6 +261,10 @@ START_TEST(test_switch_loss_uniform_and_z_loss) {
     }
     ck_assert_double_eq_tol(zloss->data[0], want, 1e-5 * want);
     ck_assert_ptr_null(router_z_loss(&ctx, z, 0.0f, &(router_call){0}));
+    /* No rows (a rank's empty share of a short batch): no term, no error. */
+    ag_tensor *none = ag_empty(&ctx, "none", 2, (int[]){0, 7});
+    ck_assert_ptr_null(router_z_loss(&ctx, none, 0.25f, &(router_call){0}));
+    ck_assert_int_eq(ag_ctx_status(&ctx), CM_OK);
     gc_tensor_free(z);
     ag_ctx_free(&ctx);
 }

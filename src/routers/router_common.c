@@ -221,9 +221,10 @@ ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *coun
 
 /* logits [T,E] -> [1]: coef mean_t lse_t^2. logsumexp has no op of its own:
  * lse = z_0 - log_softmax(z)_0 for any column (here 0), and its gradient
- * through both terms is softmax(z), as it should be. */
+ * through both terms is softmax(z), as it should be. NULL (no term) for
+ * T = 0: a rank without rows of a short batch adds nothing to the global mean. */
 ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef, const router_call *call) {
-    if (coef == 0.0f || !logits) return NULL;
+    if (coef == 0.0f || !logits || ag_rows(logits) == 0) return NULL;
     coef = (float)(coef * router_token_share(call, (int)ag_rows(logits)));
     ag_tensor *first_logit = ag_slice(ctx, logits, 1, 0, 1);
     ag_tensor *first_log_prob = ag_slice(ctx, ag_log_softmax(ctx, logits), 1, 0, 1);

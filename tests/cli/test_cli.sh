@@ -9,23 +9,20 @@ cmoe=$1
 src=$2
 work=$(mktemp -d /tmp/cmoe-cli-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-failures=0
-passes=0
 
-check() { # check NAME CONDITION-EXIT-STATUS
-    if [ "$2" -eq 0 ]; then passes=$((passes + 1)); else echo "FAIL: $1"; failures=$((failures + 1)); fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 expect_status() { # expect_status NAME WANT COMMAND...
     local name=$1 want=$2
     shift 2
     "$@" > "$work/out" 2> "$work/err"
     local got=$?
     [ "$got" -eq "$want" ]
-    check "$name (exit $got, want $want; stderr: $(head -c 300 "$work/err"))" $?
+    check $? "$name (exit $got, want $want; stderr: $(head -c 300 "$work/err"))"
 }
 expect_text() { # expect_text NAME FILE TEXT
     grep -qF -- "$3" "$2"
-    check "$1 ('$3' not in $(head -c 400 "$2"))" $?
+    check $? "$1 ('$3' not in $(head -c 400 "$2"))"
 }
 
 # ---- help and usage ------------------------------------------------------
@@ -75,11 +72,11 @@ kill -INT $pid
 wait $pid
 status=$?
 [ $status -eq 130 ]
-check "SIGINT exits with 130 (got $status: $(tail -c 300 "$work/train.out"))" $?
+check $? "SIGINT exits with 130 (got $status: $(tail -c 300 "$work/train.out"))"
 expect_text "SIGINT saves a checkpoint" "$work/train.out" "saved $work/run/ckpt-"
 ckpt=$(ls "$work"/run/ckpt-*.h5 2> /dev/null | tail -n 1)
 [ -n "$ckpt" ]
-check "checkpoint file exists" $?
+check $? "checkpoint file exists"
 stopped_at=$(basename "$ckpt" .h5 | sed 's/ckpt-0*//')
 
 final=$((stopped_at + 20))
@@ -87,13 +84,13 @@ expect_status "resume auto" 0 "$cmoe" train "$work/tiny.yaml" --resume auto --se
 expect_text "resume message" "$work/out" "resumed from step $stopped_at"
 expect_text "resume reaches the end" "$work/out" "test bpc"
 [ -f "$work/run/curves.png" ]
-check "curves.png written" $?
+check $? "curves.png written"
 
 last=$(printf '%s/run/ckpt-%08d.h5' "$work" $final)
 expect_status "inspect" 0 "$cmoe" inspect "$last"
 expect_text "inspect step" "$work/out" "step $final"
 expect_text "inspect lists a parameter" "$work/out" "blocks.0.attn.qkv.weight"
-expect_text "inspect shows the recipe" "$work/out" "name: tiny"
+expect_text "inspect shows the recipe" "$work/out" "name: \"tiny\""
 expect_status "eval" 0 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --split test --max-batches 3
 expect_text "eval prints bpc" "$work/out" "test split: loss"
 expect_status "plot" 0 "$cmoe" plot "$work/run"

@@ -11,14 +11,11 @@ cmoe=$1
 src=$2
 work=$(mktemp -d /tmp/cmoe-cnn-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-failures=0
-passes=0
-check() {
-    if [ "$2" -eq 0 ]; then passes=$((passes + 1)); else echo "FAIL: $1"; failures=$((failures + 1)); fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 bash "$src/data/prepare_fmnist.sh" "$work/fmnist" > "$work/prepare.out" 2>&1
-check "prepare_fmnist.sh ($(tail -c 300 "$work/prepare.out"))" $?
+check $? "prepare_fmnist.sh ($(tail -c 300 "$work/prepare.out"))"
 
 data=(--set data.path="$work/fmnist/train-images-idx3-ubyte.gz"
       --set data.labels_path="$work/fmnist/train-labels-idx1-ubyte.gz"
@@ -29,35 +26,35 @@ data=(--set data.path="$work/fmnist/train-images-idx3-ubyte.gz"
 
 "$cmoe" train "$src/recipes/cnn/dense-standard.yaml" "${data[@]}" --set train.steps=30 --set schedule.type=constant \
     --set train.log_every=4 --set train.out_dir="$work/run" > "$work/train.out" 2>&1
-check "train dense-standard ($(tail -c 400 "$work/train.out"))" $?
+check $? "train dense-standard ($(tail -c 400 "$work/train.out"))"
 test_line=$(grep '"kind": "test"' "$work/run/metrics.jsonl" | tail -n 1)
 echo "$test_line" | grep -q '"step": 30, "sa": [0-9.]*, "ra": [0-9.]*, "images": 128'
-check "metrics.jsonl test line with sa and ra ($test_line)" $?
+check $? "metrics.jsonl test line with sa and ra ($test_line)"
 sa=$(echo "$test_line" | sed 's/.*"sa": \([0-9.]*\).*/\1/')
 awk -v s="$sa" 'BEGIN { exit !(s > 0.2) }' # chance is 0.1
-check "SA above chance after 30 steps ($sa)" $?
+check $? "SA above chance after 30 steps ($sa)"
 grep -q '"kind": "model", "step": 0, "flops": [1-9]' "$work/run/metrics.jsonl"
-check "model line with flops" $?
+check $? "model line with flops"
 
 "$cmoe" eval "$src/recipes/cnn/dense-standard.yaml" "${data[@]}" \
     --ckpt "$work/run/ckpt-00000030.h5" --max-batches 2 > "$work/eval.out" 2>&1
-check "eval ($(tail -c 300 "$work/eval.out"))" $?
+check $? "eval ($(tail -c 300 "$work/eval.out"))"
 printf -v expected 'SA %.4f' "$sa"
 grep -q "test split: $expected, RA [0-9.]* (PGD-2" "$work/eval.out"
-check "eval reproduces the run's SA ($expected; $(cat "$work/eval.out"))" $?
+check $? "eval reproduces the run's SA ($expected; $(cat "$work/eval.out"))"
 
 "$cmoe" train "$src/recipes/cnn/advmoe.yaml" "${data[@]}" --set train.steps=1 \
     --set train.arena_mib=512 --set train.out_dir="$work/advmoe" > "$work/advmoe.out" 2>&1
-check "train advmoe one step ($(tail -c 400 "$work/advmoe.out"))" $?
+check $? "train advmoe one step ($(tail -c 400 "$work/advmoe.out"))"
 grep '"kind": "test", "step": 1, "sa"' "$work/advmoe/metrics.jsonl" |
-    grep -q '"router_robustness": [0-9.]*, "expert_ra": [0-9.]*, "router_only_ra": [0-9.]*, "router_robustness_per_router": \[[0-9.]*\]'
-check "advmoe test line with the robustness measures ($(tail -n 1 "$work/advmoe/metrics.jsonl"))" $?
-grep -q "test SA [0-9.]*, RA [0-9.]* (PGD-2, eps 0.1, step 0.0125) over 128 images; router robustness [0-9.]*, expert RA [0-9.]*, router-only RA [0-9.]*" "$work/advmoe.out"
-check "advmoe prints them" $?
+    grep -q '"router_robustness": [0-9.]*, "expert_ra": [0-9.]*, "router_only_ra": [0-9.]*, "router_robustness_per_router": \[[0-9.]*\], "ra_worst": [0-9.]*}'
+check $? "advmoe test line with the robustness measures ($(tail -n 1 "$work/advmoe/metrics.jsonl"))"
+grep -q "test SA [0-9.]*, RA [0-9.]* (PGD-2, eps 0.1, step 0.0125) over 128 images; router robustness [0-9.]*, expert RA [0-9.]*, router-only RA [0-9.]*, worst-case RA [0-9.]*" "$work/advmoe.out"
+check $? "advmoe prints them"
 
 "$cmoe" train "$src/recipes/cnn/dense-standard.yaml" --set adversarial.eps=2 > "$work/bad.out" 2>&1
 [ $? -eq 1 ] && grep -q "adversarial.eps = 2 is out of range (0, 1]" "$work/bad.out"
-check "eps out of range is refused ($(cat "$work/bad.out"))" $?
+check $? "eps out of range is refused ($(cat "$work/bad.out"))"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]

@@ -26,11 +26,8 @@ cmoe=$1
 src=$2
 work=$(mktemp -d /tmp/cmoe-cnn-mpi-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-failures=0
-passes=0
-check() {
-    if [ "$2" -eq 0 ]; then passes=$((passes + 1)); else echo "FAIL: $1"; failures=$((failures + 1)); fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 export OPENBLAS_NUM_THREADS=1
 mpi() { # mpi RANKS ARGS...: cmoe under mpirun, at most 120 s
     local ranks=$1
@@ -40,7 +37,7 @@ mpi() { # mpi RANKS ARGS...: cmoe under mpirun, at most 120 s
 }
 
 bash "$src/data/prepare_fmnist.sh" "$work/fmnist" > "$work/prepare.out" 2>&1
-check "prepare_fmnist.sh ($(tail -c 300 "$work/prepare.out"))" $?
+check $? "prepare_fmnist.sh ($(tail -c 300 "$work/prepare.out"))"
 recipe="$src/recipes/cnn/moe-at.yaml"
 args=(--set data.path="$work/fmnist/train-images-idx3-ubyte.gz"
       --set data.labels_path="$work/fmnist/train-labels-idx1-ubyte.gz"
@@ -58,20 +55,20 @@ test_value() { grep '"kind": "test"' "$1/metrics.jsonl" | tail -n 1 |
     sed 's/.*"'"$2"'": \([-0-9.e]*\).*/\1/'; }
 
 "$cmoe" train "$recipe" "${args[@]}" --set train.out_dir="$work/one" --quiet > "$work/one.out" 2>&1
-check "1-process run ($(tail -c 300 "$work/one.out"))" $?
+check $? "1-process run ($(tail -c 300 "$work/one.out"))"
 
 mpi 2 train "$recipe" "${args[@]}" --set train.out_dir="$work/two" > "$work/two.out" 2>&1
-check "2-rank run ($(tail -c 300 "$work/two.out"))" $?
+check $? "2-rank run ($(tail -c 300 "$work/two.out"))"
 grep -q "2 ranks, data parallel: 32 or 32 images each per batch of 64" "$work/two.out"
-check "the 2-rank run reports its ranks" $?
+check $? "the 2-rank run reports its ranks"
 [ "$(grep -c '"kind": "train", "step": 1,' "$work/two/metrics.jsonl")" -eq 1 ] &&
     [ "$(grep -c '"kind": "test"' "$work/two/metrics.jsonl")" -eq 1 ]
-check "rank 0 alone writes metrics.jsonl ($(wc -l < "$work/two/metrics.jsonl") lines)" $?
+check $? "rank 0 alone writes metrics.jsonl ($(wc -l < "$work/two/metrics.jsonl") lines)"
 
 one=$(loss_at "$work/one" 1)
 two=$(loss_at "$work/two" 1)
 awk -v a="$one" -v b="$two" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a > 0 && d <= 1e-3 * a) }'
-check "step-1 loss at 2 ranks ($two) = 1 process ($one) within 1e-3 relative" $?
+check $? "step-1 loss at 2 ranks ($two) = 1 process ($one) within 1e-3 relative"
 
 # One update from the 1-process step-1 checkpoint, at 2 ranks.
 mkdir "$work/update"
@@ -79,7 +76,7 @@ cp "$work/one/ckpt-00000001.h5" "$work/update/"
 mpi 2 train "$recipe" "${args[@]}" --set train.out_dir="$work/update" --resume auto --stop-at 2 \
     --quiet > "$work/update.out" 2>&1
 [ $? -eq 130 ] && [ -s "$work/update/ckpt-00000002.h5" ]
-check "2-rank resume of a 1-process checkpoint stops at step 2 ($(tail -c 300 "$work/update.out"))" $?
+check $? "2-rank resume of a 1-process checkpoint stops at step 2 ($(tail -c 300 "$work/update.out"))"
 ratio=$(/usr/bin/python3 - "$work/one/ckpt-00000001.h5" "$work/one/ckpt-00000002.h5" \
     "$work/update/ckpt-00000002.h5" <<'PYTHON' 2>&1
 import sys
@@ -97,23 +94,23 @@ print(np.sqrt(difference / update))
 PYTHON
 )
 awk -v r="$ratio" 'BEGIN { exit !(r + 0 == r && r < 0.15) }'
-check "2-rank update = 1-process update within 15% of its size (ratio $ratio)" $?
+check $? "2-rank update = 1-process update within 15% of its size (ratio $ratio)"
 
 "$cmoe" eval "$recipe" "${args[@]}" --ckpt "$work/two/ckpt-00000003.h5" --max-batches 1 \
     > "$work/eval.out" 2>&1
-check "eval of the 2-rank checkpoint ($(tail -c 300 "$work/eval.out"))" $?
+check $? "eval of the 2-rank checkpoint ($(tail -c 300 "$work/eval.out"))"
 printf -v expected 'SA %.4f, RA %.4f' "$(test_value "$work/two" sa)" "$(test_value "$work/two" ra)"
 grep -q "test split: $expected (PGD-2" "$work/eval.out"
-check "1-process eval reproduces the 2-rank test line ($expected; $(cat "$work/eval.out"))" $?
+check $? "1-process eval reproduces the 2-rank test line ($expected; $(cat "$work/eval.out"))"
 
 mkdir "$work/resume1"
 cp "$work/two/ckpt-00000002.h5" "$work/resume1/"
 "$cmoe" train "$recipe" "${args[@]}" --set train.out_dir="$work/resume1" --resume auto \
     > "$work/resume1.out" 2>&1
-check "1-process resume of a 2-rank checkpoint ($(tail -c 300 "$work/resume1.out"))" $?
+check $? "1-process resume of a 2-rank checkpoint ($(tail -c 300 "$work/resume1.out"))"
 grep -q "resumed from step 2" "$work/resume1.out" && [ -s "$work/resume1/ckpt-00000003.h5" ] &&
     grep -q '"kind": "test", "step": 3,' "$work/resume1/metrics.jsonl"
-check "the resumed run finishes step 3 and its test line" $?
+check $? "the resumed run finishes step 3 and its test line"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]

@@ -10,11 +10,8 @@ cmoe=$1
 src=$2
 work=$(mktemp -d /tmp/cmoe-mpi-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-failures=0
-passes=0
-check() {
-    if [ "$2" -eq 0 ]; then passes=$((passes + 1)); else echo "FAIL: $1"; failures=$((failures + 1)); fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 export OPENBLAS_NUM_THREADS=1
 mpi() { # mpi RANKS ARGS...: cmoe under mpirun, at most 120 s
     local ranks=$1
@@ -46,22 +43,22 @@ same_losses() { # same_losses A B: relative difference at most 1e-5 on every lin
 }
 
 mpi 2 train "$work/tiny.yaml" --set train.out_dir="$work/straight" --quiet > "$work/out" 2>&1
-check "2-rank run ($(tail -c 300 "$work/out"))" $?
+check $? "2-rank run ($(tail -c 300 "$work/out"))"
 losses "$work/straight" 9 > "$work/straight.txt"
 
 mpi 2 train "$work/tiny.yaml" --set train.out_dir="$work/half" --stop-at 8 --quiet > "$work/out" 2>&1
 [ $? -eq 130 ]
-check "2-rank run stops at step 8 with status 130 ($(tail -c 300 "$work/out"))" $?
+check $? "2-rank run stops at step 8 with status 130 ($(tail -c 300 "$work/out"))"
 [ -s "$work/half/ckpt-00000008.h5" ]
-check "checkpoint at step 8" $?
+check $? "checkpoint at step 8"
 for ranks in 1 4; do
     cp -r "$work/half" "$work/resume$ranks"
     mpi "$ranks" train "$work/tiny.yaml" --set train.out_dir="$work/resume$ranks" --resume auto \
         --quiet > "$work/out" 2>&1
-    check "resume on $ranks ranks ($(tail -c 300 "$work/out"))" $?
+    check $? "resume on $ranks ranks ($(tail -c 300 "$work/out"))"
     losses "$work/resume$ranks" 9 > "$work/resume$ranks.txt"
     same_losses "$work/resume$ranks.txt" "$work/straight.txt"
-    check "resumed on $ranks ranks = uninterrupted 2 ranks: $(paste "$work/resume$ranks.txt" "$work/straight.txt" | tail -n 2 | tr '\n' ' ')" $?
+    check $? "resumed on $ranks ranks = uninterrupted 2 ranks: $(paste "$work/resume$ranks.txt" "$work/straight.txt" | tail -n 2 | tr '\n' ' ')"
 done
 
 start=$(date +%s)
@@ -70,17 +67,17 @@ CMOE_FAIL_AT=1:3 mpi 2 train "$work/tiny.yaml" --set train.out_dir="$work/fail" 
 status=$?
 elapsed=$(($(date +%s) - start))
 [ $status -ne 0 ] && [ $elapsed -lt 30 ]
-check "a failing rank ends the job (status $status after ${elapsed}s)" $?
+check $? "a failing rank ends the job (status $status after ${elapsed}s)"
 grep -q "\[rank 1\] error: cmoe train: failure injected" "$work/fail.out"
-check "the message names the rank and the reason ($(head -c 300 "$work/fail.out"))" $?
+check $? "the message names the rank and the reason ($(head -c 300 "$work/fail.out"))"
 
 mpi 2 train "$work/tiny.yaml" --set parallel.expert_parallel=3 --set train.out_dir="$work/bad" \
     > "$work/bad.out" 2>&1
 [ $? -ne 0 ] && grep -q "parallel.expert_parallel = 3 does not divide the 2 ranks" "$work/bad.out"
-check "EP not dividing the world is refused ($(head -c 300 "$work/bad.out"))" $?
+check $? "EP not dividing the world is refused ($(head -c 300 "$work/bad.out"))"
 mpi 3 train "$work/tiny.yaml" --set train.out_dir="$work/bad3" > "$work/bad3.out" 2>&1
 [ $? -ne 0 ] && grep -q "moe.num_experts = 4 cannot be split evenly over 3" "$work/bad3.out"
-check "experts not dividing EP is refused ($(head -c 300 "$work/bad3.out"))" $?
+check $? "experts not dividing EP is refused ($(head -c 300 "$work/bad3.out"))"
 
 # The README's command, shortened: SMoE-Dropout under mpirun on 2 ranks.
 mpi 2 train "$src/recipes/lm/smoe-dropout.yaml" --set data.path="$work/corpus.txt" \
@@ -89,9 +86,9 @@ mpi 2 train "$src/recipes/lm/smoe-dropout.yaml" --set data.path="$work/corpus.tx
     --set data.seq_len=32 --set data.batch_size=8 --set train.steps=6 \
     --set schedule.warmup_steps=1 --set train.eval_every=3 --set train.eval_batches=2 \
     --set train.arena_mib=64 --set train.out_dir="$work/smoe" > "$work/smoe.out" 2>&1
-check "smoe-dropout recipe under mpirun -np 2 ($(tail -c 300 "$work/smoe.out"))" $?
+check $? "smoe-dropout recipe under mpirun -np 2 ($(tail -c 300 "$work/smoe.out"))"
 grep -q "2 ranks: 2 expert-parallel x 1 data-parallel" "$work/smoe.out"
-check "2 ranks reported" $?
+check $? "2 ranks reported"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
