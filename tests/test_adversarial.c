@@ -673,6 +673,8 @@ static void center_router(moe_fixture *f) {
 /* Correct predictions of one no-grad eval forward, the experts reading
  * `images` and the image router `router_images` (NULL: images), routes
  * forced or not; the routes go to routes[r][n]. */
+static uint8_t direct_right[N]; /* per image, of the last direct_correct */
+
 static int64_t direct_correct(moe_fixture *f, const float *images, const float *router_images,
                               const int32_t *const *forced, int32_t routes[][N]) {
     ag_ctx *ctx = &f->ctx;
@@ -689,7 +691,8 @@ static int64_t direct_correct(moe_fixture *f, const float *images, const float *
         int best = 0;
         for (int v = 1; v < V; v++)
             if (out.logits->data[n * V + v] > out.logits->data[n * V + best]) best = v;
-        correct += best == labels[n];
+        direct_right[n] = best == labels[n];
+        correct += direct_right[n];
     }
     for (int r = 0; r < out.n_routers; r++) memcpy(routes[r], out.experts[r], sizeof routes[r]);
     ag_set_grad_enabled(ctx, previous);
@@ -723,13 +726,15 @@ START_TEST(test_evaluate_eps_zero) {
         ck_assert_int_eq(c.clean_correct, clean);
         ck_assert_int_eq(c.robust_correct, clean);
         ck_assert_int_eq(c.expert_correct, clean);
+        ck_assert_int_eq(c.worst_correct, clean);
         ck_assert_int_eq(c.router_only_correct, routing == MOE_CNN_ROUTING_IMAGE ? clean : 0);
         for (int r = 0; r < routers; r++) ck_assert_int_eq(c.routes_kept[r], N);
         ck_assert(memcmp(f->x_adv, f->x->data, sizeof f->x_adv) == 0);
         /* No attack: SA alone. */
         c = evaluate_counts(f, NULL);
         ck_assert_int_eq(c.clean_correct, clean);
-        ck_assert_int_eq(c.robust_correct + c.expert_correct + c.router_only_correct, 0);
+        ck_assert_int_eq(
+            c.robust_correct + c.expert_correct + c.router_only_correct + c.worst_correct, 0);
         moe_fixture_free(f);
     }
 }
@@ -747,6 +752,8 @@ START_TEST(test_evaluate_dissection) {
     ck_assert_int_eq(c.clean_correct, clean);
     /* RA and the routes kept, on the returned x_adv. */
     ck_assert_int_eq(c.robust_correct, direct_correct(f, f->x_adv, NULL, NULL, routes));
+    uint8_t ra_right[N];
+    memcpy(ra_right, direct_right, sizeof ra_right);
     int64_t kept = 0;
     for (int n = 0; n < N; n++) kept += routes[0][n] == clean_routes[0][n];
     ck_assert_int_eq(c.routes_kept[0], kept);
@@ -761,6 +768,13 @@ START_TEST(test_evaluate_dissection) {
     ck_assert_int_eq(adv_attack(&f->ctx, &f->model, &frozen, f->x, labels, 0, f->other), CM_OK);
     f->binding.args = (moe_cnn_forward_args){0};
     ck_assert_int_eq(c.expert_correct, direct_correct(f, f->other, NULL, forced, routes));
+    /* Worst-case RA: the router-blind attack's images through the free model,
+     * counted where the RA attack failed too. */
+    direct_correct(f, f->other, NULL, NULL, routes);
+    int64_t worst = 0;
+    for (int n = 0; n < N; n++) worst += ra_right[n] && direct_right[n];
+    ck_assert_int_eq(c.worst_correct, worst);
+    ck_assert_int_le(c.worst_correct, c.robust_correct);
     /* Router-only RA: the router reads the attacked image, the experts x. */
     f->binding.expert_input = f->x;
     ck_assert_int_eq(adv_attack(&f->ctx, &f->model, &attack, f->x, labels, 0, f->other), CM_OK);
@@ -787,6 +801,7 @@ START_TEST(test_evaluate_constant_router) {
     /* No gradient reaches the image through a constant router, so the frozen
      * attack is the RA attack. */
     ck_assert_int_eq(c.expert_correct, c.robust_correct);
+    ck_assert_int_eq(c.worst_correct, c.robust_correct);
     ck_assert_int_lt(c.robust_correct, clean); /* the attack does something */
     moe_fixture_free(f);
 }

@@ -164,6 +164,7 @@ START_TEST(test_standard_training_learns) {
     ck_assert_int_eq(result.eval.n_routers, 0); /* dense: no robustness dissection */
     ck_assert(isnan(result.eval.router_robustness) && isnan(result.eval.expert_ra) &&
               isnan(result.eval.router_only_ra));
+    ck_assert(result.eval.ra_worst == result.eval.ra); /* no router to mask the gradient */
 
     char path[700], line[1024];
     snprintf(path, sizeof path, "%s/standard/metrics.jsonl", dir);
@@ -407,6 +408,7 @@ START_TEST(test_robustness_metrics) {
         const cnn_eval_result *e = &result.eval;
         ck_assert_int_eq(e->n_routers, routing == 0 ? 1 : 4); /* per layer: 2 blocks x 2 */
         ck_assert(in_unit(e->sa) && in_unit(e->ra) && in_unit(e->expert_ra));
+        ck_assert(in_unit(e->ra_worst) && e->ra_worst <= e->ra);
         double sum = 0.0;
         for (int k = 0; k < e->n_routers; k++) {
             ck_assert(in_unit(e->router_robustness_per_router[k]));
@@ -425,6 +427,8 @@ START_TEST(test_robustness_metrics) {
         ck_assert_msg(strstr(line, expected), "%s lacks %s", line, expected);
         ck_assert_ptr_nonnull(strstr(line, "\"router_robustness_per_router\": ["));
         if (routing == 1) ck_assert_ptr_nonnull(strstr(line, "\"router_only_ra\": -1.0"));
+        snprintf(expected, sizeof expected, "], \"ra_worst\": %.6f}", e->ra_worst);
+        ck_assert_msg(strstr(line, expected), "%s lacks %s", line, expected);
 
         /* The checkpoint evaluated again gives the same numbers. */
         cnn_eval_result again;
@@ -433,6 +437,7 @@ START_TEST(test_robustness_metrics) {
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
         ck_assert_int_eq(again.images, e->images);
         ck_assert(again.sa == e->sa && again.ra == e->ra && again.expert_ra == e->expert_ra);
+        ck_assert(again.ra_worst == e->ra_worst);
         ck_assert(again.router_robustness == e->router_robustness);
         ck_assert(routing == 1 || again.router_only_ra == e->router_only_ra);
         /* The release's RA objective adds the routers' CE toward y mod E: with
@@ -474,7 +479,7 @@ START_TEST(test_robustness_at_eps_zero) {
         cm_status status = cnn_run_evaluate(run, 2, &e);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
         ck_assert_int_eq(e.images, TEST_SAMPLES);
-        ck_assert(e.sa > 0.0 && e.ra == e.sa && e.expert_ra == e.sa);
+        ck_assert(e.sa > 0.0 && e.ra == e.sa && e.expert_ra == e.sa && e.ra_worst == e.sa);
         ck_assert(routing == 0 ? e.router_only_ra == e.sa : isnan(e.router_only_ra));
         ck_assert(e.router_robustness == 1.0);
         for (int k = 0; k < e.n_routers; k++) ck_assert(e.router_robustness_per_router[k] == 1.0);

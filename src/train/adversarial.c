@@ -232,8 +232,9 @@ cm_status adv_moe_cnn_forward(ag_ctx *ctx, void *model, ag_tensor *x, bool bn_tr
 
 /* ---- robust evaluation -------------------------------------------------------- */
 
-/* Correct top-1 predictions of logits [rows,V]. */
-static int64_t count_correct(const ag_tensor *logits, const int32_t *labels) {
+/* Correct top-1 predictions of logits [rows,V]; with `flags`, flags[i] is
+ * cleared for every wrong row (and the count is of the rows still set). */
+static int64_t count_correct(const ag_tensor *logits, const int32_t *labels, uint8_t *flags) {
     const int rows = logits->shape[0], V = logits->shape[1];
     int64_t correct = 0;
     for (int i = 0; i < rows; i++) {
@@ -241,7 +242,12 @@ static int64_t count_correct(const ag_tensor *logits, const int32_t *labels) {
         int best = 0;
         for (int v = 1; v < V; v++)
             if (row[v] > row[best]) best = v;
-        correct += best == labels[i];
+        if (flags) {
+            flags[i] = flags[i] && best == labels[i];
+            correct += flags[i];
+        } else {
+            correct += best == labels[i];
+        }
     }
     return correct;
 }
@@ -259,18 +265,19 @@ static cm_status eval_forward(ag_ctx *ctx, const adv_model *model, const ag_tens
 
 /* Attacks x under the binding's current settings and counts the correct
  * predictions on x_adv (same settings) and, given the clean routes, the
- * images each router sends to the same expert. Frees its arena use. */
+ * images each router sends to the same expert; with `flags`, clears those of
+ * the images predicted wrong. Frees its arena use. */
 static cm_status attacked_counts(ag_ctx *ctx, const adv_model *model,
                                  const adv_attack_config *attack, const ag_tensor *x,
                                  const int32_t *labels, uint64_t first_index, float *x_adv,
                                  const int32_t *const *clean_routes, int64_t *correct,
-                                 int64_t *routes_kept) {
+                                 int64_t *routes_kept, uint8_t *flags) {
     const ag_mark mark = ag_ctx_mark(ctx);
     adv_model_output out;
     cm_status status = adv_attack(ctx, model, attack, x, labels, first_index, x_adv);
     if (status == CM_OK) status = eval_forward(ctx, model, x, x_adv, &out);
     if (status == CM_OK) {
-        *correct += count_correct(out.logits, labels);
+        *correct += count_correct(out.logits, labels, flags);
         for (int r = 0; clean_routes && r < out.n_routers; r++)
             for (int n = 0; n < x->shape[0]; n++)
                 routes_kept[r] += out.experts[r][n] == clean_routes[r][n];
@@ -288,7 +295,9 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     /* The clean routes, kept past the forwards and attacks (which free what they use). */
     int32_t *clean_routes = ag_alloc_ints(ctx, (int64_t)n_routers * rows + 1, "evaluate");
     float *scratch = ag_alloc(ctx, (size_t)x->numel * sizeof(float), "evaluate");
-    if (!clean_routes || !scratch) return ag_ctx_status(ctx);
+    uint8_t *robust = ag_alloc(ctx, (size_t)rows, "evaluate"); /* correct under every attack */
+    if (!clean_routes || !scratch || !robust) return ag_ctx_status(ctx);
+    memset(robust, 1, (size_t)rows);
     const int32_t *routes[ADV_MAX_ROUTERS];
     const ag_mark mark = ag_ctx_mark(ctx);
     adv_model_output out;
@@ -297,7 +306,7 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
               n_routers);
     counts->n_routers = n_routers;
     counts->images += rows;
-    counts->clean_correct += count_correct(out.logits, labels);
+    counts->clean_correct += count_correct(out.logits, labels, NULL);
     for (int r = 0; r < n_routers; r++) {
         memcpy(clean_routes + (size_t)r * rows, out.experts[r], (size_t)rows * sizeof(int32_t));
         routes[r] = clean_routes + (size_t)r * rows;
@@ -306,9 +315,14 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     if (!attack) return CM_OK;
 
     /* RA, and the routes it leaves unchanged. */
+    int64_t robust_correct = 0;
     CM_TRY(attacked_counts(ctx, model, attack, x, labels, first_index, x_adv, routes,
-                           &counts->robust_correct, counts->routes_kept));
-    if (n_routers == 0) return CM_OK;
+                           &robust_correct, counts->routes_kept, robust));
+    counts->robust_correct += robust_correct;
+    if (n_routers == 0) {
+        counts->worst_correct += robust_correct;
+        return CM_OK;
+    }
 
     /* Expert RA: routes frozen to the clean ones, in the attack too. */
     adv_attack_config frozen = *attack;
@@ -316,16 +330,23 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     binding->args.forced_experts = routes;
     binding->args.no_router_gradient = true;
     CM_TRY(attacked_counts(ctx, model, &frozen, x, labels, first_index, scratch, NULL,
-                           &counts->expert_correct, NULL));
+                           &counts->expert_correct, NULL, NULL));
     binding->args.forced_experts = NULL;
     binding->args.no_router_gradient = false;
+
+    /* Worst-case RA: the router-blind attack's images through the model as
+     * it is (routes free), and only the images that survive both attacks. */
+    const ag_mark blind = ag_ctx_mark(ctx);
+    CM_TRY(eval_forward(ctx, model, x, scratch, &out));
+    counts->worst_correct += count_correct(out.logits, labels, robust);
+    ag_ctx_release(ctx, blind);
 
     /* Router-only RA: the router reads x_adv, the experts x. */
     if (binding->model->config.routing != MOE_CNN_ROUTING_IMAGE) return CM_OK;
     binding->expert_input = ag_alias(ctx, "eval_x", (float *)x->data, x->ndim, x->shape);
     if (!binding->expert_input) return ag_ctx_status(ctx);
     return attacked_counts(ctx, model, attack, x, labels, first_index, scratch, NULL,
-                           &counts->router_only_correct, NULL);
+                           &counts->router_only_correct, NULL, NULL);
 }
 
 cm_status adv_moe_cnn_evaluate(ag_ctx *ctx, const adv_model *model, const adv_attack_config *attack,

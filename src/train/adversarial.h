@@ -147,6 +147,14 @@ cm_status adv_moe_cnn_forward(ag_ctx *ctx, void *model, ag_tensor *x, bool bn_tr
  *                   same freeze (forced_experts, no straight-through path to
  *                   the routers, whose choice cannot change the prediction,
  *                   and no router term);
+ *   worst-case RA   the fraction of images the model (routes free) predicts
+ *                   right on the RA attack's x_adv AND on the expert-RA
+ *                   attack's image: that attack cannot follow the
+ *                   straight-through gradient into the router, which can
+ *                   mask the experts' gradient in the RA attack (a model
+ *                   whose routes never move can show RA near SA while its
+ *                   experts fall to the router-blind attack); for a dense
+ *                   model it is RA;
  *   router-only RA  accuracy when only the router reads x_adv and the experts
  *                   see x; the attack (the RA objective) attacks the router's
  *                   input in that setting, so its gradient reaches x_adv only
@@ -158,6 +166,7 @@ typedef struct adv_eval_counts {
     int64_t images;
     int64_t clean_correct;                /* SA */
     int64_t robust_correct;               /* RA */
+    int64_t worst_correct;                /* worst-case RA */
     int64_t expert_correct;               /* expert RA (MoE) */
     int64_t router_only_correct;          /* router-only RA (image-level router) */
     int n_routers;                        /* of the model; 0: dense */

@@ -411,11 +411,11 @@ cm_status cnn_run_step(cnn_run *r, int64_t step, double *loss) {
 static cm_status finish_eval(cnn_run *r, adv_eval_counts *counts, bool robust,
                              cnn_eval_result *eval) {
     const int R = counts->n_routers;
-    int64_t packed[5 + ADV_MAX_ROUTERS] = {counts->images, counts->clean_correct,
-                                           counts->robust_correct, counts->expert_correct,
-                                           counts->router_only_correct};
-    memcpy(packed + 5, counts->routes_kept, (size_t)R * sizeof(int64_t));
-    CM_TRY(comm_sum_int64(world(r), packed, 5 + R));
+    int64_t packed[6 + ADV_MAX_ROUTERS] = {
+        counts->images,         counts->clean_correct,       counts->robust_correct,
+        counts->expert_correct, counts->router_only_correct, counts->worst_correct};
+    memcpy(packed + 6, counts->routes_kept, (size_t)R * sizeof(int64_t));
+    CM_TRY(comm_sum_int64(world(r), packed, 6 + R));
     const int64_t images = packed[0];
     if (images == 0)
         return CM_ERR(CM_ERR_INVALID, "%s: no images to evaluate", r->test.images_path);
@@ -423,6 +423,7 @@ static cm_status finish_eval(cnn_run *r, adv_eval_counts *counts, bool robust,
     *eval = (cnn_eval_result){.images = images,
                               .sa = (double)packed[1] / n,
                               .ra = robust ? (double)packed[2] / n : NAN,
+                              .ra_worst = robust ? (double)packed[5] / n : NAN,
                               .n_routers = R,
                               .router_robustness = NAN,
                               .expert_ra = NAN,
@@ -433,7 +434,7 @@ static cm_status finish_eval(cnn_run *r, adv_eval_counts *counts, bool robust,
         eval->router_only_ra = (double)packed[4] / n;
     double sum = 0.0;
     for (int k = 0; k < R; k++) {
-        eval->router_robustness_per_router[k] = (double)packed[5 + k] / n;
+        eval->router_robustness_per_router[k] = (double)packed[6 + k] / n;
         sum += eval->router_robustness_per_router[k];
     }
     eval->router_robustness = sum / R;
@@ -508,6 +509,7 @@ void cnn_eval_describe(const cm_recipe *recipe, const cnn_eval_result *eval, cha
             APPEND("n/a (per-layer routers)");
         else
             APPEND("%.4f", eval->router_only_ra);
+        APPEND(", worst-case RA %.4f", eval->ra_worst);
     }
 #undef APPEND
 }
@@ -628,7 +630,9 @@ static cm_status test_eval(cnn_run *r, cm_metrics *metrics, cm_progress *progres
         for (int k = 0; k < eval.n_routers && used < sizeof routers; k++)
             used += (size_t)snprintf(routers + used, sizeof routers - used, "%s%.6f", k ? ", " : "",
                                      json_number(eval.router_robustness_per_router[k]));
-        if (used < sizeof routers) snprintf(routers + used, sizeof routers - used, "]");
+        if (used < sizeof routers)
+            snprintf(routers + used, sizeof routers - used, "], \"ra_worst\": %.6f",
+                     json_number(eval.ra_worst));
     }
     metrics_write(metrics,
                   "{\"kind\": \"test\", \"step\": %lld, \"sa\": %.6f, \"ra\": %.6f, \"images\": "
@@ -753,8 +757,12 @@ static cm_status train_loop(cnn_run *r, const trainer_options *options,
 }
 
 static void clear_eval(cnn_eval_result *eval) {
-    *eval = (cnn_eval_result){
-        .sa = NAN, .ra = NAN, .router_robustness = NAN, .expert_ra = NAN, .router_only_ra = NAN};
+    *eval = (cnn_eval_result){.sa = NAN,
+                              .ra = NAN,
+                              .ra_worst = NAN,
+                              .router_robustness = NAN,
+                              .expert_ra = NAN,
+                              .router_only_ra = NAN};
 }
 
 cm_status cnn_trainer_run(const cm_recipe *recipe, const trainer_options *options,

@@ -30,11 +30,13 @@
  * adversarial.eval_router_weight times the router CE to y mod E: 0 by
  * default, the release's RA attack uses beta), and for an MoE model the
  * router robustness (per router and the mean), the expert RA (routes frozen
- * to the clean ones) and the router-only RA (image-level router only): cmoe's
- * own label-free definitions of METHODS.md 4.4. Periodic (train.eval_every)
+ * to the clean ones), the router-only RA (image-level router only) and the
+ * worst-case RA (right under both the RA attack and the router-blind attack
+ * of expert RA): cmoe's own definitions, after METHODS.md 4.4. Periodic (train.eval_every)
  * and final results go to metrics.jsonl as {"kind": "test", "step", "sa",
  * "ra", "images", ..., and for MoE "router_robustness" (mean),
- * "router_robustness_per_router": [...], "expert_ra", "router_only_ra"}, -1
+ * "router_robustness_per_router": [...], "expert_ra", "router_only_ra",
+ * "ra_worst"}, -1
  * standing for "not measured"; the inference multiply-adds per image
  * (moe_cnn_flops total: one expert group per MoE conv plus the routers) are
  * printed and written in a "kind": "model" line.
@@ -75,6 +77,7 @@
 typedef struct cnn_eval_result {
     int64_t images;
     double sa, ra;            /* ra: NAN when adversarial.eval_steps is 0 */
+    double ra_worst;          /* worst-case RA (adversarial.h); = ra for a dense model */
     int n_routers;            /* 0: a dense model (the rest is NAN) */
     double router_robustness; /* mean over the routers */
     double router_robustness_per_router[MOE_CNN_MAX_ROUTERS];
