@@ -35,6 +35,7 @@ typedef struct conv_geometry {
     int co, kh, kw; /* filters [CO,C,KH,KW] */
     int ho, wo;     /* output [N,CO,HO,WO] */
     int stride, padding;
+    int groups; /* the weight holds groups x CO filters (1: a plain conv) */
 } conv_geometry;
 
 static int conv_col_rows(const conv_geometry *g) {
@@ -111,8 +112,9 @@ static void col2im_add(const conv_geometry *g, const float *restrict cols, float
 
 typedef struct conv_saved {
     conv_geometry geometry;
-    int tasks;   /* images are split into this many contiguous runs */
-    float *cols; /* [tasks][C*KH*KW, HO*WO] scratch; NULL on the pointwise path */
+    int tasks;            /* images are split into this many contiguous runs */
+    float *cols;          /* [tasks][C*KH*KW, HO*WO] scratch; NULL on the pointwise path */
+    const int32_t *group; /* [N] filter group of each image (arena copy); NULL: one group */
 } conv_saved;
 
 /* The images of a batch are independent: the pool's threads take
@@ -121,6 +123,7 @@ typedef struct conv_job {
     const conv_geometry *g;
     int tasks;
     const float *x, *w, *bias, *dy;
+    const int32_t *group; /* image n uses filters group[n]*CO.. (NULL: 0) */
     float *out, *cols, *dx;
     /* backward: task 0 adds into dw / dbias, task t > 0 into its own zeroed
      * partial block, summed in task order afterwards (the same result for a
@@ -148,10 +151,11 @@ static void conv_forward_task(void *context, int task) {
     cm_pool_split(g->n, j->tasks, task, 1, &first, &last);
     for (int64_t n = first; n < last; n++) {
         const float *image = j->x + n * image_size;
+        const float *w = j->w + (j->group ? (int64_t)j->group[n] * g->co * rows : 0);
         float *y = j->out + n * out_size;
         if (!pointwise) im2col(g, image, cols);
-        ag_sgemm(false, false, g->co, plane, rows, 1.0f, j->w, rows, pointwise ? image : cols,
-                 plane, 0.0f, y, plane);
+        ag_sgemm(false, false, g->co, plane, rows, 1.0f, w, rows, pointwise ? image : cols, plane,
+                 0.0f, y, plane);
         if (j->bias)
             for (int co = 0; co < g->co; co++) {
                 float *y_row = y + (int64_t)co * plane, b = j->bias[co];
@@ -172,9 +176,9 @@ static void conv_backward_task(void *context, int task) {
     int rows = conv_col_rows(g), plane = conv_out_plane(g);
     int64_t image_size = (int64_t)g->c * g->h * g->w, out_size = (int64_t)g->co * plane;
     float *cols = pointwise ? NULL : j->cols + (int64_t)task * rows * plane;
-    float *dw = j->dw, *dbias = j->dbias;
+    float *dw_all = j->dw, *dbias = j->dbias;
     if (task > 0) {
-        if (dw) dw = j->dw_partial + (int64_t)(task - 1) * g->co * rows;
+        if (dw_all) dw_all = j->dw_partial + (int64_t)(task - 1) * g->groups * g->co * rows;
         if (dbias) dbias = j->dbias_partial + (int64_t)(task - 1) * g->co;
     }
     int64_t first, last;
@@ -182,6 +186,9 @@ static void conv_backward_task(void *context, int task) {
     for (int64_t n = first; n < last; n++) {
         const float *image = j->x + n * image_size;
         const float *dy = j->dy + n * out_size;
+        const int64_t w_offset = j->group ? (int64_t)j->group[n] * g->co * rows : 0;
+        const float *w = j->w + w_offset;
+        float *dw = dw_all ? dw_all + w_offset : NULL;
         if (dbias)
             for (int co = 0; co < g->co; co++) {
                 const float *dy_row = dy + (int64_t)co * plane;
@@ -201,10 +208,10 @@ static void conv_backward_task(void *context, int task) {
         if (j->dx) {
             float *dimage = j->dx + n * image_size;
             if (pointwise) {
-                ag_sgemm(true, false, rows, plane, g->co, 1.0f, j->w, rows, dy, plane, 1.0f, dimage,
+                ag_sgemm(true, false, rows, plane, g->co, 1.0f, w, rows, dy, plane, 1.0f, dimage,
                          plane);
             } else {
-                ag_sgemm(true, false, rows, plane, g->co, 1.0f, j->w, rows, dy, plane, 0.0f, cols,
+                ag_sgemm(true, false, rows, plane, g->co, 1.0f, w, rows, dy, plane, 0.0f, cols,
                          plane);
                 col2im_add(g, cols, dimage);
             }
@@ -221,11 +228,12 @@ static void conv2d_backward(ag_ctx *ctx, ag_node *node) {
                     .x = x->data,
                     .w = w->data,
                     .dy = node->out->grad,
+                    .group = saved->group,
                     .cols = saved->cols,
                     .dx = ag_wants_grad(x) ? x->grad : NULL,
                     .dw = ag_wants_grad(w) ? w->grad : NULL,
                     .dbias = bias && ag_wants_grad(bias) ? bias->grad : NULL};
-    int64_t w_size = (int64_t)g->co * conv_col_rows(g), partials = job.tasks - 1;
+    int64_t w_size = (int64_t)g->groups * g->co * conv_col_rows(g), partials = job.tasks - 1;
     /* partial sums of the other tasks: scratch, freed after this backward */
     if (partials > 0 && job.dw) {
         job.dw_partial = ag_alloc_floats(ctx, partials * w_size, "conv2d backward");
@@ -246,20 +254,28 @@ static void conv2d_backward(ag_ctx *ctx, ag_node *node) {
     }
 }
 
-ag_tensor *ag_conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, int stride,
-                     int padding) {
+/* ag_conv2d (groups 1, group NULL) and ag_conv2d_grouped. */
+static ag_tensor *conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, int groups,
+                         const int32_t *group, int stride, int padding) {
     AG_OP_BEGIN(ctx, x, w);
     AG_CHECK_SHAPES(x->ndim == 4 && w->ndim == 4 && w->shape[1] == x->shape[1], "conv2d", x, w);
     CM_ASSERT(stride >= 1 && padding >= 0, "conv2d: stride %d, padding %d", stride, padding);
+    CM_ASSERT(groups >= 1 && w->shape[0] % groups == 0,
+              "conv2d: %d filters do not split into %d groups", w->shape[0], groups);
     conv_geometry g = {.n = x->shape[0],
                        .c = x->shape[1],
                        .h = x->shape[2],
                        .w = x->shape[3],
-                       .co = w->shape[0],
+                       .co = w->shape[0] / groups,
                        .kh = w->shape[2],
                        .kw = w->shape[3],
                        .stride = stride,
-                       .padding = padding};
+                       .padding = padding,
+                       .groups = groups};
+    if (group)
+        for (int n = 0; n < g.n; n++)
+            CM_ASSERT(group[n] >= 0 && group[n] < groups, "conv2d: group[%d] = %d outside [0,%d)",
+                      n, group[n], groups);
     AG_CHECK_SHAPES(g.h + 2 * padding >= g.kh && g.w + 2 * padding >= g.kw && g.kh > 0 && g.kw > 0,
                     "conv2d (kernel larger than the padded input)", x, w);
     if (bias) AG_CHECK_SHAPES(bias->ndim == 1 && bias->shape[0] == g.co, "conv2d bias", w, bias);
@@ -272,12 +288,19 @@ ag_tensor *ag_conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, i
     ag_node *node =
         ag_record(ctx, "conv2d", conv2d_backward, out, bias ? 3 : 2, inputs, sizeof(conv_saved));
     if (ag_failed(ctx)) return NULL;
+    int32_t *group_copy = NULL; /* kept for backward */
+    if (group && node) {
+        group_copy = ag_alloc_ints(ctx, g.n, "conv2d");
+        if (!group_copy) return NULL;
+        memcpy(group_copy, group, (size_t)g.n * sizeof(int32_t));
+    }
     /* Without a node the column buffers are released after the forward pass. */
     size_t scratch = ag_scratch_mark(ctx);
     conv_job job = {.g = &g,
                     .tasks = conv_tasks(&g),
                     .x = x->data,
                     .w = w->data,
+                    .group = group,
                     .bias = bias ? bias->data : NULL,
                     .out = out->data};
     if (!conv_is_pointwise(&g)) {
@@ -287,10 +310,21 @@ ag_tensor *ag_conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, i
     }
     cm_pool_run(job.tasks, conv_forward_task, &job);
     if (node)
-        *(conv_saved *)node->saved = (conv_saved){g, job.tasks, job.cols};
+        *(conv_saved *)node->saved = (conv_saved){g, job.tasks, job.cols, group_copy};
     else
         ag_scratch_release(ctx, scratch);
     return out;
+}
+
+ag_tensor *ag_conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, int stride,
+                     int padding) {
+    return conv2d(ctx, x, w, bias, 1, NULL, stride, padding);
+}
+
+ag_tensor *ag_conv2d_grouped(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, int groups,
+                             const int32_t *group, int stride, int padding) {
+    CM_ASSERT(group, "conv2d_grouped: no group per image");
+    return conv2d(ctx, x, w, NULL, groups, group, stride, padding);
 }
 
 /* ---- batchnorm2d ---------------------------------------------------------------- */

@@ -26,6 +26,14 @@
 ag_tensor *ag_conv2d(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias, int stride,
                      int padding);
 
+/* x [N,C,H,W], w [G*CO,C,KH,KW], group [N] in [0,G) -> [N,CO,HO,WO], no bias:
+ * image n through filters [group[n]*CO, (group[n]+1)*CO) only (the
+ * channel-group MoE conv). Equal to running ag_conv2d with each group's
+ * weight slice on that group's images, without gathering them; dw gets
+ * gradient only in the slices the images used. group is copied. */
+ag_tensor *ag_conv2d_grouped(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, int groups,
+                             const int32_t *group, int stride, int padding);
+
 /* x [N,C,H,W], gamma [C], beta [C] -> [N,C,H,W] (PyTorch BatchNorm2d).
  * training: normalises each channel with its batch mean and biased variance
  * over (N,H,W), then, when running_mean/running_var are not NULL, updates

@@ -34,39 +34,6 @@ cm_status moe_conv_declare(moe_conv *conv, ag_params *params, const char *name, 
                              cnn_kaiming_init(filters, kernel), &conv->weight);
 }
 
-/* x [N,C,H,W] -> [N,w,HO,WO]: each image through its expert's filters only.
- * Images are sorted by expert (stable), each expert's rows run through a
- * slice of the weight, and the results are put back in image order. */
-static ag_tensor *grouped_conv(ag_ctx *ctx, const moe_conv *conv, ag_tensor *x,
-                               const int32_t *expert) {
-    const int batch = x->shape[0], experts = conv->num_experts, width = conv->expert_width;
-    ag_tensor *weight = ag_param_tensor(conv->weight);
-    int32_t *order = ag_alloc_ints(ctx, batch, "moe_conv");   /* images sorted by expert */
-    int32_t *inverse = ag_alloc_ints(ctx, batch, "moe_conv"); /* position of image n in order */
-    if (!order || !inverse) return NULL;
-    int offsets[MOE_CONV_MAX_EXPERTS + 1] = {0};
-    for (int n = 0; n < batch; n++) offsets[expert[n] + 1]++;
-    for (int e = 0; e < experts; e++) offsets[e + 1] += offsets[e];
-    int fill[MOE_CONV_MAX_EXPERTS];
-    memcpy(fill, offsets, sizeof(int) * (size_t)experts);
-    for (int n = 0; n < batch; n++) {
-        order[fill[expert[n]]] = n;
-        inverse[n] = fill[expert[n]]++;
-    }
-    ag_tensor *parts[MOE_CONV_MAX_EXPERTS];
-    int n_parts = 0;
-    for (int e = 0; e < experts; e++) {
-        int count = offsets[e + 1] - offsets[e];
-        if (count == 0) continue;
-        ag_tensor *rows = count == batch ? x : ag_gather_rows(ctx, x, order + offsets[e], count);
-        ag_tensor *filters = experts == 1 ? weight : ag_slice(ctx, weight, 0, e * width, width);
-        parts[n_parts++] = ag_conv2d(ctx, rows, filters, NULL, conv->stride, conv->padding);
-    }
-    if (n_parts == 1) return parts[0]; /* one expert for the whole batch: already in order */
-    ag_tensor *sorted = ag_concat(ctx, parts, n_parts, 0);
-    return ag_gather_rows(ctx, sorted, inverse, batch);
-}
-
 /* The release's computation: all E*w filters, channels times the mask, then
  * each image's w chosen channels. */
 static ag_tensor *all_groups_conv(ag_ctx *ctx, const moe_conv *conv, ag_tensor *x, ag_tensor *mask,
@@ -110,7 +77,8 @@ ag_tensor *moe_conv_forward(ag_ctx *ctx, const moe_conv *conv, ag_tensor *x, ag_
 
     /* out[n,c] = conv_e(x)[n,c] * mask[n, expert[n]]: the mask entry (1 in
      * forward) carries the straight-through gradient to the router. */
-    ag_tensor *out = grouped_conv(ctx, conv, x, expert);
+    ag_tensor *out = ag_conv2d_grouped(ctx, x, ag_param_tensor(conv->weight), experts, expert,
+                                       conv->stride, conv->padding);
     int32_t *chosen = ag_alloc_ints(ctx, (int64_t)batch * width, "moe_conv");
     if (!out || !chosen) return NULL;
     for (int n = 0; n < batch; n++)

@@ -20,8 +20,8 @@
  * groups' outputs are not needed for it. (METHODS.md 4.2 says the other
  * logits get sum(dL/dout * out_e) too; the release's index selection makes
  * dL/dout zero there, so they get 0.) cmoe therefore computes only the chosen
- * group per image, in training and at inference: images are sorted by expert
- * and each group's filters (a slice of the weight) run on its images.
+ * group per image, in training and at inference: each image's conv runs
+ * with its group's slice of the weight (ag_conv2d_grouped), in place.
  * `compute_all_groups` switches to the release's literal computation (full
  * conv, mask, channel gather); it gives the same values and gradients at E
  * times the conv cost and is kept to test that equivalence.
