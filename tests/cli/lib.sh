@@ -14,3 +14,12 @@ check() {
         failures=$((failures + 1))
     fi
 }
+
+# mpi RANKS ARGS...: $cmoe ARGS under mpirun with RANKS ranks (one BLAS
+# thread each, oversubscribed as root), killed after 120 s.
+mpi() {
+    local ranks=$1
+    shift
+    timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$ranks" -x OPENBLAS_NUM_THREADS=1 \
+        "$cmoe" "$@"
+}

@@ -29,12 +29,6 @@ trap 'rm -rf "$work"' EXIT
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 export OPENBLAS_NUM_THREADS=1
-mpi() { # mpi RANKS ARGS...: cmoe under mpirun, at most 120 s
-    local ranks=$1
-    shift
-    timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$ranks" -x OPENBLAS_NUM_THREADS=1 \
-        "$cmoe" "$@"
-}
 
 bash "$src/data/prepare_fmnist.sh" "$work/fmnist" > "$work/prepare.out" 2>&1
 check $? "prepare_fmnist.sh ($(tail -c 300 "$work/prepare.out"))"

@@ -13,11 +13,6 @@ trap 'rm -rf "$work"' EXIT
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 export OPENBLAS_NUM_THREADS=1
-mpi() { # mpi RANKS ARGS...: cmoe under mpirun, at most 120 s
-    local ranks=$1
-    shift
-    timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$ranks" "$cmoe" "$@"
-}
 
 awk 'BEGIN { srand(11); split("and the lord said unto moses behold of", w, " ");
             for (i = 0; i < 60000; i++)
