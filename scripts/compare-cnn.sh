@@ -4,11 +4,12 @@
 # table: test SA and RA (PGD of adversarial.eval_steps), the MoE robustness
 # measures (router robustness, expert RA, router-only RA), inference
 # multiply-adds per image, seconds per optimizer step and the wall time of the
-# whole run. Results go to OUT (default runs/compare-cnn): one run directory
+# whole run. --table-only makes the table again from the runs already in OUT. Results go to OUT (default runs/compare-cnn): one run directory
 # per recipe, NAME.out (the run's output) and table.md.
 #
 # usage: scripts/compare-cnn.sh [--steps N] [--eval-batches B] [--out DIR] [--build DIR]
-#                               [--recipes "a b"] [-- extra --set overrides for every run]
+#                               [--recipes "a b"] [--table-only]
+#                               [-- extra --set overrides for every run]
 # --steps defaults to each recipe's own train.steps (300 for all four);
 # --eval-batches to train.eval_batches (8 batches of 128 = 1024 test images).
 # example (about 15 minutes on 2 cores): scripts/compare-cnn.sh
@@ -20,6 +21,7 @@ eval_batches=""
 out=runs/compare-cnn
 build=build
 recipes="dense-standard dense-at moe-at advmoe"
+train=true
 while [ $# -gt 0 ]; do
     case $1 in
     --steps) steps=${2:?--steps needs a value}; shift 2 ;;
@@ -27,8 +29,9 @@ while [ $# -gt 0 ]; do
     --out) out=${2:?--out needs a value}; shift 2 ;;
     --build) build=${2:?--build needs a value}; shift 2 ;;
     --recipes) recipes=${2:?--recipes needs a value}; shift 2 ;;
+    --table-only) train=false; shift ;;
     --) shift; break ;;
-    -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "compare-cnn.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -44,6 +47,7 @@ done
 mkdir -p "$out"
 
 for recipe in $recipes; do
+    $train || break
     echo "== $recipe"
     start=$(date +%s)
     # A fresh run each time: an earlier run's checkpoints are not resumed.
@@ -64,8 +68,8 @@ done
 # the seconds per step the run printed last, the wall time measured above.
 table=$out/table.md
 {
-    echo "| recipe | SA | RA | router robustness | expert RA | router-only RA | inference M multiply-adds / image | s / step | training time (s) |"
-    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    echo "| recipe | SA | RA | worst-case RA | router robustness | expert RA | router-only RA | inference M multiply-adds / image | s / step | training time (s) |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     for recipe in $recipes; do
         per_step=$(grep -o '^[0-9.]* s per step' "$out/$recipe.out" | tail -n 1 | cut -d' ' -f1)
         awk -v name="$recipe" -v per_step="${per_step:-?}" -v wall="$(cat "$out/$recipe.seconds")" '
@@ -80,10 +84,12 @@ table=$out/table.md
             /"kind": "test"/ {
                 sa = num("sa"); ra = num("ra"); rr = num("router_robustness")
                 era = num("expert_ra"); rora = num("router_only_ra"); images = num("images")
+                worst = num("ra_worst"); if (worst == "") worst = ra  # a dense model: RA
             }
             END {
-                printf "| %s | %s | %s | %s | %s | %s | %.2f | %s | %s |\n", name, show(sa),
-                       show(ra), show(rr), show(era), show(rora), flops / 1e6, per_step, wall
+                printf "| %s | %s | %s | %s | %s | %s | %s | %.2f | %s | %s |\n", name, show(sa),
+                       show(ra), show(worst), show(rr), show(era), show(rora), flops / 1e6,
+                       per_step, wall
             }' "$out/$recipe/metrics.jsonl"
     done
 } > "$table"
