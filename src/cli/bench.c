@@ -48,7 +48,7 @@ static const char bench_help[] =
     "GFLOP/s at the median step time, peak RSS and the heap allocations made in a\n"
     "step. T (default 2) is the number of threads of each process. The last line is\n"
     "  RESULT {\"model\": ..., \"tok_s_median\": ..., ...}\n"
-    "(one line of JSON; shared/BENCH.md). The reference configurations are\n"
+    "(one line of JSON; docs/performance.md). The reference configurations are\n"
     "bench/lm-dense.yaml, bench/lm-moe.yaml, bench/cnn-moe.yaml and\n"
     "bench/cnn-advmoe.yaml; bench/run.sh compares them with PyTorch. Under\n"
     "mpirun every rank runs the step (expert parallel, as `cmoe train`) and the\n"
