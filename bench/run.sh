@@ -66,7 +66,7 @@ for value in "$RUNS" "$STEPS" "$THREADS"; do
     [[ "$value" =~ ^[1-9][0-9]*$ ]] || die "--runs, --steps and --threads take positive integers"
 done
 [[ "$SKIP" =~ ^[0-9]+$ ]] && [ "$SKIP" -lt "$STEPS" ] || die "--skip must be in [0, --steps)"
-[[ "$RANKS" =~ ^[0-9]+$ ]] || die "--ranks takes an integer"
+[[ "$RANKS" =~ ^[0-9]+$ ]] && [ "$RANKS" -ne 1 ] || die "--ranks takes 0 (none) or at least 2"
 for model in $MODELS; do
     [ -f "bench/$model.yaml" ] || die "no recipe bench/$model.yaml for model '$model'"
 done

@@ -12,7 +12,7 @@
 #                               [-- extra --set overrides for every run]
 # --steps defaults to each recipe's own train.steps (300 for all four);
 # --eval-batches to train.eval_batches (8 batches of 128 = 1024 test images).
-# example (about 15 minutes on 2 cores): scripts/compare-cnn.sh
+# example (about 10 minutes on 2 cores): scripts/compare-cnn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --recipes) recipes=${2:?--recipes needs a value}; shift 2 ;;
     --table-only) train=false; shift ;;
     --) shift; break ;;
-    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "compare-cnn.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -71,8 +71,14 @@ table=$out/table.md
     echo "| recipe | SA | RA | worst-case RA | router robustness | expert RA | router-only RA | inference M multiply-adds / image | s / step | training time (s) |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     for recipe in $recipes; do
-        per_step=$(grep -o '^[0-9.]* s per step' "$out/$recipe.out" | tail -n 1 | cut -d' ' -f1)
-        awk -v name="$recipe" -v per_step="${per_step:-?}" -v wall="$(cat "$out/$recipe.seconds")" '
+        if [ ! -s "$out/$recipe/metrics.jsonl" ]; then
+            echo "| $recipe | no run in $out/$recipe |"
+            continue
+        fi
+        per_step=$(grep -o '^[0-9.]* s per step' "$out/$recipe.out" 2> /dev/null | tail -n 1 |
+            cut -d' ' -f1 || true)
+        wall=$(cat "$out/$recipe.seconds" 2> /dev/null || echo "?")
+        awk -v name="$recipe" -v per_step="${per_step:-?}" -v wall="$wall" '
             function num(key,   m) {
                 if (match($0, "\"" key "\": [-0-9.e+]+")) {
                     m = substr($0, RSTART, RLENGTH); sub(/.*: /, "", m); return m + 0

@@ -65,8 +65,7 @@ awk -v g="$(json model_gflop_per_step "$work/lm-moe.out")" 'BEGIN { exit !(g > 1
 check $? "lm-moe: BENCH.md's 143.5 GFLOP per step ($(json model_gflop_per_step "$work/lm-moe.out"))"
 
 # Two ranks: the all-to-all of lm-moe (a smaller model: the fields, not the speed).
-mpirun --allow-run-as-root --oversubscribe -np 2 -x OPENBLAS_NUM_THREADS=1 "$cmoe" bench \
-    bench/lm-moe.yaml --steps 3 --skip 1 --threads 1 --set model.n_layers=2 \
+mpi 2 bench bench/lm-moe.yaml --steps 3 --skip 1 --threads 1 --set model.n_layers=2 \
     --set data.batch_size=4 > "$work/mpi.out" 2> "$work/mpi.err"
 check $? "cmoe bench under mpirun -np 2 ($(tail -c 300 "$work/mpi.err"))"
 tail -n 1 "$work/mpi.out" | grep -q '"ranks": 2, "threads": 1, .*"peak_rss_mib_sum": [0-9.]*, "alltoall_ms_median": [0-9.]*, "imbalance_wait_ms_median": [0-9.]*}$'

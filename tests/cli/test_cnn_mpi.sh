@@ -55,9 +55,14 @@ mpi 2 train "$recipe" "${args[@]}" --set train.out_dir="$work/two" > "$work/two.
 check $? "2-rank run ($(tail -c 300 "$work/two.out"))"
 grep -q "2 ranks, data parallel: 32 or 32 images each per batch of 64" "$work/two.out"
 check $? "the 2-rank run reports its ranks"
+# A second writer would truncate and overwrite the file at its own offsets:
+# lines would be mangled (img_s differs per rank) or their count would change.
 [ "$(grep -c '"kind": "train", "step": 1,' "$work/two/metrics.jsonl")" -eq 1 ] &&
-    [ "$(grep -c '"kind": "test"' "$work/two/metrics.jsonl")" -eq 1 ]
-check $? "rank 0 alone writes metrics.jsonl ($(wc -l < "$work/two/metrics.jsonl") lines)"
+    [ "$(grep -c '"kind": "test"' "$work/two/metrics.jsonl")" -eq 1 ] &&
+    [ "$(wc -l < "$work/two/metrics.jsonl")" -eq "$(wc -l < "$work/one/metrics.jsonl")" ] &&
+    python3 -c 'import json, sys; [json.loads(line) for line in open(sys.argv[1])]' \
+        "$work/two/metrics.jsonl"
+check $? "rank 0 alone writes metrics.jsonl ($(wc -l < "$work/two/metrics.jsonl") lines, one process $(wc -l < "$work/one/metrics.jsonl"))"
 
 one=$(loss_at "$work/one" 1)
 two=$(loss_at "$work/two" 1)
