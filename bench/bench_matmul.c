@@ -29,6 +29,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
+
 #include "autograd/ops.h"
 #include "common/pool.h"
 
@@ -36,17 +38,6 @@ void openblas_set_num_threads(int);
 static int bench_threads = 1;
 
 enum { ARENA_BYTES = 96 << 20 };
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int compare_doubles(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static float *new_floats(int64_t count, uint64_t seed) {
     size_t bytes = ((size_t)count * sizeof(float) + 63) / 64 * 64;
@@ -178,13 +169,8 @@ typedef struct timing {
     double median, min, max; /* seconds */
 } timing;
 
-static double median_of(double *values, int count) {
-    qsort(values, (size_t)count, sizeof *values, compare_doubles);
-    return count % 2 ? values[count / 2] : 0.5 * (values[count / 2 - 1] + values[count / 2]);
-}
-
 static timing summarise(double *seconds, int reps) {
-    double median = median_of(seconds, reps); /* sorts */
+    double median = bench_median(seconds, reps); /* sorts */
     return (timing){median, seconds[0], seconds[reps - 1]};
 }
 
@@ -206,9 +192,9 @@ static double time_pair(bench_state *s, bench_fn raw_setup, bench_fn raw, bench_
             openblas_set_num_threads(raw_turn ? bench_threads : 1);
             if (raw_turn && raw_setup) raw_setup(s);
             if (!raw_turn && op_setup) op_setup(s);
-            double start = now_seconds();
+            double start = bench_now();
             (raw_turn ? raw : op)(s);
-            double elapsed = now_seconds() - start;
+            double elapsed = bench_now() - start;
             *(raw_turn ? &raw_time : &op_time) = elapsed;
         }
         if (i >= 0) {
@@ -217,7 +203,7 @@ static double time_pair(bench_state *s, bench_fn raw_setup, bench_fn raw, bench_
             ratios[i] = op_time / raw_time;
         }
     }
-    double ratio = median_of(ratios, reps);
+    double ratio = bench_median(ratios, reps);
     *raw_timing = summarise(raw_seconds, reps);
     *op_timing = summarise(op_seconds, reps);
     free(raw_seconds);
@@ -329,27 +315,16 @@ static void run_case(const bench_case *c, int warmup, int reps) {
     ag_ctx_free(&s.ctx);
 }
 
-static int parse_positive(const char *flag, const char *text) {
-    char *end;
-    long value = strtol(text ? text : "", &end, 10);
-    if (!text || *end || value <= 0 || value > 100000) {
-        fprintf(stderr, "bench_matmul: %s needs a positive integer, got '%s'\n", flag,
-                text ? text : "");
-        exit(EXIT_FAILURE);
-    }
-    return (int)value;
-}
-
 int main(int argc, char **argv) {
     int threads = 2, reps = 25, warmup = 3;
     for (int i = 1; i < argc; i++) {
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--threads"))
-            threads = parse_positive(argv[i], value), i++;
+            threads = bench_parse_positive("bench_matmul", argv[i], value), i++;
         else if (!strcmp(argv[i], "--reps"))
-            reps = parse_positive(argv[i], value), i++;
+            reps = bench_parse_positive("bench_matmul", argv[i], value), i++;
         else if (!strcmp(argv[i], "--warmup"))
-            warmup = parse_positive(argv[i], value), i++;
+            warmup = bench_parse_positive("bench_matmul", argv[i], value), i++;
         else {
             fprintf(stderr, "usage: %s [--threads N] [--reps R] [--warmup W]\n", argv[0]);
             return EXIT_FAILURE;

@@ -17,29 +17,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
+
 void openblas_set_num_threads(int);
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int compare_doubles(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static int parse_positive(const char *flag, const char *text) {
-    char *end;
-    long value = strtol(text ? text : "", &end, 10);
-    if (!text || *end || value <= 0 || value > 100000) {
-        fprintf(stderr, "sgemm_peak: %s needs a positive integer, got '%s'\n", flag,
-                text ? text : "");
-        exit(EXIT_FAILURE);
-    }
-    return (int)value;
-}
 
 /* n x n floats, 64-byte aligned, filled with values in [-1, 1) (any values
  * do: sgemm's time does not depend on them, only denormals would, and these
@@ -70,13 +50,13 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--threads"))
-            threads = parse_positive(argv[i], value), i++;
+            threads = bench_parse_positive("sgemm_peak", argv[i], value), i++;
         else if (!strcmp(argv[i], "--reps"))
-            reps = parse_positive(argv[i], value), i++;
+            reps = bench_parse_positive("sgemm_peak", argv[i], value), i++;
         else if (!strcmp(argv[i], "--warmup"))
-            warmup = parse_positive(argv[i], value), i++;
+            warmup = bench_parse_positive("sgemm_peak", argv[i], value), i++;
         else if (!strcmp(argv[i], "--n"))
-            n = parse_positive(argv[i], value), i++;
+            n = bench_parse_positive("sgemm_peak", argv[i], value), i++;
         else {
             fprintf(stderr, "usage: %s [--threads T] [--reps R] [--warmup W] [--n N]\n", argv[0]);
             return EXIT_FAILURE;
@@ -92,12 +72,11 @@ int main(int argc, char **argv) {
     for (int i = 0; i < warmup; i++) product(n, a, b, c);
     const double flops = 2.0 * (double)n * (double)n * (double)n;
     for (int i = 0; i < reps; i++) {
-        double start = now_seconds();
+        double start = bench_now();
         product(n, a, b, c);
-        gflops[i] = flops / (now_seconds() - start) / 1e9;
+        gflops[i] = flops / (bench_now() - start) / 1e9;
     }
-    qsort(gflops, (size_t)reps, sizeof *gflops, compare_doubles);
-    double median = reps % 2 ? gflops[reps / 2] : 0.5 * (gflops[reps / 2 - 1] + gflops[reps / 2]);
+    double median = bench_median(gflops, reps); /* sorts */
     /* c is read so the products cannot be dropped as dead stores. */
     if (c[0] != c[0]) fprintf(stderr, "sgemm_peak: NaN in the product\n");
     printf("SGEMM {\"threads\": %d, \"n\": %d, \"gflops_median\": %.1f, "

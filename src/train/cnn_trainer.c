@@ -407,6 +407,16 @@ cm_status cnn_run_step(cnn_run *r, int64_t step, double *loss) {
 
 /* ---- evaluation --------------------------------------------------------------------- */
 
+/* Nothing measured yet: NAN everywhere, no images. */
+static void clear_eval(cnn_eval_result *eval) {
+    *eval = (cnn_eval_result){.sa = NAN,
+                              .ra = NAN,
+                              .ra_worst = NAN,
+                              .router_robustness = NAN,
+                              .expert_ra = NAN,
+                              .router_only_ra = NAN};
+}
+
 /* counts summed over the ranks -> *eval. */
 static cm_status finish_eval(cnn_run *r, adv_eval_counts *counts, bool robust,
                              cnn_eval_result *eval) {
@@ -420,15 +430,14 @@ static cm_status finish_eval(cnn_run *r, adv_eval_counts *counts, bool robust,
     if (images == 0)
         return CM_ERR(CM_ERR_INVALID, "%s: no images to evaluate", r->test.images_path);
     const double n = (double)images;
-    *eval = (cnn_eval_result){.images = images,
-                              .sa = (double)packed[1] / n,
-                              .ra = robust ? (double)packed[2] / n : NAN,
-                              .ra_worst = robust ? (double)packed[5] / n : NAN,
-                              .n_routers = R,
-                              .router_robustness = NAN,
-                              .expert_ra = NAN,
-                              .router_only_ra = NAN};
-    if (!robust || R == 0) return CM_OK;
+    clear_eval(eval);
+    eval->images = images;
+    eval->n_routers = R;
+    eval->sa = (double)packed[1] / n;
+    if (!robust) return CM_OK;
+    eval->ra = (double)packed[2] / n;
+    eval->ra_worst = (double)packed[5] / n;
+    if (R == 0) return CM_OK;
     eval->expert_ra = (double)packed[3] / n;
     if (r->model.config.routing == MOE_CNN_ROUTING_IMAGE)
         eval->router_only_ra = (double)packed[4] / n;
@@ -754,15 +763,6 @@ static cm_status train_loop(cnn_run *r, const trainer_options *options,
     }
     metrics_close(&metrics);
     return status;
-}
-
-static void clear_eval(cnn_eval_result *eval) {
-    *eval = (cnn_eval_result){.sa = NAN,
-                              .ra = NAN,
-                              .ra_worst = NAN,
-                              .router_robustness = NAN,
-                              .expert_ra = NAN,
-                              .router_only_ra = NAN};
 }
 
 cm_status cnn_trainer_run(const cm_recipe *recipe, const trainer_options *options,
