@@ -46,7 +46,7 @@ static float *new_floats(int64_t count, uint64_t seed) {
         fprintf(stderr, "bench_matmul: out of memory (%zu bytes)\n", bytes);
         exit(EXIT_FAILURE);
     }
-    ag_rng_fill_uniform((ag_rng_key){seed, 0, 0, AG_RNG_TEST}, 0, count, -1.0f, 1.0f, data);
+    cm_rng_fill_uniform((cm_rng_key){seed, 0, 0, CM_RNG_TEST}, 0, count, -1.0f, 1.0f, data);
     return data;
 }
 

@@ -58,11 +58,11 @@ int main(int argc, char **argv) {
     float *w1_grad = calloc((size_t)local_experts * H * D, sizeof(float));
     float *w2_grad = calloc((size_t)local_experts * D * H, sizeof(float));
     float *seed_grad = malloc(sizeof(float) * (size_t)slots * D);
-    ag_rng_key key = {1, 0, (uint32_t)comm.world_rank, AG_RNG_TEST};
-    ag_rng_fill_uniform(key, 0, (int64_t)slots * D, -1, 1, x_data);
-    ag_rng_fill_uniform(key, 1u << 30, (int64_t)local_experts * H * D, -0.05f, 0.05f, w1_data);
-    ag_rng_fill_uniform(key, 2u << 30, (int64_t)local_experts * D * H, -0.05f, 0.05f, w2_data);
-    ag_rng_fill_uniform(key, 3u << 30, (int64_t)slots * D, -1, 1, seed_grad);
+    cm_rng_key key = {1, 0, (uint32_t)comm.world_rank, CM_RNG_TEST};
+    cm_rng_fill_uniform(key, 0, (int64_t)slots * D, -1, 1, x_data);
+    cm_rng_fill_uniform(key, 1u << 30, (int64_t)local_experts * H * D, -0.05f, 0.05f, w1_data);
+    cm_rng_fill_uniform(key, 2u << 30, (int64_t)local_experts * D * H, -0.05f, 0.05f, w2_data);
+    cm_rng_fill_uniform(key, 3u << 30, (int64_t)slots * D, -1, 1, seed_grad);
     ag_tensor w1 = ag_tensor_wrap(w1_data, w1_grad, 3, (int[]){local_experts, H, D}, true);
     ag_tensor w2 = ag_tensor_wrap(w2_data, w2_grad, 3, (int[]){local_experts, D, H}, true);
     ag_ctx ctx;

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 
 enum { GC_ARENA_BYTES = 256 << 20 };
 
@@ -27,7 +27,7 @@ ag_tensor *gc_tensor_new(int ndim, const int *shape, float low, float high, uint
     t->grad = calloc(1, bytes);
     t->requires_grad = requires_grad;
     t->name = "input";
-    ag_rng_fill_uniform((ag_rng_key){seed, 0, 0, AG_RNG_TEST}, 0, t->numel, low, high, t->data);
+    cm_rng_fill_uniform((cm_rng_key){seed, 0, 0, CM_RNG_TEST}, 0, t->numel, low, high, t->data);
     return t;
 }
 
@@ -73,7 +73,7 @@ gc_result gc_check(const char *label, gc_forward_fn forward, ag_tensor *const *i
     }
     int64_t numel = y->numel;
     float *weights = malloc((size_t)(numel ? numel : 1) * sizeof(float));
-    ag_rng_fill_uniform((ag_rng_key){options->seed, 1, 0, AG_RNG_TEST}, 0, numel, -1.0f, 1.0f,
+    cm_rng_fill_uniform((cm_rng_key){options->seed, 1, 0, CM_RNG_TEST}, 0, numel, -1.0f, 1.0f,
                         weights);
     cm_status status = ag_backward_from(&ctx, y, weights);
     if (status != CM_OK) {
@@ -99,8 +99,8 @@ gc_result gc_check(const char *label, gc_forward_fn forward, ag_tensor *const *i
         int64_t count = n < options->max_checks_per_input ? n : options->max_checks_per_input;
         for (int64_t c = 0; c < count; c++) {
             int64_t j = count == n ? c
-                                   : (int64_t)ag_rng_below(
-                                         (ag_rng_key){options->seed, 2, (uint32_t)i, AG_RNG_TEST},
+                                   : (int64_t)cm_rng_below(
+                                         (cm_rng_key){options->seed, 2, (uint32_t)i, CM_RNG_TEST},
                                          (uint64_t)c, (uint64_t)n);
             float original = x->data[j];
             double at[4];

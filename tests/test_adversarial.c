@@ -123,7 +123,7 @@ static void expect_in_ball(const float *x, const float *x_adv, int64_t n, float 
 
 /* x + eps * (random sign), clipped to [0,1]: a perturbation of the same size. */
 static void random_perturbation(const float *x, int64_t n, float eps, uint64_t seed, float *out) {
-    ag_rng_fill_uniform((ag_rng_key){seed, 0, 0, AG_RNG_TEST}, 0, n, -1.0f, 1.0f, out);
+    cm_rng_fill_uniform((cm_rng_key){seed, 0, 0, CM_RNG_TEST}, 0, n, -1.0f, 1.0f, out);
     for (int64_t i = 0; i < n; i++)
         out[i] = fminf(fmaxf(x[i] + (out[i] >= 0.0f ? eps : -eps), 0.0f), 1.0f);
 }
@@ -137,7 +137,7 @@ START_TEST(test_pgd_raises_loss) {
     ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
     const float eps = 0.1f;
     adv_attack_config config =
-        adv_pgd_config(eps, 0.025f, 10, (ag_rng_key){3, 0, 0, AG_RNG_ATTACK});
+        adv_pgd_config(eps, 0.025f, 10, (cm_rng_key){3, 0, 0, CM_RNG_ATTACK});
     float x_adv[N * D], x_random[N * D];
     ck_assert_int_eq(adv_attack(&ctx, &model, &config, x, labels, 0, x_adv), CM_OK);
     expect_in_ball(x->data, x_adv, N * D, eps);
@@ -212,7 +212,7 @@ START_TEST(test_fgsm) {
                           fgsm[n * D + d], want);
         }
     }
-    adv_attack_config one_step = adv_pgd_config(eps, eps, 1, (ag_rng_key){0});
+    adv_attack_config one_step = adv_pgd_config(eps, eps, 1, (cm_rng_key){0});
     one_step.start = ADV_START_NONE;
     ck_assert_int_eq(adv_attack(&ctx, &model, &one_step, x, labels, 0, pgd_step), CM_OK);
     ck_assert_mem_eq(fgsm, pgd_step, sizeof fgsm);
@@ -238,8 +238,8 @@ START_TEST(test_attack_leaves_state) {
     const int64_t tape_length = ctx.tape_length;
     float x_adv[N * D];
     adv_attack_config configs[3] = {
-        adv_pgd_config(0.1f, 0.03f, 4, (ag_rng_key){9, 0, 0, AG_RNG_ATTACK}), adv_fgsm_config(0.1f),
-        adv_trades_config(0.1f, 0.05f, 2, 0.0f, (ag_rng_key){9, 1, 0, AG_RNG_ATTACK})};
+        adv_pgd_config(0.1f, 0.03f, 4, (cm_rng_key){9, 0, 0, CM_RNG_ATTACK}), adv_fgsm_config(0.1f),
+        adv_trades_config(0.1f, 0.05f, 2, 0.0f, (cm_rng_key){9, 1, 0, CM_RNG_ATTACK})};
     for (int k = 0; k < 3; k++) {
         ck_assert_int_eq(adv_attack(&ctx, &model, &configs[k], x, labels, 0, x_adv), CM_OK);
         for (size_t i = 0; i < buffer->numel; i++) {
@@ -291,7 +291,7 @@ START_TEST(test_attack_deterministic) {
     ag_tensor *x = clean_images(11);
     ag_ctx ctx;
     ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
-    const ag_rng_key key = {12, 3, 0, AG_RNG_ATTACK};
+    const cm_rng_key key = {12, 3, 0, CM_RNG_ATTACK};
     adv_attack_config configs[2] = {adv_pgd_config(0.1f, 0.02f, 3, key),
                                     adv_trades_config(0.1f, 0.02f, 3, 0.0f, key)};
     for (int k = 0; k < 2; k++) {
@@ -342,7 +342,7 @@ START_TEST(test_trades_attack_raises_kl) {
     ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
     const float eps = 0.1f;
     adv_attack_config config =
-        adv_trades_config(eps, 0.03f, 5, 0.0f, (ag_rng_key){15, 0, 0, AG_RNG_ATTACK});
+        adv_trades_config(eps, 0.03f, 5, 0.0f, (cm_rng_key){15, 0, 0, CM_RNG_ATTACK});
     float x_adv[N * D], x_random[N * D];
     /* The KL objective needs no labels. */
     ck_assert_int_eq(adv_attack(&ctx, &model, &config, x, NULL, 0, x_adv), CM_OK);
@@ -421,7 +421,7 @@ START_TEST(test_trades_loss_param_gradcheck) {
     ag_ctx ctx;
     ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
     adv_attack_config config =
-        adv_trades_config(0.1f, 0.05f, 2, 0.0f, (ag_rng_key){25, 0, 0, AG_RNG_ATTACK});
+        adv_trades_config(0.1f, 0.05f, 2, 0.0f, (cm_rng_key){25, 0, 0, CM_RNG_ATTACK});
     ck_assert_int_eq(adv_attack(&ctx, &model, &config, x, NULL, 0, x_adv->data), CM_OK);
     ag_ctx_free(&ctx);
     trades_model_case c = {&m, x, x_adv};
@@ -454,7 +454,7 @@ static void widen_heads(ag_params *params) {
     for (int i = 0; i < params->count; i++) {
         ag_param *p = params->items[i];
         if (strstr(p->name, "fc.weight"))
-            ag_rng_fill_uniform((ag_rng_key){30, (uint64_t)i, 0, AG_RNG_TEST}, 0, p->tensor.numel,
+            cm_rng_fill_uniform((cm_rng_key){30, (uint64_t)i, 0, CM_RNG_TEST}, 0, p->tensor.numel,
                                 -1.0f, 1.0f, p->tensor.data);
     }
 }
@@ -499,7 +499,7 @@ START_TEST(test_advmoe_attack) {
     /* AdvMoE's training attack: KL on the classifier and on the router,
      * in eval mode; running statistics and every parameter stay put. */
     adv_attack_config advmoe =
-        adv_trades_config(eps, 0.03f, 5, 1.0f, (ag_rng_key){33, 0, 0, AG_RNG_ATTACK});
+        adv_trades_config(eps, 0.03f, 5, 1.0f, (cm_rng_key){33, 0, 0, CM_RNG_ATTACK});
     ck_assert_int_eq(adv_attack(&ctx, &model, &advmoe, x, NULL, 0, x_adv), CM_OK);
     expect_in_ball(x->data, x_adv, numel, eps);
     for (size_t i = 0; i < buffer->numel; i++) {
@@ -531,7 +531,7 @@ START_TEST(test_advmoe_attack) {
 
     /* PGD with the release's RA objective (CE + router CE toward y mod E),
      * frozen routes and the router-only attack all run and stay in the ball. */
-    adv_attack_config pgd = adv_pgd_config(eps, 0.025f, 4, (ag_rng_key){35, 0, 0, AG_RNG_ATTACK});
+    adv_attack_config pgd = adv_pgd_config(eps, 0.025f, 4, (cm_rng_key){35, 0, 0, CM_RNG_ATTACK});
     pgd.router_weight = 6.0f;
     ck_assert_int_eq(adv_attack(&ctx, &model, &pgd, x, labels, 0, x_adv), CM_OK);
     expect_in_ball(x->data, x_adv, numel, eps);
@@ -589,7 +589,7 @@ START_TEST(test_pgd_dense_cnn) {
     adv_model model = {adv_cnn_forward, &net, &params, 0};
     const float eps = 0.1f;
     float x_adv[N * 49], x_random[N * 49];
-    adv_attack_config pgd = adv_pgd_config(eps, 0.025f, 5, (ag_rng_key){42, 0, 0, AG_RNG_ATTACK});
+    adv_attack_config pgd = adv_pgd_config(eps, 0.025f, 5, (cm_rng_key){42, 0, 0, CM_RNG_ATTACK});
     ck_assert_int_eq(adv_attack(&ctx, &model, &pgd, x, labels, 0, x_adv), CM_OK);
     expect_in_ball(x->data, x_adv, x->numel, eps);
     random_perturbation(x->data, x->numel, eps, 43, x_random);
@@ -718,7 +718,7 @@ START_TEST(test_evaluate_eps_zero) {
         moe_fixture *f = moe_fixture_new((moe_cnn_routing)routing, 60);
         int32_t routes[8][N];
         int64_t clean = direct_correct(f, f->x->data, NULL, NULL, routes);
-        adv_attack_config none = adv_pgd_config(0.0f, 0.05f, 3, (ag_rng_key){61, 0, 0, 0});
+        adv_attack_config none = adv_pgd_config(0.0f, 0.05f, 3, (cm_rng_key){61, 0, 0, 0});
         none.router_weight = 6.0f;
         adv_eval_counts c = evaluate_counts(f, &none);
         const int routers = routing == MOE_CNN_ROUTING_IMAGE ? 1 : 4;
@@ -743,7 +743,7 @@ END_TEST
 START_TEST(test_evaluate_dissection) {
     moe_fixture *f = moe_fixture_new(MOE_CNN_ROUTING_IMAGE, 62);
     center_router(f);
-    adv_attack_config attack = adv_pgd_config(0.3f, 0.1f, 4, (ag_rng_key){63, 0, 0, 0});
+    adv_attack_config attack = adv_pgd_config(0.3f, 0.1f, 4, (cm_rng_key){63, 0, 0, 0});
     attack.router_weight = 6.0f; /* the release's RA objective */
     int32_t clean_routes[1][N], routes[1][N];
     int64_t clean = direct_correct(f, f->x->data, NULL, NULL, clean_routes);
@@ -792,7 +792,7 @@ START_TEST(test_evaluate_constant_router) {
     memset(weight->tensor.data, 0, (size_t)weight->tensor.numel * sizeof(float));
     bias->tensor.data[0] = 2.0f;
     bias->tensor.data[1] = 0.0f;
-    adv_attack_config attack = adv_pgd_config(0.3f, 0.1f, 4, (ag_rng_key){65, 0, 0, 0});
+    adv_attack_config attack = adv_pgd_config(0.3f, 0.1f, 4, (cm_rng_key){65, 0, 0, 0});
     int32_t routes[1][N];
     int64_t clean = direct_correct(f, f->x->data, NULL, NULL, routes);
     adv_eval_counts c = evaluate_counts(f, &attack);
@@ -816,7 +816,7 @@ START_TEST(test_attack_errors) {
     ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
     float x_adv[N * D];
     adv_attack_config config =
-        adv_pgd_config(0.1f, 0.02f, 2, (ag_rng_key){52, 0, 0, AG_RNG_ATTACK});
+        adv_pgd_config(0.1f, 0.02f, 2, (cm_rng_key){52, 0, 0, CM_RNG_ATTACK});
     ck_assert_int_eq(adv_attack(&ctx, &model, &config, x, NULL, 0, x_adv), CM_ERR_INVALID);
     adv_attack_config bad = config;
     bad.epsilon = -0.1f;

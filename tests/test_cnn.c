@@ -55,14 +55,14 @@ static void randomize_params(ag_params *params, uint64_t seed) {
     for (int i = 0; i < params->count; i++) {
         ag_param *p = params->items[i];
         ag_tensor *t = ag_param_tensor(p);
-        ag_rng_key key = {seed, (uint64_t)i, 0, AG_RNG_TEST};
+        cm_rng_key key = {seed, (uint64_t)i, 0, CM_RNG_TEST};
         bool bn = strstr(p->name, "bn") != NULL;
         if (ends_with(p->name, "running_var") || (bn && ends_with(p->name, ".weight")))
-            ag_rng_fill_uniform(key, 0, t->numel, 0.6f, 1.4f, t->data);
+            cm_rng_fill_uniform(key, 0, t->numel, 0.6f, 1.4f, t->data);
         else if (ends_with(p->name, "running_mean") || (bn && ends_with(p->name, ".bias")))
-            ag_rng_fill_uniform(key, 0, t->numel, -0.3f, 0.3f, t->data);
+            cm_rng_fill_uniform(key, 0, t->numel, -0.3f, 0.3f, t->data);
         else if (strstr(p->name, "fc."))
-            ag_rng_fill_uniform(key, 0, t->numel, -0.6f, 0.6f, t->data);
+            cm_rng_fill_uniform(key, 0, t->numel, -0.6f, 0.6f, t->data);
     }
 }
 
@@ -550,7 +550,7 @@ START_TEST(test_moe_conv_straight_through) {
     f.in[2]->requires_grad = true;
     const int64_t y_numel = (int64_t)MC_N * MC_W * 4 * 3; /* 7x5 with stride 2 -> 4x3 */
     float *dout = malloc((size_t)y_numel * sizeof(float));
-    ag_rng_fill_uniform((ag_rng_key){51, 0, 0, AG_RNG_TEST}, 0, y_numel, -1.0f, 1.0f, dout);
+    cm_rng_fill_uniform((cm_rng_key){51, 0, 0, CM_RNG_TEST}, 0, y_numel, -1.0f, 1.0f, dout);
     moe_conv_pass passes[2];
     for (int all = 0; all < 2; all++) {
         f.c.all_groups = all;
@@ -624,7 +624,7 @@ START_TEST(test_moe_conv_single_expert_is_dense) {
     ag_tensor *dense = ag_conv2d(&ctx, x, w, NULL, 2, 1);
     const int64_t y_numel = dense->numel;
     float *dout = malloc((size_t)y_numel * sizeof(float));
-    ag_rng_fill_uniform((ag_rng_key){62, 0, 0, AG_RNG_TEST}, 0, y_numel, -1.0f, 1.0f, dout);
+    cm_rng_fill_uniform((cm_rng_key){62, 0, 0, CM_RNG_TEST}, 0, y_numel, -1.0f, 1.0f, dout);
     ck_assert_int_eq(ag_backward_from(&ctx, dense, dout), CM_OK);
     float *want_y = malloc((size_t)y_numel * sizeof(float));
     float *want_dx = malloc((size_t)x->numel * sizeof(float));
@@ -837,7 +837,7 @@ static float *moe_gradients(moe_fixture *f, ag_tensor *x, const moe_cnn_forward_
     ck_assert_int_eq(moe_cnn_forward(&ctx, &f->model, x, args, &out), CM_OK);
     int64_t n = out.logits->numel;
     float *dout = malloc((size_t)n * sizeof(float));
-    ag_rng_fill_uniform((ag_rng_key){7, 7, 0, AG_RNG_TEST}, 0, n, -1.0f, 1.0f, dout);
+    cm_rng_fill_uniform((cm_rng_key){7, 7, 0, CM_RNG_TEST}, 0, n, -1.0f, 1.0f, dout);
     ck_assert_int_eq(ag_backward_from(&ctx, out.logits, dout), CM_OK);
     *logits = malloc((size_t)n * sizeof(float));
     memcpy(*logits, out.logits->data, (size_t)n * sizeof(float));
@@ -939,7 +939,7 @@ START_TEST(test_moe_cnn_single_expert_is_dense) {
     memset(x->grad, 0, (size_t)x->numel * sizeof(float));
     ag_tensor *y = cnn_forward(&ctx, &d.model, x, &(cnn_forward_args){true});
     float dout[3 * 5];
-    ag_rng_fill_uniform((ag_rng_key){7, 7, 0, AG_RNG_TEST}, 0, 15, -1.0f, 1.0f, dout);
+    cm_rng_fill_uniform((cm_rng_key){7, 7, 0, CM_RNG_TEST}, 0, 15, -1.0f, 1.0f, dout);
     ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
     for (int i = 0; i < 15; i++) ck_assert_float_eq(y->data[i], logits[i]);
     for (int i = 0; i < m.params.count; i++) {

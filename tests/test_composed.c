@@ -27,7 +27,7 @@ START_TEST(test_mlp_cross_entropy_matches_hand_derivation) {
     ck_assert_int_eq(ag_params_finalize(&params, 99), CM_OK);
 
     float x_data[N * IN], x_grad[N * IN] = {0};
-    ag_rng_fill_uniform((ag_rng_key){3, 0, 0, AG_RNG_TEST}, 0, N * IN, -2.0f, 2.0f, x_data);
+    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, N * IN, -2.0f, 2.0f, x_data);
     const int32_t labels[N] = {0, 3, 1, -1, 2, 3}; /* row 3 is ignored */
     ag_tensor x = ag_tensor_wrap(x_data, x_grad, 2, (int[]){N, IN}, true);
 
@@ -115,7 +115,7 @@ START_TEST(test_gradient_with_respect_to_input_only) {
     ck_assert_int_eq(ag_params_finalize(&params, 5), CM_OK);
     ag_param_set_frozen(w, true);
     float x_data[N * IN], x_grad[N * IN] = {0};
-    ag_rng_fill_uniform((ag_rng_key){4, 0, 0, AG_RNG_TEST}, 0, N * IN, -1.0f, 1.0f, x_data);
+    cm_rng_fill_uniform((cm_rng_key){4, 0, 0, CM_RNG_TEST}, 0, N * IN, -1.0f, 1.0f, x_data);
     ag_tensor x = ag_tensor_wrap(x_data, x_grad, 2, (int[]){N, IN}, true);
     const int32_t labels[N] = {0, 1, 2, 3, 0, 1};
     ag_ctx ctx;

@@ -11,7 +11,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 #include "data/idx.h"
 
 /* The synthetic set: odd, unequal sizes so that swapped axes, a flip of rows
@@ -334,11 +334,11 @@ START_TEST(test_bad_sizes_and_labels) {
 }
 END_TEST
 
-/* The documented order, computed here from ag_rng_permutation directly. */
+/* The documented order, computed here from cm_rng_permutation directly. */
 static int expected_sample(uint64_t seed, uint64_t step, int global_batch, int row) {
     uint64_t position = step * (uint64_t)global_batch + (uint64_t)row;
     int32_t order[N];
-    ag_rng_permutation((ag_rng_key){seed, position / N, 0, AG_RNG_DATA}, N, order);
+    cm_rng_permutation((cm_rng_key){seed, position / N, 0, CM_RNG_DATA}, N, order);
     return order[position % N];
 }
 
@@ -352,7 +352,7 @@ START_TEST(test_batches_follow_epoch_order) {
     int seen[2][N] = {{0}};
     int first_epoch[N], second_epoch[N];
     for (uint64_t step = 0; step < 6; step++) { /* 30 positions: epochs 0, 1 and part of 2 */
-        ck_assert_int_eq(idx_dataset_batch(&dataset, 42, step, BATCH, (text_row_range){0, BATCH},
+        ck_assert_int_eq(idx_dataset_batch(&dataset, 42, step, BATCH, (shard_range){0, BATCH},
                                            NULL, images, labels),
                          CM_OK);
         for (int row = 0; row < BATCH; row++) {
@@ -392,7 +392,7 @@ START_TEST(test_determinism) {
     open_synthetic(&fresh);
     float a[BATCH * IMAGE], b[BATCH * IMAGE], c[BATCH * IMAGE];
     int32_t a_labels[BATCH], b_labels[BATCH], c_labels[BATCH];
-    const text_row_range all = {0, BATCH};
+    const shard_range all = {0, BATCH};
     ck_assert_int_eq(idx_dataset_batch(&dataset, 5, 9, BATCH, all, &augment, a, a_labels), CM_OK);
     /* Another seed in the same epoch, after that epoch was cached for seed 5,
      * equals the batch of a data set that never cached anything. */
@@ -430,13 +430,13 @@ START_TEST(test_rank_slices_equal_global_rows) {
     for (uint64_t step = 0; step < 4; step++) {
         float global[B * IMAGE];
         int32_t global_labels[B];
-        ck_assert_int_eq(idx_dataset_batch(&dataset, 8, step, B, (text_row_range){0, B}, &augment,
+        ck_assert_int_eq(idx_dataset_batch(&dataset, 8, step, B, (shard_range){0, B}, &augment,
                                            global, global_labels),
                          CM_OK);
         for (int ranks = 1; ranks <= 5; ranks++) {
             int next_row = 0;
             for (int rank = 0; rank < ranks; rank++) {
-                text_row_range rows = text_rank_rows(B, rank, ranks);
+                shard_range rows = shard_rows(B, rank, ranks);
                 ck_assert_int_eq(rows.begin, next_row);
                 next_row = rows.end;
                 float local[B * IMAGE];
@@ -456,13 +456,13 @@ START_TEST(test_rank_slices_equal_global_rows) {
     float images[B * IMAGE];
     int32_t labels[B];
     ck_assert_int_eq(
-        idx_dataset_batch(&dataset, 8, 0, B, (text_row_range){3, B + 1}, NULL, images, labels),
+        idx_dataset_batch(&dataset, 8, 0, B, (shard_range){3, B + 1}, NULL, images, labels),
         CM_ERR_INVALID);
     ck_assert_int_eq(
-        idx_dataset_batch(&dataset, 8, 0, B, (text_row_range){-1, 2}, NULL, images, labels),
+        idx_dataset_batch(&dataset, 8, 0, B, (shard_range){-1, 2}, NULL, images, labels),
         CM_ERR_INVALID);
     ck_assert_int_eq(
-        idx_dataset_batch(&dataset, 8, 0, 0, (text_row_range){0, 0}, NULL, images, labels),
+        idx_dataset_batch(&dataset, 8, 0, 0, (shard_range){0, 0}, NULL, images, labels),
         CM_ERR_INVALID);
     idx_dataset_close(&dataset);
 }
@@ -499,7 +499,7 @@ START_TEST(test_augmentation_matches_reference) {
         for (uint64_t step = 0; step < 40; step++) {
             float images[BATCH * IMAGE], expected[IMAGE];
             int32_t labels[BATCH];
-            ck_assert_int_eq(idx_dataset_batch(&dataset, 3, step, BATCH, (text_row_range){0, BATCH},
+            ck_assert_int_eq(idx_dataset_batch(&dataset, 3, step, BATCH, (shard_range){0, BATCH},
                                                &augment, images, labels),
                              CM_OK);
             for (int row = 0; row < BATCH; row++) {
@@ -552,7 +552,7 @@ END_TEST
 START_TEST(test_crop_and_flip_cases) {
     idx_dataset dataset;
     open_synthetic(&dataset);
-    const text_row_range all = {0, BATCH};
+    const shard_range all = {0, BATCH};
     float plain[BATCH * IMAGE], images[BATCH * IMAGE];
     int32_t plain_labels[BATCH], labels[BATCH];
     ck_assert_int_eq(idx_dataset_batch(&dataset, 4, 2, BATCH, all, NULL, plain, plain_labels),
@@ -645,7 +645,7 @@ START_TEST(test_eval_iterator) {
                 int n = idx_eval_next(&iters[rank], images, labels, &local);
                 if (rank == 0) batch_samples = n;
                 ck_assert_int_eq(n, batch_samples);
-                text_row_range rows = text_rank_rows(n, rank, ranks);
+                shard_range rows = shard_rows(n, rank, ranks);
                 ck_assert_int_eq(local, rows.end - rows.begin);
                 ck_assert_int_eq(rows.begin, row_offset);
                 if (n > 0) ck_assert_int_eq(iters[rank].batch_first, done);
@@ -745,7 +745,7 @@ START_TEST(test_real_fashion_mnist) {
         int32_t labels[B];
         const idx_augment augment = {4, true};
         ck_assert_int_eq(
-            idx_dataset_batch(&dataset, 1, 7, B, (text_row_range){0, B}, &augment, images, labels),
+            idx_dataset_batch(&dataset, 1, 7, B, (shard_range){0, B}, &augment, images, labels),
             CM_OK);
         float max_value = 0.0f;
         for (int i = 0; i < B * 784; i++) {

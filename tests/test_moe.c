@@ -24,7 +24,7 @@ static router_config base_router(router_kind kind) {
                        .gating = ROUTER_SOFTMAX_THEN_TOPK,
                        .init_std = 0.5f,
                        .top_p = 0.6f,
-                       .k_schedule = {OPTIM_K_CONSTANT, 2, 2, 100},
+                       .k_schedule = {ROUTER_K_CONSTANT, 2, 2, 100},
                        .thor_level = ROUTER_THOR_PER_SEQUENCE};
     return c;
 }
@@ -41,9 +41,9 @@ static void build(moe_case *c, const router_config *router_cfg, uint64_t seed) {
                   cm_error_message());
     ck_assert_int_eq(ag_params_finalize(&c->params, seed), CM_OK);
     /* Non-zero biases so their gradients are exercised. */
-    ag_rng_fill_uniform((ag_rng_key){seed, 0, 1, AG_RNG_TEST}, 0, c->layer.b1->tensor.numel, -0.3f,
+    cm_rng_fill_uniform((cm_rng_key){seed, 0, 1, CM_RNG_TEST}, 0, c->layer.b1->tensor.numel, -0.3f,
                         0.3f, c->layer.b1->tensor.data);
-    ag_rng_fill_uniform((ag_rng_key){seed, 0, 2, AG_RNG_TEST}, 0, c->layer.b2->tensor.numel, -0.3f,
+    cm_rng_fill_uniform((cm_rng_key){seed, 0, 2, CM_RNG_TEST}, 0, c->layer.b2->tensor.numel, -0.3f,
                         0.3f, c->layer.b2->tensor.data);
     c->call = (router_call){.training = true, .seed = 3, .step = 5, .seq_len = T};
 }
@@ -179,7 +179,7 @@ END_TEST
 
 START_TEST(test_grad_smoe_dropout) {
     router_config r = base_router(ROUTER_SMOE_DROPOUT);
-    r.k_schedule = (optim_k_schedule){OPTIM_K_LINEAR_INCREASE, 1, 3, 10};
+    r.k_schedule = (router_k_schedule){ROUTER_K_LINEAR_INCREASE, 1, 3, 10};
     check_router("moe smoe-dropout", r); /* frozen router: not among the checked inputs' grads */
 }
 END_TEST

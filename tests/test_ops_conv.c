@@ -513,7 +513,7 @@ enum { N_POOL_CASES = sizeof pool_cases / sizeof pool_cases[0] };
 static ag_tensor *make_pool_input(const pool_case *c, uint64_t seed) {
     ag_tensor *x = gc_tensor_new(4, (int[]){c->n, c->c, c->h, c->w}, 0.0f, 1.0f, seed, true);
     int32_t *order = malloc((size_t)x->numel * sizeof(int32_t));
-    ag_rng_permutation((ag_rng_key){seed, 0, 0, AG_RNG_TEST}, (int32_t)x->numel, order);
+    cm_rng_permutation((cm_rng_key){seed, 0, 0, CM_RNG_TEST}, (int32_t)x->numel, order);
     for (int64_t i = 0; i < x->numel; i++) x->data[i] = 0.1f * (float)order[i] - 5.0f;
     free(order);
     return x;

@@ -138,7 +138,7 @@ END_TEST
 
 static ag_tensor *forward_dropout(ag_ctx *ctx, ag_tensor *const *in, void *user) {
     (void)user;
-    return ag_dropout(ctx, in[0], 0.3f, (ag_rng_key){5, 1, 2, AG_RNG_DROPOUT}, 100);
+    return ag_dropout(ctx, in[0], 0.3f, (cm_rng_key){5, 1, 2, CM_RNG_DROPOUT}, 100);
 }
 
 START_TEST(test_dropout_grad) {
@@ -153,7 +153,7 @@ START_TEST(test_dropout_statistics) {
     float *ones = malloc(N * sizeof(float));
     for (int i = 0; i < N; i++) ones[i] = 1.0f;
     ag_tensor x = ag_tensor_wrap(ones, NULL, 1, (int[]){N}, false);
-    ag_rng_key key = {9, 3, 0, AG_RNG_DROPOUT};
+    cm_rng_key key = {9, 3, 0, CM_RNG_DROPOUT};
     ag_tensor *y = ag_dropout(&ctx, &x, 0.25f, key, 0);
     ag_tensor *again = ag_dropout(&ctx, &x, 0.25f, key, 0);
     int kept = 0;

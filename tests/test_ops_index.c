@@ -267,7 +267,7 @@ static ag_tensor *forward_round_trip(ag_ctx *ctx, ag_tensor *const *in, void *us
 
 START_TEST(test_gather_scatter_round_trip) {
     int32_t perm[PERM_N], inverse[PERM_N];
-    ag_rng_permutation((ag_rng_key){42, 0, 0, AG_RNG_TEST}, PERM_N, perm);
+    cm_rng_permutation((cm_rng_key){42, 0, 0, CM_RNG_TEST}, PERM_N, perm);
     int moved = 0;
     for (int i = 0; i < PERM_N; i++) {
         inverse[perm[i]] = i;
@@ -286,7 +286,7 @@ START_TEST(test_gather_scatter_round_trip) {
     }
     /* The gradient of the identity is the identity, bit for bit. */
     float dout[PERM_N * PERM_D];
-    ag_rng_fill_uniform((ag_rng_key){43, 0, 0, AG_RNG_TEST}, 0, PERM_N * PERM_D, -1.0f, 1.0f, dout);
+    cm_rng_fill_uniform((cm_rng_key){43, 0, 0, CM_RNG_TEST}, 0, PERM_N * PERM_D, -1.0f, 1.0f, dout);
     ck_assert_int_eq(ag_backward_from(&ctx, combined, dout), CM_OK);
     for (int k = 0; k < PERM_N * PERM_D; k++) ck_assert_float_eq(x->grad[k], dout[k]);
     ag_ctx_free(&ctx);
@@ -613,7 +613,7 @@ static void check_accumulates(const char *label, gc_forward_fn forward, ag_tenso
         ag_tensor *y = forward(&ctx, in, user);
         ck_assert_ptr_nonnull(y);
         float *dout = malloc((size_t)y->numel * sizeof(float));
-        ag_rng_fill_uniform((ag_rng_key){90, 0, 0, AG_RNG_TEST}, 0, y->numel, -1.0f, 1.0f, dout);
+        cm_rng_fill_uniform((cm_rng_key){90, 0, 0, CM_RNG_TEST}, 0, y->numel, -1.0f, 1.0f, dout);
         ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
         free(dout);
         for (int i = 0; i < n; i++) {

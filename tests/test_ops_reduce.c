@@ -130,7 +130,7 @@ END_TEST
  * maximum rows 2 and 3 would come out NaN. */
 static void fill_extreme_logits(ag_tensor *x) {
     const int v_size = ag_last_dim(x);
-    ag_rng_fill_uniform((ag_rng_key){31, 0, 0, AG_RNG_TEST}, 0, x->numel, -3.0f, 3.0f, x->data);
+    cm_rng_fill_uniform((cm_rng_key){31, 0, 0, CM_RNG_TEST}, 0, x->numel, -3.0f, 3.0f, x->data);
     for (int v = 0; v < v_size; v++) {
         x->data[1 * v_size + v] = v % 2 ? 50.0f - (float)v : -50.0f + (float)v;
         x->data[2 * v_size + v] += 500.0f;

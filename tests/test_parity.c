@@ -54,13 +54,13 @@ START_TEST(test_dense_lm_matches_pytorch) {
         if (strstr(p->name, "ln") && p->tensor.ndim == 1)
             for (int64_t j = 0; j < p->tensor.numel; j++)
                 p->tensor.data[j] +=
-                    0.1f * ag_rng_normal((ag_rng_key){9, 0, (uint32_t)i, AG_RNG_TEST}, (uint64_t)j);
+                    0.1f * cm_rng_normal((cm_rng_key){9, 0, (uint32_t)i, CM_RNG_TEST}, (uint64_t)j);
     }
 
     /* The batch: BATCH windows of SEQ+1 random bytes. */
     int32_t window[BATCH * (SEQ + 1)], inputs[BATCH * SEQ], targets[BATCH * SEQ];
     for (int i = 0; i < BATCH * (SEQ + 1); i++)
-        window[i] = (int32_t)ag_rng_below((ag_rng_key){4, 0, 0, AG_RNG_TEST}, (uint64_t)i, 256);
+        window[i] = (int32_t)cm_rng_below((cm_rng_key){4, 0, 0, CM_RNG_TEST}, (uint64_t)i, 256);
     for (int b = 0; b < BATCH; b++)
         for (int t = 0; t < SEQ; t++) {
             inputs[b * SEQ + t] = window[b * (SEQ + 1) + t];

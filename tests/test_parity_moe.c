@@ -80,7 +80,7 @@ static const moe_case CASES[] = {
       .gating = ROUTER_TOPK_THEN_SOFTMAX,
       .init_std = 0.3f,
       .k_schedule =
-          {.mode = OPTIM_K_LINEAR_INCREASE, .k_min = 1, .k_max = EXPERTS, .total_steps = 4}}},
+          {.mode = ROUTER_K_LINEAR_INCREASE, .k_min = 1, .k_max = EXPERTS, .total_steps = 4}}},
     {"top_p",
      {.kind = ROUTER_TOP_P,
       .num_experts = EXPERTS,
@@ -127,7 +127,7 @@ static cm_status build_model(const moe_case *c, lm_model *model, ag_params *para
         float scale = strstr(p->name, "ln") ? 0.1f : 0.02f;
         for (int64_t j = 0; j < p->tensor.numel; j++)
             p->tensor.data[j] +=
-                scale * ag_rng_normal((ag_rng_key){9, 0, (uint32_t)i, AG_RNG_TEST}, (uint64_t)j);
+                scale * cm_rng_normal((cm_rng_key){9, 0, (uint32_t)i, CM_RNG_TEST}, (uint64_t)j);
     }
     return CM_OK;
 }
@@ -135,7 +135,7 @@ static cm_status build_model(const moe_case *c, lm_model *model, ag_params *para
 /* BATCH windows of SEQ+1 random bytes -> inputs and targets [B*T]. */
 static void make_batch(int32_t *window, int32_t *inputs, int32_t *targets) {
     for (int i = 0; i < BATCH * (SEQ + 1); i++)
-        window[i] = (int32_t)ag_rng_below((ag_rng_key){4, 0, 0, AG_RNG_TEST}, (uint64_t)i, 256);
+        window[i] = (int32_t)cm_rng_below((cm_rng_key){4, 0, 0, CM_RNG_TEST}, (uint64_t)i, 256);
     for (int b = 0; b < BATCH; b++)
         for (int t = 0; t < SEQ; t++) {
             inputs[b * SEQ + t] = window[b * (SEQ + 1) + t];

@@ -3,7 +3,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "common/pool.h"
 
 enum { MAX_TASKS = 97 };

@@ -109,19 +109,19 @@ START_TEST(test_lm_recipes) {
     recipe_router_config(&smoe, &config);
     ck_assert_int_eq(config.kind, ROUTER_SMOE_DROPOUT);
     ck_assert_int_eq(config.k, 2); /* sparse evaluation */
-    ck_assert_int_eq(config.k_schedule.mode, OPTIM_K_LINEAR_INCREASE);
+    ck_assert_int_eq(config.k_schedule.mode, ROUTER_K_LINEAR_INCREASE);
     ck_assert_int_eq(config.k_schedule.k_min, 2);
     ck_assert_int_eq(config.k_schedule.k_max, 8);
     ck_assert_int_eq(config.k_schedule.total_steps, 2000); /* k_span_steps 0: train.steps */
-    ck_assert_int_eq(optim_k_at(&config.k_schedule, 0), 2);
-    ck_assert_int_eq(optim_k_at(&config.k_schedule, 1000), 5);
-    ck_assert_int_eq(optim_k_at(&config.k_schedule, 2000), 8);
+    ck_assert_int_eq(router_k_at(&config.k_schedule, 0), 2);
+    ck_assert_int_eq(router_k_at(&config.k_schedule, 1000), 5);
+    ck_assert_int_eq(router_k_at(&config.k_schedule, 2000), 8);
     /* A shorter run still ends at all experts. */
     const char *short_run[] = {"train.steps=300", "schedule.warmup_steps=30"};
     cm_recipe smoe_short = load_lm("smoe-dropout.yaml", short_run, 2);
     recipe_router_config(&smoe_short, &config);
     ck_assert_int_eq(config.k_schedule.total_steps, 300);
-    ck_assert_int_eq(optim_k_at(&config.k_schedule, 300), 8);
+    ck_assert_int_eq(router_k_at(&config.k_schedule, 300), 8);
 
     cm_recipe thor = load_lm("thor.yaml", NULL, 0);
     ck_assert_str_eq(thor.name, "thor");
@@ -374,7 +374,7 @@ START_TEST(test_router_config_fields) {
     ck_assert_float_eq(c.entropy_coef, 2.0f);
     ck_assert_float_eq(c.capacity_factor, 1.5f);
     ck_assert_int_eq(c.drop_policy, ROUTER_DROP_POSITION);
-    ck_assert_int_eq(c.k_schedule.mode, OPTIM_K_EXP_INCREASE);
+    ck_assert_int_eq(c.k_schedule.mode, ROUTER_K_EXP_INCREASE);
     ck_assert_int_eq(c.k_schedule.k_min, 1);
     ck_assert_int_eq(c.k_schedule.k_max, 5);
     ck_assert_int_eq(c.k_schedule.total_steps, 600); /* k_span_steps, not train.steps */
@@ -387,7 +387,7 @@ START_TEST(test_router_config_fields) {
     recipe_router_config(&r, &c);
     ck_assert_int_eq(c.k_schedule.k_max, 6);
     ck_assert_int_eq(c.k_schedule.total_steps, 900);
-    ck_assert_int_eq(c.k_schedule.mode, OPTIM_K_LINEAR_INCREASE);
+    ck_assert_int_eq(c.k_schedule.mode, ROUTER_K_LINEAR_INCREASE);
     ck_assert_int_eq(c.gating, ROUTER_SOFTMAX_THEN_TOPK);
     ck_assert_int_eq(c.drop_policy, ROUTER_DROP_PROBABILITY);
     ck_assert_int_eq(c.thor_level, ROUTER_THOR_PER_SEQUENCE);
@@ -437,14 +437,14 @@ START_TEST(test_enum_names_match) {
      * same name, step by step, and k halfway matches the formulas of optim.h. */
     const struct {
         const char *name;
-        optim_k_mode mode;
+        router_k_mode mode;
         int k_at_50;
     } schedules[] = {
-        {"constant", OPTIM_K_CONSTANT, 8},                       /* k_max throughout */
-        {"linear_increase", OPTIM_K_LINEAR_INCREASE, 5},         /* round(6 * 0.5) + 2 */
-        {"cosine_increase", OPTIM_K_COSINE_INCREASE, 4},         /* 8 + round(-6 cos(pi / 4)) */
-        {"exp_increase", OPTIM_K_EXP_INCREASE, 4},               /* 8 + round(-6 * 0.99^50) */
-        {"multi_step_increase", OPTIM_K_MULTI_STEP_INCREASE, 4}, /* [1,2,4,8,16][2] */
+        {"constant", ROUTER_K_CONSTANT, 8},                       /* k_max throughout */
+        {"linear_increase", ROUTER_K_LINEAR_INCREASE, 5},         /* round(6 * 0.5) + 2 */
+        {"cosine_increase", ROUTER_K_COSINE_INCREASE, 4},         /* 8 + round(-6 cos(pi / 4)) */
+        {"exp_increase", ROUTER_K_EXP_INCREASE, 4},               /* 8 + round(-6 * 0.99^50) */
+        {"multi_step_increase", ROUTER_K_MULTI_STEP_INCREASE, 4}, /* [1,2,4,8,16][2] */
     };
     const char *const *names = enum_names_of("router", "k_schedule");
     for (size_t i = 0; i < sizeof schedules / sizeof schedules[0]; i++) {
@@ -455,12 +455,12 @@ START_TEST(test_enum_names_match) {
         cm_recipe r = load_ok(NULL, overrides, 3);
         router_config c;
         recipe_router_config(&r, &c);
-        ck_assert_msg(optim_k_at(&c.k_schedule, 50) == schedules[i].k_at_50, "%s: k(50) = %d",
-                      schedules[i].name, optim_k_at(&c.k_schedule, 50));
+        ck_assert_msg(router_k_at(&c.k_schedule, 50) == schedules[i].k_at_50, "%s: k(50) = %d",
+                      schedules[i].name, router_k_at(&c.k_schedule, 50));
         ck_assert_int_eq(c.k_schedule.mode, schedules[i].mode);
-        optim_k_schedule expected = {schedules[i].mode, 2, 8, 100};
+        router_k_schedule expected = {schedules[i].mode, 2, 8, 100};
         for (int64_t step = 0; step <= 120; step++)
-            ck_assert_int_eq(optim_k_at(&c.k_schedule, step), optim_k_at(&expected, step));
+            ck_assert_int_eq(router_k_at(&c.k_schedule, step), router_k_at(&expected, step));
     }
 }
 END_TEST

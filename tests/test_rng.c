@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 
 START_TEST(test_philox_known_answers) {
     /* Known-answer vectors published with the Random123 library. */
@@ -22,7 +22,7 @@ START_TEST(test_philox_known_answers) {
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         uint32_t out[4];
-        ag_philox4x32_10(cases[c].counter, cases[c].key, out);
+        cm_philox4x32_10(cases[c].counter, cases[c].key, out);
         for (int i = 0; i < 4; i++)
             ck_assert_msg(out[i] == cases[c].expected[i], "case %zu word %d: %08x != %08x", c, i,
                           out[i], cases[c].expected[i]);
@@ -31,21 +31,21 @@ START_TEST(test_philox_known_answers) {
 END_TEST
 
 START_TEST(test_determinism_and_key_separation) {
-    ag_rng_key key = {42, 7, 3, AG_RNG_DROPOUT};
-    ck_assert_uint_eq(ag_rng_u64(key, 1000), ag_rng_u64(key, 1000));
-    ag_rng_key other_seed = key, other_step = key, other_layer = key, other_purpose = key;
+    cm_rng_key key = {42, 7, 3, CM_RNG_DROPOUT};
+    ck_assert_uint_eq(cm_rng_u64(key, 1000), cm_rng_u64(key, 1000));
+    cm_rng_key other_seed = key, other_step = key, other_layer = key, other_purpose = key;
     other_seed.seed++;
     other_step.step++;
     other_layer.layer++;
-    other_purpose.purpose = AG_RNG_DATA;
+    other_purpose.purpose = CM_RNG_DATA;
     int same = 0;
     for (uint64_t i = 0; i < 1000; i++) {
-        uint64_t v = ag_rng_u64(key, i);
-        same += v == ag_rng_u64(other_seed, i);
-        same += v == ag_rng_u64(other_step, i);
-        same += v == ag_rng_u64(other_layer, i);
-        same += v == ag_rng_u64(other_purpose, i);
-        same += v == ag_rng_u64(key, i + 1);
+        uint64_t v = cm_rng_u64(key, i);
+        same += v == cm_rng_u64(other_seed, i);
+        same += v == cm_rng_u64(other_step, i);
+        same += v == cm_rng_u64(other_layer, i);
+        same += v == cm_rng_u64(other_purpose, i);
+        same += v == cm_rng_u64(key, i + 1);
     }
     ck_assert_int_eq(same, 0);
 }
@@ -55,7 +55,7 @@ enum { SAMPLES = 200000 };
 
 START_TEST(test_uniform_moments) {
     float *x = malloc(SAMPLES * sizeof(float));
-    ag_rng_fill_uniform((ag_rng_key){1, 0, 0, AG_RNG_TEST}, 0, SAMPLES, -2.0f, 4.0f, x);
+    cm_rng_fill_uniform((cm_rng_key){1, 0, 0, CM_RNG_TEST}, 0, SAMPLES, -2.0f, 4.0f, x);
     double mean = 0, var = 0;
     for (int i = 0; i < SAMPLES; i++) {
         ck_assert(x[i] >= -2.0f && x[i] < 4.0f);
@@ -73,7 +73,7 @@ END_TEST
 
 START_TEST(test_normal_moments) {
     float *x = malloc(SAMPLES * sizeof(float));
-    ag_rng_fill_normal((ag_rng_key){2, 0, 0, AG_RNG_TEST}, 0, SAMPLES, 0.5f, 2.0f, x);
+    cm_rng_fill_normal((cm_rng_key){2, 0, 0, CM_RNG_TEST}, 0, SAMPLES, 0.5f, 2.0f, x);
     double mean = 0, var = 0, within_one_sd = 0;
     for (int i = 0; i < SAMPLES; i++) mean += x[i];
     mean /= SAMPLES;
@@ -91,7 +91,7 @@ END_TEST
 
 START_TEST(test_bernoulli_rate) {
     float *x = malloc(SAMPLES * sizeof(float));
-    ag_rng_fill_bernoulli((ag_rng_key){3, 0, 0, AG_RNG_TEST}, 0, SAMPLES, 0.3f, x);
+    cm_rng_fill_bernoulli((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, SAMPLES, 0.3f, x);
     double ones = 0;
     for (int i = 0; i < SAMPLES; i++) {
         ck_assert(x[i] == 0.0f || x[i] == 1.0f);
@@ -104,9 +104,9 @@ END_TEST
 
 START_TEST(test_below_and_permutation) {
     int counts[7] = {0};
-    ag_rng_key key = {4, 0, 0, AG_RNG_TEST};
+    cm_rng_key key = {4, 0, 0, CM_RNG_TEST};
     for (uint64_t i = 0; i < 70000; i++) {
-        uint64_t v = ag_rng_below(key, i, 7);
+        uint64_t v = cm_rng_below(key, i, 7);
         ck_assert_uint_lt(v, 7);
         counts[v]++;
     }
@@ -115,8 +115,8 @@ START_TEST(test_below_and_permutation) {
     enum { N = 1000 };
     int32_t perm[N], again[N];
     int seen[N] = {0};
-    ag_rng_permutation(key, N, perm);
-    ag_rng_permutation(key, N, again);
+    cm_rng_permutation(key, N, perm);
+    cm_rng_permutation(key, N, again);
     int fixed_points = 0;
     for (int i = 0; i < N; i++) {
         ck_assert(perm[i] >= 0 && perm[i] < N);
@@ -131,22 +131,22 @@ END_TEST
 
 START_TEST(test_bulk_fill_equals_single_draws) {
     /* Every offset and length, so the block alignment is exercised. */
-    ag_rng_key key = {6, 2, 1, AG_RNG_TEST};
+    cm_rng_key key = {6, 2, 1, CM_RNG_TEST};
     float bulk[23], normal[23];
     for (uint64_t first = 0; first < 9; first++)
         for (int64_t n = 0; n <= 23; n++) {
-            ag_rng_fill_uniform(key, first, n, -1.0f, 3.0f, bulk);
-            ag_rng_fill_normal(key, first, n, 0.5f, 2.0f, normal);
+            cm_rng_fill_uniform(key, first, n, -1.0f, 3.0f, bulk);
+            cm_rng_fill_normal(key, first, n, 0.5f, 2.0f, normal);
             for (int64_t i = 0; i < n; i++) {
                 ck_assert_float_eq(bulk[i],
-                                   -1.0f + 4.0f * ag_rng_uniform(key, first + (uint64_t)i));
+                                   -1.0f + 4.0f * cm_rng_uniform(key, first + (uint64_t)i));
                 ck_assert_float_eq(normal[i],
-                                   0.5f + 2.0f * ag_rng_normal(key, first + (uint64_t)i));
+                                   0.5f + 2.0f * cm_rng_normal(key, first + (uint64_t)i));
             }
         }
     /* Neighbouring indices share a block but not a value. */
-    ck_assert_float_ne(ag_rng_uniform(key, 4), ag_rng_uniform(key, 5));
-    ck_assert_float_ne(ag_rng_normal(key, 4), ag_rng_normal(key, 5));
+    ck_assert_float_ne(cm_rng_uniform(key, 4), cm_rng_uniform(key, 5));
+    ck_assert_float_ne(cm_rng_normal(key, 4), cm_rng_normal(key, 5));
 }
 END_TEST
 

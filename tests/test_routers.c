@@ -31,7 +31,7 @@ static router_config make_config(router_kind kind, int experts, int k) {
                            .init_std = 0.02f,
                            .noise_std = 1.0f,
                            .top_p = 0.5f,
-                           .k_schedule = {OPTIM_K_CONSTANT, k, k, 1},
+                           .k_schedule = {ROUTER_K_CONSTANT, k, k, 1},
                            .thor_level = ROUTER_THOR_PER_SEQUENCE};
 }
 
@@ -285,11 +285,11 @@ START_TEST(test_noisy_logits) {
     ag_tensor *noisy = router_logits(&f.ctx, &f.r, x, &call);
     call.training = false;
     ag_tensor *clean = router_logits(&f.ctx, &f.r, x, &call);
-    ag_rng_key key = {17, 4, 3, AG_RNG_NOISE};
+    cm_rng_key key = {17, 4, 3, CM_RNG_NOISE};
     for (int t = 0; t < tokens; t++)
         for (int e = 0; e < experts; e++) {
             int i = t * experts + e;
-            double draw = ag_rng_normal(key, (uint64_t)(100 + t) * experts + e);
+            double draw = cm_rng_normal(key, (uint64_t)(100 + t) * experts + e);
             ck_assert_double_eq_tol(noisy->data[i] - clean->data[i], 0.5 * draw, 1e-5);
         }
     /* The gradient w.r.t. the weight is the clean one: sum_t x_t per row. */
@@ -340,15 +340,15 @@ static ag_tensor *margin_inputs(fixture *f, int tokens, const float *levels, con
     int experts = f->r.config.num_experts, d = experts + 2;
     ag_tensor *x = gc_tensor_new(2, (int[]){tokens, d}, -1.0f, 1.0f, seed, true);
     float *w = weight_of(f)->data;
-    ag_rng_fill_uniform((ag_rng_key){seed, 1, 0, AG_RNG_TEST}, 0, experts * d, -0.02f, 0.02f, w);
+    cm_rng_fill_uniform((cm_rng_key){seed, 1, 0, CM_RNG_TEST}, 0, experts * d, -0.02f, 0.02f, w);
     for (int e = 0; e < experts; e++)
         for (int i = 0; i < experts; i++) w[e * d + i] = e == i;
     if (f->r.bias)
-        ag_rng_fill_uniform((ag_rng_key){seed, 2, 0, AG_RNG_TEST}, 0, experts, -0.02f, 0.02f,
+        cm_rng_fill_uniform((cm_rng_key){seed, 2, 0, CM_RNG_TEST}, 0, experts, -0.02f, 0.02f,
                             ag_param_tensor(f->r.bias)->data);
     int32_t perm[MAX_E];
     for (int t = 0; t < tokens; t++) {
-        ag_rng_permutation((ag_rng_key){seed, 3, (uint32_t)t, AG_RNG_TEST}, experts, perm);
+        cm_rng_permutation((cm_rng_key){seed, 3, (uint32_t)t, CM_RNG_TEST}, experts, perm);
         for (int e = 0; e < experts; e++)
             x->data[t * d + e] = scales[t % n_scales] * levels[perm[e]];
     }
@@ -561,7 +561,7 @@ START_TEST(test_smoe_dropout) {
     config.bias = true;
     config.aux_loss_coef = 0.01f; /* ignored: frozen router, no aux loss */
     config.z_loss_coef = 0.01f;
-    config.k_schedule = (optim_k_schedule){OPTIM_K_LINEAR_INCREASE, 1, 6, 100};
+    config.k_schedule = (router_k_schedule){ROUTER_K_LINEAR_INCREASE, 1, 6, 100};
     fixture f;
     fixture_init(&f, &config, d);
     ck_assert(f.r.weight->frozen && !weight_of(&f)->requires_grad);
@@ -572,7 +572,7 @@ START_TEST(test_smoe_dropout) {
     for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
         router_call call = {.training = true, .seed = 1, .step = (uint64_t)steps[i]};
         router_output out = route(&f, x, &call);
-        int k = optim_k_at(&config.k_schedule, steps[i]);
+        int k = router_k_at(&config.k_schedule, steps[i]);
         ck_assert_int_eq(out.stats.k, k);
         ck_assert_int_eq(out.n_slots, tokens * k);
         ck_assert_ptr_null(out.aux_loss);
@@ -632,7 +632,7 @@ START_TEST(test_thor_training_draws) {
         int a = thor_single_expert(&f, x, &call);
         ck_assert_int_eq(thor_single_expert(&f, x, &call), a); /* same key, same draw */
         ck_assert_int_eq(
-            a, (int)ag_rng_below((ag_rng_key){77, (uint64_t)step, 3, AG_RNG_ROUTER}, 0, experts));
+            a, (int)cm_rng_below((cm_rng_key){77, (uint64_t)step, 3, CM_RNG_ROUTER}, 0, experts));
         differ_layer += thor_single_expert(&other_layer, x, &call) != a;
         call.pass = 1;
         differ_pass += thor_single_expert(&f, x, &call) != a;

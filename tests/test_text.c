@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 #include "data/text.h"
 
 /* Writes `size` bytes to a new temporary file; *path gets its name. */
@@ -22,8 +22,8 @@ static void write_temp(char *path, const uint8_t *bytes, size_t size) {
 /* Random bytes (all 256 values occur). */
 static uint8_t *random_bytes(size_t size, uint64_t seed) {
     uint8_t *bytes = malloc(size);
-    ag_rng_key key = {seed, 0, 0, AG_RNG_TEST};
-    for (size_t i = 0; i < size; i++) bytes[i] = (uint8_t)ag_rng_below(key, i, 256);
+    cm_rng_key key = {seed, 0, 0, CM_RNG_TEST};
+    for (size_t i = 0; i < size; i++) bytes[i] = (uint8_t)cm_rng_below(key, i, 256);
     return bytes;
 }
 
@@ -58,7 +58,7 @@ START_TEST(test_open_errors) {
     ck_assert_int_eq(text_dataset_open(&dataset, path), CM_OK);
     unlink(path);
     int32_t inputs[8], targets[8];
-    text_row_range rows = {0, 1};
+    shard_range rows = {0, 1};
     ck_assert_int_eq(text_dataset_batch(&dataset, 1, 0, 1, 4, rows, inputs, targets),
                      CM_ERR_INVALID);
     ck_assert_int_eq(text_dataset_batch(&dataset, 1, 0, 1, 3, rows, inputs, targets), CM_OK);
@@ -88,11 +88,11 @@ START_TEST(test_windows_are_contiguous_and_shifted) {
     int high_bytes = 0;
     for (uint64_t step = 0; step < 5; step++) {
         ck_assert_int_eq(text_dataset_batch(&dataset, 42, step, BATCH, SEQ,
-                                            (text_row_range){0, BATCH}, inputs, targets),
+                                            (shard_range){0, BATCH}, inputs, targets),
                          CM_OK);
-        ag_rng_key key = {42, step, 0, AG_RNG_DATA};
+        cm_rng_key key = {42, step, 0, CM_RNG_DATA};
         for (int row = 0; row < BATCH; row++) {
-            uint64_t start = ag_rng_below(key, (uint64_t)row, SIZE - SEQ);
+            uint64_t start = cm_rng_below(key, (uint64_t)row, SIZE - SEQ);
             for (int t = 0; t < SEQ; t++) {
                 ck_assert_int_eq(inputs[row * SEQ + t], bytes[start + (uint64_t)t]);
                 ck_assert_int_eq(targets[row * SEQ + t], bytes[start + (uint64_t)t + 1]);
@@ -123,7 +123,7 @@ START_TEST(test_every_start_reachable) {
     int32_t inputs[8 * 8], targets[8 * 8];
     for (uint64_t step = 0; step < 100; step++) {
         ck_assert_int_eq(
-            text_dataset_batch(&dataset, 3, step, 8, 8, (text_row_range){0, 8}, inputs, targets),
+            text_dataset_batch(&dataset, 3, step, 8, 8, (shard_range){0, 8}, inputs, targets),
             CM_OK);
         for (int row = 0; row < 8; row++) seen[inputs[row * 8]]++;
     }
@@ -143,7 +143,7 @@ START_TEST(test_determinism) {
     uint8_t *bytes;
     open_random(&dataset, path, SIZE, &bytes);
     int32_t a_in[BATCH * SEQ], a_tg[BATCH * SEQ], b_in[BATCH * SEQ], b_tg[BATCH * SEQ];
-    text_row_range all = {0, BATCH};
+    shard_range all = {0, BATCH};
     ck_assert_int_eq(text_dataset_batch(&dataset, 5, 9, BATCH, SEQ, all, a_in, a_tg), CM_OK);
     ck_assert_int_eq(text_dataset_batch(&dataset, 5, 9, BATCH, SEQ, all, b_in, b_tg), CM_OK);
     ck_assert_mem_eq(a_in, b_in, sizeof a_in);
@@ -167,13 +167,13 @@ START_TEST(test_rank_slices_equal_global_rows) {
     uint8_t *bytes;
     open_random(&dataset, path, SIZE, &bytes);
     int32_t global_in[BATCH * SEQ], global_tg[BATCH * SEQ];
-    ck_assert_int_eq(text_dataset_batch(&dataset, 8, 3, BATCH, SEQ, (text_row_range){0, BATCH},
+    ck_assert_int_eq(text_dataset_batch(&dataset, 8, 3, BATCH, SEQ, (shard_range){0, BATCH},
                                         global_in, global_tg),
                      CM_OK);
     for (int ranks = 1; ranks <= 5; ranks++) {
         int next_row = 0;
         for (int rank = 0; rank < ranks; rank++) {
-            text_row_range rows = text_rank_rows(BATCH, rank, ranks);
+            shard_range rows = shard_rows(BATCH, rank, ranks);
             ck_assert_int_eq(rows.begin, next_row);
             next_row = rows.end;
             int32_t in[BATCH * SEQ], tg[BATCH * SEQ];
@@ -216,8 +216,8 @@ START_TEST(test_eval_iterator) {
                 int n = text_eval_next(&iters[rank], in, tg, &local);
                 if (rank == 0) batch_windows = n;
                 ck_assert_int_eq(n, batch_windows);
-                ck_assert_int_eq(local, text_rank_rows(n, rank, ranks).end -
-                                            text_rank_rows(n, rank, ranks).begin);
+                ck_assert_int_eq(local, shard_rows(n, rank, ranks).end -
+                                            shard_rows(n, rank, ranks).begin);
                 memcpy(all_in + (size_t)(done + row_offset) * SEQ, in,
                        (size_t)local * SEQ * sizeof(int32_t));
                 memcpy(all_tg + (size_t)(done + row_offset) * SEQ, tg,

@@ -29,7 +29,7 @@ static void write_corpus(void) {
         ck_assert_ptr_nonnull(file);
         for (int i = 0; i < (f ? 400 : 4000); i++) {
             uint64_t pick =
-                ag_rng_below((ag_rng_key){(uint64_t)f, 0, 0, AG_RNG_TEST}, (uint64_t)i, 8);
+                cm_rng_below((cm_rng_key){(uint64_t)f, 0, 0, CM_RNG_TEST}, (uint64_t)i, 8);
             fprintf(file, "%s%s", words[pick], i % 9 == 8 ? ".\n" : " ");
         }
         fclose(file);
@@ -309,13 +309,13 @@ START_TEST(test_smoe_router_frozen_and_k_scheduled) {
         double step, k;
         if (!metrics_is_kind(line, "moe")) continue;
         ck_assert(metrics_find_number(line, "step", &step) && metrics_find_number(line, "k", &k));
-        ck_assert_int_eq((int)k, optim_k_at(&router_cfg.k_schedule, (int64_t)step - 1));
+        ck_assert_int_eq((int)k, router_k_at(&router_cfg.k_schedule, (int64_t)step - 1));
         checked++;
     }
     fclose(file);
     ck_assert_int_eq(checked, 24);
-    ck_assert_int_eq(optim_k_at(&router_cfg.k_schedule, 0), 1);
-    ck_assert_int_eq(optim_k_at(&router_cfg.k_schedule, 11), 4);
+    ck_assert_int_eq(router_k_at(&router_cfg.k_schedule, 0), 1);
+    ck_assert_int_eq(router_k_at(&router_cfg.k_schedule, 11), 4);
     remove_corpus();
 }
 END_TEST

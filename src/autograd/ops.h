@@ -24,7 +24,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 #include "autograd/tape.h"
 #include "autograd/tensor.h"
 
@@ -59,7 +59,7 @@ ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a); /* a * sigmoid(a) */
 /* Inverted dropout: each element kept with probability 1-p and scaled by
  * 1/(1-p); the mask is drawn from `key` at index first_index + element.
  * p == 0 returns `a` itself. */
-ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, ag_rng_key key, uint64_t first_index);
+ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, cm_rng_key key, uint64_t first_index);
 
 /* ---- ops_reduce.c --------------------------------------------------------- */
 

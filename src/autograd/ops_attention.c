@@ -13,7 +13,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "common/pool.h"
 
 /* The softmax loops use GCC/Clang vector extensions: at the project's -O2,

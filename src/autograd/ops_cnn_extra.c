@@ -1,7 +1,7 @@
 /* Straight-through one-hot routing mask and row argmax; see ops_cnn_extra.h. */
 #include "autograd/ops_cnn_extra.h"
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 
 /* logits [N,E] -> [N,E]; dlogits += dout (straight-through) */
 static void onehot_st_backward(ag_ctx *ctx, ag_node *node) {

@@ -6,7 +6,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "common/pool.h"
 
 /* Output size along one axis (floor mode). */

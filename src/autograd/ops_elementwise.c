@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "autograd/activations.h"
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "common/pool.h"
 
 /* ---- broadcasting binary ops ---------------------------------------------- */
@@ -261,7 +261,7 @@ static void dropout_backward(ag_ctx *ctx, ag_node *node) {
         a->grad[i] += saved->keep[i] ? saved->scale * dout[i] : 0.0f;
 }
 
-ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, ag_rng_key key, uint64_t first_index) {
+ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, cm_rng_key key, uint64_t first_index) {
     AG_OP_BEGIN(ctx, a);
     CM_ASSERT(p >= 0.0f && p < 1.0f, "dropout probability %g not in [0, 1)", (double)p);
     if (p == 0.0f) return a;
@@ -271,7 +271,7 @@ ag_tensor *ag_dropout(ag_ctx *ctx, ag_tensor *a, float p, ag_rng_key key, uint64
     if (!out || !keep) return NULL;
     float scale = 1.0f / (1.0f - p);
     /* The uniforms go through out->data, then become the output. */
-    ag_rng_fill_uniform(key, first_index, a->numel, 0.0f, 1.0f, out->data);
+    cm_rng_fill_uniform(key, first_index, a->numel, 0.0f, 1.0f, out->data);
     for (int64_t i = 0; i < a->numel; i++) {
         keep[i] = out->data[i] >= p;
         out->data[i] = keep[i] ? scale * a->data[i] : 0.0f;

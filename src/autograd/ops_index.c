@@ -18,7 +18,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 
 /* Elements in dims [from, to) of t. */
 static int64_t span_numel(const ag_tensor *t, int from, int to) {

@@ -10,7 +10,7 @@
 #include <limits.h>
 #include <string.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "common/pool.h"
 
 /* ---- the sgemm kernel ------------------------------------------------------- */

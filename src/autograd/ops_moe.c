@@ -5,7 +5,7 @@
 
 #include "autograd/fastmath.h"
 #include "autograd/activations.h"
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "common/pool.h"
 
 /* ---- gather_elements: x [*] flat, index[s] -> [s] -------------------------- */

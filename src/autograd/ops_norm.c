@@ -2,7 +2,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 
 /* ---- layernorm ----------------------------------------------------------- */
 

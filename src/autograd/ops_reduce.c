@@ -8,7 +8,7 @@
 #include <string.h>
 
 #include "autograd/fastmath.h"
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 
 static const int scalar_shape[1] = {1};
 

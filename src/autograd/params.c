@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 #include "common/check.h"
 
 enum { PARAM_ALIGN_FLOATS = 16 }; /* 64 bytes */
@@ -61,7 +61,7 @@ cm_status ag_params_declare(ag_params *params, const char *name, ag_group group,
 }
 
 static void init_values(const ag_param *param, uint64_t seed, float *data) {
-    ag_rng_key key = {seed, 0, ag_hash32(param->name), AG_RNG_INIT};
+    cm_rng_key key = {seed, 0, cm_hash32(param->name), CM_RNG_INIT};
     int64_t n = param->tensor.numel;
     switch (param->init.kind) {
     case AG_INIT_ZERO:
@@ -71,10 +71,10 @@ static void init_values(const ag_param *param, uint64_t seed, float *data) {
         for (int64_t i = 0; i < n; i++) data[i] = param->init.a;
         break;
     case AG_INIT_NORMAL:
-        ag_rng_fill_normal(key, param->init_index_offset, n, param->init.a, param->init.b, data);
+        cm_rng_fill_normal(key, param->init_index_offset, n, param->init.a, param->init.b, data);
         break;
     case AG_INIT_UNIFORM:
-        ag_rng_fill_uniform(key, param->init_index_offset, n, param->init.a, param->init.b, data);
+        cm_rng_fill_uniform(key, param->init_index_offset, n, param->init.a, param->init.b, data);
         break;
     }
 }

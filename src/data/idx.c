@@ -8,7 +8,7 @@
 #include <string.h>
 #include <zlib.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 #include "common/check.h"
 
 enum {
@@ -237,8 +237,8 @@ static cm_status ensure_epoch_order(idx_dataset *dataset, uint64_t seed, int64_t
             return CM_ERR(CM_ERR_NOMEM, "cannot allocate the epoch order of %lld samples of '%s'",
                           (long long)dataset->num_samples, dataset->images_path);
     }
-    ag_rng_key key = {seed, (uint64_t)epoch, 0, AG_RNG_DATA};
-    ag_rng_permutation(key, (int32_t)dataset->num_samples, dataset->epoch_order);
+    cm_rng_key key = {seed, (uint64_t)epoch, 0, CM_RNG_DATA};
+    cm_rng_permutation(key, (int32_t)dataset->num_samples, dataset->epoch_order);
     dataset->epoch_order_seed = seed;
     dataset->epoch_order_epoch = epoch;
     return CM_OK;
@@ -265,7 +265,7 @@ idx_augment_choice idx_augment_choose(const idx_augment *augment, uint64_t seed,
     idx_augment_choice choice = {0, 0, false};
     if (!augment || (augment->crop_padding == 0 && !augment->horizontal_flip)) return choice;
     uint32_t bits[4];
-    ag_rng_block((ag_rng_key){seed, step, 0, AG_RNG_AUGMENT}, (uint64_t)row, bits);
+    cm_rng_block((cm_rng_key){seed, step, 0, CM_RNG_AUGMENT}, (uint64_t)row, bits);
     const int padding = augment->crop_padding;
     choice.shift_y = uniform_in(bits[0], -padding, padding);
     choice.shift_x = uniform_in(bits[1], -padding, padding);
@@ -293,7 +293,7 @@ static void augment_image(const uint8_t *src, int height, int width, idx_augment
 }
 
 cm_status idx_dataset_batch(idx_dataset *dataset, uint64_t seed, uint64_t step, int global_batch,
-                            text_row_range rows, const idx_augment *augment, float *images,
+                            shard_range rows, const idx_augment *augment, float *images,
                             int32_t *labels) {
     if (global_batch < 1)
         return CM_ERR(CM_ERR_INVALID, "training batch %d must be >= 1", global_batch);
@@ -345,7 +345,7 @@ int idx_eval_next(idx_eval_iter *iter, float *images, int32_t *labels, int *loca
     if (batch_samples <= 0) return 0;
     const idx_dataset *dataset = iter->dataset;
     const int64_t image_size = (int64_t)dataset->height * dataset->width;
-    text_row_range rows = text_rank_rows(batch_samples, iter->rank, iter->ranks);
+    shard_range rows = shard_rows(batch_samples, iter->rank, iter->ranks);
     for (int row = rows.begin; row < rows.end; row++) {
         int64_t sample = iter->next_sample + row;
         idx_dataset_image(dataset, sample,

@@ -12,21 +12,21 @@
  *
  * Training order: epochs of random permutations. Row i of the global batch of
  * B at step s is global position g = s*B + i; epoch e = g / N; the row is
- * sample order_e[g % N] with order_e = ag_rng_permutation({seed, e, 0,
- * AG_RNG_DATA}, N). Every epoch visits every image exactly once, and a row is
+ * sample order_e[g % N] with order_e = cm_rng_permutation({seed, e, 0,
+ * CM_RNG_DATA}, N). Every epoch visits every image exactly once, and a row is
  * a pure function of (seed, step, B, i): a data-parallel rank computing rows
  * [begin, end) gets exactly those rows of the single-rank batch, and the data
  * cursor a checkpoint needs is (seed, step) with the same B.
  *
- * Augmentation of row i at step s draws from ag_rng_block({seed, s, 0,
- * AG_RNG_AUGMENT}, i) (see idx_augment_choose): a random crop of the image
+ * Augmentation of row i at step s draws from cm_rng_block({seed, s, 0,
+ * CM_RNG_AUGMENT}, i) (see idx_augment_choose): a random crop of the image
  * zero-padded by p on every side (a shift by dy, dx in [-p, p]) and, if
  * enabled, a horizontal flip with probability 1/2:
  *     out[y][x] = src[y + dy][x' + dx], x' = flip ? width-1-x : x,
  * and 0 where y + dy or x' + dx falls outside the image.
  *
  * Evaluation walks a split in order, batch after batch, the last one short;
- * each rank takes its text_rank_rows share of every batch (the same rank-rows
+ * each rank takes its shard_rows share of every batch (the same rank-rows
  * convention as data/text.h). Owns: pixels, labels and the epoch-order cache
  * (idx_dataset_close frees them). */
 #ifndef CMOE_DATA_IDX_H
@@ -36,7 +36,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
-#include "data/text.h" /* text_row_range, text_rank_rows */
+#include "data/shard.h"
 
 enum { IDX_NUM_CLASSES = 10 };
 
@@ -83,8 +83,8 @@ typedef struct idx_augment_choice {
 } idx_augment_choice;
 
 /* Pure function of (seed, step, row) and the options: shift_y, shift_x and the
- * flip come from words 0, 1 and 2 of ag_rng_block({seed, step, 0,
- * AG_RNG_AUGMENT}, row). No augmentation (NULL or all off) gives {0, 0, false}. */
+ * flip come from words 0, 1 and 2 of cm_rng_block({seed, step, 0,
+ * CM_RNG_AUGMENT}, row). No augmentation (NULL or all off) gives {0, 0, false}. */
 idx_augment_choice idx_augment_choose(const idx_augment *augment, uint64_t seed, uint64_t step,
                                       int row);
 
@@ -95,7 +95,7 @@ idx_augment_choice idx_augment_choose(const idx_augment *augment, uint64_t seed,
  * [0, global_batch) or crop_padding is outside [0, min(height, width)];
  * CM_ERR_NOMEM if the epoch order cannot be allocated. */
 cm_status idx_dataset_batch(idx_dataset *dataset, uint64_t seed, uint64_t step, int global_batch,
-                            text_row_range rows, const idx_augment *augment, float *images,
+                            shard_range rows, const idx_augment *augment, float *images,
                             int32_t *labels);
 
 /* Sequential evaluation over a whole split, global_batch samples per batch. */
@@ -113,7 +113,7 @@ cm_status idx_eval_begin(idx_eval_iter *iter, const idx_dataset *dataset, int gl
                          int rank, int ranks, int64_t max_batches);
 /* Fills this rank's rows of the next batch: images [*local_rows, 1, height,
  * width], labels [*local_rows] (room for global_batch rows needed); they are
- * samples batch_first + text_rank_rows(n, rank, ranks).begin onwards. Returns
+ * samples batch_first + shard_rows(n, rank, ranks).begin onwards. Returns
  * n, the number of samples in the whole batch (all ranks), 0 when the split is
  * exhausted. *local_rows may be 0 on some ranks for a short last batch. */
 int idx_eval_next(idx_eval_iter *iter, float *images, int32_t *labels, int *local_rows);

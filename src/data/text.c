@@ -7,7 +7,7 @@
 #include <string.h>
 #include <sys/types.h>
 
-#include "autograd/rng.h"
+#include "common/rng.h"
 
 /* The KJV splits are made by a script; say so when one is missing. */
 static const char *missing_hint(const char *path) {
@@ -54,12 +54,6 @@ void text_dataset_close(text_dataset *dataset) {
     memset(dataset, 0, sizeof *dataset);
 }
 
-text_row_range text_rank_rows(int rows, int rank, int ranks) {
-    text_row_range range = {(int)((int64_t)rank * rows / ranks),
-                            (int)((int64_t)(rank + 1) * rows / ranks)};
-    return range;
-}
-
 static cm_status check_window(const text_dataset *dataset, int seq_len) {
     if (seq_len < 1) return CM_ERR(CM_ERR_INVALID, "sequence length %d must be >= 1", seq_len);
     if (dataset->size < (int64_t)seq_len + 1)
@@ -79,16 +73,16 @@ static void copy_window(const uint8_t *window, int seq_len, int32_t *inputs, int
 }
 
 cm_status text_dataset_batch(const text_dataset *dataset, uint64_t seed, uint64_t step,
-                             int global_batch, int seq_len, text_row_range rows, int32_t *inputs,
+                             int global_batch, int seq_len, shard_range rows, int32_t *inputs,
                              int32_t *targets) {
     CM_TRY(check_window(dataset, seq_len));
     if (rows.begin < 0 || rows.begin > rows.end || rows.end > global_batch)
         return CM_ERR(CM_ERR_INVALID, "rows [%d, %d) are not inside a batch of %d", rows.begin,
                       rows.end, global_batch);
-    ag_rng_key key = {seed, step, 0, AG_RNG_DATA};
+    cm_rng_key key = {seed, step, 0, CM_RNG_DATA};
     uint64_t num_starts = (uint64_t)(dataset->size - seq_len);
     for (int row = rows.begin; row < rows.end; row++) {
-        uint64_t start = ag_rng_below(key, (uint64_t)row, num_starts);
+        uint64_t start = cm_rng_below(key, (uint64_t)row, num_starts);
         size_t out = (size_t)(row - rows.begin) * (size_t)seq_len;
         copy_window(dataset->bytes + start, seq_len, inputs + out, targets + out);
     }
@@ -119,7 +113,7 @@ int text_eval_next(text_eval_iter *iter, int32_t *inputs, int32_t *targets, int 
     int batch_windows = (int)(remaining < iter->global_batch ? remaining : iter->global_batch);
     *local_rows = 0;
     if (batch_windows <= 0) return 0;
-    text_row_range rows = text_rank_rows(batch_windows, iter->rank, iter->ranks);
+    shard_range rows = shard_rows(batch_windows, iter->rank, iter->ranks);
     for (int row = rows.begin; row < rows.end; row++) {
         int64_t start = (iter->next_window + row) * (int64_t)iter->seq_len;
         size_t out = (size_t)(row - rows.begin) * (size_t)iter->seq_len;

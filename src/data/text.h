@@ -2,7 +2,7 @@
  *
  * Training batches are windows of seq_len + 1 bytes at random offsets: row i
  * of the global batch at step s starts at
- *     ag_rng_below({seed, s, 0, AG_RNG_DATA}, i, size - seq_len),
+ *     cm_rng_below({seed, s, 0, CM_RNG_DATA}, i, size - seq_len),
  * its inputs are the first seq_len bytes and its targets the same window
  * shifted by one. Every row is a pure function of (seed, step, row), so a
  * data-parallel rank that computes rows [r*B/R, (r+1)*B/R) gets exactly those
@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
+#include "data/shard.h"
 
 enum { TEXT_VOCAB_SIZE = 256 };
 
@@ -34,23 +35,16 @@ typedef struct text_dataset {
 cm_status text_dataset_open(text_dataset *dataset, const char *path);
 void text_dataset_close(text_dataset *dataset);
 
-/* Rows [begin, end) of a batch of `rows` that rank `rank` of `ranks` takes:
- * begin = rank * rows / ranks, end = (rank + 1) * rows / ranks. */
-typedef struct text_row_range {
-    int begin, end;
-} text_row_range;
-text_row_range text_rank_rows(int rows, int rank, int ranks);
-
 /* Rows [rows.begin, rows.end) of the global training batch for `step`:
  * inputs, targets [rows.end - rows.begin, seq_len], byte values 0..255.
  * CM_ERR_INVALID if seq_len < 1, the file has fewer than seq_len + 1 bytes or
  * the range is not inside [0, global_batch). */
 cm_status text_dataset_batch(const text_dataset *dataset, uint64_t seed, uint64_t step,
-                             int global_batch, int seq_len, text_row_range rows, int32_t *inputs,
+                             int global_batch, int seq_len, shard_range rows, int32_t *inputs,
                              int32_t *targets);
 
 /* Sequential evaluation over a whole split, global_batch windows per batch;
- * each rank takes its text_rank_rows share of every batch (the last batch may
+ * each rank takes its shard_rows share of every batch (the last batch may
  * hold fewer than global_batch windows). */
 typedef struct text_eval_iter {
     const text_dataset *dataset;

@@ -81,7 +81,7 @@ static ag_tensor *drop(ag_ctx *ctx, ag_tensor *x, const lm_forward_args *args, f
     if (!args->training || p == 0.0f || !x) return x;
     /* THOR's second pass draws its own masks. */
     uint32_t stream = (uint32_t)((args->pass * (LM_MAX_LAYERS + 1) + layer) * 4 + site);
-    ag_rng_key key = {args->seed, args->step, stream, AG_RNG_DROPOUT};
+    cm_rng_key key = {args->seed, args->step, stream, CM_RNG_DROPOUT};
     /* Index by global element so masks do not depend on the rank split. */
     uint64_t per_row = (uint64_t)args->seq_len * (uint64_t)ag_last_dim(x);
     return ag_dropout(ctx, x, p, key, args->first_row * per_row);

@@ -158,36 +158,4 @@ typedef struct optim_lr_schedule {
 double optim_lr_at(const optim_lr_schedule *schedule, int64_t step);
 cm_status optim_lr_schedule_check(const optim_lr_schedule *schedule);
 
-/* ---- SMoE-Dropout k schedule (METHODS.md 1.2) -----------------------------
- */
-
-typedef enum optim_k_mode {
-    OPTIM_K_CONSTANT,            /* k_max */
-    OPTIM_K_LINEAR_INCREASE,     /* round((k_max - k_min) * s / S) + k_min */
-    OPTIM_K_COSINE_INCREASE,     /* k_max + round((k_min - k_max) * cos(pi s / 2S)) */
-    OPTIM_K_EXP_INCREASE,        /* k_max + round((k_min - k_max) * 0.99^(s // (S //
-                                    300))) */
-    OPTIM_K_MULTI_STEP_INCREASE, /* [1, 2, 4, 8, 16][int(5 s / S)] */
-} optim_k_mode;
-
-typedef struct optim_k_schedule {
-    optim_k_mode mode;
-    int k_min, k_max;
-    int64_t total_steps; /* S */
-} optim_k_schedule;
-
-/* Number of experts per token at training step `step`, the same value as
- * SMoE-Dropout's new_utils.py::calculate_gate_number: float64 arithmetic,
- * Python's round() (half to even), result clipped to [k_min, k_max].
- * Where Python would fail or wrap, this stays defined: cosine holds k_max for
- * step > S (Python's cosine would come back down after 2S), exp uses an
- * interval of max(1, S // 300) steps (Python divides by zero for S < 300), and
- * multi-step stays on the last entry from step S on (Python's list index runs
- * out of range). */
-int optim_k_at(const optim_k_schedule *schedule, int64_t step);
-cm_status optim_k_schedule_check(const optim_k_schedule *schedule);
-
-/* Python's round() of a double: nearest integer, ties to the even one. */
-double optim_round_half_even(double x);
-
 #endif

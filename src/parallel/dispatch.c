@@ -2,7 +2,7 @@
 
 #include <string.h>
 
-#include "autograd/ops_internal.h"
+#include "autograd/op_write.h"
 #include "parallel/comm.h"
 
 /* Wall time inside the exchanges' MPI calls, for `cmoe bench`. With

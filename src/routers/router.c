@@ -22,13 +22,13 @@ cm_status router_declare(router *r, const router_config *config, int layer, int 
         return CM_ERR(CM_ERR_INVALID, "router.k = %d must be in [1, moe.num_experts = %d] (%s)",
                       c->k, c->num_experts, name);
     if (c->kind == ROUTER_SMOE_DROPOUT) {
-        const optim_k_schedule *s = &c->k_schedule;
+        const router_k_schedule *s = &c->k_schedule;
         if (s->k_min < 1 || s->k_max > c->num_experts || s->k_min > s->k_max)
             return CM_ERR(CM_ERR_INVALID,
                           "router k schedule [%d, %d] must satisfy 1 <= k_min <= k_max <= "
                           "moe.num_experts = %d",
                           s->k_min, s->k_max, c->num_experts);
-        CM_TRY(optim_k_schedule_check(s));
+        CM_TRY(router_k_schedule_check(s));
     }
     if (c->kind == ROUTER_TOP_P && !(c->top_p > 0.0f && c->top_p <= 1.0f))
         return CM_ERR(CM_ERR_INVALID, "router.top_p = %g must be in (0, 1]", (double)c->top_p);
@@ -60,7 +60,7 @@ cm_status router_declare(router *r, const router_config *config, int layer, int 
 int router_effective_k(const router *r, const router_call *call) {
     if (call->k_override > 0) return call->k_override;
     if (r->config.kind == ROUTER_SMOE_DROPOUT && call->training)
-        return optim_k_at(&r->config.k_schedule, (int64_t)call->step);
+        return router_k_at(&r->config.k_schedule, (int64_t)call->step);
     return r->config.k;
 }
 

@@ -39,6 +39,7 @@
 #include "autograd/ops.h"
 #include "autograd/params.h"
 #include "optim/optim.h"
+#include "routers/k_schedule.h"
 
 typedef enum router_kind {
     ROUTER_TOPK = 0,
@@ -82,7 +83,7 @@ typedef struct router_config {
     float capacity_factor; /* 0: dropless; > 0: capacity ceil(T k / E * cf) per expert;
                               expert choice: tokens per expert = ceil(T cf / E) */
     router_drop_policy drop_policy;
-    optim_k_schedule k_schedule; /* SMoE-Dropout: k during training */
+    router_k_schedule k_schedule; /* SMoE-Dropout: k during training */
     router_thor_level thor_level;
 } router_config;
 

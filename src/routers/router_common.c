@@ -60,8 +60,8 @@ ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const route
      * any number of ranks. */
     ag_tensor *noise = ag_empty(ctx, "router_noise", logits->ndim, logits->shape);
     if (!noise) return NULL;
-    ag_rng_key key = {call->seed, call->step, (uint32_t)r->layer, AG_RNG_NOISE};
-    ag_rng_fill_normal(key, call->first_token * (uint64_t)experts, noise->numel, 0.0f,
+    cm_rng_key key = {call->seed, call->step, (uint32_t)r->layer, CM_RNG_NOISE};
+    cm_rng_fill_normal(key, call->first_token * (uint64_t)experts, noise->numel, 0.0f,
                        r->config.noise_std, noise->data);
     return ag_add(ctx, logits, noise);
 }

@@ -3,7 +3,7 @@
  * pass; at inference the draw is per sequence (inference level 1) or per token
  * (level 0). The gate is a constant 1.
  *
- * Draws use the key (seed, step, layer, AG_RNG_ROUTER). The three uses take
+ * Draws use the key (seed, step, layer, CM_RNG_ROUTER). The three uses take
  * disjoint index ranges of that key, so they are independent of each other:
  *   training     index = pass                       (small)
  *   per sequence index = 2^62 + global sequence     (first_token + t) / seq_len
@@ -25,14 +25,14 @@ cm_status router_route_thor(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
         return CM_ERR(CM_ERR_INVALID,
                       "THOR per-sequence inference needs the sequence length (got %d)",
                       call->seq_len);
-    ag_rng_key key = {call->seed, call->step, (uint32_t)r->layer, AG_RNG_ROUTER};
+    cm_rng_key key = {call->seed, call->step, (uint32_t)r->layer, CM_RNG_ROUTER};
 
     int32_t *token = ag_alloc_ints(ctx, tokens ? tokens : 1, "router_thor");
     int32_t *expert = ag_alloc_ints(ctx, tokens ? tokens : 1, "router_thor");
     float *priority = ag_alloc_floats(ctx, tokens ? tokens : 1, "router_thor");
     if (!token || !expert || !priority) return ag_ctx_status(ctx);
     int32_t batch_expert =
-        call->training ? (int32_t)ag_rng_below(key, (uint64_t)call->pass, (uint64_t)experts) : -1;
+        call->training ? (int32_t)cm_rng_below(key, (uint64_t)call->pass, (uint64_t)experts) : -1;
     uint64_t previous_sequence = UINT64_MAX;
     int32_t sequence_expert = -1;
     for (int t = 0; t < tokens; t++) {
@@ -43,13 +43,13 @@ cm_status router_route_thor(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
         } else if (per_sequence) {
             uint64_t sequence = global_token / (uint64_t)call->seq_len;
             if (sequence != previous_sequence) {
-                sequence_expert = (int32_t)ag_rng_below(key, THOR_SEQUENCE_INDEX_BASE + sequence,
+                sequence_expert = (int32_t)cm_rng_below(key, THOR_SEQUENCE_INDEX_BASE + sequence,
                                                         (uint64_t)experts);
                 previous_sequence = sequence;
             }
             e = sequence_expert;
         } else {
-            e = (int32_t)ag_rng_below(key, THOR_TOKEN_INDEX_BASE + global_token, (uint64_t)experts);
+            e = (int32_t)cm_rng_below(key, THOR_TOKEN_INDEX_BASE + global_token, (uint64_t)experts);
         }
         token[t] = t;
         expert[t] = e;

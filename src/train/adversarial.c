@@ -7,7 +7,7 @@
 
 #include "common/check.h"
 
-adv_attack_config adv_pgd_config(float epsilon, float step_size, int steps, ag_rng_key key) {
+adv_attack_config adv_pgd_config(float epsilon, float step_size, int steps, cm_rng_key key) {
     return (adv_attack_config){.epsilon = epsilon,
                                .step_size = step_size,
                                .steps = steps,
@@ -25,7 +25,7 @@ adv_attack_config adv_fgsm_config(float epsilon) {
 }
 
 adv_attack_config adv_trades_config(float epsilon, float step_size, int steps, float router_weight,
-                                    ag_rng_key key) {
+                                    cm_rng_key key) {
     return (adv_attack_config){.epsilon = epsilon,
                                .step_size = step_size,
                                .steps = steps,
@@ -59,11 +59,11 @@ static void start_point(const adv_attack_config *config, const float *x, int64_t
     if (config->start == ADV_START_NONE) {
         memcpy(x_adv, x, (size_t)numel * sizeof(float));
     } else if (config->start == ADV_START_UNIFORM) {
-        ag_rng_fill_uniform(config->key, first_index, numel, -config->epsilon, config->epsilon,
+        cm_rng_fill_uniform(config->key, first_index, numel, -config->epsilon, config->epsilon,
                             x_adv);
         for (int64_t i = 0; i < numel; i++) x_adv[i] = fminf(fmaxf(x[i] + x_adv[i], 0.0f), 1.0f);
     } else {
-        ag_rng_fill_normal(config->key, first_index, numel, 0.0f, config->start_std, x_adv);
+        cm_rng_fill_normal(config->key, first_index, numel, 0.0f, config->start_std, x_adv);
         for (int64_t i = 0; i < numel; i++) x_adv[i] += x[i];
     }
 }

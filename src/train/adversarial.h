@@ -83,17 +83,17 @@ typedef struct adv_attack_config {
     adv_objective objective;
     float router_weight; /* weight of the router terms; 0: classifier only */
     bool bn_training;    /* false: running statistics (the release) */
-    ag_rng_key key;      /* random start draws: (key, first_index + element) */
+    cm_rng_key key;      /* random start draws: (key, first_index + element) */
 } adv_attack_config;
 
 /* PGD: uniform random start, CE objective, eval-mode batch norm. */
-adv_attack_config adv_pgd_config(float epsilon, float step_size, int steps, ag_rng_key key);
+adv_attack_config adv_pgd_config(float epsilon, float step_size, int steps, cm_rng_key key);
 /* FGSM: one step of size epsilon from x, CE objective. */
 adv_attack_config adv_fgsm_config(float epsilon);
 /* TRADES / AdvMoE training attack: start x + 0.001 N(0,1), KL objective;
  * router_weight 1 adds the routers' KL (AdvMoE), 0 is plain TRADES. */
 adv_attack_config adv_trades_config(float epsilon, float step_size, int steps, float router_weight,
-                                    ag_rng_key key);
+                                    cm_rng_key key);
 
 /* x [N,C,H,W] clean images (values in [0,1]), labels [N] (CE objective;
  * may be NULL for KL) -> x_adv (caller memory, x->numel floats).

@@ -29,7 +29,7 @@ struct cnn_run {
     const cm_comm *comm; /* NULL: one process */
     int rank, ranks;     /* in the world */
     bool leader;         /* world rank 0: prints, writes files */
-    text_row_range rows; /* this rank's rows of every training batch */
+    shard_range rows; /* this rank's rows of every training batch */
     float share;         /* (rows.end - rows.begin) / data.batch_size */
     char *recipe_text;
     char run_dir[PATH_CAPACITY], checkpoint_dir[PATH_CAPACITY];
@@ -129,7 +129,7 @@ static cm_status build(cnn_run *r, const cm_recipe *recipe, const cm_comm *comm)
         return CM_ERR(CM_ERR_INVALID,
                       "data.batch_size = %d is smaller than the %d ranks of the job",
                       recipe->data.batch_size, r->ranks);
-    r->rows = text_rank_rows(recipe->data.batch_size, r->rank, r->ranks);
+    r->rows = shard_rows(recipe->data.batch_size, r->rank, r->ranks);
     r->share = (float)(r->rows.end - r->rows.begin) / (float)recipe->data.batch_size;
     size_t length = recipe_format(recipe, NULL, 0);
     r->recipe_text = malloc(length + 1);
@@ -237,7 +237,7 @@ static uint64_t first_pixel(const cnn_run *r) {
 
 static adv_attack_config train_attack(const cnn_run *r, int64_t step, uint32_t stream) {
     const cm_adversarial_cfg *a = &r->recipe->adversarial;
-    ag_rng_key key = {(uint64_t)r->recipe->train.seed, (uint64_t)step, stream, AG_RNG_ATTACK};
+    cm_rng_key key = {(uint64_t)r->recipe->train.seed, (uint64_t)step, stream, CM_RNG_ATTACK};
     if (a->mode == CM_ADV_PGD_AT)
         return adv_pgd_config((float)a->eps, (float)a->step_size, a->steps, key);
     /* TRADES and AdvMoE: the routers' KL joins the attack of an MoE model. */
@@ -458,7 +458,7 @@ static cm_status evaluate(cnn_run *r, const idx_dataset *dataset, int64_t max_ba
     const cm_adversarial_cfg *a = &recipe->adversarial;
     idx_eval_iter iter;
     CM_TRY(idx_eval_begin(&iter, dataset, recipe->data.batch_size, r->rank, r->ranks, max_batches));
-    ag_rng_key key = {(uint64_t)recipe->train.seed, 0, ATTACK_EVAL, AG_RNG_ATTACK};
+    cm_rng_key key = {(uint64_t)recipe->train.seed, 0, ATTACK_EVAL, CM_RNG_ATTACK};
     adv_attack_config attack =
         adv_pgd_config((float)a->eps, (float)a->eval_step_size, a->eval_steps, key);
     if (r->attacked.num_experts > 0) attack.router_weight = (float)a->eval_router_weight;
@@ -472,7 +472,7 @@ static cm_status evaluate(cnn_run *r, const idx_dataset *dataset, int64_t max_ba
         if (batch == 0) break;
         if (rows == 0) continue; /* a short last batch may leave a rank nothing */
         uint64_t first =
-            (uint64_t)iter.batch_first + (uint64_t)text_rank_rows(batch, r->rank, r->ranks).begin;
+            (uint64_t)iter.batch_first + (uint64_t)shard_rows(batch, r->rank, r->ranks).begin;
         ag_ctx_reset(&r->ctx);
         ag_tensor *x = batch_tensor(r, r->images, rows);
         status = x ? adv_moe_cnn_evaluate(&r->ctx, &r->attacked, robust ? &attack : NULL, x,

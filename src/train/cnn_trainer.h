@@ -44,7 +44,7 @@
  * Data parallel under MPI (options->comm with several ranks): every rank
  * holds the whole model (the channel-group experts of the MoE-CNN are slices
  * of dense conv weights and stay replicated; they are not sharded by expert
- * parallelism) and takes its text_rank_rows share of the global batch
+ * parallelism) and takes its shard_rows share of the global batch
  * (data.batch_size), the same images and augmentations as one process; each
  * rank's loss is its rows' mean times its share of the batch, so the summed
  * gradients are the global batch's. Batch norm in training mode normalises

@@ -5,12 +5,6 @@
 #include <time.h>
 #include <unistd.h>
 
-double cm_now(void) {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
-}
-
 void progress_init(cm_progress *progress, FILE *stream, int64_t first_step, int64_t total_steps,
                    bool enabled) {
     progress->stream = stream;

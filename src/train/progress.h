@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "common/clock.h"
+
 typedef struct cm_progress {
     FILE *stream;
     bool tty;
@@ -19,8 +21,6 @@ typedef struct cm_progress {
     double start_time;
     bool line_drawn;
 } cm_progress;
-
-double cm_now(void); /* monotonic seconds */
 
 /* Steps run from first_step (exclusive) to total_steps (inclusive). */
 void progress_init(cm_progress *progress, FILE *stream, int64_t first_step, int64_t total_steps,

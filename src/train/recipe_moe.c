@@ -50,18 +50,18 @@ static router_drop_policy drop_policy_of(cm_drop_policy policy) {
     CM_ASSERT(false, "router.drop_policy holds %d, not a drop policy", (int)policy);
 }
 
-static optim_k_mode k_mode_of(cm_k_schedule schedule) {
+static router_k_mode k_mode_of(cm_k_schedule schedule) {
     switch (schedule) {
     case CM_K_CONSTANT:
-        return OPTIM_K_CONSTANT;
+        return ROUTER_K_CONSTANT;
     case CM_K_LINEAR_INCREASE:
-        return OPTIM_K_LINEAR_INCREASE;
+        return ROUTER_K_LINEAR_INCREASE;
     case CM_K_COSINE_INCREASE:
-        return OPTIM_K_COSINE_INCREASE;
+        return ROUTER_K_COSINE_INCREASE;
     case CM_K_EXP_INCREASE:
-        return OPTIM_K_EXP_INCREASE;
+        return ROUTER_K_EXP_INCREASE;
     case CM_K_MULTI_STEP_INCREASE:
-        return OPTIM_K_MULTI_STEP_INCREASE;
+        return ROUTER_K_MULTI_STEP_INCREASE;
     case CM_K_SCHEDULE_COUNT:
         break;
     }

@@ -158,7 +158,7 @@ static cm_status evaluate(run *r, const text_dataset *dataset, int64_t max_batch
             .batch = rows,
             .seq_len = T,
             .seed = (uint64_t)recipe->train.seed,
-            .first_row = (uint64_t)(batch_first + text_rank_rows(windows, r->rank, r->ranks).begin),
+            .first_row = (uint64_t)(batch_first + shard_rows(windows, r->rank, r->ranks).begin),
             .k_override = k_override,
             .group = world(r),
             .global_tokens = (int64_t)windows * T};
@@ -282,7 +282,7 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
     const cm_recipe *recipe = r->recipe;
     const int B = recipe->data.batch_size, T = recipe->data.seq_len;
     const uint64_t seed = (uint64_t)recipe->train.seed;
-    text_row_range rows = text_rank_rows(B, r->rank, r->ranks);
+    shard_range rows = shard_rows(B, r->rank, r->ranks);
     const int local_rows = rows.end - rows.begin;
     const float share = (float)local_rows / (float)B;
     CM_TRY(text_dataset_batch(&r->train, seed, (uint64_t)step, B, T, rows, r->inputs, r->targets));

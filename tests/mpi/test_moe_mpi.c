@@ -37,7 +37,7 @@ static router_config make_router(router_kind kind) {
                            .z_loss_coef = 0.01f,
                            .top_p = 0.6f,
                            .entropy_coef = 0.05f,
-                           .k_schedule = {OPTIM_K_LINEAR_INCREASE, 1, 3, 10},
+                           .k_schedule = {ROUTER_K_LINEAR_INCREASE, 1, 3, 10},
                            .thor_level = ROUTER_THOR_PER_SEQUENCE};
 }
 
@@ -66,8 +66,8 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
         for (int i = 0; i < D; i++) w[0 * D + i] += 4.0f, w[1 * D + i] += 2.0f;
     }
     float x_all[T * D], weights[T * D];
-    ag_rng_fill_uniform((ag_rng_key){3, 0, 0, AG_RNG_TEST}, 0, T * D, 0.2f, 1.0f, x_all);
-    ag_rng_fill_uniform((ag_rng_key){4, 0, 0, AG_RNG_TEST}, 0, T * D, -1.0f, 1.0f, weights);
+    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, T * D, 0.2f, 1.0f, x_all);
+    cm_rng_fill_uniform((cm_rng_key){4, 0, 0, CM_RNG_TEST}, 0, T * D, -1.0f, 1.0f, weights);
     float grad[T * D] = {0};
     ag_tensor x = ag_tensor_wrap(x_all + first * D, grad + first * D, 2, (int[]){count, D}, true);
     ag_tensor w = ag_tensor_wrap(weights + first * D, NULL, 2, (int[]){count, D}, false);

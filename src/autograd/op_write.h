@@ -1,6 +1,6 @@
 /* Helpers shared by the ops_*.c files; not part of the public API. */
-#ifndef CMOE_AUTOGRAD_OPS_INTERNAL_H
-#define CMOE_AUTOGRAD_OPS_INTERNAL_H
+#ifndef CMOE_AUTOGRAD_OP_WRITE_H
+#define CMOE_AUTOGRAD_OP_WRITE_H
 
 #include "autograd/ops.h"
 #include "common/check.h"

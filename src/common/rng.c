@@ -1,4 +1,4 @@
-#include "autograd/rng.h"
+#include "common/rng.h"
 
 #include <math.h>
 
@@ -17,7 +17,7 @@ static uint64_t mix64(uint64_t x) {
     return x;
 }
 
-void ag_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+void cm_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
     uint32_t c0 = counter[0], c1 = counter[1], c2 = counter[2], c3 = counter[3];
     uint32_t k0 = key[0], k1 = key[1];
     for (int round = 0; round < 10; round++) {
@@ -34,18 +34,18 @@ void ag_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t
     out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
 }
 
-void ag_rng_block(ag_rng_key key, uint64_t index, uint32_t out[4]) {
+void cm_rng_block(cm_rng_key key, uint64_t index, uint32_t out[4]) {
     /* 64-bit Philox key from (seed, layer, purpose); counter = (index, step). */
     uint64_t k = mix64(key.seed ^ mix64(((uint64_t)key.layer << 32 | key.purpose) + 1));
     const uint32_t philox_key[2] = {(uint32_t)k, (uint32_t)(k >> 32)};
     const uint32_t counter[4] = {(uint32_t)index, (uint32_t)(index >> 32), (uint32_t)key.step,
                                  (uint32_t)(key.step >> 32)};
-    ag_philox4x32_10(counter, philox_key, out);
+    cm_philox4x32_10(counter, philox_key, out);
 }
 
-uint64_t ag_rng_u64(ag_rng_key key, uint64_t index) {
+uint64_t cm_rng_u64(cm_rng_key key, uint64_t index) {
     uint32_t bits[4];
-    ag_rng_block(key, index, bits);
+    cm_rng_block(key, index, bits);
     return (uint64_t)bits[0] << 32 | bits[1];
 }
 
@@ -57,15 +57,15 @@ static float bits_to_unit(uint32_t bits) {
 /* Uniform draws use one 32-bit word each: index i is word i % 4 of the block
  * at counter i / 4, so bulk fills cost one Philox call per four values and
  * every value is still a pure function of (key, i). */
-float ag_rng_uniform(ag_rng_key key, uint64_t index) {
+float cm_rng_uniform(cm_rng_key key, uint64_t index) {
     uint32_t bits[4];
-    ag_rng_block(key, index >> 2, bits);
+    cm_rng_block(key, index >> 2, bits);
     return bits_to_unit(bits[index & 3]);
 }
 
-float ag_rng_normal(ag_rng_key key, uint64_t index) {
+float cm_rng_normal(cm_rng_key key, uint64_t index) {
     uint32_t bits[4];
-    ag_rng_block(key, index >> 1, bits);
+    cm_rng_block(key, index >> 1, bits);
     /* Box-Muller on two 32-bit uniforms (words 0,1 or 2,3 of the block); the
      * first in (0, 1] keeps the log finite. */
     const uint32_t *pair = bits + 2 * (index & 1);
@@ -74,46 +74,46 @@ float ag_rng_normal(ag_rng_key key, uint64_t index) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
-void ag_rng_fill_uniform(ag_rng_key key, uint64_t first_index, int64_t n, float low, float high,
+void cm_rng_fill_uniform(cm_rng_key key, uint64_t first_index, int64_t n, float low, float high,
                          float *out) {
     const float range = high - low;
     int64_t i = 0;
     while (i < n) {
         uint64_t index = first_index + (uint64_t)i;
         uint32_t bits[4];
-        ag_rng_block(key, index >> 2, bits);
+        cm_rng_block(key, index >> 2, bits);
         for (unsigned word = (unsigned)(index & 3); word < 4 && i < n; word++, i++)
             out[i] = low + range * bits_to_unit(bits[word]);
     }
 }
 
-void ag_rng_fill_normal(ag_rng_key key, uint64_t first_index, int64_t n, float mean, float std,
+void cm_rng_fill_normal(cm_rng_key key, uint64_t first_index, int64_t n, float mean, float std,
                         float *out) {
     for (int64_t i = 0; i < n; i++)
-        out[i] = mean + std * ag_rng_normal(key, first_index + (uint64_t)i);
+        out[i] = mean + std * cm_rng_normal(key, first_index + (uint64_t)i);
 }
 
-void ag_rng_fill_bernoulli(ag_rng_key key, uint64_t first_index, int64_t n, float p, float *out) {
-    ag_rng_fill_uniform(key, first_index, n, 0.0f, 1.0f, out);
+void cm_rng_fill_bernoulli(cm_rng_key key, uint64_t first_index, int64_t n, float p, float *out) {
+    cm_rng_fill_uniform(key, first_index, n, 0.0f, 1.0f, out);
     for (int64_t i = 0; i < n; i++) out[i] = out[i] < p ? 1.0f : 0.0f;
 }
 
-uint64_t ag_rng_below(ag_rng_key key, uint64_t index, uint64_t n) {
+uint64_t cm_rng_below(cm_rng_key key, uint64_t index, uint64_t n) {
     /* Multiply-shift on 64 bits: bias below 2^-32 for any n < 2^32. */
-    return (uint64_t)(((unsigned __int128)ag_rng_u64(key, index) * n) >> 64);
+    return (uint64_t)(((unsigned __int128)cm_rng_u64(key, index) * n) >> 64);
 }
 
-void ag_rng_permutation(ag_rng_key key, int32_t n, int32_t *out) {
+void cm_rng_permutation(cm_rng_key key, int32_t n, int32_t *out) {
     for (int32_t i = 0; i < n; i++) out[i] = i;
     for (int32_t i = n - 1; i > 0; i--) {
-        int32_t j = (int32_t)ag_rng_below(key, (uint64_t)i, (uint64_t)i + 1);
+        int32_t j = (int32_t)cm_rng_below(key, (uint64_t)i, (uint64_t)i + 1);
         int32_t tmp = out[i];
         out[i] = out[j];
         out[j] = tmp;
     }
 }
 
-uint32_t ag_hash32(const char *text) {
+uint32_t cm_hash32(const char *text) {
     uint32_t hash = 2166136261u;
     for (; *text; text++) hash = (hash ^ (uint8_t)*text) * 16777619u;
     return hash;
