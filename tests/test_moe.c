@@ -32,7 +32,7 @@ static router_config base_router(router_kind kind) {
 static void build(moe_case *c, const router_config *router_cfg, uint64_t seed) {
     moe_config config = {.d_model = D,
                          .hidden = H,
-                         .activation = MOE_GELU,
+                         .activation = AG_ACT_GELU,
                          .init_std = 0.5f,
                          .out_std = 0.5f,
                          .router = *router_cfg};

@@ -112,7 +112,7 @@ static cm_status build_model(const moe_case *c, lm_model *model, ag_params *para
                         .scale_residual_init = true,
                         .layernorm_eps = 1e-5f,
                         .moe_every = 1,
-                        .moe = {.hidden = HIDDEN, .activation = MOE_GELU, .router = c->router}};
+                        .moe = {.hidden = HIDDEN, .activation = AG_ACT_GELU, .router = c->router}};
     ag_params_init(params);
     CM_TRY(lm_declare(model, &config, params));
     CM_TRY(ag_params_finalize(params, 3));
@@ -143,10 +143,6 @@ static void make_batch(int32_t *window, int32_t *inputs, int32_t *targets) {
         }
 }
 
-static const char *gating_name(router_gating gating) {
-    return gating == ROUTER_SOFTMAX_THEN_TOPK ? "softmax_topk" : "topk_softmax";
-}
-
 static bool write_settings(const char *path, const moe_case *c) {
     FILE *f = fopen(path, "w");
     if (!f) return false;
@@ -159,10 +155,11 @@ static bool write_settings(const char *path, const moe_case *c) {
             "\"layernorm_eps\": %.17g,\n"
             " \"lr\": %.17g, \"beta1\": %.17g, \"beta2\": %.17g, \"eps\": %.17g, "
             "\"weight_decay\": %.17g, \"steps\": %d}\n",
-            router_kind_name(r->kind), r->k, gating_name(r->gating), (double)r->aux_loss_coef,
-            (double)r->z_loss_coef, (double)r->top_p, (double)r->entropy_coef, r->k_schedule.k_min,
-            r->k_schedule.k_max, (long long)r->k_schedule.total_steps, BATCH, SEQ, LAYERS, HEADS,
-            (double)1e-5f, LR, BETA1, BETA2, EPS, WEIGHT_DECAY, STEPS);
+            router_kind_name(r->kind), r->k, router_gating_names[r->gating],
+            (double)r->aux_loss_coef, (double)r->z_loss_coef, (double)r->top_p,
+            (double)r->entropy_coef, r->k_schedule.k_min, r->k_schedule.k_max,
+            (long long)r->k_schedule.total_steps, BATCH, SEQ, LAYERS, HEADS, (double)1e-5f, LR,
+            BETA1, BETA2, EPS, WEIGHT_DECAY, STEPS);
     return fclose(f) == 0;
 }
 

@@ -82,7 +82,7 @@ START_TEST(test_dense_recipe) {
     ck_assert_str_eq(r.data.test_path, "data/kjv/test.txt");
     ck_assert_int_eq(r.data.seq_len, 256);
     ck_assert_int_eq(r.data.batch_size, 16);
-    ck_assert_int_eq(r.optim.type, CM_OPTIM_ADAMW);
+    ck_assert_int_eq(r.optim.type, OPTIM_ADAMW);
     ck_assert_double_eq(r.optim.lr, 1e-3);
     ck_assert_double_eq(r.optim.beta1, 0.9);
     ck_assert_double_eq(r.optim.beta2, 0.95);
@@ -90,7 +90,7 @@ START_TEST(test_dense_recipe) {
     ck_assert_double_eq(r.optim.weight_decay, 0.1);
     ck_assert(!r.optim.decay_norms && !r.optim.decay_biases && !r.optim.decay_embeddings);
     ck_assert_double_eq(r.optim.grad_clip, 1.0);
-    ck_assert_int_eq(r.schedule.type, CM_SCHEDULE_COSINE);
+    ck_assert_int_eq(r.schedule.type, OPTIM_LR_COSINE);
     ck_assert_int_eq(r.schedule.warmup_steps, 50);
     ck_assert_double_eq(r.schedule.min_lr, 1e-4);
     ck_assert_int_eq(r.train.steps, 2000);
@@ -117,12 +117,12 @@ START_TEST(test_defaults) {
     ck_assert_str_eq(defaults.name, "run");
     ck_assert_int_eq(defaults.model.n_layers, 4);
     ck_assert_double_eq(defaults.model.dropout, 0.0);
-    ck_assert_int_eq(defaults.optim.type, CM_OPTIM_ADAMW);
+    ck_assert_int_eq(defaults.optim.type, OPTIM_ADAMW);
     ck_assert_double_eq(defaults.optim.lr, 3e-4);
     ck_assert_double_eq(defaults.optim.beta2, 0.999);
     ck_assert_double_eq(defaults.optim.weight_decay, 0.01);
     ck_assert_double_eq(defaults.optim.grad_clip, 0.0);
-    ck_assert_int_eq(defaults.schedule.type, CM_SCHEDULE_CONSTANT);
+    ck_assert_int_eq(defaults.schedule.type, OPTIM_LR_CONSTANT);
     ck_assert_int_eq(defaults.schedule.step_size, 1000);
     ck_assert_double_eq(defaults.schedule.gamma, 0.1);
     ck_assert_int_eq(defaults.train.steps, 2000);
@@ -216,7 +216,7 @@ START_TEST(test_set_overrides) {
     ck_assert_str_eq(r.name, "tuned");
     ck_assert_double_eq(r.model.dropout, 0.2);
     ck_assert_int_eq(r.train.steps, 7);
-    ck_assert_int_eq(r.schedule.type, CM_SCHEDULE_STEP);
+    ck_assert_int_eq(r.schedule.type, OPTIM_LR_STEP);
     ck_assert_str_eq(r.train.out_dir, "/tmp/out dir");
     ck_assert_str_eq(r.checkpoint.dir, "");
     ck_assert_int_eq(r.model.d_model, 64); /* still from parent.yaml */

@@ -81,9 +81,9 @@ START_TEST(test_lm_recipes) {
     ck_assert_int_eq(top2.moe.every, 1);
     ck_assert(top2.moe.split_dense);
     ck_assert_int_eq(recipe_expert_hidden(&top2), 128); /* 1024 / 8: dense's parameters */
-    ck_assert_int_eq(top2.router.type, CM_ROUTER_TOPK);
+    ck_assert_int_eq(top2.router.type, ROUTER_TOPK);
     ck_assert_int_eq(top2.router.k, 2);
-    ck_assert_int_eq(top2.router.gating, CM_GATING_TOPK_SOFTMAX);
+    ck_assert_int_eq(top2.router.gating, ROUTER_TOPK_THEN_SOFTMAX);
     ck_assert_double_eq(top2.router.aux_loss_coef, 1e-2);
     ck_assert_double_eq(top2.router.capacity_factor, 0.0);
     for (int layer = 0; layer < 4; layer++) ck_assert(recipe_layer_is_moe(&top2, layer));
@@ -91,9 +91,9 @@ START_TEST(test_lm_recipes) {
     cm_recipe switch_top1 = load_lm("switch.yaml", NULL, 0);
     ck_assert_str_eq(switch_top1.name, "switch");
     assert_dense_elsewhere(&switch_top1, &dense, 1024);
-    ck_assert_int_eq(switch_top1.router.type, CM_ROUTER_TOPK);
+    ck_assert_int_eq(switch_top1.router.type, ROUTER_TOPK);
     ck_assert_int_eq(switch_top1.router.k, 1);
-    ck_assert_int_eq(switch_top1.router.gating, CM_GATING_SOFTMAX_TOPK); /* gate = p_i */
+    ck_assert_int_eq(switch_top1.router.gating, ROUTER_SOFTMAX_THEN_TOPK); /* gate = p_i */
     ck_assert_double_eq(switch_top1.router.aux_loss_coef, 1e-2);
     ck_assert_int_eq(recipe_expert_hidden(&switch_top1), 1024);
     ck_assert(recipe_layer_is_moe(&switch_top1, 0) && !recipe_layer_is_moe(&switch_top1, 1) &&
@@ -102,8 +102,8 @@ START_TEST(test_lm_recipes) {
     cm_recipe smoe = load_lm("smoe-dropout.yaml", NULL, 0);
     ck_assert_str_eq(smoe.name, "smoe-dropout");
     assert_dense_elsewhere(&smoe, &dense, 3072);
-    ck_assert_int_eq(smoe.router.type, CM_ROUTER_SMOE_DROPOUT);
-    ck_assert_int_eq(smoe.router.gating, CM_GATING_TOPK_SOFTMAX);
+    ck_assert_int_eq(smoe.router.type, ROUTER_SMOE_DROPOUT);
+    ck_assert_int_eq(smoe.router.gating, ROUTER_TOPK_THEN_SOFTMAX);
     ck_assert_double_eq(smoe.router.aux_loss_coef, 0.0);
     ck_assert_int_eq(recipe_expert_hidden(&smoe), 128);
     recipe_router_config(&smoe, &config);
@@ -126,17 +126,17 @@ START_TEST(test_lm_recipes) {
     cm_recipe thor = load_lm("thor.yaml", NULL, 0);
     ck_assert_str_eq(thor.name, "thor");
     assert_dense_elsewhere(&thor, &dense, 2048);
-    ck_assert_int_eq(thor.router.type, CM_ROUTER_THOR);
+    ck_assert_int_eq(thor.router.type, ROUTER_THOR);
     ck_assert_int_eq(thor.moe.num_experts, 4);
     ck_assert_int_eq(thor.moe.every, 2);
     ck_assert_int_eq(recipe_expert_hidden(&thor), 1024);
     ck_assert_double_eq(thor.router.thor_alpha, 5.0);
-    ck_assert_int_eq(thor.router.thor_level, CM_THOR_PER_SEQUENCE);
+    ck_assert_int_eq(thor.router.thor_level, ROUTER_THOR_PER_SEQUENCE);
 
     cm_recipe top_p = load_lm("top-p.yaml", NULL, 0);
     ck_assert_str_eq(top_p.name, "top-p");
     assert_dense_elsewhere(&top_p, &dense, 3072);
-    ck_assert_int_eq(top_p.router.type, CM_ROUTER_TOP_P);
+    ck_assert_int_eq(top_p.router.type, ROUTER_TOP_P);
     ck_assert_double_eq(top_p.router.top_p, 0.4);
     ck_assert_double_eq(top_p.router.entropy_coef, 1e-4);
     ck_assert_double_eq(top_p.router.aux_loss_coef, 1e-2);
@@ -144,7 +144,7 @@ START_TEST(test_lm_recipes) {
     cm_recipe choice = load_lm("expert-choice.yaml", NULL, 0);
     ck_assert_str_eq(choice.name, "expert-choice");
     assert_dense_elsewhere(&choice, &dense, 1280);
-    ck_assert_int_eq(choice.router.type, CM_ROUTER_EXPERT_CHOICE);
+    ck_assert_int_eq(choice.router.type, ROUTER_EXPERT_CHOICE);
     ck_assert_double_eq(choice.router.capacity_factor, 2.0);
 
     /* Every recipe's router and layer configs pass the router's own checks. */
@@ -170,10 +170,10 @@ START_TEST(test_defaults) {
     ck_assert_int_eq(r.moe.every, 1);
     ck_assert_int_eq(r.moe.expert_hidden, 0);
     ck_assert(!r.moe.split_dense);
-    ck_assert_int_eq(r.moe.activation, CM_MOE_GELU);
-    ck_assert_int_eq(r.router.type, CM_ROUTER_TOPK);
+    ck_assert_int_eq(r.moe.activation, AG_ACT_GELU);
+    ck_assert_int_eq(r.router.type, ROUTER_TOPK);
     ck_assert_int_eq(r.router.k, 2);
-    ck_assert_int_eq(r.router.gating, CM_GATING_SOFTMAX_TOPK);
+    ck_assert_int_eq(r.router.gating, ROUTER_SOFTMAX_THEN_TOPK);
     ck_assert(!r.router.bias && !r.router.noisy);
     ck_assert_double_eq(r.router.init_std, 0.02);
     ck_assert_double_eq(r.router.noise_std, 1.0);
@@ -182,13 +182,13 @@ START_TEST(test_defaults) {
     ck_assert_double_eq(r.router.top_p, 0.4);
     ck_assert_double_eq(r.router.entropy_coef, 1e-4);
     ck_assert_double_eq(r.router.capacity_factor, 0.0);
-    ck_assert_int_eq(r.router.drop_policy, CM_DROP_PROBABILITY);
-    ck_assert_int_eq(r.router.k_schedule, CM_K_CONSTANT);
+    ck_assert_int_eq(r.router.drop_policy, ROUTER_DROP_PROBABILITY);
+    ck_assert_int_eq(r.router.k_schedule, ROUTER_K_CONSTANT);
     ck_assert_int_eq(r.router.k_min, 2);
     ck_assert_int_eq(r.router.k_max, 0);
     ck_assert_int_eq(r.router.k_span_steps, 0);
     ck_assert_double_eq(r.router.thor_alpha, 1.0);
-    ck_assert_int_eq(r.router.thor_level, CM_THOR_PER_SEQUENCE);
+    ck_assert_int_eq(r.router.thor_level, ROUTER_THOR_PER_SEQUENCE);
     ck_assert_int_eq(r.router.eval_k, 0);
     ck_assert_int_eq(recipe_expert_hidden(&r), 1024); /* d_ff */
     for (int layer = 0; layer < 4; layer++) ck_assert(!recipe_layer_is_moe(&r, layer));
@@ -354,6 +354,7 @@ START_TEST(test_router_config_fields) {
         "router.k_max=5",
         "router.k_span_steps=600",
         "router.thor_level=per_token",
+        "router.thor_alpha=0.375",
         "train.steps=900",
     };
     cm_recipe r = load_ok(NULL, overrides, (int)(sizeof overrides / sizeof overrides[0]));
@@ -379,6 +380,7 @@ START_TEST(test_router_config_fields) {
     ck_assert_int_eq(c.k_schedule.k_max, 5);
     ck_assert_int_eq(c.k_schedule.total_steps, 600); /* k_span_steps, not train.steps */
     ck_assert_int_eq(c.thor_level, ROUTER_THOR_PER_TOKEN);
+    ck_assert_float_eq(c.consistency_alpha, 0.375f);
 
     /* k_max 0 is num_experts; k_span_steps 0 is train.steps. */
     const char *open_ended[] = {"moe.num_experts=6", "router.k_max=0", "router.k_span_steps=0",
@@ -405,6 +407,31 @@ static const char *const *enum_names_of(const char *section, const char *key) {
     return NULL;
 }
 
+/* Every enum key spells its values with the name table of the module that
+ * owns the enum: one table per concept. */
+START_TEST(test_enum_keys_use_owner_tables) {
+    const struct {
+        const char *section, *key;
+        const char *const *names;
+    } keys[] = {
+        {"moe", "activation", ag_activation_names},
+        {"moe", "cnn_routing", moe_cnn_routing_names},
+        {"router", "type", router_kind_names},
+        {"router", "gating", router_gating_names},
+        {"router", "drop_policy", router_drop_policy_names},
+        {"router", "k_schedule", router_k_mode_names},
+        {"router", "thor_level", router_thor_level_names},
+        {"optim", "type", optim_kind_names},
+        {"schedule", "type", optim_lr_kind_names},
+        {"adversarial", "mode", adv_mode_names},
+        {"adversarial", "router_objective", adv_router_objective_names},
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        ck_assert_msg(enum_names_of(keys[i].section, keys[i].key) == keys[i].names,
+                      "%s.%s does not use its owner's name table", keys[i].section, keys[i].key);
+}
+END_TEST
+
 START_TEST(test_enum_names_match) {
     /* Each router.type and moe.activation name reaches the method and the
      * activation of the same name in the router and layer modules. */
@@ -430,9 +457,9 @@ START_TEST(test_enum_names_match) {
         cm_recipe r = load_ok(NULL, overrides, 1);
         moe_config c;
         recipe_moe_config(&r, &c);
-        ck_assert_str_eq(moe_activation_name(c.activation), activations[n_activations]);
+        ck_assert_str_eq(ag_activation_names[c.activation], activations[n_activations]);
     }
-    ck_assert_int_eq(n_activations, MOE_ACTIVATION_COUNT);
+    ck_assert_int_eq(n_activations, AG_ACT_COUNT);
     /* The k schedules (k 2 -> 8 over 100 steps): the mode is the one of the
      * same name, step by step, and k halfway matches the formulas of optim.h. */
     const struct {
@@ -474,7 +501,7 @@ START_TEST(test_moe_config) {
     recipe_moe_config(&r, &c);
     ck_assert_int_eq(c.d_model, 256);
     ck_assert_int_eq(c.hidden, 128);
-    ck_assert_int_eq(c.activation, MOE_RELU);
+    ck_assert_int_eq(c.activation, AG_ACT_RELU);
     ck_assert_float_eq(c.init_std, 0.04f);
     ck_assert_float_eq_tol(c.out_std, 0.04f / 4.0f, 1e-7f); /* 0.04 / sqrt(2 * 8) */
     ck_assert_int_eq(c.router.num_experts, 4);
@@ -506,6 +533,7 @@ int main(void) {
     tcase_add_test(tc, test_consistency_messages);
     tcase_add_test(tc, test_consistency_blame);
     tcase_add_test(tc, test_router_config_fields);
+    tcase_add_test(tc, test_enum_keys_use_owner_tables);
     tcase_add_test(tc, test_enum_names_match);
     tcase_add_test(tc, test_moe_config);
     suite_add_tcase(suite, tc);

@@ -23,7 +23,7 @@ static void build(lm_model *model, ag_params *params) {
                         .moe_every = 1};
     config.moe = (moe_config){
         .hidden = 12,
-        .activation = MOE_GELU,
+        .activation = AG_ACT_GELU,
         .router = {.kind = ROUTER_THOR, .num_experts = E, .thor_level = ROUTER_THOR_PER_SEQUENCE}};
     ag_params_init(params);
     ck_assert_msg(lm_declare(model, &config, params) == CM_OK, "%s", cm_error_message());

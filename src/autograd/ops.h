@@ -129,7 +129,16 @@ ag_tensor *ag_sum_rows(ag_ctx *ctx, ag_tensor *x);
 ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
                              const int32_t *offsets);
 
-typedef enum ag_activation { AG_ACT_GELU = 0, AG_ACT_RELU, AG_ACT_SILU } ag_activation;
+/* The pointwise activations (ag_gelu, ag_relu, ag_silu); the MoE layer's
+ * moe.activation. ag_activation_names: the spellings recipes use, in enum
+ * order, NULL-terminated. */
+typedef enum ag_activation {
+    AG_ACT_GELU = 0,
+    AG_ACT_RELU,
+    AG_ACT_SILU,
+    AG_ACT_COUNT
+} ag_activation;
+extern const char *const ag_activation_names[AG_ACT_COUNT + 1];
 /* ag_grouped_linear(act(h), w, bias, offsets) as one op that keeps only h:
  * act(h) [S,IN] is made in scratch for the forward product and made again
  * in backward, so neither it nor its gradient is ever stored (the experts'

@@ -1,5 +1,6 @@
 /* Ops for routing and expert computation: element gather, segment softmax,
  * row sums, and the per-expert (grouped) linear layer. */
+#include <assert.h>
 #include <math.h>
 #include <string.h>
 
@@ -209,6 +210,10 @@ ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor 
 
 /* ---- grouped_linear_act: act(h) [S,IN] per group through w, bias -> [S,OUT] ------- */
 
+const char *const ag_activation_names[] = {"gelu", "relu", "silu", NULL};
+static_assert(sizeof ag_activation_names / sizeof ag_activation_names[0] == AG_ACT_COUNT + 1,
+              "ag_activation_names out of sync with ag_activation");
+
 typedef struct grouped_act_saved {
     const int32_t *offsets;
     ag_activation activation;
@@ -232,7 +237,8 @@ static void act_forward_range(void *context, int64_t begin, int64_t end) {
     case AG_ACT_SILU:
         for (int64_t i = begin; i < end; i++) j->a[i] = ag_silu_value(j->h[i]);
         break;
-    default:
+    case AG_ACT_GELU:
+    case AG_ACT_COUNT: /* rejected by ag_grouped_linear_act */
         for (int64_t i = begin; i < end; i++) j->a[i] = ag_gelu_value(j->h[i]);
     }
 }
@@ -247,7 +253,8 @@ static void act_backward_range(void *context, int64_t begin, int64_t end) {
     case AG_ACT_SILU:
         for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_silu_derivative(j->h[i]);
         break;
-    default:
+    case AG_ACT_GELU:
+    case AG_ACT_COUNT: /* rejected by ag_grouped_linear_act */
         for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_gelu_derivative(j->h[i]);
     }
 }
@@ -300,6 +307,8 @@ ag_tensor *ag_grouped_linear_act(ag_ctx *ctx, ag_tensor *h, ag_activation activa
     AG_OP_BEGIN(ctx, h, w);
     const char *op = "grouped_linear_act";
     check_grouped(op, h, w, bias, offsets);
+    CM_ASSERT(activation >= 0 && activation < AG_ACT_COUNT, "%s: unknown activation %d", op,
+              (int)activation);
     ag_tensor *out = ag_empty(ctx, op, 2, (int[]){h->shape[0], w->shape[1]});
     if (!out) return NULL;
     ag_tensor *inputs[3] = {h, w, bias};

@@ -6,19 +6,15 @@
 #include <stdio.h>
 #include <string.h>
 
-static const char *const activation_names[MOE_ACTIVATION_COUNT] = {"gelu", "relu", "silu"};
-
-const char *moe_activation_name(moe_activation activation) {
-    return activation >= 0 && activation < MOE_ACTIVATION_COUNT ? activation_names[activation]
-                                                                : "?";
-}
-
 cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,
                       const char *prefix) {
     const moe_config *c = config;
     if (c->hidden < 1 || c->d_model < 1)
         return CM_ERR(CM_ERR_INVALID, "MoE layer %d: expert hidden size %d must be >= 1", layer,
                       c->hidden);
+    if (c->activation < 0 || c->activation >= AG_ACT_COUNT)
+        return CM_ERR(CM_ERR_INVALID, "MoE layer %d: unknown activation %d", layer,
+                      (int)c->activation);
     *moe = (moe_layer){.config = *c, .layer = layer};
     const int E = c->router.num_experts, D = c->d_model, H = c->hidden;
     const int ranks = c->ep_size > 1 ? c->ep_size : 1;
@@ -135,17 +131,6 @@ static ag_tensor *from_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *y,
     return ag_all_to_all(ctx, y, plan->recv_rows, plan->send_rows, moe->config.ep_group);
 }
 
-static ag_activation op_activation(moe_activation activation) {
-    switch (activation) {
-    case MOE_RELU:
-        return AG_ACT_RELU;
-    case MOE_SILU:
-        return AG_ACT_SILU;
-    default:
-        return AG_ACT_GELU;
-    }
-}
-
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
                       moe_result *result) {
     memset(result, 0, sizeof *result);
@@ -184,9 +169,8 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     ag_tensor *h = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
                                      plan.local_offsets);
     /* the activation is fused into the second product: act(h) is not kept */
-    ag_tensor *y =
-        ag_grouped_linear_act(ctx, h, op_activation(c->activation), ag_param_tensor(moe->w2),
-                              ag_param_tensor(moe->b2), plan.local_offsets);
+    ag_tensor *y = ag_grouped_linear_act(ctx, h, c->activation, ag_param_tensor(moe->w2),
+                                         ag_param_tensor(moe->b2), plan.local_offsets);
     y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
     result->out = ag_scatter_add_rows_scaled(ctx, y, gates, sorted_token, T);

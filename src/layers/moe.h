@@ -26,20 +26,13 @@
 #include "autograd/params.h"
 #include "routers/router.h"
 
-typedef enum moe_activation {
-    MOE_GELU = 0,
-    MOE_RELU,
-    MOE_SILU,
-    MOE_ACTIVATION_COUNT
-} moe_activation;
-
 typedef struct moe_config {
-    int d_model; /* D */
-    int hidden;  /* H, per expert */
-    moe_activation activation;
-    float init_std;       /* w1 init std */
-    float out_std;        /* w2 init std (residual projection) */
-    router_config router; /* router.num_experts = E */
+    int d_model;              /* D */
+    int hidden;               /* H, per expert */
+    ag_activation activation; /* of the experts' hidden layer */
+    float init_std;           /* w1 init std */
+    float out_std;            /* w2 init std (residual projection) */
+    router_config router;     /* router.num_experts = E */
     /* Expert parallelism: this rank holds experts
      * [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges tokens with
      * the other ranks of ep_group. ep_size 0 or 1: all experts here. */
@@ -68,7 +61,5 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
 /* Runs the layer on x [T,D]; returns the context status. */
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
                       moe_result *result);
-
-const char *moe_activation_name(moe_activation activation);
 
 #endif

@@ -2,12 +2,18 @@
  * moe_conv.h. */
 #include "layers/moe_conv.h"
 
+#include <assert.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "autograd/ops_cnn_extra.h"
 #include "autograd/ops_conv.h"
 #include "common/check.h"
+
+const char *const moe_cnn_routing_names[] = {"image", "per_layer", NULL};
+static_assert(sizeof moe_cnn_routing_names / sizeof moe_cnn_routing_names[0] ==
+                  MOE_CNN_ROUTING_COUNT + 1,
+              "moe_cnn_routing_names out of sync with moe_cnn_routing");
 
 /* ---- the MoE conv ----------------------------------------------------------- */
 
@@ -170,7 +176,7 @@ cm_status moe_cnn_config_check(const moe_cnn_config *config) {
     if (config->num_experts < 1 || config->num_experts > MOE_CONV_MAX_EXPERTS)
         return CM_ERR(CM_ERR_INVALID, "moe_cnn: num_experts = %d not in [1, %d]",
                       config->num_experts, MOE_CONV_MAX_EXPERTS);
-    if (config->routing != MOE_CNN_ROUTING_IMAGE && config->routing != MOE_CNN_ROUTING_PER_LAYER)
+    if (config->routing < 0 || config->routing >= MOE_CNN_ROUTING_COUNT)
         return CM_ERR(CM_ERR_INVALID, "moe_cnn: unknown routing %d", (int)config->routing);
     if (!(config->router_init_std > 0.0f))
         return CM_ERR(CM_ERR_INVALID, "moe_cnn: router_init_std = %g (need > 0)",

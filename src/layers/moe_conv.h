@@ -109,7 +109,10 @@ int64_t moe_router_flops(const moe_router_config *config, int in_channels, int n
 typedef enum moe_cnn_routing {
     MOE_CNN_ROUTING_IMAGE = 0,     /* one router on the image, shared (release) */
     MOE_CNN_ROUTING_PER_LAYER = 1, /* one router per MoE conv, on its input (paper) */
+    MOE_CNN_ROUTING_COUNT
 } moe_cnn_routing;
+/* The spellings recipes use (moe.cnn_routing), in enum order, NULL-terminated. */
+extern const char *const moe_cnn_routing_names[MOE_CNN_ROUTING_COUNT + 1];
 
 typedef struct moe_cnn_config {
     cnn_config body; /* topology; body.ratio sets the expert width w */

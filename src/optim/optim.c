@@ -1,9 +1,14 @@
 /* Optimizer dispatch, configuration checks and the weight-decay policy. */
+#include <assert.h>
 #include <ctype.h>
 #include <math.h>
 #include <string.h>
 
 #include "optim/optim.h"
+
+const char *const optim_kind_names[] = {"adamw", "sgd", NULL};
+static_assert(sizeof optim_kind_names / sizeof optim_kind_names[0] == OPTIM_KIND_COUNT + 1,
+              "optim_kind_names out of sync with optim_kind");
 
 void optim_step(ag_params *params, const optim_config *config, double lr, optim_state *state) {
     switch (config->kind) {
@@ -12,6 +17,8 @@ void optim_step(ag_params *params, const optim_config *config, double lr, optim_
         break;
     case OPTIM_SGD:
         optim_sgd_step(params, &config->sgd, lr, state);
+        break;
+    case OPTIM_KIND_COUNT: /* rejected by optim_config_check */
         break;
     }
 }
@@ -45,6 +52,8 @@ cm_status optim_config_check(const optim_config *config) {
             return CM_ERR(CM_ERR_INVALID, "sgd nesterov needs momentum > 0");
         return CM_OK;
     }
+    case OPTIM_KIND_COUNT:
+        break;
     }
     return CM_ERR(CM_ERR_INVALID, "unknown optimizer kind %d", (int)config->kind);
 }

@@ -7,7 +7,7 @@
  * optim_state.step. Frozen parameters are skipped entirely: value, m and v stay
  * bit-identical. Parameters with no_decay set skip the weight decay.
  *
- * Schedules (learning rate, SMoE-Dropout's k) are pure functions of the step:
+ * Learning-rate schedules are pure functions of the step:
  * a resumed run recomputes them from the step alone, nothing to checkpoint.
  *
  * Clipping computes the global L2 norm of the gradients in double. The sum of
@@ -26,7 +26,9 @@
 /* ---- optimizers ------------------------------------------------------------
  */
 
-typedef enum optim_kind { OPTIM_ADAMW, OPTIM_SGD } optim_kind;
+typedef enum optim_kind { OPTIM_ADAMW, OPTIM_SGD, OPTIM_KIND_COUNT } optim_kind;
+/* The spellings recipes use (optim.type), in enum order, NULL-terminated. */
+extern const char *const optim_kind_names[OPTIM_KIND_COUNT + 1];
 
 typedef struct optim_adamw_config {
     double beta1, beta2, eps;
@@ -134,7 +136,10 @@ typedef enum optim_lr_kind {
     OPTIM_LR_CONSTANT, /* lr */
     OPTIM_LR_COSINE,   /* cosine from lr at step warmup to min_lr at total_steps */
     OPTIM_LR_STEP,     /* lr * gamma^floor(step / step_size) */
+    OPTIM_LR_KIND_COUNT
 } optim_lr_kind;
+/* The spellings recipes use (schedule.type), in enum order, NULL-terminated. */
+extern const char *const optim_lr_kind_names[OPTIM_LR_KIND_COUNT + 1];
 
 typedef struct optim_lr_schedule {
     optim_lr_kind kind;

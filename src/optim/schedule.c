@@ -1,7 +1,12 @@
-/* Learning-rate and k schedules: pure functions of the step (see optim.h). */
+/* Learning-rate schedules: pure functions of the step (see optim.h). */
+#include <assert.h>
 #include <math.h>
 
 #include "optim/optim.h"
+
+const char *const optim_lr_kind_names[] = {"constant", "cosine", "step", NULL};
+static_assert(sizeof optim_lr_kind_names / sizeof optim_lr_kind_names[0] == OPTIM_LR_KIND_COUNT + 1,
+              "optim_lr_kind_names out of sync with optim_lr_kind");
 
 static const double PI = 3.14159265358979323846;
 
@@ -27,6 +32,8 @@ double optim_lr_at(const optim_lr_schedule *schedule, int64_t step) {
     case OPTIM_LR_STEP:
         if (schedule->step_size > 0) /* else: rejected by the check; no decay */
             lr = schedule->lr * pow(schedule->gamma, (double)(step / schedule->step_size));
+        break;
+    case OPTIM_LR_KIND_COUNT: /* rejected by the check; constant */
         break;
     }
     if (step < schedule->warmup_steps) lr *= (double)(step + 1) / (double)schedule->warmup_steps;
@@ -58,6 +65,8 @@ cm_status optim_lr_schedule_check(const optim_lr_schedule *schedule) {
             return CM_ERR(CM_ERR_INVALID, "step decay gamma = %g must be in (0, 1]",
                           schedule->gamma);
         return CM_OK;
+    case OPTIM_LR_KIND_COUNT:
+        break;
     }
     return CM_ERR(CM_ERR_INVALID, "unknown learning-rate schedule %d", (int)schedule->kind);
 }

@@ -1,6 +1,13 @@
 #include "routers/k_schedule.h"
 
+#include <assert.h>
 #include <math.h>
+#include <stddef.h>
+
+const char *const router_k_mode_names[] = {"constant",     "linear_increase",     "cosine_increase",
+                                           "exp_increase", "multi_step_increase", NULL};
+static_assert(sizeof router_k_mode_names / sizeof router_k_mode_names[0] == ROUTER_K_MODE_COUNT + 1,
+              "router_k_mode_names out of sync with router_k_mode");
 
 static const double PI = 3.14159265358979323846;
 
@@ -49,6 +56,8 @@ int router_k_at(const router_k_schedule *schedule, int64_t step) {
         k = multi_step_k[index];
         break;
     }
+    case ROUTER_K_MODE_COUNT: /* rejected by the check; k_max */
+        break;
     }
     if (k < k_min) k = k_min;
     if (k > k_max) k = k_max;
@@ -62,7 +71,7 @@ cm_status router_k_schedule_check(const router_k_schedule *schedule) {
     if (schedule->mode != ROUTER_K_CONSTANT && schedule->total_steps <= 0)
         return CM_ERR(CM_ERR_INVALID, "k schedule total_steps = %lld must be positive",
                       (long long)schedule->total_steps);
-    if ((unsigned)schedule->mode > ROUTER_K_MULTI_STEP_INCREASE)
+    if ((unsigned)schedule->mode >= ROUTER_K_MODE_COUNT)
         return CM_ERR(CM_ERR_INVALID, "unknown k schedule mode %d", (int)schedule->mode);
     return CM_OK;
 }

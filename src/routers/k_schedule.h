@@ -15,7 +15,10 @@ typedef enum router_k_mode {
     ROUTER_K_EXP_INCREASE,        /* k_max + round((k_min - k_max) * 0.99^(s // (S //
                                     300))) */
     ROUTER_K_MULTI_STEP_INCREASE, /* [1, 2, 4, 8, 16][int(5 s / S)] */
+    ROUTER_K_MODE_COUNT
 } router_k_mode;
+/* The spellings recipes use (router.k_schedule), in enum order, NULL-terminated. */
+extern const char *const router_k_mode_names[ROUTER_K_MODE_COUNT + 1];
 
 typedef struct router_k_schedule {
     router_k_mode mode;

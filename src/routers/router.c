@@ -1,14 +1,26 @@
 #include "routers/router.h"
 
+#include <assert.h>
 #include <stdio.h>
 
 #include "routers/router_internal.h"
 
-static const char *const kind_names[ROUTER_KIND_COUNT] = {"topk", "smoe_dropout", "thor", "top_p",
-                                                          "expert_choice"};
+#define NAME_COUNT(names) (sizeof names / sizeof names[0] - 1)
+
+const char *const router_kind_names[] = {"topk",  "smoe_dropout",  "thor",
+                                         "top_p", "expert_choice", NULL};
+const char *const router_gating_names[] = {"softmax_topk", "topk_softmax", NULL};
+const char *const router_drop_policy_names[] = {"probability", "position", NULL};
+const char *const router_thor_level_names[] = {"per_token", "per_sequence", NULL};
+static_assert(NAME_COUNT(router_kind_names) == ROUTER_KIND_COUNT, "router_kind_names");
+static_assert(NAME_COUNT(router_gating_names) == ROUTER_GATING_COUNT, "router_gating_names");
+static_assert(NAME_COUNT(router_drop_policy_names) == ROUTER_DROP_POLICY_COUNT,
+              "router_drop_policy_names");
+static_assert(NAME_COUNT(router_thor_level_names) == ROUTER_THOR_LEVEL_COUNT,
+              "router_thor_level_names");
 
 const char *router_kind_name(router_kind kind) {
-    return kind >= 0 && kind < ROUTER_KIND_COUNT ? kind_names[kind] : "?";
+    return kind >= 0 && kind < ROUTER_KIND_COUNT ? router_kind_names[kind] : "?";
 }
 
 cm_status router_declare(router *r, const router_config *config, int layer, int d_model,

@@ -65,7 +65,15 @@ typedef enum router_drop_policy {
 typedef enum router_thor_level {
     ROUTER_THOR_PER_TOKEN = 0,    /* inference_level 0 */
     ROUTER_THOR_PER_SEQUENCE = 1, /* inference_level 1, the released default */
+    ROUTER_THOR_LEVEL_COUNT
 } router_thor_level;
+
+/* The spellings recipes and logs use (router.type, router.gating,
+ * router.drop_policy, router.thor_level), in enum order, NULL-terminated. */
+extern const char *const router_kind_names[ROUTER_KIND_COUNT + 1];
+extern const char *const router_gating_names[ROUTER_GATING_COUNT + 1];
+extern const char *const router_drop_policy_names[ROUTER_DROP_POLICY_COUNT + 1];
+extern const char *const router_thor_level_names[ROUTER_THOR_LEVEL_COUNT + 1];
 
 typedef struct router_config {
     router_kind kind;
@@ -85,6 +93,7 @@ typedef struct router_config {
     router_drop_policy drop_policy;
     router_k_schedule k_schedule; /* SMoE-Dropout: k during training */
     router_thor_level thor_level;
+    float consistency_alpha; /* THOR: weight of the consistency loss between its two passes */
 } router_config;
 
 typedef struct router {
@@ -144,7 +153,7 @@ cm_status router_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_
  * training: its schedule at call->step; otherwise config.k. */
 int router_effective_k(const router *r, const router_call *call);
 
-/* Names used in recipes and logs ("topk", "smoe_dropout", ...). */
+/* router_kind_names[kind] ("topk", "smoe_dropout", ...); "?" out of range. */
 const char *router_kind_name(router_kind kind);
 
 #endif

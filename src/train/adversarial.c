@@ -2,10 +2,19 @@
  * adversarial.h. */
 #include "train/adversarial.h"
 
+#include <assert.h>
 #include <math.h>
 #include <string.h>
 
 #include "common/check.h"
+
+const char *const adv_mode_names[] = {"standard", "pgd_at", "trades", "advmoe", NULL};
+const char *const adv_router_objective_names[] = {"code", "paper", NULL};
+static_assert(sizeof adv_mode_names / sizeof adv_mode_names[0] == ADV_MODE_COUNT + 1,
+              "adv_mode_names out of sync with adv_mode");
+static_assert(sizeof adv_router_objective_names / sizeof adv_router_objective_names[0] ==
+                  ADV_ROUTER_OBJECTIVE_COUNT + 1,
+              "adv_router_objective_names out of sync with adv_router_objective");
 
 adv_attack_config adv_pgd_config(float epsilon, float step_size, int steps, cm_rng_key key) {
     return (adv_attack_config){.epsilon = epsilon,

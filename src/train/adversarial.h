@@ -42,6 +42,27 @@
 
 enum { ADV_MAX_ROUTERS = MOE_CNN_MAX_ROUTERS };
 
+/* ---- training modes (adversarial.mode and .router_objective; the image
+ * classifier's trainer, cnn_trainer.c, runs them) ------------------------------ */
+
+typedef enum adv_mode {
+    ADV_MODE_STANDARD = 0, /* clean cross-entropy */
+    ADV_MODE_PGD_AT,       /* Madry: CE on PGD examples, all parameters jointly */
+    ADV_MODE_TRADES,       /* TRADES loss, all parameters jointly */
+    ADV_MODE_ADVMOE,       /* alternating expert (theta) and router (phi) steps */
+    ADV_MODE_COUNT
+} adv_mode;
+typedef enum adv_router_objective {
+    ADV_ROUTER_CODE = 0, /* alpha CE(r(x), y mod E) + beta KL (the release) */
+    ADV_ROUTER_PAPER,    /* the full MoE TRADES loss w.r.t. phi */
+    ADV_ROUTER_OBJECTIVE_COUNT
+} adv_router_objective;
+/* The spellings recipes use, in enum order, NULL-terminated. */
+extern const char *const adv_mode_names[ADV_MODE_COUNT + 1];
+extern const char *const adv_router_objective_names[ADV_ROUTER_OBJECTIVE_COUNT + 1];
+
+/* ---- the attack ----------------------------------------------------------------- */
+
 /* What one forward pass of the attacked model returns. */
 typedef struct adv_model_output {
     ag_tensor *logits;                         /* [N,V] */

@@ -29,7 +29,7 @@ struct cnn_run {
     const cm_comm *comm; /* NULL: one process */
     int rank, ranks;     /* in the world */
     bool leader;         /* world rank 0: prints, writes files */
-    shard_range rows; /* this rank's rows of every training batch */
+    shard_range rows;    /* this rank's rows of every training batch */
     float share;         /* (rows.end - rows.begin) / data.batch_size */
     char *recipe_text;
     char run_dir[PATH_CAPACITY], checkpoint_dir[PATH_CAPACITY];
@@ -83,8 +83,7 @@ static moe_cnn_config model_config(const cm_recipe *recipe) {
     for (int s = 0; s < body->n_stages; s++) body->blocks[s] = recipe->model.cnn_blocks;
     body->ratio = (float)recipe->model.cnn_ratio;
     config.num_experts = recipe->moe.enabled ? recipe->moe.num_experts : 1;
-    config.routing = recipe->moe.cnn_routing == CM_CNN_ROUTING_PER_LAYER ? MOE_CNN_ROUTING_PER_LAYER
-                                                                         : MOE_CNN_ROUTING_IMAGE;
+    config.routing = recipe->moe.cnn_routing;
     return config;
 }
 
@@ -238,7 +237,7 @@ static uint64_t first_pixel(const cnn_run *r) {
 static adv_attack_config train_attack(const cnn_run *r, int64_t step, uint32_t stream) {
     const cm_adversarial_cfg *a = &r->recipe->adversarial;
     cm_rng_key key = {(uint64_t)r->recipe->train.seed, (uint64_t)step, stream, CM_RNG_ATTACK};
-    if (a->mode == CM_ADV_PGD_AT)
+    if (a->mode == ADV_MODE_PGD_AT)
         return adv_pgd_config((float)a->eps, (float)a->step_size, a->steps, key);
     /* TRADES and AdvMoE: the routers' KL joins the attack of an MoE model. */
     return adv_trades_config((float)a->eps, (float)a->step_size, a->steps,
@@ -314,8 +313,8 @@ static cm_status theta_loss(cnn_run *r, int64_t step, ag_tensor **loss) {
     ag_ctx *ctx = &r->ctx;
     ag_tensor *x = batch_tensor(r, r->images, rows);
     CM_TRY(ag_ctx_status(ctx));
-    cm_adv_mode mode = recipe->adversarial.mode;
-    if (mode == CM_ADV_STANDARD) {
+    adv_mode mode = recipe->adversarial.mode;
+    if (mode == ADV_MODE_STANDARD) {
         adv_model_output out;
         CM_TRY(forward(r, x, true, &out));
         *loss = rank_share(r, ag_cross_entropy(ctx, out.logits, r->labels, -1));
@@ -326,7 +325,7 @@ static cm_status theta_loss(cnn_run *r, int64_t step, ag_tensor **loss) {
     ag_tensor *x_adv = batch_tensor(r, r->adv_images, rows);
     CM_TRY(ag_ctx_status(ctx));
     adv_model_output adv;
-    if (mode == CM_ADV_PGD_AT) {
+    if (mode == ADV_MODE_PGD_AT) {
         CM_TRY(forward(r, x_adv, true, &adv));
         *loss = rank_share(r, ag_cross_entropy(ctx, adv.logits, r->labels, -1));
         return ag_ctx_status(ctx);
@@ -343,7 +342,7 @@ cm_status cnn_run_expert_step(cnn_run *r, int64_t step, double *loss_out) {
     CM_TRY(load_batch(r, step));
     ag_ctx_reset(&r->ctx);
     ag_params_zero_grad(&r->params);
-    bool split = r->recipe->adversarial.mode == CM_ADV_ADVMOE;
+    bool split = r->recipe->adversarial.mode == ADV_MODE_ADVMOE;
     if (split) freeze_for(r, false);
     ag_tensor *loss = NULL;
     cm_status status = theta_loss(r, step, &loss);
@@ -367,7 +366,7 @@ static cm_status phi_loss(cnn_run *r, int64_t step, ag_tensor **loss) {
     adv_model_output clean, adv;
     CM_TRY(forward(r, x, true, &clean));
     CM_TRY(forward(r, x_adv, true, &adv));
-    if (a->router_objective == CM_ADV_ROUTER_PAPER) {
+    if (a->router_objective == ADV_ROUTER_PAPER) {
         *loss = rank_share(
             r, adv_trades_loss(ctx, clean.logits, adv.logits, r->labels, 1.0f, (float)a->beta));
         return ag_ctx_status(ctx);
@@ -385,7 +384,7 @@ static cm_status phi_loss(cnn_run *r, int64_t step, ag_tensor **loss) {
 }
 
 cm_status cnn_run_router_step(cnn_run *r, int64_t step, double *loss_out) {
-    if (r->recipe->adversarial.mode != CM_ADV_ADVMOE)
+    if (r->recipe->adversarial.mode != ADV_MODE_ADVMOE)
         return CM_ERR(CM_ERR_INVALID, "a router step needs adversarial.mode advmoe");
     CM_TRY(load_batch(r, step));
     ag_ctx_reset(&r->ctx);
@@ -400,7 +399,7 @@ cm_status cnn_run_router_step(cnn_run *r, int64_t step, double *loss_out) {
 
 cm_status cnn_run_step(cnn_run *r, int64_t step, double *loss) {
     CM_TRY(cnn_run_expert_step(r, step, loss));
-    if (r->recipe->adversarial.mode != CM_ADV_ADVMOE) return CM_OK;
+    if (r->recipe->adversarial.mode != ADV_MODE_ADVMOE) return CM_OK;
     double router_loss;
     return cnn_run_router_step(r, step, &router_loss);
 }
@@ -617,7 +616,7 @@ static cm_status resume_from(cnn_run *r, const char *resume, int64_t *start_step
     if (!found) return CM_OK;
     r->theta_state.step = meta.optimizer_step;
     /* advmoe takes one router step per theta step. */
-    r->router_state.step = r->recipe->adversarial.mode == CM_ADV_ADVMOE ? meta.optimizer_step : 0;
+    r->router_state.step = r->recipe->adversarial.mode == ADV_MODE_ADVMOE ? meta.optimizer_step : 0;
     *start_step = meta.step;
     return CM_OK;
 }

@@ -33,15 +33,22 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "autograd/ops.h"
 #include "common/status.h"
+#include "layers/moe_conv.h"
+#include "optim/optim.h"
+#include "routers/router.h"
+#include "train/adversarial.h"
 
 enum {
     CM_RECIPE_NAME_CAP = 64,  /* bytes, including the terminating NUL */
     CM_RECIPE_PATH_CAP = 256, /* bytes, including the terminating NUL */
 };
 
-/* Enum values are indices into the name lists in recipe_keys.c (the names a
- * recipe spells); a *_COUNT member guards those lists with a static_assert. */
+/* Enum fields hold the values of the module that uses them (router_kind,
+ * ag_activation, optim_kind, ...), whose name tables give the spellings a
+ * recipe uses. The three enums below belong to the recipe layer; their names
+ * are in recipe_keys.c. A *_COUNT member guards each list with a static_assert. */
 typedef enum cm_model_arch {
     CM_ARCH_TRANSFORMER_LM = 0,
     CM_ARCH_RESNET, /* image classifier, layers/cnn.h and layers/moe_conv.h */
@@ -52,68 +59,6 @@ typedef enum cm_data_format {
     CM_DATA_IDX, /* gzip IDX images + labels (Fashion-MNIST), data/idx.h */
     CM_DATA_FORMAT_COUNT
 } cm_data_format;
-typedef enum cm_cnn_routing {
-    CM_CNN_ROUTING_IMAGE = 0, /* one router on the image, shared by every MoE conv */
-    CM_CNN_ROUTING_PER_LAYER, /* one router per MoE conv */
-    CM_CNN_ROUTING_COUNT
-} cm_cnn_routing;
-typedef enum cm_adv_mode {
-    CM_ADV_STANDARD = 0, /* clean cross-entropy */
-    CM_ADV_PGD_AT,       /* Madry: CE on PGD examples, all parameters jointly */
-    CM_ADV_TRADES,       /* TRADES loss, all parameters jointly */
-    CM_ADV_ADVMOE,       /* alternating expert (theta) and router (phi) steps */
-    CM_ADV_MODE_COUNT
-} cm_adv_mode;
-typedef enum cm_adv_router_objective {
-    CM_ADV_ROUTER_CODE = 0, /* alpha CE(r(x), y mod E) + beta KL (the release) */
-    CM_ADV_ROUTER_PAPER,    /* the full MoE TRADES loss w.r.t. phi */
-    CM_ADV_ROUTER_OBJECTIVE_COUNT
-} cm_adv_router_objective;
-typedef enum cm_optimizer { CM_OPTIM_ADAMW = 0, CM_OPTIM_SGD, CM_OPTIM_COUNT } cm_optimizer;
-typedef enum cm_schedule_type {
-    CM_SCHEDULE_CONSTANT = 0,
-    CM_SCHEDULE_COSINE, /* linear warmup, then cosine from optim.lr to schedule.min_lr */
-    CM_SCHEDULE_STEP,   /* lr * gamma^floor(step / step_size), warmup on top */
-    CM_SCHEDULE_COUNT
-} cm_schedule_type;
-typedef enum cm_moe_activation {
-    CM_MOE_GELU = 0,
-    CM_MOE_RELU,
-    CM_MOE_SILU,
-    CM_MOE_ACTIVATION_COUNT
-} cm_moe_activation;
-/* The methods of METHODS.md; same order and names as routers/router.h. */
-typedef enum cm_router_type {
-    CM_ROUTER_TOPK = 0,
-    CM_ROUTER_SMOE_DROPOUT,
-    CM_ROUTER_THOR,
-    CM_ROUTER_TOP_P,
-    CM_ROUTER_EXPERT_CHOICE,
-    CM_ROUTER_TYPE_COUNT
-} cm_router_type;
-typedef enum cm_router_gating {
-    CM_GATING_SOFTMAX_TOPK = 0, /* gates: the chosen softmax probabilities */
-    CM_GATING_TOPK_SOFTMAX,     /* gates: softmax over the chosen logits (sum 1) */
-    CM_GATING_COUNT
-} cm_router_gating;
-typedef enum cm_drop_policy {
-    CM_DROP_PROBABILITY = 0,
-    CM_DROP_POSITION,
-    CM_DROP_POLICY_COUNT
-} cm_drop_policy;
-typedef enum cm_k_schedule {
-    CM_K_CONSTANT = 0,
-    CM_K_LINEAR_INCREASE,
-    CM_K_COSINE_INCREASE,
-    CM_K_EXP_INCREASE,
-    CM_K_MULTI_STEP_INCREASE,
-    CM_K_SCHEDULE_COUNT
-} cm_k_schedule;
-typedef enum cm_thor_level {
-    CM_THOR_PER_TOKEN = 0,
-    CM_THOR_PER_SEQUENCE,
-    CM_THOR_LEVEL_COUNT
-} cm_thor_level;
 typedef enum cm_split {
     CM_SPLIT_VALID = 0,
     CM_SPLIT_TEST,
@@ -147,14 +92,14 @@ typedef struct cm_moe_cfg {
     int every;         /* block i is MoE when i % every == 0 */
     int expert_hidden; /* 0: d_ff / E with split_dense, else d_ff; see recipe_expert_hidden */
     bool split_dense;  /* experts are the dense MLP cut into E blocks of d_ff / E */
-    cm_moe_activation activation;
-    cm_cnn_routing cnn_routing; /* arch resnet */
+    ag_activation activation;
+    moe_cnn_routing cnn_routing; /* arch resnet */
 } cm_moe_cfg;
 
 typedef struct cm_router_cfg {
-    cm_router_type type;
+    router_kind type;
     int k; /* experts per token (topk); SMoE-Dropout: k at evaluation */
-    cm_router_gating gating;
+    router_gating gating;
     bool bias;
     double init_std;
     bool noisy;
@@ -164,13 +109,13 @@ typedef struct cm_router_cfg {
     double top_p;
     double entropy_coef;    /* top_p's dynamic loss */
     double capacity_factor; /* 0: dropless; expert_choice needs > 0 */
-    cm_drop_policy drop_policy;
-    cm_k_schedule k_schedule; /* SMoE-Dropout's k during training */
-    int k_min, k_max;         /* k_max 0: num_experts */
-    int64_t k_span_steps;     /* S; 0: train.steps */
-    double thor_alpha;        /* weight of THOR's consistency loss */
-    cm_thor_level thor_level; /* THOR at evaluation */
-    int eval_k;               /* 0: k; else the k used at evaluation */
+    router_drop_policy drop_policy;
+    router_k_mode k_schedule;     /* SMoE-Dropout's k during training */
+    int k_min, k_max;             /* k_max 0: num_experts */
+    int64_t k_span_steps;         /* S; 0: train.steps */
+    double thor_alpha;            /* weight of THOR's consistency loss */
+    router_thor_level thor_level; /* THOR at evaluation */
+    int eval_k;                   /* 0: k; else the k used at evaluation */
 } cm_router_cfg;
 
 typedef struct cm_data_cfg {
@@ -188,7 +133,7 @@ typedef struct cm_data_cfg {
 } cm_data_cfg;
 
 typedef struct cm_optim_cfg {
-    cm_optimizer type;
+    optim_kind type;
     double lr; /* peak learning rate; the schedule scales it */
     double beta1, beta2, eps;
     double weight_decay; /* decoupled (AdamW) or L2 (SGD) */
@@ -199,7 +144,7 @@ typedef struct cm_optim_cfg {
 } cm_optim_cfg;
 
 typedef struct cm_schedule_cfg {
-    cm_schedule_type type;
+    optim_lr_kind type;
     int64_t warmup_steps; /* linear from 0 to optim.lr, for every schedule type */
     double min_lr;        /* cosine floor */
     int64_t step_size;    /* step decay period */
@@ -233,7 +178,7 @@ typedef struct cm_parallel_cfg {
 
 /* Adversarial training and robust evaluation of the resnet (METHODS.md 4). */
 typedef struct cm_adversarial_cfg {
-    cm_adv_mode mode;
+    adv_mode mode;
     double eps;       /* L-inf radius, train and test */
     double step_size; /* training attack */
     int steps;        /* training attack */
@@ -242,7 +187,7 @@ typedef struct cm_adversarial_cfg {
     double eval_router_weight; /* RA attack: weight of the routers' CE to y mod E */
     double beta;               /* TRADES KL weight */
     double router_weight;      /* AdvMoE alpha */
-    cm_adv_router_objective router_objective;
+    adv_router_objective router_objective;
 } cm_adversarial_cfg;
 
 typedef struct cm_recipe {

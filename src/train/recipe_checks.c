@@ -48,7 +48,7 @@ static bool check_base(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED
                  model->vocab_size);
         return involve(involved, "model.vocab_size", "data.format", NULL);
     }
-    if (recipe->schedule.type == CM_SCHEDULE_COSINE && recipe->schedule.min_lr > recipe->optim.lr) {
+    if (recipe->schedule.type == OPTIM_LR_COSINE && recipe->schedule.min_lr > recipe->optim.lr) {
         snprintf(why, why_capacity, "schedule.min_lr = %g is above optim.lr = %g",
                  recipe->schedule.min_lr, recipe->optim.lr);
         return involve(involved, "schedule.min_lr", "optim.lr", "schedule.type", NULL);
@@ -59,7 +59,7 @@ static bool check_base(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED
         return involve(involved, "schedule.warmup_steps", "train.steps", NULL);
     }
     if (recipe->optim.nesterov &&
-        (recipe->optim.type != CM_OPTIM_SGD || recipe->optim.momentum <= 0)) {
+        (recipe->optim.type != OPTIM_SGD || recipe->optim.momentum <= 0)) {
         snprintf(why, why_capacity, "optim.nesterov needs optim.type sgd and optim.momentum > 0");
         return involve(involved, "optim.nesterov", "optim.momentum", "optim.type", NULL);
     }
@@ -71,7 +71,7 @@ static bool check_base(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED
 static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                       size_t why_capacity) {
     const cm_moe_cfg *moe = &recipe->moe;
-    const cm_router_cfg *router = &recipe->router;
+    const cm_router_cfg *rc = &recipe->router;
     const int experts = moe->num_experts, d_ff = recipe->model.d_ff;
     if (moe->split_dense && d_ff % experts != 0) {
         snprintf(why, why_capacity,
@@ -88,42 +88,42 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
         return involve(involved, "moe.expert_hidden", "moe.split_dense", "model.d_ff",
                        "moe.num_experts", "moe.enabled", NULL);
     }
-    bool uses_k = router->type == CM_ROUTER_TOPK || router->type == CM_ROUTER_SMOE_DROPOUT;
-    if (uses_k && router->k > experts) {
+    bool uses_k = rc->type == ROUTER_TOPK || rc->type == ROUTER_SMOE_DROPOUT;
+    if (uses_k && rc->k > experts) {
         snprintf(why, why_capacity, "router.k = %d exceeds moe.num_experts = %d (router.type %s)",
-                 router->k, experts, router->type == CM_ROUTER_TOPK ? "topk" : "smoe_dropout");
+                 rc->k, experts, rc->type == ROUTER_TOPK ? "topk" : "smoe_dropout");
         return involve(involved, "router.k", "moe.num_experts", "router.type", "moe.enabled", NULL);
     }
-    if (router->eval_k > experts) {
-        snprintf(why, why_capacity, "router.eval_k = %d exceeds moe.num_experts = %d",
-                 router->eval_k, experts);
+    if (rc->eval_k > experts) {
+        snprintf(why, why_capacity, "router.eval_k = %d exceeds moe.num_experts = %d", rc->eval_k,
+                 experts);
         return involve(involved, "router.eval_k", "moe.num_experts", "moe.enabled", NULL);
     }
-    if (router->type == CM_ROUTER_SMOE_DROPOUT) {
-        if (router->k_max > experts) {
+    if (rc->type == ROUTER_SMOE_DROPOUT) {
+        if (rc->k_max > experts) {
             snprintf(why, why_capacity,
                      "router.k_max = %d exceeds moe.num_experts = %d (router.type smoe_dropout)",
-                     router->k_max, experts);
+                     rc->k_max, experts);
             return involve(involved, "router.k_max", "moe.num_experts", "router.type",
                            "moe.enabled", NULL);
         }
-        int k_max = router->k_max > 0 ? router->k_max : experts;
-        if (router->k_min > k_max) {
-            if (router->k_max > 0)
+        int k_max = rc->k_max > 0 ? rc->k_max : experts;
+        if (rc->k_min > k_max) {
+            if (rc->k_max > 0)
                 snprintf(why, why_capacity,
                          "router.k_min = %d is above router.k_max = %d (router.type "
                          "smoe_dropout)",
-                         router->k_min, router->k_max);
+                         rc->k_min, rc->k_max);
             else
                 snprintf(why, why_capacity,
                          "router.k_min = %d is above router.k_max (0: moe.num_experts = %d; "
                          "router.type smoe_dropout)",
-                         router->k_min, experts);
+                         rc->k_min, experts);
             return involve(involved, "router.k_min", "router.k_max", "moe.num_experts",
                            "router.type", "moe.enabled", NULL);
         }
     }
-    if (router->type == CM_ROUTER_EXPERT_CHOICE && router->capacity_factor <= 0) {
+    if (rc->type == ROUTER_EXPERT_CHOICE && rc->capacity_factor <= 0) {
         snprintf(why, why_capacity,
                  "router.type expert_choice needs router.capacity_factor > 0 (each expert "
                  "takes T * capacity_factor / num_experts tokens; 2 is the usual value)");
@@ -144,7 +144,7 @@ static bool check_resnet(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLV
                  recipe->moe.num_experts);
         return involve(involved, "moe.num_experts", "moe.enabled", "model.arch", NULL);
     }
-    if (recipe->adversarial.mode == CM_ADV_ADVMOE &&
+    if (recipe->adversarial.mode == ADV_MODE_ADVMOE &&
         (!recipe->moe.enabled || recipe->moe.num_experts < 2)) {
         snprintf(why, why_capacity,
                  "adversarial.mode advmoe needs moe.enabled: true and moe.num_experts >= 2 "

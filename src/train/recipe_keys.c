@@ -18,52 +18,28 @@
 
 #include "common/check.h"
 
-/* ---- enum name registries --------------------------------------------------- */
+/* ---- enum names ------------------------------------------------------------------ */
 
+/* The recipe layer's own enums; every other enum key uses the name table of
+ * the module that owns its enum (router_kind_names, ag_activation_names, ...). */
 static const char *const arch_names[] = {"transformer_lm", "resnet", NULL};
 static const char *const data_format_names[] = {"text", "idx", NULL};
-static const char *const cnn_routing_names[] = {"image", "per_layer", NULL};
-static const char *const adv_mode_names[] = {"standard", "pgd_at", "trades", "advmoe", NULL};
-static const char *const adv_router_objective_names[] = {"code", "paper", NULL};
-static const char *const optimizer_names[] = {"adamw", "sgd", NULL};
-static const char *const schedule_names[] = {"constant", "cosine", "step", NULL};
 static const char *const split_names[] = {"valid", "test", "train", NULL};
-static const char *const activation_names[] = {"gelu", "relu", "silu", NULL};
-/* The same spellings as router_kind_name (routers/router.c). */
-static const char *const router_type_names[] = {"topk",  "smoe_dropout",  "thor",
-                                                "top_p", "expert_choice", NULL};
-static const char *const gating_names[] = {"softmax_topk", "topk_softmax", NULL};
-static const char *const drop_policy_names[] = {"probability", "position", NULL};
-static const char *const k_schedule_names[] = {
-    "constant", "linear_increase", "cosine_increase", "exp_increase", "multi_step_increase", NULL};
-static const char *const thor_level_names[] = {"per_token", "per_sequence", NULL};
 
 #define NAME_COUNT(names) ((int)(sizeof names / sizeof names[0]) - 1)
 static_assert(NAME_COUNT(arch_names) == CM_ARCH_COUNT, "arch_names out of sync");
 static_assert(NAME_COUNT(data_format_names) == CM_DATA_FORMAT_COUNT, "data_format_names");
-static_assert(NAME_COUNT(optimizer_names) == CM_OPTIM_COUNT, "optimizer_names out of sync");
-static_assert(NAME_COUNT(schedule_names) == CM_SCHEDULE_COUNT, "schedule_names out of sync");
 static_assert(NAME_COUNT(split_names) == CM_SPLIT_COUNT, "split_names out of sync");
-static_assert(NAME_COUNT(activation_names) == CM_MOE_ACTIVATION_COUNT, "activation_names");
-static_assert(NAME_COUNT(router_type_names) == CM_ROUTER_TYPE_COUNT, "router_type_names");
-static_assert(NAME_COUNT(gating_names) == CM_GATING_COUNT, "gating_names out of sync");
-static_assert(NAME_COUNT(drop_policy_names) == CM_DROP_POLICY_COUNT, "drop_policy_names");
-static_assert(NAME_COUNT(k_schedule_names) == CM_K_SCHEDULE_COUNT, "k_schedule_names");
-static_assert(NAME_COUNT(thor_level_names) == CM_THOR_LEVEL_COUNT, "thor_level_names");
-static_assert(NAME_COUNT(cnn_routing_names) == CM_CNN_ROUTING_COUNT, "cnn_routing_names");
-static_assert(NAME_COUNT(adv_mode_names) == CM_ADV_MODE_COUNT, "adv_mode_names");
-static_assert(NAME_COUNT(adv_router_objective_names) == CM_ADV_ROUTER_OBJECTIVE_COUNT,
-              "adv_router_objective_names");
 /* Enum fields are read and written as int. */
 static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == sizeof(int) &&
-                  sizeof(cm_optimizer) == sizeof(int) && sizeof(cm_schedule_type) == sizeof(int) &&
-                  sizeof(cm_split) == sizeof(int) && sizeof(cm_moe_activation) == sizeof(int) &&
-                  sizeof(cm_router_type) == sizeof(int) &&
-                  sizeof(cm_router_gating) == sizeof(int) &&
-                  sizeof(cm_drop_policy) == sizeof(int) && sizeof(cm_k_schedule) == sizeof(int) &&
-                  sizeof(cm_thor_level) == sizeof(int) && sizeof(cm_cnn_routing) == sizeof(int) &&
-                  sizeof(cm_adv_mode) == sizeof(int) &&
-                  sizeof(cm_adv_router_objective) == sizeof(int),
+                  sizeof(cm_split) == sizeof(int) && sizeof(ag_activation) == sizeof(int) &&
+                  sizeof(moe_cnn_routing) == sizeof(int) && sizeof(router_kind) == sizeof(int) &&
+                  sizeof(router_gating) == sizeof(int) &&
+                  sizeof(router_drop_policy) == sizeof(int) &&
+                  sizeof(router_k_mode) == sizeof(int) &&
+                  sizeof(router_thor_level) == sizeof(int) && sizeof(optim_kind) == sizeof(int) &&
+                  sizeof(optim_lr_kind) == sizeof(int) && sizeof(adv_mode) == sizeof(int) &&
+                  sizeof(adv_router_objective) == sizeof(int),
               "recipe enums must be int-sized");
 
 static const char *check_run_name(const char *value) {
@@ -206,18 +182,18 @@ const recipe_key recipe_keys[] = {
     KEY_BOOL("moe", "split_dense", moe.split_dense, "false",
              "experts are the dense MLP cut into num_experts blocks of d_ff / num_experts "
              "(equal total parameters; SMoE-Dropout); needs d_ff divisible by num_experts"),
-    KEY_ENUM("moe", "activation", moe.activation, cm_moe_activation, activation_names, "gelu",
+    KEY_ENUM("moe", "activation", moe.activation, ag_activation, ag_activation_names, "gelu",
              "activation inside each expert (the dense MLP always uses gelu)"),
-    KEY_ENUM("moe", "cnn_routing", moe.cnn_routing, cm_cnn_routing, cnn_routing_names, "image",
+    KEY_ENUM("moe", "cnn_routing", moe.cnn_routing, moe_cnn_routing, moe_cnn_routing_names, "image",
              "resnet: one router reading the image whose choice every MoE conv uses (image, the "
              "AdvMoE release) or one router per MoE conv reading its input (per_layer)"),
 
-    KEY_ENUM("router", "type", router.type, cm_router_type, router_type_names, "topk",
+    KEY_ENUM("router", "type", router.type, router_kind, router_kind_names, "topk",
              "routing method; docs/recipes.md lists the keys each one reads"),
     KEY_INT("router", "k", router.k, "2", EXPERTS_RANGE,
             "topk: experts per token; smoe_dropout: k at evaluation (training follows "
             "k_schedule); at most num_experts"),
-    KEY_ENUM("router", "gating", router.gating, cm_router_gating, gating_names, "softmax_topk",
+    KEY_ENUM("router", "gating", router.gating, router_gating, router_gating_names, "softmax_topk",
              "topk: gates are the chosen softmax probabilities (softmax_topk) or a softmax over "
              "the chosen logits (topk_softmax, sums to 1)"),
     KEY_BOOL("router", "bias", router.bias, "false", "add a bias to the router's linear layer"),
@@ -240,11 +216,12 @@ const recipe_key recipe_keys[] = {
                "0: dropless; else an expert takes at most capacity_factor times its even share "
                "of the batch's assignments (T k / E), rounded up; expert_choice: each expert "
                "takes ceil(T capacity_factor / E) tokens, needs > 0 (usually 2)"),
-    KEY_ENUM("router", "drop_policy", router.drop_policy, cm_drop_policy, drop_policy_names,
-             "probability",
+    KEY_ENUM("router", "drop_policy", router.drop_policy, router_drop_policy,
+             router_drop_policy_names, "probability",
              "an over-full expert keeps its highest-gate tokens (probability) or its first "
              "tokens in batch order (position)"),
-    KEY_ENUM("router", "k_schedule", router.k_schedule, cm_k_schedule, k_schedule_names, "constant",
+    KEY_ENUM("router", "k_schedule", router.k_schedule, router_k_mode, router_k_mode_names,
+             "constant",
              "smoe_dropout: k during training, from k_min to k_max over k_span_steps "
              "(constant: k_max throughout)"),
     KEY_INT("router", "k_min", router.k_min, "2", EXPERTS_RANGE,
@@ -256,7 +233,7 @@ const recipe_key recipe_keys[] = {
     KEY_DOUBLE("router", "thor_alpha", router.thor_alpha, "1", COEF_RANGE,
                "thor: weight of the consistency loss between the two forward passes (released "
                "script: 5; 0: two passes, plain cross-entropy)"),
-    KEY_ENUM("router", "thor_level", router.thor_level, cm_thor_level, thor_level_names,
+    KEY_ENUM("router", "thor_level", router.thor_level, router_thor_level, router_thor_level_names,
              "per_sequence",
              "thor at evaluation: one random expert per sequence or per token (training draws "
              "one per batch and pass)"),
@@ -286,7 +263,7 @@ const recipe_key recipe_keys[] = {
     KEY_BOOL("data", "augment_flip", data.augment_flip, "false",
              "idx: horizontal flip with probability 1/2"),
 
-    KEY_ENUM("optim", "type", optim.type, cm_optimizer, optimizer_names, "adamw", "optimizer"),
+    KEY_ENUM("optim", "type", optim.type, optim_kind, optim_kind_names, "adamw", "optimizer"),
     KEY_DOUBLE("optim", "lr", optim.lr, "3e-4", "(0, 10]",
                "peak learning rate (the schedule scales it)"),
     KEY_DOUBLE("optim", "beta1", optim.beta1, "0.9", "[0, 1)", "AdamW first-moment decay"),
@@ -305,7 +282,7 @@ const recipe_key recipe_keys[] = {
     KEY_DOUBLE("optim", "grad_clip", optim.grad_clip, "0", "[0, 1000000]",
                "clip the global L2 norm of all gradients to this value; 0 disables"),
 
-    KEY_ENUM("schedule", "type", schedule.type, cm_schedule_type, schedule_names, "constant",
+    KEY_ENUM("schedule", "type", schedule.type, optim_lr_kind, optim_lr_kind_names, "constant",
              "constant, cosine (to min_lr at train.steps) or step (times gamma every step_size)"),
     KEY_INT64("schedule", "warmup_steps", schedule.warmup_steps, "0", STEPS_RANGE,
               "linear warmup from 0 to optim.lr over this many steps (any type)"),
@@ -345,7 +322,7 @@ const recipe_key recipe_keys[] = {
             "ranks that share one copy of the experts (EP); 0 means all ranks; the rest of the "
             "world is data parallel (DP = ranks / EP)"),
 
-    KEY_ENUM("adversarial", "mode", adversarial.mode, cm_adv_mode, adv_mode_names, "standard",
+    KEY_ENUM("adversarial", "mode", adversarial.mode, adv_mode, adv_mode_names, "standard",
              "standard (clean CE), pgd_at (CE on PGD examples), trades (TRADES loss), advmoe "
              "(alternating expert and router steps; needs moe.enabled)"),
     KEY_DOUBLE("adversarial", "eps", adversarial.eps, "0.1", "(0, 1]",
@@ -365,8 +342,8 @@ const recipe_key recipe_keys[] = {
                "TRADES weight of the KL term (trades, advmoe)"),
     KEY_DOUBLE("adversarial", "router_weight", adversarial.router_weight, "6", COEF_RANGE,
                "advmoe: alpha, weight of the router CE to y mod E (router_objective code)"),
-    KEY_ENUM("adversarial", "router_objective", adversarial.router_objective,
-             cm_adv_router_objective, adv_router_objective_names, "code",
+    KEY_ENUM("adversarial", "router_objective", adversarial.router_objective, adv_router_objective,
+             adv_router_objective_names, "code",
              "advmoe router step: code = alpha CE(r(x), y mod E) + beta KL of r(x') from r(x) (the "
              "release); paper = the full MoE TRADES loss minimized w.r.t. the routers"),
 };

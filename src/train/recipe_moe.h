@@ -1,9 +1,9 @@
 /* From a recipe's moe and router sections to the configs of the MoE layer
  * (layers/moe.h) and its router (routers/router.h).
  *
- * A separate header so recipe.h stays free of the layer and router types:
- * the loader, the CLI and the checkpoint code include recipe.h only; the
- * trainer includes this file too when it builds MoE blocks.
+ * The recipe already holds the router's and the layer's enum values
+ * (router_kind, ag_activation, ...); these functions copy fields and derive
+ * the defaults that depend on other keys.
  *
  * Every function expects a recipe that recipe_load accepted (so the
  * cross-key checks hold: k <= num_experts, d_ff divisible by num_experts with
@@ -11,9 +11,7 @@
  *
  * What the trainer reads straight from the recipe, with no helper:
  *   router.eval_k     -> router_call.k_override when evaluating (0: no
- *                        override, the router uses router.k);
- *   router.thor_alpha -> the weight of THOR's consistency loss between its
- *                        two forward passes (router.type thor).
+ *                        override, the router uses router.k).
  * Owns: nothing. */
 #ifndef CMOE_TRAIN_RECIPE_MOE_H
 #define CMOE_TRAIN_RECIPE_MOE_H
@@ -34,8 +32,9 @@ int recipe_expert_hidden(const cm_recipe *recipe);
 
 /* Every router_config field from the router section and moe.num_experts.
  * k_schedule: mode from router.k_schedule, k_min, k_max (0 -> num_experts),
- * total_steps = router.k_span_steps, or train.steps when that is 0. The
- * coefficients are converted to float. */
+ * total_steps = router.k_span_steps, or train.steps when that is 0;
+ * consistency_alpha = router.thor_alpha. The coefficients are converted to
+ * float. */
 void recipe_router_config(const cm_recipe *recipe, router_config *out);
 
 /* moe_config for an MoE block: d_model, recipe_expert_hidden, the activation,

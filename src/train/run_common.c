@@ -8,7 +8,7 @@
 optim_config run_optimizer(const cm_recipe *recipe) {
     const cm_optim_cfg *o = &recipe->optim;
     return (optim_config){
-        .kind = o->type == CM_OPTIM_SGD ? OPTIM_SGD : OPTIM_ADAMW,
+        .kind = o->type,
         .adamw = {o->beta1, o->beta2, o->eps, o->weight_decay},
         .sgd = {o->momentum, o->weight_decay, o->nesterov},
     };
@@ -16,9 +16,7 @@ optim_config run_optimizer(const cm_recipe *recipe) {
 
 optim_lr_schedule run_lr_schedule(const cm_recipe *recipe) {
     const cm_schedule_cfg *s = &recipe->schedule;
-    const optim_lr_kind kinds[CM_SCHEDULE_COUNT] = {OPTIM_LR_CONSTANT, OPTIM_LR_COSINE,
-                                                    OPTIM_LR_STEP};
-    return (optim_lr_schedule){.kind = kinds[s->type],
+    return (optim_lr_schedule){.kind = s->type,
                                .lr = recipe->optim.lr,
                                .min_lr = s->min_lr,
                                .warmup_steps = s->warmup_steps,

@@ -90,7 +90,7 @@ static lm_config full_model_config(const cm_recipe *recipe) {
 }
 
 static bool is_thor(const cm_recipe *recipe) {
-    return recipe->moe.enabled && recipe->router.type == CM_ROUTER_THOR;
+    return recipe->moe.enabled && recipe->router.type == ROUTER_THOR;
 }
 
 /* Model, parameters, arena and batch buffers (no data, no optimizer). */

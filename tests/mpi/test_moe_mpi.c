@@ -48,7 +48,7 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
                 int count, outcome *result) {
     moe_config config = {.d_model = D,
                          .hidden = H,
-                         .activation = MOE_GELU,
+                         .activation = AG_ACT_GELU,
                          .init_std = 0.5f,
                          .out_std = 0.5f,
                          .router = router_cfg,
