@@ -1,5 +1,8 @@
-/* Routers: the pipeline every method shares and the learned top-k router
- * on it: selection on hand-built logits (against direct double-precision
+/* Routers: the registry (a row per router_kind, named as recipes spell it,
+ * whose properties are what declaring and routing do; the declaration
+ * checks; a new method defined here through the same interface), then the
+ * pipeline every method shares and the learned top-k router on it:
+ * selection on hand-built logits (against direct double-precision
  * computations), gradient checks of the gates and the auxiliary losses with
  * the selection held away from its boundaries, no gradient through the
  * selection, capacity dropping under both policies, and the loss building
@@ -11,6 +14,265 @@
 #include <string.h>
 
 #include "router_testutil.h"
+
+/* ---- the registry ----------------------------------------------------------------- */
+
+/* Every router_kind has its row, named as recipes spell it, and the row's
+ * properties are what declaring and routing do. */
+START_TEST(test_registry_rows) {
+    const int tokens = 6, experts = 4, d = 5;
+    for (int kind = 0; kind < ROUTER_KIND_COUNT; kind++) {
+        const router_method *m = router_method_of((router_kind)kind);
+        ck_assert_ptr_nonnull(m);
+        ck_assert_int_eq(m->kind, kind);
+        ck_assert_ptr_nonnull(router_kind_names[kind]);
+        ck_assert_str_eq(m->name, router_kind_names[kind]);
+        ck_assert_str_eq(router_kind_name((router_kind)kind), m->name);
+        ck_assert_ptr_nonnull(m->route);
+        ck_assert_int_ge(m->passes_per_step, 1);
+        ck_assert(!m->k_scheduled || m->uses_k);
+        ck_assert(!m->frozen_weights || m->has_weights);
+        ck_assert(!m->pass_consistency || m->passes_per_step > 1);
+
+        router_config config = make_config((router_kind)kind, experts, 2);
+        config.capacity_factor = 2.0f; /* expert choice needs one */
+        config.bias = true;
+        config.consistency_alpha = 0.75f;
+        ck_assert_int_eq(router_passes_per_step(&config), m->passes_per_step);
+        ck_assert_float_eq(router_pass_consistency(&config), m->pass_consistency ? 0.75f : 0.0f);
+        fixture f;
+        fixture_init(&f, &config, d);
+        ck_assert_ptr_eq(f.r.method, m);
+        ck_assert_int_eq(f.r.weight != NULL, m->has_weights);
+        ck_assert_int_eq(f.r.bias != NULL, m->has_weights);
+        if (m->has_weights) {
+            ck_assert_int_eq(f.r.weight->frozen, m->frozen_weights);
+            ck_assert_int_eq(f.r.bias->frozen, m->frozen_weights);
+        }
+        /* uses_k: config.k (here 2, or a k_override) is the experts per token. */
+        ag_tensor *x = gc_tensor_new(2, (int[]){tokens, d}, -1.0f, 1.0f, 8, false);
+        router_call call = eval_call();
+        router_output out = route(&f, x, &call);
+        if (m->uses_k) {
+            ck_assert_int_eq(router_effective_k(&f.r, &call), 2);
+            ck_assert_int_eq(out.n_slots, tokens * 2);
+            call.k_override = 3;
+            ck_assert_int_eq(route(&f, x, &call).n_slots, tokens * 3);
+        }
+        gc_tensor_free(x);
+        fixture_free(&f);
+    }
+    ck_assert_ptr_null(router_kind_names[ROUTER_KIND_COUNT]);
+    ck_assert_ptr_null(router_method_of(ROUTER_KIND_COUNT));
+    ck_assert_ptr_null(router_method_of((router_kind)-1));
+    ck_assert_str_eq(router_kind_name(ROUTER_KIND_COUNT), "?");
+    /* THOR is the two-pass method, weighted by consistency_alpha. */
+    router_config thor = make_config(ROUTER_THOR, experts, 1);
+    thor.consistency_alpha = 0.5f;
+    ck_assert_int_eq(router_passes_per_step(&thor), 2);
+    ck_assert_float_eq(router_pass_consistency(&thor), 0.5f);
+}
+END_TEST
+
+/* router_declare's checks: the common ones, then the method's own (its
+ * row's validate), with the messages recipes and users see. */
+START_TEST(test_declare_validation) {
+    const struct {
+        router_kind kind;
+        int k;
+        float top_p, capacity_factor;
+        router_k_schedule schedule;
+        const char *message;
+    } cases[] = {
+        {ROUTER_TOPK,
+         5,
+         0.5f,
+         0.0f,
+         {ROUTER_K_CONSTANT, 1, 1, 1},
+         "router.k = 5 must be in [1, moe.num_experts = 4] (topk)"},
+        {ROUTER_SMOE_DROPOUT,
+         0,
+         0.5f,
+         0.0f,
+         {ROUTER_K_CONSTANT, 1, 1, 1},
+         "router.k = 0 must be in [1, moe.num_experts = 4] (smoe_dropout)"},
+        {ROUTER_SMOE_DROPOUT,
+         2,
+         0.5f,
+         0.0f,
+         {ROUTER_K_LINEAR_INCREASE, 1, 5, 100},
+         "router k schedule [1, 5] must satisfy 1 <= k_min <= k_max <= moe.num_experts = 4"},
+        {ROUTER_SMOE_DROPOUT,
+         2,
+         0.5f,
+         0.0f,
+         {ROUTER_K_LINEAR_INCREASE, 1, 4, 0},
+         "k schedule total_steps = 0 must be positive"},
+        {ROUTER_TOP_P,
+         9,
+         1.5f,
+         0.0f,
+         {ROUTER_K_CONSTANT, 1, 1, 1},
+         "router.top_p = 1.5 must be in (0, 1]"},
+        {ROUTER_EXPERT_CHOICE,
+         9,
+         0.5f,
+         0.0f,
+         {ROUTER_K_CONSTANT, 1, 1, 1},
+         "expert choice needs router.capacity_factor > 0"},
+        {ROUTER_THOR,
+         9,
+         0.5f,
+         -1.0f,
+         {ROUTER_K_CONSTANT, 1, 1, 1},
+         "router.capacity_factor = -1 must be >= 0"},
+        {(router_kind)ROUTER_KIND_COUNT,
+         1,
+         0.5f,
+         0.0f,
+         {ROUTER_K_CONSTANT, 1, 1, 1},
+         "unknown router kind 5"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        router_config config = make_config(cases[i].kind, 4, cases[i].k);
+        config.top_p = cases[i].top_p;
+        config.capacity_factor = cases[i].capacity_factor;
+        config.k_schedule = cases[i].schedule;
+        ag_params params;
+        ag_params_init(&params);
+        router r;
+        ck_assert_int_eq(router_declare(&r, &config, 0, 3, &params, "router"), CM_ERR_INVALID);
+        ck_assert_msg(strstr(cm_error_message(), cases[i].message) != NULL,
+                      "case %zu: got '%s', want '%s'", i, cm_error_message(), cases[i].message);
+        ag_params_free(&params);
+    }
+}
+END_TEST
+
+/* ---- a new method, defined here as it would be in its own file ---------------------- */
+
+/* What a new method needs: a validate (optional) and a route function over
+ * router_internal.h's pipeline (logits, candidate slots, router_finish), and
+ * a row. This one sends each token to its highest-logit expert with that
+ * expert's probability as the gate: Switch routing without its losses, so
+ * it must agree with the registry's topk at k = 1, softmax-then-topK. */
+
+static int example_route_calls;
+
+static cm_status example_validate(const router_config *config) {
+    if (config->k != 1)
+        return CM_ERR(CM_ERR_INVALID, "example router: router.k = %d, must be 1", config->k);
+    return CM_OK;
+}
+
+static cm_status example_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                               router_output *out) {
+    example_route_calls++;
+    int experts = r->config.num_experts;
+    ag_tensor *logits = router_logits(ctx, r, x, call); /* [T,E] */
+    ag_tensor *probs = ag_softmax(ctx, logits);
+    if (!probs) return ag_ctx_status(ctx);
+    int tokens = (int)ag_rows(probs), n = tokens ? tokens : 1;
+    int32_t *token = ag_alloc_ints(ctx, n, "example_router");
+    int32_t *expert = ag_alloc_ints(ctx, n, "example_router");
+    int32_t *flat = ag_alloc_ints(ctx, n, "example_router");
+    float *priority = ag_alloc_floats(ctx, n, "example_router");
+    if (!token || !expert || !flat || !priority) return ag_ctx_status(ctx);
+    for (int t = 0; t < tokens; t++) {
+        const float *row = logits->data + (int64_t)t * experts;
+        int best = 0; /* ties: the lower expert */
+        for (int e = 1; e < experts; e++) best = row[e] > row[best] ? e : best;
+        token[t] = t;
+        expert[t] = best;
+        flat[t] = t * experts + best;
+        priority[t] = probs->data[flat[t]]; /* capacity keeps the most probable */
+    }
+    ag_tensor *gates = ag_gather_elements(ctx, probs, flat, tokens);
+    if (!gates) return ag_ctx_status(ctx);
+    router_candidates candidates = {.count = tokens,
+                                    .token = token,
+                                    .expert = expert,
+                                    .priority = priority,
+                                    .gates = gates,
+                                    .capacity_load = (double)tokens}; /* k = 1 per token */
+    CM_TRY(router_finish(ctx, r, tokens, 1, &candidates, out));
+    out->stats.entropy = router_mean_entropy(probs);
+    return ag_ctx_status(ctx);
+}
+
+/* Not in the registry (kind ROUTER_KIND_COUNT): declared with router_declare_with. */
+static const router_method example_method = {.kind = ROUTER_KIND_COUNT,
+                                             .name = "example",
+                                             .uses_k = true,
+                                             .passes_per_step = 1,
+                                             .has_weights = true,
+                                             .validate = example_validate,
+                                             .route = example_route};
+
+START_TEST(test_new_method_through_the_registry_interface) {
+    const int tokens = 9, experts = 4, d = 5;
+    router_config config = make_config(ROUTER_TOPK, experts, 2);
+    config.init_std = 1.0f;
+    config.bias = true;
+    config.capacity_factor = 1.0f; /* capacity ceil(9 / 4) = 3: some tokens are dropped */
+    ag_params params;
+    ag_params_init(&params);
+    router example;
+    ck_assert_int_eq(router_declare_with(&example, &example_method, &config, 3, d, &params, "ex"),
+                     CM_ERR_INVALID); /* the method's validate: k must be 1 */
+    ck_assert_str_eq(cm_error_message(), "example router: router.k = 2, must be 1");
+    config.k = 1;
+    ck_assert_int_eq(router_declare_with(&example, &example_method, &config, 3, d, &params, "ex"),
+                     CM_OK);
+    ck_assert_ptr_eq(example.method, &example_method);
+    ck_assert_ptr_nonnull(example.weight);
+    ck_assert_int_eq(ag_params_finalize(&params, 11), CM_OK);
+    fixture reference; /* the registry's topk with the same weights */
+    fixture_init(&reference, &config, d);
+    memcpy(weight_of(&reference)->data, ag_param_tensor(example.weight)->data,
+           (size_t)experts * d * sizeof(float));
+    memcpy(ag_param_tensor(reference.r.bias)->data, ag_param_tensor(example.bias)->data,
+           (size_t)experts * sizeof(float));
+
+    ag_tensor *x = gc_tensor_new(2, (int[]){tokens, d}, -1.0f, 1.0f, 12, false);
+    router_call call = eval_call();
+    ag_ctx ctx;
+    ck_assert_int_eq(ag_ctx_init(&ctx, ARENA_BYTES), CM_OK);
+    router_output got;
+    ck_assert_int_eq(router_route(&ctx, &example, x, &call, &got), CM_OK);
+    ck_assert_int_eq(example_route_calls, 1);
+    ck_assert_int_eq(router_effective_k(&example, &call), 1);
+    router_output want = route(&reference, x, &call);
+    ck_assert_int_gt(want.stats.dropped, 0);
+    ck_assert_int_eq(got.n_slots, want.n_slots);
+    ck_assert_int_eq(got.stats.dropped, want.stats.dropped);
+    for (int t = 0; t <= tokens; t++) ck_assert_int_eq(got.offsets[t], want.offsets[t]);
+    for (int s = 0; s < got.n_slots; s++) {
+        ck_assert_int_eq(got.expert[s], want.expert[s]);
+        ck_assert_float_eq(got.gates->data[s], want.gates->data[s]);
+    }
+    ck_assert_ptr_null(got.aux_loss);
+    ck_assert_double_eq_tol(got.stats.entropy, want.stats.entropy, 1e-12);
+    ck_assert_int_eq(got.stats.k, 1);
+    /* The gradient reaches the example's weights through its gates, as topk's. */
+    float upstream[9] = {0.5f, -1.0f, 2.0f, 0.25f, -0.75f, 1.5f, -2.0f, 1.0f, 0.125f};
+    ag_params_zero_grad(&params);
+    ag_params_zero_grad(&reference.params);
+    ck_assert_int_eq(ag_backward_from(&ctx, got.gates, upstream), CM_OK);
+    ck_assert_int_eq(ag_backward_from(&reference.ctx, want.gates, upstream), CM_OK);
+    double grad = 0.0;
+    for (int i = 0; i < experts * d; i++) {
+        float g = ag_param_tensor(example.weight)->grad[i];
+        ck_assert_float_eq(g, weight_of(&reference)->grad[i]);
+        grad += fabs(g);
+    }
+    ck_assert_double_gt(grad, 1e-6);
+    gc_tensor_free(x);
+    ag_ctx_free(&ctx);
+    fixture_free(&reference);
+    ag_params_free(&params);
+}
+END_TEST
 
 /* ---- top-k ------------------------------------------------------------------- */
 
@@ -437,6 +699,12 @@ END_TEST
 
 int main(void) {
     Suite *suite = suite_create("routers");
+    TCase *registry = tcase_create("registry");
+    tcase_set_timeout(registry, 60);
+    tcase_add_test(registry, test_registry_rows);
+    tcase_add_test(registry, test_declare_validation);
+    tcase_add_test(registry, test_new_method_through_the_registry_interface);
+    suite_add_tcase(suite, registry);
     TCase *tc = tcase_create("routers");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_topk_selection_and_gates);

@@ -8,7 +8,13 @@
 
 #include "routers/router_internal.h"
 
-cm_status router_route_expert_choice(ag_ctx *ctx, const router *r, ag_tensor *x,
+cm_status router_expert_choice_validate(const router_config *config) {
+    if (!(config->capacity_factor > 0.0f))
+        return CM_ERR(CM_ERR_INVALID, "expert choice needs router.capacity_factor > 0");
+    return CM_OK;
+}
+
+cm_status router_expert_choice_route(ag_ctx *ctx, const router *r, ag_tensor *x,
                                      const router_call *call, router_output *out) {
     const router_config *config = &r->config;
     int experts = config->num_experts;
@@ -54,8 +60,9 @@ cm_status router_route_expert_choice(ag_ctx *ctx, const router *r, ag_tensor *x,
 
     ag_tensor *gates = ag_gather_elements(ctx, probs, flat, s);
     if (!gates) return ag_ctx_status(ctx);
-    router_candidates candidates = {s, token, expert, priority, gates};
-    /* router_finish applies no capacity to expert choice: c is the capacity. */
+    /* No capacity_load: c is the capacity, nothing is dropped. */
+    router_candidates candidates = {
+        .count = s, .token = token, .expert = expert, .priority = priority, .gates = gates};
     CM_TRY(router_finish(ctx, r, tokens, 0, &candidates, out));
     out->aux_loss = NULL;
     out->stats.entropy = router_mean_entropy(probs);

@@ -23,6 +23,13 @@
  * entropy and load-balancing losses), expert choice (each expert takes its
  * top-c tokens; not causal, see docs).
  *
+ * The registry (registry.c) holds one row per method (router_method): its
+ * name, what it reads (k, a k schedule), how many forward passes a training
+ * step makes, whether it has (frozen) weights, its validation and its route
+ * function, each method in its own file. router_declare, router_route and
+ * router_effective_k dispatch through the row, and the shared pipeline
+ * (router_common.c) names no method.
+ *
  * Determinism: every random draw (noise, THOR's choices) is keyed by
  * (seed, step, layer, purpose) and a global index (token, sequence or pass),
  * so routing is identical on any number of ranks. Ties between equal scores
@@ -96,10 +103,13 @@ typedef struct router_config {
     float consistency_alpha; /* THOR: weight of the consistency loss between its two passes */
 } router_config;
 
+typedef struct router_method router_method;
+
 typedef struct router {
     router_config config;
+    const router_method *method; /* set by router_declare: the row of config.kind */
     int layer;
-    ag_param *weight; /* [E,D]; NULL for THOR */
+    ag_param *weight; /* [E,D]; NULL for a method without weights (THOR) */
     ag_param *bias;   /* [E] or NULL */
 } router;
 
@@ -139,21 +149,63 @@ typedef struct router_output {
     router_stats stats;
 } router_output;
 
-/* Validates the configuration (clear CM_ERR_INVALID for k > E, p out of
- * (0,1], ...) and declares the router's parameters as PREFIX.weight [E,D]
- * (+ PREFIX.bias [E]) in the dense group; SMoE-Dropout's are frozen. */
-cm_status router_declare(router *r, const router_config *config, int layer, int d_model,
-                         ag_params *params, const char *prefix);
+/* ---- the registry ---------------------------------------------------------- */
 
-/* Routes x [T,D]. Returns the context status (CM_OK, or the arena error). */
-cm_status router_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+/* One routing method. Adding one: a file with its route (and validate)
+ * functions built on router_internal.h, a router_kind value with its name in
+ * router_kind_names, and a row in registry.c. */
+struct router_method {
+    router_kind kind;
+    const char *name;      /* router_kind_names[kind] */
+    bool uses_k;           /* reads config.k (experts per token), checked in [1, E] */
+    bool k_scheduled;      /* in training, k follows config.k_schedule (router_effective_k) */
+    int passes_per_step;   /* forward passes of the model per training step */
+    bool pass_consistency; /* the passes are tied by a consistency loss weighted by
+                              config.consistency_alpha (THOR) */
+    bool has_weights;      /* declares PREFIX.weight [E,D] (+ PREFIX.bias [E]) */
+    bool frozen_weights;   /* ... and never trains them */
+    /* The method's own checks of the configuration, after the common ones
+     * (num_experts >= 1, k in [1, E] when uses_k; capacity_factor >= 0
+     * comes after). NULL: none. */
+    cm_status (*validate)(const router_config *config);
+    /* Fills `out` completely; returns the context status. */
+    cm_status (*route)(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
                        router_output *out);
+};
 
-/* The k a top-k router uses for this call: k_override if set; SMoE-Dropout in
- * training: its schedule at call->step; otherwise config.k. */
-int router_effective_k(const router *r, const router_call *call);
+/* The registry's row of `kind`; NULL when kind is not a router_kind. */
+const router_method *router_method_of(router_kind kind);
 
 /* router_kind_names[kind] ("topk", "smoe_dropout", ...); "?" out of range. */
 const char *router_kind_name(router_kind kind);
+
+/* What the trainer asks of a method: forward passes per training step (THOR
+ * 2, others 1), and the weight of the consistency loss between those passes
+ * (THOR: config.consistency_alpha, others 0). config.kind must be valid. */
+int router_passes_per_step(const router_config *config);
+float router_pass_consistency(const router_config *config);
+
+/* ---- declaring and routing ---------------------------------------------------- */
+
+/* Validates the configuration (clear CM_ERR_INVALID for k > E, p out of
+ * (0,1], an unknown kind, ...) and declares the router's parameters as
+ * PREFIX.weight [E,D] (+ PREFIX.bias [E]) in the dense group when the
+ * method has weights; frozen when the method says so (SMoE-Dropout). */
+cm_status router_declare(router *r, const router_config *config, int layer, int d_model,
+                         ag_params *params, const char *prefix);
+/* The same with a given method instead of the registry's row of
+ * config->kind (a method under test, not yet in the registry). */
+cm_status router_declare_with(router *r, const router_method *method, const router_config *config,
+                              int layer, int d_model, ag_params *params, const char *prefix);
+
+/* Routes x [T,D] with the router's method. Returns the context status
+ * (CM_OK, or the arena error). */
+cm_status router_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                       router_output *out);
+
+/* The k a top-k method uses for this call: k_override if set; a k-scheduled
+ * method (SMoE-Dropout) in training: its schedule at call->step; otherwise
+ * config.k. */
+int router_effective_k(const router *r, const router_call *call);
 
 #endif

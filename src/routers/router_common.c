@@ -48,8 +48,7 @@ int router_ceil_count(double value) {
 
 /* x [T,D], weight [E,D], bias [E] -> logits [T,E] (+ constant noise) */
 ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call) {
-    CM_ASSERT(r->weight, "router_logits: router of kind %s has no weight",
-              router_kind_name(r->config.kind));
+    CM_ASSERT(r->weight, "router_logits: router of method %s has no weight", r->method->name);
     ag_tensor *logits =
         ag_linear(ctx, x, ag_param_tensor(r->weight), r->bias ? ag_param_tensor(r->bias) : NULL);
     if (!logits || !call->training || !r->config.noisy || r->config.noise_std == 0.0f)
@@ -129,13 +128,12 @@ cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
         per_expert[e]++;
     }
 
-    /* Expert choice sets its own capacity (each expert takes c tokens). */
+    /* A method without a capacity load sets its own capacity (expert choice:
+     * each expert takes c tokens). */
     int64_t dropped = 0;
-    if (config->capacity_factor > 0.0f && config->kind != ROUTER_EXPERT_CHOICE && count > 0) {
-        /* Top-p has no fixed k: its capacity is the mean load (all candidate
-         * assignments / E) times the factor, as T k / E is for top-k. */
-        double assignments = config->kind == ROUTER_TOP_P ? (double)count : (double)k * n_tokens;
-        int capacity = router_ceil_count(assignments / experts * (double)config->capacity_factor);
+    if (config->capacity_factor > 0.0f && candidates->capacity_load > 0.0 && count > 0) {
+        int capacity = router_ceil_count(candidates->capacity_load / experts *
+                                         (double)config->capacity_factor);
         dropped = apply_capacity(ctx, r, capacity, candidates, per_expert, drop);
         if (dropped < 0) return ag_ctx_status(ctx);
     }

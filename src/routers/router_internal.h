@@ -22,14 +22,20 @@ typedef struct router_candidates {
     int32_t *expert;  /* [count] */
     float *priority;  /* [count]: kept first under ROUTER_DROP_PROBABILITY (e.g. the probability) */
     ag_tensor *gates; /* [count] on the tape; NULL = every gate is 1 (no gradient) */
+    /* The mean expert load the capacity limit scales: capacity =
+     * ceil(load / E * capacity_factor). k T for token choice with k experts
+     * per token; the candidate count for a variable k (top-p); 0: no limit
+     * (expert choice, whose capacity factor sets the tokens per expert). */
+    double capacity_load;
 } router_candidates;
 
 /* logits [T,E] = x W^T (+ b), plus normal noise in training when config.noisy
  * (keyed by seed, step, layer and the global token index). */
 ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call);
 
-/* Applies the capacity limit (config.capacity_factor > 0, capacity computed
- * with `k`) and fills out's CSR arrays, gates and statistics (not entropy). */
+/* Applies the capacity limit (config.capacity_factor > 0 and
+ * candidates->capacity_load > 0) and fills out's CSR arrays, gates and
+ * statistics (not entropy; stats.k = k). */
 cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
                         const router_candidates *candidates, router_output *out);
 
@@ -62,14 +68,26 @@ void router_sort_desc(int32_t *index, int n, const float *score, int64_t stride,
  * relative over an integer is rounding, not a reason to add one slot. */
 int router_ceil_count(double value);
 
-/* The methods (one file each). Each fills `out` completely. */
-cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
-                            router_output *out); /* ROUTER_TOPK and ROUTER_SMOE_DROPOUT */
-cm_status router_route_thor(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
-                            router_output *out);
-cm_status router_route_top_p(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+/* Token-choice top-k (topk.c), shared by the learned top-k router and
+ * SMoE-Dropout: k = router_effective_k, gates by `gating`, Switch loss with
+ * aux_coef and z-loss with z_coef (0: none). */
+cm_status router_topk_select(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                             router_gating gating, float aux_coef, float z_coef,
                              router_output *out);
-cm_status router_route_expert_choice(ag_ctx *ctx, const router *r, ag_tensor *x,
+
+/* The methods, one file each; registry.c gives each its row. */
+cm_status router_topk_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                            router_output *out);
+cm_status router_smoe_dropout_validate(const router_config *config);
+cm_status router_smoe_dropout_route(ag_ctx *ctx, const router *r, ag_tensor *x,
+                                    const router_call *call, router_output *out);
+cm_status router_thor_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                            router_output *out);
+cm_status router_top_p_validate(const router_config *config);
+cm_status router_top_p_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                             router_output *out);
+cm_status router_expert_choice_validate(const router_config *config);
+cm_status router_expert_choice_route(ag_ctx *ctx, const router *r, ag_tensor *x,
                                      const router_call *call, router_output *out);
 
 #endif

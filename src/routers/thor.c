@@ -16,7 +16,7 @@
 #define THOR_SEQUENCE_INDEX_BASE (UINT64_C(1) << 62)
 #define THOR_TOKEN_INDEX_BASE    (UINT64_C(1) << 63)
 
-cm_status router_route_thor(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+cm_status router_thor_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
                             router_output *out) {
     if (ag_failed(ctx)) return ag_ctx_status(ctx);
     int experts = r->config.num_experts, tokens = (int)ag_rows(x);
@@ -56,7 +56,12 @@ cm_status router_route_thor(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
         priority[t] = 1.0f; /* capacity ties: earlier tokens first */
     }
 
-    router_candidates candidates = {tokens, token, expert, priority, NULL};
+    router_candidates candidates = {.count = tokens,
+                                    .token = token,
+                                    .expert = expert,
+                                    .priority = priority,
+                                    .gates = NULL, /* constant ones */
+                                    .capacity_load = (double)tokens};
     CM_TRY(router_finish(ctx, r, tokens, 1, &candidates, out));
     out->aux_loss = NULL;
     out->stats.entropy = NAN;

@@ -18,7 +18,13 @@
 
 #include "routers/router_internal.h"
 
-cm_status router_route_top_p(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+cm_status router_top_p_validate(const router_config *config) {
+    if (!(config->top_p > 0.0f && config->top_p <= 1.0f))
+        return CM_ERR(CM_ERR_INVALID, "router.top_p = %g must be in (0, 1]", (double)config->top_p);
+    return CM_OK;
+}
+
+cm_status router_top_p_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
                              router_output *out) {
     const router_config *config = &r->config;
     int experts = config->num_experts;
@@ -67,7 +73,14 @@ cm_status router_route_top_p(ag_ctx *ctx, const router *r, ag_tensor *x, const r
 
     ag_tensor *gates = ag_gather_elements(ctx, probs, flat, count); /* [S] raw probabilities */
     if (!gates) return ag_ctx_status(ctx);
-    router_candidates candidates = {count, token, expert, priority, gates};
+    /* No fixed k: the capacity scales the mean load, all candidate
+     * assignments / E, as T k / E does for top-k. */
+    router_candidates candidates = {.count = count,
+                                    .token = token,
+                                    .expert = expert,
+                                    .priority = priority,
+                                    .gates = gates,
+                                    .capacity_load = (double)count};
     CM_TRY(router_finish(ctx, r, tokens, 0, &candidates, out));
 
     /* router_switch_loss normalises f by all kept assignments, as documented

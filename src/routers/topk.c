@@ -1,7 +1,7 @@
 /* Token-choice top-k routing: the learned router (softmax-then-topK or
- * topK-then-softmax, optional noise, Switch and z-losses; METHODS.md 0.1-0.3)
- * and SMoE-Dropout's frozen random router (always topK-then-softmax, k from
- * the schedule in training, no auxiliary loss; METHODS.md 1.2). */
+ * topK-then-softmax, optional noise, Switch and z-losses; METHODS.md
+ * 0.1-0.3). The selection, router_topk_select, also serves SMoE-Dropout
+ * (smoe_dropout.c). */
 #include <stdbool.h>
 #include <string.h>
 
@@ -32,17 +32,12 @@ static void select_topk(const float *row, int experts, int k, int32_t *chosen) {
     }
 }
 
-cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
-                            router_output *out) {
+cm_status router_topk_select(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                             router_gating gating, float aux_coef, float z_coef,
+                             router_output *out) {
     const router_config *config = &r->config;
-    bool smoe = config->kind == ROUTER_SMOE_DROPOUT;
-    /* SMoE-Dropout's gate is topK-then-softmax whatever the recipe says, and
-     * its router is frozen: nothing to balance. */
-    router_gating gating = smoe ? ROUTER_TOPK_THEN_SOFTMAX : config->gating;
-    float aux_coef = smoe ? 0.0f : config->aux_loss_coef;
-    float z_coef = smoe ? 0.0f : config->z_loss_coef;
     int experts = config->num_experts, k = router_effective_k(r, call);
-    CM_ASSERT(k >= 1 && k <= experts, "router_route_topk: k = %d with %d experts", k, experts);
+    CM_ASSERT(k >= 1 && k <= experts, "router_topk_select: k = %d with %d experts", k, experts);
 
     ag_tensor *logits = router_logits(ctx, r, x, call); /* [T,E] */
     if (!logits) return ag_ctx_status(ctx);
@@ -83,7 +78,12 @@ cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
     /* An over-full expert keeps its highest gates (Megatron's "probs" policy). */
     memcpy(priority, gates->data, (size_t)count * sizeof *priority);
 
-    router_candidates candidates = {count, token, expert, priority, gates};
+    router_candidates candidates = {.count = count,
+                                    .token = token,
+                                    .expert = expert,
+                                    .priority = priority,
+                                    .gates = gates,
+                                    .capacity_load = (double)k * tokens};
     CM_TRY(router_finish(ctx, r, tokens, k, &candidates, out));
     /* f counts the kept assignments (after dropping), as the experts saw them. */
     ag_tensor *aux =
@@ -92,4 +92,11 @@ cm_status router_route_topk(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
     out->stats.entropy = router_mean_entropy(probs);
     out->stats.k = k;
     return ag_ctx_status(ctx);
+}
+
+cm_status router_topk_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                            router_output *out) {
+    const router_config *config = &r->config;
+    return router_topk_select(ctx, r, x, call, config->gating, config->aux_loss_coef,
+                              config->z_loss_coef, out);
 }

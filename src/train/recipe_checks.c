@@ -88,10 +88,12 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
         return involve(involved, "moe.expert_hidden", "moe.split_dense", "model.d_ff",
                        "moe.num_experts", "moe.enabled", NULL);
     }
-    bool uses_k = rc->type == ROUTER_TOPK || rc->type == ROUTER_SMOE_DROPOUT;
-    if (uses_k && rc->k > experts) {
+    /* The method's registry row says which router keys it reads. */
+    const router_method *method = router_method_of(rc->type);
+    CM_ASSERT(method, "router.type holds %d, not a router kind", (int)rc->type);
+    if (method->uses_k && rc->k > experts) {
         snprintf(why, why_capacity, "router.k = %d exceeds moe.num_experts = %d (router.type %s)",
-                 rc->k, experts, rc->type == ROUTER_TOPK ? "topk" : "smoe_dropout");
+                 rc->k, experts, method->name);
         return involve(involved, "router.k", "moe.num_experts", "router.type", "moe.enabled", NULL);
     }
     if (rc->eval_k > experts) {
@@ -99,11 +101,11 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
                  experts);
         return involve(involved, "router.eval_k", "moe.num_experts", "moe.enabled", NULL);
     }
-    if (rc->type == ROUTER_SMOE_DROPOUT) {
+    if (method->k_scheduled) {
         if (rc->k_max > experts) {
             snprintf(why, why_capacity,
-                     "router.k_max = %d exceeds moe.num_experts = %d (router.type smoe_dropout)",
-                     rc->k_max, experts);
+                     "router.k_max = %d exceeds moe.num_experts = %d (router.type %s)", rc->k_max,
+                     experts, method->name);
             return involve(involved, "router.k_max", "moe.num_experts", "router.type",
                            "moe.enabled", NULL);
         }
@@ -111,14 +113,13 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
         if (rc->k_min > k_max) {
             if (rc->k_max > 0)
                 snprintf(why, why_capacity,
-                         "router.k_min = %d is above router.k_max = %d (router.type "
-                         "smoe_dropout)",
-                         rc->k_min, rc->k_max);
+                         "router.k_min = %d is above router.k_max = %d (router.type %s)", rc->k_min,
+                         rc->k_max, method->name);
             else
                 snprintf(why, why_capacity,
                          "router.k_min = %d is above router.k_max (0: moe.num_experts = %d; "
-                         "router.type smoe_dropout)",
-                         rc->k_min, experts);
+                         "router.type %s)",
+                         rc->k_min, experts, method->name);
             return involve(involved, "router.k_min", "router.k_max", "moe.num_experts",
                            "router.type", "moe.enabled", NULL);
         }

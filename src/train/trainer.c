@@ -89,10 +89,6 @@ static lm_config full_model_config(const cm_recipe *recipe) {
     return config;
 }
 
-static bool is_thor(const cm_recipe *recipe) {
-    return recipe->moe.enabled && recipe->router.type == ROUTER_THOR;
-}
-
 /* Model, parameters, arena and batch buffers (no data, no optimizer). */
 static cm_status build_model(run *r) {
     const cm_recipe *recipe = r->recipe;
@@ -304,7 +300,9 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
     ag_tensor *lm = ag_scale(ctx, lm_loss(ctx, logits, r->targets), share);
     ag_tensor *total = lm, *lm2 = NULL;
     ag_tensor *aux = report.aux_loss;
-    if (is_thor(recipe)) {
+    router_config routing; /* the method's passes per step and their consistency weight */
+    recipe_router_config(recipe, &routing);
+    if (recipe->moe.enabled && router_passes_per_step(&routing) == 2) {
         /* THOR: a second pass with its own expert draws and dropout masks;
          * loss = CE1 + CE2 + alpha * consistency (METHODS.md 2.2). */
         lm_moe_report second_report;
@@ -315,7 +313,7 @@ static cm_status train_step(run *r, int64_t step, double *loss_out, double *grad
         lm2 = ag_scale(ctx, lm_loss(ctx, logits2, r->targets), share);
         ag_tensor *consistency = lm_thor_consistency(ctx, logits, logits2);
         total = ag_add(ctx, ag_add(ctx, lm, lm2),
-                       ag_scale(ctx, consistency, (float)recipe->router.thor_alpha * share));
+                       ag_scale(ctx, consistency, router_pass_consistency(&routing) * share));
         CM_TRY(ag_ctx_status(ctx));
         record_routing(r, &second_report);
     }
