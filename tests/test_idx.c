@@ -352,8 +352,8 @@ START_TEST(test_batches_follow_epoch_order) {
     int seen[2][N] = {{0}};
     int first_epoch[N], second_epoch[N];
     for (uint64_t step = 0; step < 6; step++) { /* 30 positions: epochs 0, 1 and part of 2 */
-        ck_assert_int_eq(idx_dataset_batch(&dataset, 42, step, BATCH, (shard_range){0, BATCH},
-                                           NULL, images, labels),
+        ck_assert_int_eq(idx_dataset_batch(&dataset, 42, step, BATCH, (shard_range){0, BATCH}, NULL,
+                                           images, labels),
                          CM_OK);
         for (int row = 0; row < BATCH; row++) {
             int sample = expected_sample(42, step, BATCH, row);

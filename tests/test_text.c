@@ -87,8 +87,8 @@ START_TEST(test_windows_are_contiguous_and_shifted) {
     int32_t inputs[BATCH * SEQ], targets[BATCH * SEQ];
     int high_bytes = 0;
     for (uint64_t step = 0; step < 5; step++) {
-        ck_assert_int_eq(text_dataset_batch(&dataset, 42, step, BATCH, SEQ,
-                                            (shard_range){0, BATCH}, inputs, targets),
+        ck_assert_int_eq(text_dataset_batch(&dataset, 42, step, BATCH, SEQ, (shard_range){0, BATCH},
+                                            inputs, targets),
                          CM_OK);
         cm_rng_key key = {42, step, 0, CM_RNG_DATA};
         for (int row = 0; row < BATCH; row++) {
@@ -216,8 +216,8 @@ START_TEST(test_eval_iterator) {
                 int n = text_eval_next(&iters[rank], in, tg, &local);
                 if (rank == 0) batch_windows = n;
                 ck_assert_int_eq(n, batch_windows);
-                ck_assert_int_eq(local, shard_rows(n, rank, ranks).end -
-                                            shard_rows(n, rank, ranks).begin);
+                ck_assert_int_eq(local,
+                                 shard_rows(n, rank, ranks).end - shard_rows(n, rank, ranks).begin);
                 memcpy(all_in + (size_t)(done + row_offset) * SEQ, in,
                        (size_t)local * SEQ * sizeof(int32_t));
                 memcpy(all_tg + (size_t)(done + row_offset) * SEQ, tg,
