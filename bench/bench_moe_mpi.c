@@ -75,8 +75,8 @@ int main(int argc, char **argv) {
         ag_tensor x = ag_tensor_wrap(x_data, NULL, 2, (int[]){slots, D}, true);
         MPI_Barrier(comm.world);
         double start = cm_now();
-        ag_tensor *there = ag_all_to_all(&ctx, &x, send_rows, recv_rows, comm.ep);
-        ag_tensor *back = ag_all_to_all(&ctx, there, recv_rows, send_rows, comm.ep);
+        ag_tensor *there = ag_all_to_all(&ctx, &x, send_rows, recv_rows, comm.ep, NULL);
+        ag_tensor *back = ag_all_to_all(&ctx, there, recv_rows, send_rows, comm.ep, NULL);
         if (ag_backward_from(&ctx, back, seed_grad) != CM_OK) return 1;
         MPI_Barrier(comm.world);
         double exchanged = cm_now() - start;

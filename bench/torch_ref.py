@@ -463,7 +463,7 @@ class CNNBench:
         theta_optimizer.step()
         # Router step on the updated theta: a fresh attack, then the release's
         # router objective alpha CE(r(x), y mod E) + beta KL(r(x) || r(x')),
-        # phi updated. Whole-model forwards, as cnn_trainer.c (their BN
+        # phi updated. Whole-model forwards, as task_cnn.c (their BN
         # running statistics updates belong to the step).
         x_adv = self.attack(x)
         phi_optimizer.zero_grad(set_to_none=True)

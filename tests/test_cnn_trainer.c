@@ -1,4 +1,5 @@
-/* Tests for train/cnn_trainer.c on tiny synthetic IDX data (8x8 images,
+/* Tests for the image classifier task (train/task_cnn.c) driven by the run
+ * loop (train/run.c) on tiny synthetic IDX data (8x8 images,
  * two classes: the bright blob is in the left or the right half):
  *   - standard training lowers the loss and reaches SA well above chance,
  *     and writes the test line with sa/ra to metrics.jsonl;
@@ -11,8 +12,8 @@
  *     streams are covered);
  *   - the robustness measures of an MoE model (router robustness per router
  *     and mean, expert RA, router-only RA) lie in [0, 1], reach the result
- *     and the metrics test line, and `cnn_trainer_evaluate` of the final
- *     checkpoint reproduces them; a dense model has none;
+ *     and the metrics test line, and `run_evaluate` of the final checkpoint
+ *     reproduces them; a dense model has none;
  *   - at eps 0: RA = expert RA = router-only RA = SA and every route is kept
  *     (image-level and per-layer routers). */
 #include <check.h>
@@ -25,7 +26,9 @@
 #include <zlib.h>
 
 #include "train/checkpoint.h"
-#include "train/cnn_trainer.h"
+#include "train/metrics.h"
+#include "train/run.h"
+#include "train/task_cnn.h"
 
 enum { SIDE = 8, SAMPLES = 256, TEST_SAMPLES = 64 };
 
@@ -136,42 +139,94 @@ static cm_recipe make_recipe(const char *run_name, const char *const *extra, int
     return recipe;
 }
 
+/* A scalar figure of an evaluation ("sa", "ra", ...); it must be there. */
+static double figure(const task_eval *eval, const char *key) {
+    double value = 0.0;
+    ck_assert_msg(metrics_record_get(&eval->record, key, &value), "no %s in the evaluation", key);
+    return value;
+}
+
+static bool has_figure(const task_eval *eval, const char *key) {
+    double value;
+    return metrics_record_get(&eval->record, key, &value);
+}
+
+/* The number of values of an array field of a record; -1 when it has none. */
+static int record_array_count(const metrics_record *record, const char *key) {
+    for (int i = 0; i < record->n_fields; i++)
+        if (!strcmp(record->fields[i].key, key) && record->fields[i].type == METRICS_NUMBERS)
+            return record->fields[i].count;
+    return -1;
+}
+
+/* The number of values of the array "key": [...] in a metrics line; -1 when
+ * it has none. */
+static int line_array_count(const char *line, const char *key) {
+    char pattern[128];
+    snprintf(pattern, sizeof pattern, "\"%s\": [", key);
+    const char *at = strstr(line, pattern);
+    if (!at) return -1;
+    at += strlen(pattern);
+    const char *end = strchr(at, ']');
+    ck_assert_ptr_nonnull(end);
+    if (end == at) return 0;
+    int count = 1;
+    for (const char *c = at; c < end; c++) count += *c == ',';
+    return count;
+}
+
 static const char *const moe_overrides[] = {"moe.enabled=true", "moe.num_experts=2",
                                             "model.cnn_ratio=0.5", "adversarial.mode=advmoe"};
 
 START_TEST(test_standard_training_learns) {
     const char *extra[] = {"train.steps=40"};
     cm_recipe recipe = make_recipe("standard", extra, 1);
-    /* The loss of the first step, from the step function itself. */
-    cnn_run *run = NULL;
-    ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
-    double first_loss = 0;
-    ck_assert_int_eq(cnn_run_step(run, 0, &first_loss), CM_OK);
-    cnn_run_close(run);
+    /* The loss of the first step, from the step function itself, and the
+     * model's inference multiply-adds per image. */
+    run_session *session = NULL;
+    ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+    run_step_result first = {0};
+    ck_assert_int_eq(run_session_step(session, 0, &first), CM_OK);
+    const double first_loss = first.loss;
+    const int64_t flops = task_cnn_flops_per_image(run_session_task_state(session));
+    run_session_close(session);
     ck_assert(first_loss > 1.5); /* about ln 10: ten output classes at init */
 
-    trainer_options options = {.quiet = true};
-    cnn_trainer_result result;
-    cm_status status = cnn_trainer_run(&recipe, &options, &result);
+    run_options options = {.quiet = true};
+    run_result result;
+    cm_status status = run_train(&recipe, &options, &result);
     ck_assert_msg(status == CM_OK, "%s", cm_error_message());
     ck_assert_int_eq(result.steps_done, 40);
     ck_assert_msg(result.last_train_loss < 0.5 * first_loss, "loss %g -> %g", first_loss,
                   result.last_train_loss);
-    ck_assert_msg(result.eval.sa > 0.8, "SA %g (chance 0.5)", result.eval.sa);
-    ck_assert(result.eval.ra >= 0 && result.eval.ra <= result.eval.sa);
-    ck_assert_int_eq(result.eval.images, TEST_SAMPLES);
-    ck_assert(result.flops > 0);
-    ck_assert_int_eq(result.eval.n_routers, 0); /* dense: no robustness dissection */
-    ck_assert(isnan(result.eval.router_robustness) && isnan(result.eval.expert_ra) &&
-              isnan(result.eval.router_only_ra));
-    ck_assert(result.eval.ra_worst == result.eval.ra); /* no router to mask the gradient */
+    ck_assert(result.has_final);
+    const task_eval *e = &result.final;
+    const double sa = figure(e, "sa"), ra = figure(e, "ra");
+    ck_assert_msg(sa > 0.8, "SA %g (chance 0.5)", sa);
+    ck_assert(e->headline == sa);
+    ck_assert(ra >= 0 && ra <= sa);
+    ck_assert(figure(e, "images") == TEST_SAMPLES);
+    ck_assert_int_eq(e->items, TEST_SAMPLES);
+    ck_assert(flops > 0);
+    /* dense: no robustness dissection */
+    ck_assert(!has_figure(e, "router_robustness") && !has_figure(e, "expert_ra") &&
+              !has_figure(e, "router_only_ra"));
+    /* worst-case RA of a dense model is its RA (no router to mask the gradient) */
+    ck_assert(figure(e, "ra_worst") == figure(e, "ra"));
 
     char path[700], line[1024];
     snprintf(path, sizeof path, "%s/standard/metrics.jsonl", dir);
     FILE *file = fopen(path, "r");
     ck_assert_ptr_nonnull(file);
-    bool found = false;
+    bool found = false, found_model = false;
     while (fgets(line, sizeof line, file)) {
+        if (metrics_is_kind(line, "model")) {
+            /* the run's inference multiply-adds per image */
+            double model_flops = 0;
+            ck_assert(metrics_find_number(line, "flops", &model_flops));
+            ck_assert(model_flops == (double)flops);
+            found_model = true;
+        }
         if (!strstr(line, "\"kind\": \"test\"")) continue;
         found = true;
         ck_assert_ptr_nonnull(strstr(line, "\"sa\": "));
@@ -180,7 +235,7 @@ START_TEST(test_standard_training_learns) {
         ck_assert_ptr_null(strstr(line, "router_robustness"));
     }
     fclose(file);
-    ck_assert(found);
+    ck_assert(found && found_model);
 }
 END_TEST
 
@@ -237,23 +292,23 @@ START_TEST(test_advmoe_phases_update_their_own_parameters) {
                                variant == 2 ? "moe.cnn_routing=per_layer"
                                             : "moe.cnn_routing=image"};
         cm_recipe recipe = make_recipe("advmoe", extra, 7);
-        cnn_run *run = NULL;
-        ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
-        ag_params *params = cnn_run_params(run);
+        run_session *session = NULL;
+        ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+        ag_params *params = run_session_params(session);
         ag_param *routers[64];
-        int n_routers = cnn_run_router_params(run, routers, 64);
+        int n_routers = task_cnn_router_params(run_session_task_state(session), routers, 64);
         ck_assert_int_gt(n_routers, 0);
         ck_assert_int_le(n_routers, 64);
         int64_t count;
         for (int64_t step = 0; step < 2; step++) {
             float *before = snapshot(params, &count);
-            double loss;
-            cm_status status = cnn_run_expert_step(run, step, &loss);
+            run_step_result done;
+            cm_status status = run_session_phase(session, step, CNN_PHASE_EXPERTS, &done);
             ck_assert_msg(status == CM_OK, "%s", cm_error_message());
-            ck_assert(isfinite(loss));
+            ck_assert(isfinite(done.loss));
             float *middle = snapshot(params, &count);
-            ck_assert_int_eq(cnn_run_router_step(run, step, &loss), CM_OK);
-            ck_assert(isfinite(loss));
+            ck_assert_int_eq(run_session_phase(session, step, CNN_PHASE_ROUTERS, &done), CM_OK);
+            ck_assert(isfinite(done.loss));
             float *after = snapshot(params, &count);
             int theta, phi;
             changes(params, routers, n_routers, before, middle, &theta, &phi);
@@ -269,7 +324,7 @@ START_TEST(test_advmoe_phases_update_their_own_parameters) {
             free(middle);
             free(after);
         }
-        cnn_run_close(run);
+        run_session_close(session);
     }
 }
 END_TEST
@@ -280,26 +335,27 @@ START_TEST(test_joint_modes_update_everything) {
         const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2], modes[m],
                                "train.steps=2"};
         cm_recipe recipe = make_recipe("joint", extra, 5);
-        cnn_run *run = NULL;
-        ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
-        ag_params *params = cnn_run_params(run);
+        run_session *session = NULL;
+        ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+        ag_params *params = run_session_params(session);
         ag_param *routers[64];
-        int n_routers = cnn_run_router_params(run, routers, 64);
+        int n_routers = task_cnn_router_params(run_session_task_state(session), routers, 64);
         int64_t count;
         float *before = snapshot(params, &count);
-        double loss;
-        cm_status status = cnn_run_step(run, 0, &loss);
+        run_step_result done;
+        cm_status status = run_session_step(session, 0, &done);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
-        ck_assert(isfinite(loss) && loss > 0);
+        ck_assert(isfinite(done.loss) && done.loss > 0);
         float *after = snapshot(params, &count);
         int theta, phi;
         changes(params, routers, n_routers, before, after, &theta, &phi);
         ck_assert_int_gt(theta, 5);
         ck_assert_int_gt(phi, 0); /* the straight-through gradient trains the router */
-        ck_assert_int_eq(cnn_run_router_step(run, 0, &loss), CM_ERR_INVALID);
+        /* Only advmoe has a router phase. */
+        ck_assert_int_eq(run_session_phase(session, 0, CNN_PHASE_ROUTERS, &done), CM_ERR_INVALID);
         free(before);
         free(after);
-        cnn_run_close(run);
+        run_session_close(session);
     }
 }
 END_TEST
@@ -327,26 +383,26 @@ START_TEST(test_missing_idx_file) {
     snprintf(missing, sizeof missing, "data.path=%s/nope-images.gz", dir);
     const char *extra[] = {missing};
     cm_recipe recipe = make_recipe("missing", extra, 1);
-    cnn_run *run = NULL;
-    ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_ERR_IO);
-    ck_assert_ptr_null(run);
+    run_session *session = NULL;
+    ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_ERR_IO);
+    ck_assert_ptr_null(session);
     const char *message = cm_error_message();
     ck_assert_msg(strstr(message, "nope-images.gz") && strstr(message, "data.path"), "%s", message);
     /* The full run reports the same. */
-    trainer_options options = {.quiet = true};
-    cnn_trainer_result result;
-    ck_assert_int_eq(cnn_trainer_run(&recipe, &options, &result), CM_ERR_IO);
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_int_eq(run_train(&recipe, &options, &result), CM_ERR_IO);
 }
 END_TEST
 
 /* The final parameters of a checkpoint, as floats of the whole registry. */
 static float *checkpoint_values(const cm_recipe *recipe, const char *path, int64_t *count) {
-    cnn_run *run = NULL;
-    ck_assert_int_eq(cnn_run_open(recipe, &run), CM_OK);
+    run_session *session = NULL;
+    ck_assert_int_eq(run_session_open(recipe, NULL, true, &session), CM_OK);
     ckpt_meta meta;
-    ck_assert_int_eq(ckpt_load(path, cnn_run_params(run), &meta, true), CM_OK);
-    float *values = snapshot(cnn_run_params(run), count);
-    cnn_run_close(run);
+    ck_assert_int_eq(ckpt_load(path, run_session_params(session), &meta, true), CM_OK);
+    float *values = snapshot(run_session_params(session), count);
+    run_session_close(session);
     return values;
 }
 
@@ -355,19 +411,21 @@ START_TEST(test_resume_is_bit_identical) {
                            moe_overrides[3], "train.steps=4",  "adversarial.eval_steps=0"};
     cm_recipe straight = make_recipe("straight", extra, 6);
     cm_recipe resumed = make_recipe("resumed", extra, 6);
-    trainer_options options = {.quiet = true};
-    cnn_trainer_result a, b;
-    ck_assert_int_eq(cnn_trainer_run(&straight, &options, &a), CM_OK);
-    ck_assert(isnan(a.eval.ra)); /* eval_steps 0: no robust accuracy */
-    trainer_options first = {.quiet = true, .stop_at_step = 2};
-    ck_assert_int_eq(cnn_trainer_run(&resumed, &first, &b), CM_OK);
+    run_options options = {.quiet = true};
+    run_result a, b;
+    ck_assert_int_eq(run_train(&straight, &options, &a), CM_OK);
+    ck_assert(a.has_final);
+    ck_assert(isnan(figure(&a.final, "ra"))); /* eval_steps 0: no robust accuracy */
+    run_options first = {.quiet = true, .stop_at_step = 2};
+    ck_assert_int_eq(run_train(&resumed, &first, &b), CM_OK);
     ck_assert(b.interrupted);
     ck_assert_int_eq(b.steps_done, 2);
-    trainer_options second = {.quiet = true, .resume = "auto"};
-    ck_assert_int_eq(cnn_trainer_run(&resumed, &second, &b), CM_OK);
+    run_options second = {.quiet = true, .resume = "auto"};
+    ck_assert_int_eq(run_train(&resumed, &second, &b), CM_OK);
     ck_assert_int_eq(b.steps_done, 4);
+    ck_assert(b.has_final);
     ck_assert(a.last_train_loss == b.last_train_loss);
-    ck_assert(a.eval.sa == b.eval.sa);
+    ck_assert(figure(&a.final, "sa") == figure(&b.final, "sa"));
     int64_t count_a, count_b;
     float *values_a = checkpoint_values(&straight, a.last_checkpoint, &count_a);
     float *values_b = checkpoint_values(&straight, b.last_checkpoint, &count_b);
@@ -401,45 +459,57 @@ START_TEST(test_robustness_metrics) {
         const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2],
                                moe_overrides[3], "train.steps=3",  routings[routing]};
         cm_recipe recipe = make_recipe("robust", extra, 6);
-        trainer_options options = {.quiet = true};
-        cnn_trainer_result result;
-        cm_status status = cnn_trainer_run(&recipe, &options, &result);
+        run_options options = {.quiet = true};
+        run_result result;
+        cm_status status = run_train(&recipe, &options, &result);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
-        const cnn_eval_result *e = &result.eval;
-        ck_assert_int_eq(e->n_routers, routing == 0 ? 1 : 4); /* per layer: 2 blocks x 2 */
-        ck_assert(in_unit(e->sa) && in_unit(e->ra) && in_unit(e->expert_ra));
-        ck_assert(in_unit(e->ra_worst) && e->ra_worst <= e->ra);
-        double sum = 0.0;
-        for (int k = 0; k < e->n_routers; k++) {
-            ck_assert(in_unit(e->router_robustness_per_router[k]));
-            sum += e->router_robustness_per_router[k];
-        }
-        ck_assert_double_eq_tol(e->router_robustness, sum / e->n_routers, 1e-12);
-        if (routing == 0)
-            ck_assert(in_unit(e->router_only_ra));
-        else
-            ck_assert(isnan(e->router_only_ra)); /* per-layer routers read expert features */
-
+        ck_assert(result.has_final);
+        const task_eval *e = &result.final;
+        /* The result keeps the scalars; the per-router array is in the
+         * metrics line (its length: the number of routers) and in per_router. */
         char line[4096], expected[256];
         last_test_line("robust", line, sizeof line);
+        const int n_routers = line_array_count(line, "router_robustness_per_router");
+        ck_assert_int_eq(n_routers, routing == 0 ? 1 : 4); /* per layer: 2 blocks x 2 */
+        const double sa = figure(e, "sa"), ra = figure(e, "ra"), expert_ra = figure(e, "expert_ra");
+        const double ra_worst = figure(e, "ra_worst");
+        const double router_robustness = figure(e, "router_robustness");
+        const double router_only_ra = figure(e, "router_only_ra");
+        ck_assert(in_unit(sa) && in_unit(ra) && in_unit(expert_ra));
+        ck_assert(in_unit(ra_worst) && ra_worst <= ra);
+        double sum = 0.0;
+        for (int k = 0; k < n_routers; k++) {
+            ck_assert(in_unit(e->per_router[k]));
+            sum += e->per_router[k];
+        }
+        ck_assert_double_eq_tol(router_robustness, sum / n_routers, 1e-12);
+        if (routing == 0)
+            ck_assert(in_unit(router_only_ra));
+        else
+            ck_assert(isnan(router_only_ra)); /* per-layer routers read expert features */
+
         snprintf(expected, sizeof expected, "\"router_robustness\": %.6f, \"expert_ra\": %.6f",
-                 e->router_robustness, e->expert_ra);
+                 router_robustness, expert_ra);
         ck_assert_msg(strstr(line, expected), "%s lacks %s", line, expected);
         ck_assert_ptr_nonnull(strstr(line, "\"router_robustness_per_router\": ["));
         if (routing == 1) ck_assert_ptr_nonnull(strstr(line, "\"router_only_ra\": -1.0"));
-        snprintf(expected, sizeof expected, "], \"ra_worst\": %.6f}", e->ra_worst);
+        snprintf(expected, sizeof expected, "], \"ra_worst\": %.6f}", ra_worst);
         ck_assert_msg(strstr(line, expected), "%s lacks %s", line, expected);
 
         /* The checkpoint evaluated again gives the same numbers. */
-        cnn_eval_result again;
-        status = cnn_trainer_evaluate(&recipe, result.last_checkpoint, CM_SPLIT_TEST,
-                                      recipe.train.eval_batches, &again);
+        task_eval_request request = {CM_SPLIT_TEST, recipe.train.eval_batches, 0};
+        task_eval again;
+        status = run_evaluate(&recipe, result.last_checkpoint, &request, NULL, &again);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
-        ck_assert_int_eq(again.images, e->images);
-        ck_assert(again.sa == e->sa && again.ra == e->ra && again.expert_ra == e->expert_ra);
-        ck_assert(again.ra_worst == e->ra_worst);
-        ck_assert(again.router_robustness == e->router_robustness);
-        ck_assert(routing == 1 || again.router_only_ra == e->router_only_ra);
+        ck_assert(figure(&again, "images") == figure(e, "images"));
+        ck_assert_int_eq(again.items, e->items);
+        ck_assert(figure(&again, "sa") == sa && figure(&again, "ra") == ra &&
+                  figure(&again, "expert_ra") == expert_ra);
+        ck_assert(figure(&again, "ra_worst") == ra_worst);
+        ck_assert(figure(&again, "router_robustness") == router_robustness);
+        ck_assert(routing == 1 || figure(&again, "router_only_ra") == router_only_ra);
+        ck_assert_int_eq(record_array_count(&again.record, "router_robustness_per_router"),
+                         n_routers);
         /* The release's RA objective adds the routers' CE toward y mod E: with
          * a large weight and a strong attack it moves many routes, the
          * classifier's CE alone none (measured: 0.5 against 1). */
@@ -447,17 +517,18 @@ START_TEST(test_robustness_metrics) {
         recipe.adversarial.eps = 0.5;
         recipe.adversarial.eval_steps = 10;
         recipe.adversarial.eval_step_size = 0.1;
-        cnn_eval_result weighted;
+        task_eval weighted;
         for (int w = 0; w < 2; w++) {
             recipe.adversarial.eval_router_weight = w ? 1000 : 0;
-            ck_assert_int_eq(cnn_trainer_evaluate(&recipe, result.last_checkpoint, CM_SPLIT_TEST,
-                                                  recipe.train.eval_batches,
-                                                  w ? &weighted : &again),
+            ck_assert_int_eq(run_evaluate(&recipe, result.last_checkpoint, &request, NULL,
+                                          w ? &weighted : &again),
                              CM_OK);
         }
-        ck_assert_msg(weighted.router_robustness < again.router_robustness - 0.2,
-                      "router robustness %g with the router term, %g without",
-                      weighted.router_robustness, again.router_robustness);
+        const double with_term = figure(&weighted, "router_robustness");
+        const double without_term = figure(&again, "router_robustness");
+        ck_assert_msg(with_term < without_term - 0.2,
+                      "router robustness %g with the router term, %g without", with_term,
+                      without_term);
     }
 }
 END_TEST
@@ -470,20 +541,27 @@ START_TEST(test_robustness_at_eps_zero) {
                                routings[routing], "adversarial.eval_router_weight=6"};
         cm_recipe recipe = make_recipe("eps0", extra, 6);
         recipe.adversarial.eps = 0.0; /* below the recipe range, for this check only */
-        cnn_run *run = NULL;
-        ck_assert_int_eq(cnn_run_open(&recipe, &run), CM_OK);
-        double loss;
+        run_session *session = NULL;
+        ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+        run_step_result done;
         for (int64_t step = 0; step < 3; step++)
-            ck_assert_int_eq(cnn_run_step(run, step, &loss), CM_OK);
-        cnn_eval_result e;
-        cm_status status = cnn_run_evaluate(run, 2, &e);
+            ck_assert_int_eq(run_session_step(session, step, &done), CM_OK);
+        task_eval_request request = {CM_SPLIT_TEST, 2, 0};
+        task_eval e;
+        cm_status status = run_session_evaluate(session, &request, 0, &e);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
-        ck_assert_int_eq(e.images, TEST_SAMPLES);
-        ck_assert(e.sa > 0.0 && e.ra == e.sa && e.expert_ra == e.sa && e.ra_worst == e.sa);
-        ck_assert(routing == 0 ? e.router_only_ra == e.sa : isnan(e.router_only_ra));
-        ck_assert(e.router_robustness == 1.0);
-        for (int k = 0; k < e.n_routers; k++) ck_assert(e.router_robustness_per_router[k] == 1.0);
-        cnn_run_close(run);
+        ck_assert(figure(&e, "images") == TEST_SAMPLES);
+        ck_assert_int_eq(e.items, TEST_SAMPLES);
+        const double sa = figure(&e, "sa");
+        ck_assert(sa > 0.0 && figure(&e, "ra") == sa && figure(&e, "expert_ra") == sa &&
+                  figure(&e, "ra_worst") == sa);
+        const double router_only_ra = figure(&e, "router_only_ra");
+        ck_assert(routing == 0 ? router_only_ra == sa : isnan(router_only_ra));
+        ck_assert(figure(&e, "router_robustness") == 1.0);
+        const int n_routers = record_array_count(&e.record, "router_robustness_per_router");
+        ck_assert_int_gt(n_routers, 0);
+        for (int k = 0; k < n_routers; k++) ck_assert(e.per_router[k] == 1.0);
+        run_session_close(session);
     }
 }
 END_TEST

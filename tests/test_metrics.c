@@ -1,6 +1,7 @@
 /* metrics.jsonl writing, truncation on resume, parsing, and the gnuplot PNG;
  * the progress helpers' formatting. */
 #include <check.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,12 +25,15 @@ START_TEST(test_write_resume_truncates_and_plot) {
     cm_metrics metrics;
     ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
     for (int step = 10; step <= 100; step += 10) {
-        metrics_write(&metrics,
-                      "{\"kind\": \"train\", \"step\": %d, \"loss\": %.4f, \"bpc\": %.4f}", step,
-                      3.0 - step / 100.0, (3.0 - step / 100.0) / 0.6931);
-        if (step % 50 == 0)
-            metrics_write(&metrics, "{\"kind\": \"valid\", \"step\": %d, \"bpc\": %.4f}", step,
-                          4.0 - step / 100.0);
+        metrics_record line = metrics_record_start("train", step);
+        metrics_add_number(&line, "loss", 3.0 - step / 100.0, "%.4f");
+        metrics_add_number(&line, "bpc", (3.0 - step / 100.0) / 0.6931, "%.4f");
+        ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        if (step % 50 == 0) {
+            line = metrics_record_start("valid", step);
+            metrics_add_number(&line, "bpc", 4.0 - step / 100.0, "%.4f");
+            ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        }
     }
     metrics_close(&metrics);
     char path[256];
@@ -38,7 +42,10 @@ START_TEST(test_write_resume_truncates_and_plot) {
 
     /* Resume from step 60: lines for steps 70..100 (and valid@100) go. */
     ck_assert_int_eq(metrics_open(&metrics, dir, 60), CM_OK);
-    metrics_write(&metrics, "{\"kind\": \"train\", \"step\": 70, \"loss\": 1.0, \"bpc\": 1.4427}");
+    metrics_record line = metrics_record_start("train", 70);
+    metrics_add_number(&line, "loss", 1.0, NULL);
+    metrics_add_number(&line, "bpc", 1.4427, NULL);
+    ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
     metrics_close(&metrics);
     ck_assert_int_eq(count_lines(path), 6 + 1 + 1);
 
@@ -118,18 +125,63 @@ static void assert_png(const char *dir, const char *name) {
     ck_assert_int_eq(memcmp(magic, "\x89PNG\r\n\x1a\n", 8), 0);
 }
 
+/* A record is one JSON object in field order with the given formats; NaN
+ * is written as -1; arrays of any length (no fixed line capacity); a write
+ * that fails (a full disk: /dev/full) is an error naming the file. */
+START_TEST(test_records) {
+    char buffer[65536];
+    FILE *memory = fmemopen(buffer, sizeof buffer, "w");
+    ck_assert_ptr_nonnull(memory);
+    enum { E = 300 }; /* a line longer than the old 1023-byte buffer */
+    int64_t loads[E];
+    for (int e = 0; e < E; e++) loads[e] = 1000 + e;
+    const double ratios[2] = {0.25, NAN};
+    metrics_record line = metrics_record_start("moe", 7);
+    metrics_add_number(&line, "loss", 1.0 / 3.0, "%.6f");
+    metrics_add_number(&line, "grad_norm", NAN, "%.6g");
+    metrics_add_integer(&line, "layer", 2);
+    metrics_add_numbers(&line, "ratios", ratios, 2, "%.2f");
+    metrics_add_integers(&line, "tokens_per_expert", loads, E);
+    ck_assert_int_eq(metrics_format_record(memory, &line), 0);
+    fclose(memory);
+    const char *expected = "{\"kind\": \"moe\", \"step\": 7, \"loss\": 0.333333, "
+                           "\"grad_norm\": -1, \"layer\": 2, \"ratios\": [0.25, -1.00], "
+                           "\"tokens_per_expert\": [1000, 1001,";
+    ck_assert_msg(strncmp(buffer, expected, strlen(expected)) == 0, "%.300s", buffer);
+    ck_assert_ptr_nonnull(strstr(buffer, "1298, 1299]}"));
+    double value;
+    ck_assert(metrics_record_get(&line, "layer", &value) && value == 2.0);
+    ck_assert(!metrics_record_get(&line, "tokens_per_expert", &value));
+    metrics_record scalars = metrics_record_scalars(&line);
+    ck_assert_int_eq(scalars.n_fields, 3);
+
+    cm_metrics full = {.file = fopen("/dev/full", "w")};
+    snprintf(full.path, sizeof full.path, "/dev/full");
+    ck_assert_ptr_nonnull(full.file);
+    ck_assert_int_eq(metrics_write_record(&full, &line), CM_ERR_IO);
+    ck_assert_msg(strstr(cm_error_message(), "/dev/full: cannot write the moe line of step 7"),
+                  "%s", cm_error_message());
+    metrics_close(&full);
+}
+END_TEST
+
 START_TEST(test_routing_plots) {
     char dir[] = "/tmp/cmoe-metrics-XXXXXX";
     ck_assert_ptr_nonnull(mkdtemp(dir));
     cm_metrics metrics;
     ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
     for (int step = 10; step <= 50; step += 10) {
-        metrics_write(&metrics, "{\"kind\": \"train\", \"step\": %d, \"bpc\": 3.0}", step);
-        for (int layer = 0; layer < 4; layer += 2)
-            metrics_write(&metrics,
-                          "{\"kind\": \"moe\", \"step\": %d, \"layer\": %d, \"mean_k\": %.2f, "
-                          "\"tokens_per_expert\": [%d, 10, 20, %d]}",
-                          step, layer, 2.0 - step / 100.0, step, 60 - step);
+        metrics_record line = metrics_record_start("train", step);
+        metrics_add_number(&line, "bpc", 3.0, "%.1f");
+        ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        for (int layer = 0; layer < 4; layer += 2) {
+            const int64_t loads[4] = {step, 10, 20, 60 - step};
+            line = metrics_record_start("moe", step);
+            metrics_add_integer(&line, "layer", layer);
+            metrics_add_number(&line, "mean_k", 2.0 - step / 100.0, "%.2f");
+            metrics_add_integers(&line, "tokens_per_expert", loads, 4);
+            ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        }
     }
     metrics_close(&metrics);
     ck_assert_msg(metrics_plot(dir) == CM_OK, "%s", cm_error_message());
@@ -164,6 +216,7 @@ int main(void) {
     tcase_add_test(tc, test_duration_format);
     tcase_add_test(tc, test_plain_progress_lines);
     tcase_add_test(tc, test_routing_plots);
+    tcase_add_test(tc, test_records);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -1,7 +1,9 @@
-/* The trainer end to end on a tiny model and a synthetic corpus: training
- * lowers the loss; K steps straight equal K/2 steps, stop, resume, K/2 more,
- * bit for bit (logged losses and final parameters and moments); bad data paths
- * fail with a clear message. */
+/* The run loop (train/run.h) end to end on the LM task, a tiny model and a
+ * synthetic corpus: training lowers the loss; K steps straight equal K/2
+ * steps, stop, resume, K/2 more, bit for bit (logged losses and final
+ * parameters and moments), for the dense model and every router; bad data
+ * paths fail with a clear message; an injected failure and a NaN loss stop
+ * the run with their messages. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -12,7 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/recipe_moe.h"
-#include "train/trainer.h"
+#include "train/run.h"
 
 static char dir[] = "/tmp/cmoe-trainer-XXXXXX";
 static char train_path[256], valid_path[256];
@@ -122,21 +124,21 @@ START_TEST(test_resume_is_bit_identical) {
     const int64_t steps = 12;
 
     cm_recipe straight = tiny_recipe(straight_dir, steps);
-    trainer_options options = {.quiet = true};
-    trainer_result result;
-    ck_assert_msg(trainer_run(&straight, &options, &result) == CM_OK, "%s", cm_error_message());
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_msg(run_train(&straight, &options, &result) == CM_OK, "%s", cm_error_message());
     ck_assert_int_eq(result.steps_done, steps);
     ck_assert(!result.interrupted);
-    ck_assert(isfinite(result.test_bpc));
+    ck_assert(result.has_final && isfinite(result.final.headline));
 
     cm_recipe resumed = tiny_recipe(resumed_dir, steps);
     options.stop_at_step = steps / 2;
-    ck_assert_msg(trainer_run(&resumed, &options, &result) == CM_OK, "%s", cm_error_message());
+    ck_assert_msg(run_train(&resumed, &options, &result) == CM_OK, "%s", cm_error_message());
     ck_assert(result.interrupted);
     ck_assert_int_eq(result.steps_done, steps / 2);
     options.stop_at_step = 0;
     options.resume = "auto";
-    ck_assert_msg(trainer_run(&resumed, &options, &result) == CM_OK, "%s", cm_error_message());
+    ck_assert_msg(run_train(&resumed, &options, &result) == CM_OK, "%s", cm_error_message());
     ck_assert_int_eq(result.steps_done, steps);
 
     char *a = loss_lines(straight_dir), *b = loss_lines(resumed_dir);
@@ -165,12 +167,15 @@ START_TEST(test_training_lowers_the_loss) {
     snprintf(run_dir, sizeof run_dir, "%s/run", dir);
     cm_recipe recipe = tiny_recipe(run_dir, 60);
     recipe.train.eval_every = 30;
-    trainer_options options = {.quiet = true};
-    trainer_result result;
-    ck_assert_msg(trainer_run(&recipe, &options, &result) == CM_OK, "%s", cm_error_message());
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_msg(run_train(&recipe, &options, &result) == CM_OK, "%s", cm_error_message());
     /* Uniform over 256 bytes is 8 bits; the grammar has ~9 symbols in use. */
-    ck_assert_msg(result.last_valid_bpc < 4.0, "validation bpc %.3f after 60 steps",
-                  result.last_valid_bpc);
+    ck_assert(result.has_periodic);
+    double bpc = NAN;
+    ck_assert(metrics_record_get(&result.periodic.record, "bpc", &bpc));
+    ck_assert_msg(bpc < 4.0, "validation bpc %.3f after 60 steps", bpc);
+    ck_assert_str_eq(result.periodic.record.kind, "valid");
     remove_corpus();
 }
 END_TEST
@@ -181,10 +186,50 @@ START_TEST(test_missing_data_is_a_clear_error) {
     snprintf(run_dir, sizeof run_dir, "%s/run", dir);
     cm_recipe recipe = tiny_recipe(run_dir, 4);
     snprintf(recipe.data.path, sizeof recipe.data.path, "%s/missing.txt", dir);
-    trainer_options options = {.quiet = true};
-    trainer_result result;
-    ck_assert_int_eq(trainer_run(&recipe, &options, &result), CM_ERR_IO);
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_int_eq(run_train(&recipe, &options, &result), CM_ERR_IO);
     ck_assert_msg(strstr(cm_error_message(), "missing.txt") != NULL, "%s", cm_error_message());
+    remove_corpus();
+}
+END_TEST
+
+/* Fault injection is an option of the run loop: the named rank fails when it
+ * starts the named step, after the steps before it were taken. */
+START_TEST(test_injected_failure_stops_the_run) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    cm_recipe recipe = tiny_recipe(run_dir, 8);
+    run_options options = {.quiet = true, .fail_rank = 0, .fail_step = 3};
+    run_result result;
+    ck_assert_int_eq(run_train(&recipe, &options, &result), CM_ERR_INTERNAL);
+    ck_assert_msg(strstr(cm_error_message(), "failure injected at step 3") != NULL, "%s",
+                  cm_error_message());
+    ck_assert_int_eq(result.steps_done, 2);
+    options.fail_rank = 1; /* not this process */
+    ck_assert_int_eq(run_train(&recipe, &options, &result), CM_OK);
+    ck_assert_int_eq(result.steps_done, 8);
+    remove_corpus();
+}
+END_TEST
+
+/* A learning rate that blows the loss up stops the run with CM_ERR_NUMERIC
+ * and a hint, before the update of the non-finite step. */
+START_TEST(test_non_finite_loss_stops_the_run) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    cm_recipe recipe = tiny_recipe(run_dir, 40);
+    recipe.optim.lr = 1e30;
+    recipe.optim.grad_clip = 0;
+    recipe.schedule.warmup_steps = 0;
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_int_eq(run_train(&recipe, &options, &result), CM_ERR_NUMERIC);
+    ck_assert_msg(strstr(cm_error_message(), "lower optim.lr or set optim.grad_clip") != NULL, "%s",
+                  cm_error_message());
+    ck_assert_int_lt(result.steps_done, 40);
     remove_corpus();
 }
 END_TEST
@@ -215,23 +260,25 @@ START_TEST(test_moe_routers_train_and_resume) {
         snprintf(resumed_dir, sizeof resumed_dir, "%s/resumed%zu", dir, i);
         cm_recipe recipe = tiny_recipe_with(straight_dir, 30, moe_sections[i]);
         recipe.train.eval_every = 15;
-        trainer_options options = {.quiet = true};
-        trainer_result result;
-        ck_assert_msg(trainer_run(&recipe, &options, &result) == CM_OK, "case %zu: %s", i,
+        run_options options = {.quiet = true};
+        run_result result;
+        ck_assert_msg(run_train(&recipe, &options, &result) == CM_OK, "case %zu: %s", i,
                       cm_error_message());
-        ck_assert_msg(result.last_valid_bpc < 5.0, "case %zu: validation bpc %.3f", i,
-                      result.last_valid_bpc);
-        ck_assert_double_gt(result.mean_k, 0.0);
+        double bpc = NAN, mean_k = NAN;
+        ck_assert(metrics_record_get(&result.periodic.record, "bpc", &bpc));
+        ck_assert_msg(bpc < 5.0, "case %zu: validation bpc %.3f", i, bpc);
+        ck_assert(metrics_record_get(&result.last_train, "mean_k", &mean_k));
+        ck_assert_double_gt(mean_k, 0.0);
         char *straight = loss_lines(straight_dir);
         ck_assert_msg(strstr(straight, "\"step\": 30") != NULL, "case %zu", i);
 
         cm_recipe resumed = tiny_recipe_with(resumed_dir, 30, moe_sections[i]);
         resumed.train.eval_every = 15;
         options.stop_at_step = 13;
-        ck_assert_int_eq(trainer_run(&resumed, &options, &result), CM_OK);
+        ck_assert_int_eq(run_train(&resumed, &options, &result), CM_OK);
         options.stop_at_step = 0;
         options.resume = "auto";
-        ck_assert_int_eq(trainer_run(&resumed, &options, &result), CM_OK);
+        ck_assert_int_eq(run_train(&resumed, &options, &result), CM_OK);
         char *again = loss_lines(resumed_dir);
         ck_assert_msg(strcmp(straight, again) == 0, "case %zu:\n%s\nresumed:\n%s", i, straight,
                       again);
@@ -257,9 +304,9 @@ START_TEST(test_smoe_router_frozen_and_k_scheduled) {
     char run_dir[300];
     snprintf(run_dir, sizeof run_dir, "%s/smoe", dir);
     cm_recipe recipe = tiny_recipe_with(run_dir, 12, moe_sections[2]);
-    trainer_options options = {.quiet = true};
-    trainer_result result;
-    ck_assert_int_eq(trainer_run(&recipe, &options, &result), CM_OK);
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_int_eq(run_train(&recipe, &options, &result), CM_OK);
 
     /* The same model freshly initialised: router weights must match the
      * trained checkpoint bit for bit, experts must not. */
@@ -326,6 +373,8 @@ int main(void) {
     tcase_add_test(tc, test_resume_is_bit_identical);
     tcase_add_test(tc, test_training_lowers_the_loss);
     tcase_add_test(tc, test_missing_data_is_a_clear_error);
+    tcase_add_test(tc, test_injected_failure_stops_the_run);
+    tcase_add_test(tc, test_non_finite_loss_stops_the_run);
     tcase_add_test(tc, test_moe_routers_train_and_resume);
     tcase_add_test(tc, test_smoe_router_frozen_and_k_scheduled);
     tcase_set_timeout(tc, 300);

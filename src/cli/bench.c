@@ -1,7 +1,7 @@
 /* `cmoe bench`: timed training steps of a recipe, the RESULT line of
  * shared/BENCH.md last.
  *
- * The steps are the trainers' own (trainer_bench, cnn_run_step) from fresh
+ * The steps are the run loop's own (run_session_step) from fresh
  * parameters, with no logging, evaluation or checkpoint. The first --skip
  * steps are warm-up (first touch of the arena, OpenBLAS's buffers); the
  * figures are over the rest:
@@ -31,11 +31,9 @@
 #include "common/log.h"
 #include "parallel/comm.h"
 #include "parallel/dispatch.h"
-#include "train/cnn_trainer.h"
 #include "train/progress.h"
 #include "train/recipe.h"
-#include "train/recipe_moe.h"
-#include "train/trainer.h"
+#include "train/run.h"
 
 enum { MAX_OVERRIDES = 64, MAX_STEPS = 100000 };
 
@@ -56,6 +54,7 @@ static const char bench_help[] =
 
 typedef struct bench_timer {
     int64_t steps;
+    const dispatch_timing *exchange; /* the session's counters */
     double last_time, last_exchange, last_wait;
     long long last_allocations;
     double *seconds, *exchange_seconds, *wait_seconds;
@@ -65,7 +64,8 @@ typedef struct bench_timer {
 
 static void on_step(void *user, int64_t steps_done) {
     bench_timer *t = user;
-    double now = cm_now(), exchange = dispatch_exchange_seconds(), wait = dispatch_wait_seconds();
+    double now = cm_now(), exchange = t->exchange->exchange_seconds,
+           wait = t->exchange->wait_seconds;
     long long allocations = alloc_count_total();
     if (steps_done > 0) {
         int64_t i = steps_done - 1;
@@ -81,8 +81,8 @@ static void on_step(void *user, int64_t steps_done) {
     }
     /* read the clock last, so the bookkeeping above is not timed */
     t->last_allocations = alloc_count_total();
-    t->last_exchange = dispatch_exchange_seconds();
-    t->last_wait = dispatch_wait_seconds();
+    t->last_exchange = t->exchange->exchange_seconds;
+    t->last_wait = t->exchange->wait_seconds;
     t->last_time = cm_now();
 }
 
@@ -101,34 +101,28 @@ static double median(const double *values, int64_t n) {
     return m;
 }
 
-/* Model FLOPs of one LM step (BENCH.md's formula). */
-static double lm_model_flops(const cm_recipe *recipe) {
-    const cm_model_cfg *m = &recipe->model;
-    const double d = m->d_model, tokens = (double)recipe->data.batch_size * recipe->data.seq_len;
-    double active = d * m->vocab_size;
-    for (int l = 0; l < m->n_layers; l++) {
-        double ffn = 2.0 * d * m->d_ff;
-        if (recipe_layer_is_moe(recipe, l))
-            ffn = recipe->router.k * 2.0 * d * recipe_expert_hidden(recipe) +
-                  d * recipe->moe.num_experts;
-        active += 4.0 * d * d + ffn;
-    }
-    return tokens * (6.0 * active + 12.0 * m->n_layers * (double)recipe->data.seq_len * d);
-}
-
-static int run_cnn(const cm_recipe *recipe, bench_timer *timer, double *flops_per_step) {
-    cnn_run *run;
-    if (cnn_run_open(recipe, &run) != CM_OK) return EXIT_FAILURE;
-    *flops_per_step = 6.0 * (double)cnn_run_flops_per_image(run) * recipe->data.batch_size;
+/* Runs the timed steps; the model FLOPs per step and the throughput unit
+ * come from the task. */
+static cm_status run_steps(const cm_recipe *recipe, const cm_comm *comm, bench_timer *timer,
+                           double *flops_per_step, const char **item_name) {
+    run_session *session;
+    CM_TRY(run_session_open(recipe, comm, true, &session));
+    const task_vtable *task = run_session_task(session);
+    void *state = run_session_task_state(session);
+    *flops_per_step = task->model_flops_per_step(state);
+    *item_name = task->item_name;
+    dispatch_timing *exchange = run_session_timing(session);
+    exchange->separate_wait = true;
+    timer->exchange = exchange;
     cm_status status = CM_OK;
     on_step(timer, 0);
     for (int64_t step = 0; step < timer->steps && status == CM_OK; step++) {
-        double loss;
-        status = cnn_run_step(run, step, &loss);
+        run_step_result done;
+        status = run_session_step(session, step, &done);
         if (status == CM_OK) on_step(timer, step + 1);
     }
-    cnn_run_close(run);
-    return status == CM_OK ? 0 : EXIT_FAILURE;
+    run_session_close(session);
+    return status;
 }
 
 static double max_over_ranks(const cm_comm *comm, double value) {
@@ -145,7 +139,7 @@ static double sum_over_ranks(const cm_comm *comm, double value) {
 
 /* Prints the figures of the timed steps [skip, steps) and the RESULT line. */
 static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_timer *t, int64_t skip,
-                   double flops_per_step, int threads) {
+                   double flops_per_step, const char *item_name, int threads) {
     const int64_t n = t->steps - skip;
     const double *seconds = t->seconds + skip;
     double step_median = median(seconds, n), step_min = seconds[0], step_max = seconds[0];
@@ -165,9 +159,9 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
     double wait_median = max_over_ranks(comm, median(t->wait_seconds + skip, n));
     double allocations_most = max_over_ranks(comm, (double)allocations_max);
     if (comm->world_rank != 0) return;
-    const bool lm = recipe->model.arch != CM_ARCH_RESNET;
-    const double tokens = lm ? (double)recipe->data.batch_size * recipe->data.seq_len
-                             : (double)recipe->data.batch_size;
+    const bool tokens_counted = strcmp(item_name, "tok") == 0;
+    const double tokens = tokens_counted ? (double)recipe->data.batch_size * recipe->data.seq_len
+                                         : (double)recipe->data.batch_size;
     const char *name = recipe->name;
     if (strncmp(name, "bench-", 6) == 0) name += 6;
     fprintf(stderr, "\n");
@@ -175,8 +169,8 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
            comm->world_size, threads, (long long)n, (long long)skip);
     printf("  step      %.1f ms median (%.1f - %.1f)\n", 1e3 * step_median, 1e3 * step_min,
            1e3 * step_max);
-    printf("  %s/s  %.0f median (%.0f - %.0f)\n", lm ? "tokens" : "images", tokens / step_median,
-           tokens / step_max, tokens / step_min);
+    printf("  %s/s  %.0f median (%.0f - %.0f)\n", tokens_counted ? "tokens" : "images",
+           tokens / step_median, tokens / step_max, tokens / step_min);
     printf("  model     %.2f GFLOP per step, %.1f GFLOP/s\n", flops_per_step / 1e9,
            flops_per_step / step_median / 1e9);
     printf("  peak RSS  %.0f MiB%s\n", rss_max, comm->world_size > 1 ? " (largest rank)" : "");
@@ -216,44 +210,56 @@ static int parse_count(const char *flag, const char *text, long long low, long l
     return 0;
 }
 
-int command_bench(int argc, char **argv) {
-    const char *recipe_path = NULL;
+typedef struct bench_args {
+    const char *recipe_path;
     const char *overrides[MAX_OVERRIDES];
-    int n_overrides = 0;
-    long long steps = 22, skip = 2, threads = 2;
+    int n_overrides;
+    long long steps, skip, threads;
+} bench_args;
+
+/* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
+static int parse_bench_args(int argc, char **argv, bench_args *args) {
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(bench_help, stdout);
             return 0;
         } else if (strcmp(argv[i], "--steps") == 0 && i + 1 < argc) {
-            if (parse_count("--steps", argv[++i], 1, &steps)) return 2;
+            if (parse_count("--steps", argv[++i], 1, &args->steps)) return 2;
         } else if (strcmp(argv[i], "--skip") == 0 && i + 1 < argc) {
-            if (parse_count("--skip", argv[++i], 0, &skip)) return 2;
+            if (parse_count("--skip", argv[++i], 0, &args->skip)) return 2;
         } else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
-            if (parse_count("--threads", argv[++i], 1, &threads)) return 2;
+            if (parse_count("--threads", argv[++i], 1, &args->threads)) return 2;
         } else if (strcmp(argv[i], "--set") == 0 && i + 1 < argc) {
-            if (n_overrides == MAX_OVERRIDES) {
+            if (args->n_overrides == MAX_OVERRIDES) {
                 fprintf(stderr, "cmoe bench: too many --set\n");
                 return 2;
             }
-            overrides[n_overrides++] = argv[++i];
-        } else if (argv[i][0] == '-' || recipe_path) {
+            args->overrides[args->n_overrides++] = argv[++i];
+        } else if (argv[i][0] == '-' || args->recipe_path) {
             fprintf(stderr, "cmoe bench: unexpected argument '%s' (see cmoe bench --help)\n",
                     argv[i]);
             return 2;
         } else {
-            recipe_path = argv[i];
+            args->recipe_path = argv[i];
         }
     }
-    if (!recipe_path) {
+    if (!args->recipe_path) {
         fprintf(stderr, "cmoe bench: missing RECIPE (see cmoe bench --help)\n");
         return 2;
     }
-    if (skip >= steps) {
-        fprintf(stderr, "cmoe bench: --skip %lld leaves no timed step of --steps %lld\n", skip,
-                steps);
+    if (args->skip >= args->steps) {
+        fprintf(stderr, "cmoe bench: --skip %lld leaves no timed step of --steps %lld\n",
+                args->skip, args->steps);
         return 2;
     }
+    return -1;
+}
+
+int command_bench(int argc, char **argv) {
+    bench_args args = {.steps = 22, .skip = 2, .threads = 2};
+    int parsed = parse_bench_args(argc, argv, &args);
+    if (parsed >= 0) return parsed;
+    const long long steps = args.steps, skip = args.skip, threads = args.threads;
     if (comm_start(&argc, &argv) != CM_OK) {
         fprintf(stderr, "cmoe bench: %s\n", cm_error_message());
         return EXIT_FAILURE;
@@ -261,14 +267,12 @@ int command_bench(int argc, char **argv) {
     cm_recipe recipe;
     cm_comm comm;
     bool comm_ready = false;
-    cm_status status = recipe_load(recipe_path, overrides, n_overrides, &recipe);
+    cm_status status = recipe_load(args.recipe_path, args.overrides, args.n_overrides, &recipe);
     if (status == CM_OK) {
         recipe.train.threads = (int)threads;
         status = comm_init(&comm, recipe.parallel.expert_parallel);
         comm_ready = status == CM_OK;
     }
-    if (status == CM_OK && recipe.model.arch == CM_ARCH_RESNET && comm.world_size > 1)
-        status = CM_ERR(CM_ERR_INVALID, "the CNN benchmark runs in one process");
     bench_timer timer = {.steps = steps, .print = cm_log_rank() == 0};
     timer.seconds = calloc((size_t)steps, sizeof(double));
     timer.exchange_seconds = calloc((size_t)steps, sizeof(double));
@@ -278,19 +282,15 @@ int command_bench(int argc, char **argv) {
         (!timer.seconds || !timer.exchange_seconds || !timer.wait_seconds || !timer.allocations))
         status = CM_ERR(CM_ERR_NOMEM, "out of memory");
     double flops_per_step = 0.0;
+    const char *item_name = "tok";
     int exit_code = EXIT_FAILURE;
     if (status == CM_OK) {
         alloc_count_enable(true);
-        dispatch_separate_wait(true);
-        if (recipe.model.arch == CM_ARCH_RESNET) {
-            exit_code = run_cnn(&recipe, &timer, &flops_per_step);
-        } else {
-            flops_per_step = lm_model_flops(&recipe);
-            exit_code =
-                trainer_bench(&recipe, &comm, steps, on_step, &timer) == CM_OK ? 0 : EXIT_FAILURE;
-        }
+        status = run_steps(&recipe, &comm, &timer, &flops_per_step, &item_name);
         alloc_count_enable(false);
-        if (exit_code == 0) report(&recipe, &comm, &timer, skip, flops_per_step, (int)threads);
+        exit_code = status == CM_OK ? 0 : EXIT_FAILURE;
+        if (exit_code == 0)
+            report(&recipe, &comm, &timer, skip, flops_per_step, item_name, (int)threads);
     }
     if (exit_code != 0) {
         char reason[2300];

@@ -11,10 +11,9 @@
 #include "common/log.h"
 #include "parallel/comm.h"
 #include "train/checkpoint.h"
-#include "train/cnn_trainer.h"
 #include "train/metrics.h"
 #include "train/recipe.h"
-#include "train/trainer.h"
+#include "train/run.h"
 
 #define CMOE_VERSION "0.1.0"
 #define LN2          0.69314718055994530942
@@ -37,7 +36,7 @@ static const char usage_text[] =
 
 static const char train_help[] =
     "usage: cmoe train RECIPE [--set SECTION.KEY=VALUE]... [--resume PATH|auto]\n"
-    "                  [--stop-at STEP] [--quiet]\n"
+    "                  [--stop-at STEP] [--quiet] [--inject-failure RANK:STEP]\n"
     "\n"
     "Trains the model of RECIPE and writes, into the run directory (train.out_dir,\n"
     "default runs/NAME): metrics.jsonl, checkpoints ckpt-STEP.h5 and curves.png.\n"
@@ -53,6 +52,9 @@ static const char train_help[] =
     "                  e.g. to fit a job time limit; the schedule still spans\n"
     "                  train.steps, so --resume auto continues the same run\n"
     "  --quiet         no progress output\n"
+    "  --inject-failure RANK:STEP\n"
+    "                  for tests of the error paths: world rank RANK fails when it\n"
+    "                  starts step STEP, and the whole job must end with its message\n"
     "\n"
     "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current step and exits\n"
     "with status 130; `--resume auto` then continues exactly where it stopped.\n";
@@ -72,7 +74,8 @@ static const char eval_help[] =
     "\n"
     "model.arch resnet: prints the standard accuracy (SA) and the accuracy under\n"
     "PGD (RA; adversarial.eps, eval_steps, eval_step_size) on the test images\n"
-    "(--split train: the training images; there is no validation split).\n";
+    "(--split train: the training images; there is no validation split), and for\n"
+    "an MoE-CNN the router robustness, expert RA, router-only RA and worst-case RA.\n";
 
 static const char inspect_help[] =
     "usage: cmoe inspect CKPT\n"
@@ -114,92 +117,94 @@ static void on_stop_signal(int signal_number) {
     signal(SIGTERM, SIG_DFL);
 }
 
-static int command_train(int argc, char **argv) {
-    const char *recipe_path = NULL, *resume = NULL;
+typedef struct train_args {
+    const char *recipe_path, *resume;
     const char *overrides[MAX_OVERRIDES];
-    int n_overrides = 0;
-    bool quiet = false;
-    long long stop_at = 0;
+    int n_overrides;
+    bool quiet;
+    long long stop_at;
+    int fail_rank;
+    long long fail_step;
+} train_args;
+
+/* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
+static int parse_train_args(int argc, char **argv, train_args *args) {
     for (int i = 0; i < argc; i++) {
         if (is_help(argv[i])) {
             fputs(train_help, stdout);
             return 0;
         } else if (strcmp(argv[i], "--set") == 0 && i + 1 < argc) {
-            if (n_overrides == MAX_OVERRIDES) return usage_error("train", "too many --set%s", "");
-            overrides[n_overrides++] = argv[++i];
+            if (args->n_overrides == MAX_OVERRIDES)
+                return usage_error("train", "too many --set%s", "");
+            args->overrides[args->n_overrides++] = argv[++i];
         } else if (strcmp(argv[i], "--resume") == 0 && i + 1 < argc) {
-            resume = argv[++i];
+            args->resume = argv[++i];
         } else if (strcmp(argv[i], "--stop-at") == 0 && i + 1 < argc) {
             char *end;
-            stop_at = strtoll(argv[++i], &end, 10);
-            if (*end || stop_at < 1)
+            args->stop_at = strtoll(argv[++i], &end, 10);
+            if (*end || args->stop_at < 1)
                 return usage_error("train", "--stop-at takes a step >= 1, not '%s'", argv[i]);
+        } else if (strcmp(argv[i], "--inject-failure") == 0 && i + 1 < argc) {
+            char tail;
+            if (sscanf(argv[++i], "%d:%lld%c", &args->fail_rank, &args->fail_step, &tail) != 2 ||
+                args->fail_rank < 0 || args->fail_step < 1)
+                return usage_error("train", "--inject-failure takes RANK:STEP, not '%s'", argv[i]);
         } else if (strcmp(argv[i], "--quiet") == 0) {
-            quiet = true;
-        } else if (argv[i][0] == '-' || recipe_path) {
+            args->quiet = true;
+        } else if (argv[i][0] == '-' || args->recipe_path) {
             return usage_error("train", "unexpected argument '%s'", argv[i]);
         } else {
-            recipe_path = argv[i];
+            args->recipe_path = argv[i];
         }
     }
-    if (!recipe_path) return usage_error("train", "missing RECIPE%s", "");
-    if (comm_start(&argc, &argv) != CM_OK) return fail("train");
-    /* Every rank reads the recipe; an error is the same everywhere, so only
-     * rank 0 reports it and all ranks exit without hanging. */
-    cm_recipe recipe;
-    if (recipe_load(recipe_path, overrides, n_overrides, &recipe) != CM_OK) {
+    if (!args->recipe_path) return usage_error("train", "missing RECIPE%s", "");
+    return -1;
+}
+
+/* Every rank reads the recipe; an error is the same everywhere, so only rank
+ * 0 reports it and all ranks exit without hanging. */
+static bool load_recipe_everywhere(const train_args *args, cm_recipe *recipe, cm_comm *comm) {
+    if (recipe_load(args->recipe_path, args->overrides, args->n_overrides, recipe) != CM_OK) {
         if (cm_log_rank() == 0) fprintf(stderr, "%s\n", cm_error_message());
-        comm_stop();
-        return EXIT_FAILURE;
+        return false;
     }
-    cm_comm comm;
-    if (comm_init(&comm, recipe.parallel.expert_parallel) != CM_OK) {
+    if (comm_init(comm, recipe->parallel.expert_parallel) != CM_OK) {
         if (cm_log_rank() == 0) fprintf(stderr, "cmoe train: %s\n", cm_error_message());
+        return false;
+    }
+    return true;
+}
+
+static int command_train(int argc, char **argv) {
+    train_args args = {0};
+    int parsed = parse_train_args(argc, argv, &args);
+    if (parsed >= 0) return parsed;
+    if (comm_start(&argc, &argv) != CM_OK) return fail("train");
+    cm_recipe recipe;
+    cm_comm comm;
+    if (!load_recipe_everywhere(&args, &recipe, &comm)) {
         comm_stop();
         return EXIT_FAILURE;
     }
-    if (recipe.model.arch == CM_ARCH_RESNET) {
-        if (!quiet && comm.world_rank == 0) {
-            char run_dir[4096];
-            recipe_run_dir(&recipe, run_dir, sizeof run_dir);
-            printf("[cmoe] recipe %s -> %s\n", recipe_path, run_dir);
-            printf(
-                "[cmoe] resnet widths %s x %d blocks, ratio %g, %s, mode %s, batch %d, %lld "
-                "steps, data %s\n",
-                recipe.model.cnn_widths, recipe.model.cnn_blocks, recipe.model.cnn_ratio,
-                recipe.moe.enabled ? "MoE" : "dense",
-                (const char *[]){"standard", "pgd_at", "trades", "advmoe"}[recipe.adversarial.mode],
-                recipe.data.batch_size, (long long)recipe.train.steps, recipe.data.path);
-        }
-    } else if (!quiet && comm.world_rank == 0) {
+    if (!args.quiet && comm.world_rank == 0) {
         char run_dir[4096];
         recipe_run_dir(&recipe, run_dir, sizeof run_dir);
-        printf("[cmoe] recipe %s -> %s\n", recipe_path, run_dir);
-        printf("[cmoe] %d layers, d_model %d, %d heads, d_ff %d, seq_len %d, batch %d, %lld "
-               "steps, data %s\n",
-               recipe.model.n_layers, recipe.model.d_model, recipe.model.n_heads, recipe.model.d_ff,
-               recipe.data.seq_len, recipe.data.batch_size, (long long)recipe.train.steps,
-               recipe.data.path);
-        if (comm.world_size > 1)
-            printf("[cmoe] %d ranks: %d expert-parallel x %d data-parallel\n", comm.world_size,
-                   comm.ep_size, comm.dp_size);
+        printf("[cmoe] recipe %s -> %s\n", args.recipe_path, run_dir);
     }
     struct sigaction action = {0};
     action.sa_handler = on_stop_signal;
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
-    trainer_options options = {resume, &stop_requested, quiet, stop_at, &comm};
-    trainer_result result = {0};
-    cm_status status;
-    if (recipe.model.arch == CM_ARCH_RESNET) {
-        cnn_trainer_result cnn_result;
-        status = cnn_trainer_run(&recipe, &options, &cnn_result);
-        result.interrupted = cnn_result.interrupted;
-    } else {
-        status = trainer_run(&recipe, &options, &result);
-    }
-    if (status != CM_OK) {
+    run_options options = {.resume = args.resume,
+                           .stop_requested = &stop_requested,
+                           .quiet = args.quiet,
+                           .stop_at_step = args.stop_at,
+                           .comm = &comm,
+                           .fail_rank = args.fail_rank,
+                           .fail_step = args.fail_step};
+    run_result result;
+    if (run_train(&recipe, &options, &result) != CM_OK) {
         /* The failure may be this rank's alone: end the whole job now. */
         char reason[2300];
         snprintf(reason, sizeof reason, "cmoe train: %s", cm_error_message());
@@ -216,116 +221,122 @@ static int command_train(int argc, char **argv) {
 
 /* ---- eval ------------------------------------------------------------------- */
 
-/* Evaluates k = 1, 2, 4, ..., E (and E itself) and writes the table + plot. */
-static int eval_sweep(const cm_recipe *recipe, const char *checkpoint, cm_split split,
-                      const char *split_name, long long max_batches, const char *out_dir) {
-    if (!recipe->moe.enabled) {
-        fprintf(stderr, "cmoe eval: --sweep-k needs an MoE recipe (moe.enabled: true)\n");
-        return EXIT_USAGE;
-    }
+/* The directory of `path` ("." for a bare file name). */
+static void directory_of(const char *path, char *dir, size_t size) {
+    snprintf(dir, size, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *slash = '\0';
+    else
+        snprintf(dir, size, ".");
+}
+
+/* Evaluates k = 1, 2, 4, ..., E (and E itself) with the model loaded once,
+ * and writes the table and plot into out_dir. */
+static cm_status eval_sweep(run_session *session, const cm_recipe *recipe,
+                            task_eval_request request, const char *split_name,
+                            const char *out_dir) {
+    const task_vtable *task = run_session_task(session);
+    if (!task->takes_k || !task->takes_k(run_session_task_state(session)))
+        return CM_ERR(CM_ERR_INVALID, "--sweep-k needs a model whose routers take a k (an MoE "
+                                      "language model with a top-k or SMoE-Dropout router)");
     int ks[32], n = 0;
     for (int k = 1; k < recipe->moe.num_experts && n < 31; k *= 2) ks[n++] = k;
     ks[n++] = recipe->moe.num_experts;
     double bpc[32];
     printf("k\tbpc (%s split)\n", split_name);
     for (int i = 0; i < n; i++) {
-        double loss;
-        int64_t tokens;
-        if (trainer_evaluate(recipe, checkpoint, split, max_batches, ks[i], &loss, &tokens, NULL) !=
-            CM_OK)
-            return fail("eval");
-        bpc[i] = loss / LN2;
+        task_eval eval;
+        request.k_override = ks[i];
+        CM_TRY(run_session_evaluate(session, &request, 0, &eval));
+        bpc[i] = eval.headline / LN2;
         printf("%d\t%.4f\n", ks[i], bpc[i]);
         fflush(stdout);
     }
-    char dir[4096];
-    if (out_dir) {
-        snprintf(dir, sizeof dir, "%s", out_dir);
-    } else {
-        snprintf(dir, sizeof dir, "%s", checkpoint);
-        char *slash = strrchr(dir, '/');
-        if (slash)
-            *slash = '\0';
-        else
-            snprintf(dir, sizeof dir, ".");
-    }
     char title[256];
     snprintf(title, sizeof title, "%s, %s split", recipe->name, split_name);
-    if (metrics_plot_k_sweep(dir, ks, bpc, n, title) != CM_OK) return fail("eval");
-    printf("wrote %s/k-sweep.tsv and %s/k-sweep.png\n", dir, dir);
-    return 0;
+    CM_TRY(metrics_plot_k_sweep(out_dir, ks, bpc, n, title));
+    printf("wrote %s/k-sweep.tsv and %s/k-sweep.png\n", out_dir, out_dir);
+    return CM_OK;
 }
 
-static int command_eval(int argc, char **argv) {
-    const char *recipe_path = NULL, *checkpoint = NULL, *split_name = NULL, *out_dir = NULL;
+typedef struct eval_args {
+    const char *recipe_path, *checkpoint, *split_name, *out_dir;
     const char *overrides[MAX_OVERRIDES];
-    int n_overrides = 0;
-    long long max_batches = 0;
-    bool sweep = false;
+    int n_overrides;
+    long long max_batches;
+    bool sweep;
+} eval_args;
+
+/* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
+static int parse_eval_args(int argc, char **argv, eval_args *args) {
     for (int i = 0; i < argc; i++) {
         if (is_help(argv[i])) {
             fputs(eval_help, stdout);
             return 0;
         } else if (strcmp(argv[i], "--ckpt") == 0 && i + 1 < argc) {
-            checkpoint = argv[++i];
+            args->checkpoint = argv[++i];
         } else if (strcmp(argv[i], "--sweep-k") == 0) {
-            sweep = true;
+            args->sweep = true;
         } else if (strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
-            out_dir = argv[++i];
+            args->out_dir = argv[++i];
         } else if (strcmp(argv[i], "--split") == 0 && i + 1 < argc) {
-            split_name = argv[++i];
+            args->split_name = argv[++i];
         } else if (strcmp(argv[i], "--max-batches") == 0 && i + 1 < argc) {
             char *end;
-            max_batches = strtoll(argv[++i], &end, 10);
-            if (*end || max_batches < 0)
+            args->max_batches = strtoll(argv[++i], &end, 10);
+            if (*end || args->max_batches < 0)
                 return usage_error("eval", "--max-batches takes a count >= 0, not '%s'", argv[i]);
         } else if (strcmp(argv[i], "--set") == 0 && i + 1 < argc) {
-            if (n_overrides == MAX_OVERRIDES) return usage_error("eval", "too many --set%s", "");
-            overrides[n_overrides++] = argv[++i];
-        } else if (argv[i][0] == '-' || recipe_path) {
+            if (args->n_overrides == MAX_OVERRIDES)
+                return usage_error("eval", "too many --set%s", "");
+            args->overrides[args->n_overrides++] = argv[++i];
+        } else if (argv[i][0] == '-' || args->recipe_path) {
             return usage_error("eval", "unexpected argument '%s'", argv[i]);
         } else {
-            recipe_path = argv[i];
+            args->recipe_path = argv[i];
         }
     }
-    if (!recipe_path || !checkpoint)
+    if (!args->recipe_path || !args->checkpoint)
         return usage_error("eval", "needs RECIPE and --ckpt PATH%s", "");
+    return -1;
+}
+
+static int command_eval(int argc, char **argv) {
+    eval_args args = {0};
+    int parsed = parse_eval_args(argc, argv, &args);
+    if (parsed >= 0) return parsed;
     cm_recipe recipe;
-    if (recipe_load(recipe_path, overrides, n_overrides, &recipe) != CM_OK) {
+    if (recipe_load(args.recipe_path, args.overrides, args.n_overrides, &recipe) != CM_OK) {
         fprintf(stderr, "%s\n", cm_error_message());
         return EXIT_FAILURE;
     }
     static const char *const split_names[CM_SPLIT_COUNT] = {"valid", "test", "train"};
-    cm_split split = recipe.eval.split;
-    if (split_name) {
+    task_eval_request request = {recipe.eval.split, (int64_t)args.max_batches, 0};
+    if (args.split_name) {
         int found = -1;
         for (int s = 0; s < CM_SPLIT_COUNT; s++)
-            if (strcmp(split_name, split_names[s]) == 0) found = s;
+            if (strcmp(args.split_name, split_names[s]) == 0) found = s;
         if (found < 0)
             return usage_error("eval", "--split must be valid, test or train, not '%s'",
-                               split_name);
-        split = (cm_split)found;
+                               args.split_name);
+        request.split = (cm_split)found;
     }
-    if (recipe.model.arch == CM_ARCH_RESNET) {
-        if (sweep) return usage_error("eval", "--sweep-k is for the language models%s", "");
-        if (split == CM_SPLIT_VALID && split_name)
-            return usage_error("eval", "idx data has no validation split; use --split test%s", "");
-        cnn_eval_result result;
-        if (cnn_trainer_evaluate(&recipe, checkpoint, split, max_batches, &result) != CM_OK)
-            return fail("eval");
-        char text[2048];
-        cnn_eval_describe(&recipe, &result, text, sizeof text);
-        printf("%s split: %s\n", split == CM_SPLIT_TRAIN ? "train" : "test", text);
-        return 0;
-    }
-    if (sweep)
-        return eval_sweep(&recipe, checkpoint, split, split_names[split], max_batches, out_dir);
-    double loss;
-    int64_t tokens;
-    if (trainer_evaluate(&recipe, checkpoint, split, max_batches, 0, &loss, &tokens, NULL) != CM_OK)
-        return fail("eval");
-    printf("%s split: loss %.6f nats/byte, bpc %.6f over %lld bytes\n", split_names[split], loss,
-           loss / LN2, (long long)tokens);
+    char out_dir[4096];
+    directory_of(args.checkpoint, out_dir, sizeof out_dir);
+    if (args.out_dir) snprintf(out_dir, sizeof out_dir, "%s", args.out_dir);
+    run_session *session;
+    if (run_session_open(&recipe, NULL, false, &session) != CM_OK) return fail("eval");
+    cm_status status =
+        ckpt_load_sharded(args.checkpoint, run_session_params(session), NULL, false, NULL);
+    task_eval eval;
+    if (status == CM_OK && args.sweep)
+        status = eval_sweep(session, &recipe, request, split_names[request.split], out_dir);
+    else if (status == CM_OK)
+        status = run_session_evaluate(session, &request, 0, &eval);
+    run_session_close(session);
+    if (status != CM_OK) return fail("eval");
+    if (!args.sweep) printf("%s split: %s\n", split_names[request.split], eval.text);
     return 0;
 }
 

@@ -79,7 +79,7 @@ static cm_status plan_exchange(ag_ctx *ctx, const moe_layer *moe, const int32_t 
         !plan->local_offsets)
         return ag_ctx_status(ctx);
     for (int e = 0; e < E; e++) send_counts[e] = expert_offsets[e + 1] - expert_offsets[e];
-    CM_TRY(dispatch_exchange_counts(c->ep_group, send_counts, recv_counts, L));
+    CM_TRY(dispatch_exchange_counts(c->ep_group, send_counts, recv_counts, L, c->timing));
     plan->received = 0;
     for (int p = 0; p < ranks; p++) {
         plan->send_rows[p] = expert_offsets[(p + 1) * L] - expert_offsets[p * L];
@@ -118,8 +118,8 @@ static ag_tensor *to_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *xs,
                              const exchange_plan *plan) {
     /* One rank: the rows are already here, expert-major (no copy to keep) */
     if (plan->ranks == 1) return xs;
-    ag_tensor *received =
-        ag_all_to_all(ctx, xs, plan->send_rows, plan->recv_rows, moe->config.ep_group);
+    ag_tensor *received = ag_all_to_all(ctx, xs, plan->send_rows, plan->recv_rows,
+                                        moe->config.ep_group, moe->config.timing);
     return ag_gather_rows(ctx, received, plan->to_expert_major, plan->received);
 }
 
@@ -128,7 +128,8 @@ static ag_tensor *from_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *y,
                                const exchange_plan *plan) {
     if (plan->ranks == 1) return y;
     y = ag_gather_rows(ctx, y, plan->from_expert_major, plan->received);
-    return ag_all_to_all(ctx, y, plan->recv_rows, plan->send_rows, moe->config.ep_group);
+    return ag_all_to_all(ctx, y, plan->recv_rows, plan->send_rows, moe->config.ep_group,
+                         moe->config.timing);
 }
 
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,

@@ -24,6 +24,7 @@
 
 #include "autograd/ops.h"
 #include "autograd/params.h"
+#include "parallel/dispatch.h"
 #include "routers/router.h"
 
 typedef struct moe_config {
@@ -38,6 +39,7 @@ typedef struct moe_config {
      * the other ranks of ep_group. ep_size 0 or 1: all experts here. */
     MPI_Comm ep_group;
     int ep_rank, ep_size;
+    dispatch_timing *timing; /* exchange time counters (cmoe bench); NULL: not timed */
 } moe_config;
 
 typedef struct moe_layer {

@@ -5,42 +5,30 @@
 #include "autograd/op_write.h"
 #include "parallel/comm.h"
 
-/* Wall time inside the exchanges' MPI calls, for `cmoe bench`. With
- * separate_wait, a barrier first absorbs the wait for the slowest rank
- * (load imbalance), so exchange_seconds is the transfer alone. */
-static double exchange_seconds, wait_seconds;
-static bool separate_wait;
-
-double dispatch_exchange_seconds(void) {
-    return exchange_seconds;
-}
-double dispatch_wait_seconds(void) {
-    return wait_seconds;
-}
-void dispatch_separate_wait(bool on) {
-    separate_wait = on;
-}
-
-/* Starts timing one exchange: after the barrier when separate_wait. */
-static double exchange_start(MPI_Comm group) {
+/* Starts timing one exchange: after the barrier when timing->separate_wait. */
+static double exchange_start(MPI_Comm group, dispatch_timing *timing) {
     double start = MPI_Wtime();
-    if (!separate_wait) return start;
+    if (!timing || !timing->separate_wait) return start;
     MPI_Barrier(group);
     double now = MPI_Wtime();
-    wait_seconds += now - start;
+    timing->wait_seconds += now - start;
     return now;
 }
 
-cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv,
-                                   int per_rank) {
+static void exchange_end(double start, dispatch_timing *timing) {
+    if (timing) timing->exchange_seconds += MPI_Wtime() - start;
+}
+
+cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv, int per_rank,
+                                   dispatch_timing *timing) {
     int ranks = comm_size(group);
     if (ranks == 1) {
         memcpy(recv, send, (size_t)per_rank * sizeof(int32_t));
         return CM_OK;
     }
-    double start = exchange_start(group);
+    double start = exchange_start(group, timing);
     int code = MPI_Alltoall(send, per_rank, MPI_INT32_T, recv, per_rank, MPI_INT32_T, group);
-    exchange_seconds += MPI_Wtime() - start;
+    exchange_end(start, timing);
     if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoall of expert counts failed");
     return CM_OK;
 }
@@ -57,7 +45,7 @@ static void layout(const int32_t *rows, int ranks, int d, int *counts, int *disp
 
 /* Sends `in` (send_rows per rank) and receives into `out` (recv_rows per rank). */
 static cm_status exchange(MPI_Comm group, const float *in, const int32_t *send_rows, float *out,
-                          const int32_t *recv_rows, int d, int ranks) {
+                          const int32_t *recv_rows, int d, int ranks, dispatch_timing *timing) {
     if (ranks == 1) {
         memcpy(out, in, (size_t)send_rows[0] * (size_t)d * sizeof(float));
         return CM_OK;
@@ -69,10 +57,10 @@ static cm_status exchange(MPI_Comm group, const float *in, const int32_t *send_r
         return CM_ERR(CM_ERR_INVALID, "expert-parallel groups of more than %d ranks", MAX_RANKS);
     layout(send_rows, ranks, d, send_counts, send_displacements);
     layout(recv_rows, ranks, d, recv_counts, recv_displacements);
-    double start = exchange_start(group);
+    double start = exchange_start(group, timing);
     int code = MPI_Alltoallv(in, send_counts, send_displacements, MPI_FLOAT, out, recv_counts,
                              recv_displacements, MPI_FLOAT, group);
-    exchange_seconds += MPI_Wtime() - start;
+    exchange_end(start, timing);
     if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoallv of token rows failed");
     return CM_OK;
 }
@@ -80,6 +68,7 @@ static cm_status exchange(MPI_Comm group, const float *in, const int32_t *send_r
 typedef struct all_to_all_saved {
     const int32_t *send_counts, *recv_counts;
     MPI_Comm group;
+    dispatch_timing *timing;
 } all_to_all_saved;
 
 /* dx [S,D] += reverse exchange of dout [R,D] */
@@ -90,7 +79,7 @@ static void all_to_all_backward(ag_ctx *ctx, ag_node *node) {
     float *received = ag_alloc_floats(ctx, x->numel > 0 ? x->numel : 1, "all_to_all backward");
     if (!received) return;
     cm_status status = exchange(saved->group, node->out->grad, saved->recv_counts, received,
-                                saved->send_counts, d, ranks);
+                                saved->send_counts, d, ranks, saved->timing);
     if (status != CM_OK) {
         ctx->status = status;
         return;
@@ -99,7 +88,7 @@ static void all_to_all_backward(ag_ctx *ctx, ag_node *node) {
 }
 
 ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
-                         const int32_t *recv_counts, MPI_Comm group) {
+                         const int32_t *recv_counts, MPI_Comm group, dispatch_timing *timing) {
     AG_OP_BEGIN(ctx, x);
     const int ranks = comm_size(group), d = ag_last_dim(x);
     int64_t sent = 0, received = 0;
@@ -108,7 +97,8 @@ ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
               "all_to_all: send counts total %lld rows but x has %d", (long long)sent, x->shape[0]);
     ag_tensor *out = ag_empty(ctx, "all_to_all", 2, (int[]){(int)received, d});
     if (!out) return NULL;
-    cm_status status = exchange(group, x->data, send_counts, out->data, recv_counts, d, ranks);
+    cm_status status =
+        exchange(group, x->data, send_counts, out->data, recv_counts, d, ranks, timing);
     if (status != CM_OK) {
         ctx->status = status;
         return NULL;
@@ -117,6 +107,7 @@ ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
         ag_record(ctx, "all_to_all", all_to_all_backward, out, 1, &x, sizeof(all_to_all_saved));
     if (ag_failed(ctx)) return NULL;
     if (node)
-        *(all_to_all_saved *)node->saved = (all_to_all_saved){send_counts, recv_counts, group};
+        *(all_to_all_saved *)node->saved =
+            (all_to_all_saved){send_counts, recv_counts, group, timing};
     return out;
 }

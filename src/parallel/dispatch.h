@@ -19,26 +19,27 @@
 
 #include "autograd/ops.h"
 
+/* Wall time spent in the exchanges' MPI calls, for `cmoe bench`; the caller
+ * owns it and passes it down (NULL everywhere: not timed). With
+ * separate_wait, each exchange first waits at a barrier for the slowest rank
+ * of its group; that wait (the experts' load imbalance, not communication)
+ * is counted apart in wait_seconds. The barrier is only for measuring. */
+typedef struct dispatch_timing {
+    double exchange_seconds; /* counts and rows, forward and backward */
+    double wait_seconds;
+    bool separate_wait;
+} dispatch_timing;
+
 /* send[p * per_rank + j] rows go to rank p for its j-th local expert;
  * recv[p * per_rank + j] rows arrive from rank p for this rank's j-th expert. */
-cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv,
-                                   int per_rank);
+cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv, int per_rank,
+                                   dispatch_timing *timing);
 
 /* x [S,D] with send_counts[p] rows for rank p, in rank order -> [R,D] with
  * recv_counts[p] rows from rank p, in rank order. The count arrays must stay
- * valid until backward (allocate them from the arena). Returns NULL and sets
- * the context error if MPI fails. */
+ * valid until backward (allocate them from the arena), and so must `timing`
+ * (may be NULL). Returns NULL and sets the context error if MPI fails. */
 ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
-                         const int32_t *recv_counts, MPI_Comm group);
-
-/* Seconds this process has spent in the exchanges' MPI calls so far
- * (counts and rows, forward and backward; single-process groups add nothing). */
-double dispatch_exchange_seconds(void);
-/* With separate_wait on, each exchange first waits at a barrier for the
- * slowest rank of its group; that wait (the experts' load imbalance, not
- * communication) is counted apart, in dispatch_wait_seconds. Off by default:
- * the barrier is only for measuring. */
-void dispatch_separate_wait(bool on);
-double dispatch_wait_seconds(void);
+                         const int32_t *recv_counts, MPI_Comm group, dispatch_timing *timing);
 
 #endif

@@ -75,3 +75,7 @@ int router_passes_per_step(const router_config *config) {
 float router_pass_consistency(const router_config *config) {
     return method_of_config(config)->pass_consistency ? config->consistency_alpha : 0.0f;
 }
+
+bool router_uses_k(const router_config *config) {
+    return method_of_config(config)->uses_k;
+}

@@ -184,6 +184,8 @@ const char *router_kind_name(router_kind kind);
  * (THOR: config.consistency_alpha, others 0). config.kind must be valid. */
 int router_passes_per_step(const router_config *config);
 float router_pass_consistency(const router_config *config);
+/* Whether the method takes a k (evaluation k sweeps, router.eval_k). */
+bool router_uses_k(const router_config *config);
 
 /* ---- declaring and routing ---------------------------------------------------- */
 

@@ -43,7 +43,7 @@
 enum { ADV_MAX_ROUTERS = MOE_CNN_MAX_ROUTERS };
 
 /* ---- training modes (adversarial.mode and .router_objective; the image
- * classifier's trainer, cnn_trainer.c, runs them) ------------------------------ */
+ * classifier task, task_cnn.c, runs them) ------------------------------ */
 
 typedef enum adv_mode {
     ADV_MODE_STANDARD = 0, /* clean cross-entropy */

@@ -1,9 +1,12 @@
 #include "train/metrics.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/check.h"
 
 enum { LINE_CAPACITY = 8192, PATH_CAPACITY = 4096 };
 
@@ -51,22 +54,123 @@ static cm_status truncate_after(const char *path, int64_t last_step) {
 }
 
 cm_status metrics_open(cm_metrics *metrics, const char *run_dir, int64_t resume_step) {
-    char path[PATH_CAPACITY];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
-    if (resume_step >= 0) CM_TRY(truncate_after(path, resume_step));
-    metrics->file = fopen(path, resume_step >= 0 ? "a" : "w");
-    if (!metrics->file) return CM_ERR(CM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    snprintf(metrics->path, sizeof metrics->path, "%s/metrics.jsonl", run_dir);
+    if (resume_step >= 0) CM_TRY(truncate_after(metrics->path, resume_step));
+    metrics->file = fopen(metrics->path, resume_step >= 0 ? "a" : "w");
+    if (!metrics->file)
+        return CM_ERR(CM_ERR_IO, "%s: cannot open: %s", metrics->path, strerror(errno));
     return CM_OK;
 }
 
-void metrics_write(cm_metrics *metrics, const char *fmt, ...) {
-    if (!metrics->file) return;
-    va_list args;
-    va_start(args, fmt);
-    vfprintf(metrics->file, fmt, args);
-    va_end(args);
-    fputc('\n', metrics->file);
-    fflush(metrics->file);
+metrics_record metrics_record_start(const char *kind, int64_t step) {
+    return (metrics_record){.kind = kind, .step = step};
+}
+
+static metrics_field *append(metrics_record *record, const char *key, metrics_type type) {
+    CM_ASSERT(record->n_fields < METRICS_MAX_FIELDS, "metrics record '%s' has more than %d fields",
+              record->kind, METRICS_MAX_FIELDS);
+    metrics_field *field = &record->fields[record->n_fields++];
+    *field = (metrics_field){.key = key, .type = type};
+    return field;
+}
+
+void metrics_add_number(metrics_record *record, const char *key, double value, const char *format) {
+    metrics_field *field = append(record, key, METRICS_NUMBER);
+    field->number = value;
+    field->format = format;
+}
+
+void metrics_add_integer(metrics_record *record, const char *key, int64_t value) {
+    append(record, key, METRICS_INTEGER)->integer = value;
+}
+
+void metrics_add_numbers(metrics_record *record, const char *key, const double *values, int count,
+                         const char *format) {
+    metrics_field *field = append(record, key, METRICS_NUMBERS);
+    field->numbers = values;
+    field->count = count;
+    field->format = format;
+}
+
+void metrics_add_integers(metrics_record *record, const char *key, const int64_t *values,
+                          int count) {
+    metrics_field *field = append(record, key, METRICS_INTEGERS);
+    field->integers = values;
+    field->count = count;
+}
+
+bool metrics_record_get(const metrics_record *record, const char *key, double *value) {
+    for (int i = 0; i < record->n_fields; i++) {
+        const metrics_field *field = &record->fields[i];
+        if (strcmp(field->key, key) != 0) continue;
+        if (field->type == METRICS_NUMBER)
+            *value = field->number;
+        else if (field->type == METRICS_INTEGER)
+            *value = (double)field->integer;
+        else
+            return false;
+        return true;
+    }
+    return false;
+}
+
+metrics_record metrics_record_scalars(const metrics_record *record) {
+    metrics_record scalars = metrics_record_start(record->kind, record->step);
+    for (int i = 0; i < record->n_fields; i++) {
+        const metrics_field *field = &record->fields[i];
+        if (field->type == METRICS_NUMBER || field->type == METRICS_INTEGER)
+            scalars.fields[scalars.n_fields++] = *field;
+    }
+    return scalars;
+}
+
+static int print_number(FILE *out, double value, const char *format) {
+    if (!isfinite(value)) value = -1.0;
+    return fprintf(out, format ? format : "%.6g", value);
+}
+
+int metrics_format_record(FILE *out, const metrics_record *record) {
+    int failed = fprintf(out, "{\"kind\": \"%s\", \"step\": %lld", record->kind,
+                         (long long)record->step) < 0;
+    for (int i = 0; i < record->n_fields; i++) {
+        const metrics_field *field = &record->fields[i];
+        failed |= fprintf(out, ", \"%s\": ", field->key) < 0;
+        switch (field->type) {
+        case METRICS_NUMBER:
+            failed |= print_number(out, field->number, field->format) < 0;
+            break;
+        case METRICS_INTEGER:
+            failed |= fprintf(out, "%lld", (long long)field->integer) < 0;
+            break;
+        case METRICS_NUMBERS:
+        case METRICS_INTEGERS:
+            failed |= fputc('[', out) == EOF;
+            for (int k = 0; k < field->count; k++) {
+                if (k > 0) failed |= fputs(", ", out) == EOF;
+                if (field->type == METRICS_NUMBERS)
+                    failed |= print_number(out, field->numbers[k], field->format) < 0;
+                else
+                    failed |= fprintf(out, "%lld", (long long)field->integers[k]) < 0;
+            }
+            failed |= fputc(']', out) == EOF;
+            break;
+        }
+    }
+    failed |= fputc('}', out) == EOF;
+    return failed ? -1 : 0;
+}
+
+cm_status metrics_write_record(cm_metrics *metrics, const metrics_record *record) {
+    if (!metrics->file) return CM_OK;
+    errno = 0;
+    int failed = metrics_format_record(metrics->file, record);
+    failed |= fputc('\n', metrics->file) == EOF;
+    failed |= fflush(metrics->file) != 0;
+    if (failed)
+        return CM_ERR(CM_ERR_IO, "%s: cannot write the %s line of step %lld: %s", metrics->path,
+                      record->kind, (long long)record->step,
+                      errno ? strerror(errno) : "write error");
+    return CM_OK;
 }
 
 void metrics_close(cm_metrics *metrics) {
@@ -109,6 +213,45 @@ static int parse_loads(const char *line, double *loads, int capacity) {
     return n;
 }
 
+/* One gnuplot data block per layer (index i): `path` has rows "step expert
+ * share" with a blank line after each step (a grid for `with image`);
+ * `k_path` has rows "step mean_k". */
+static cm_status write_routing_data(FILE *in, const int *layers, int n_layers, const char *path,
+                                    const char *k_path, double *last_step) {
+    char line[LINE_CAPACITY];
+    double loads[PLOT_MAX_EXPERTS];
+    FILE *out = fopen(path, "w"), *k_out = fopen(k_path, "w");
+    if (!out || !k_out) {
+        if (out) fclose(out);
+        if (k_out) fclose(k_out);
+        return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data: %s", path, strerror(errno));
+    }
+    for (int i = 0; i < n_layers; i++) {
+        rewind(in);
+        while (fgets(line, sizeof line, in)) {
+            double layer, step, mean_k;
+            if (!metrics_is_kind(line, "moe") || !metrics_find_number(line, "layer", &layer) ||
+                (int)layer != layers[i] || !metrics_find_number(line, "step", &step) ||
+                !metrics_find_number(line, "mean_k", &mean_k))
+                continue;
+            int n = parse_loads(line, loads, PLOT_MAX_EXPERTS);
+            double total = 0;
+            for (int e = 0; e < n; e++) total += loads[e];
+            for (int e = 0; e < n; e++)
+                fprintf(out, "%.0f\t%d\t%.5f\n", step, e, total > 0 ? loads[e] / total : 0);
+            fputc('\n', out);
+            fprintf(k_out, "%.0f\t%.4f\n", step, mean_k);
+            *last_step = step > *last_step ? step : *last_step;
+        }
+        fputs("\n\n", out);
+        fputs("\n\n", k_out);
+    }
+    int failed = fclose(out) != 0;
+    failed |= fclose(k_out) != 0;
+    if (failed) return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data", path);
+    return CM_OK;
+}
+
 /* From the "moe" lines: RUN_DIR/moe-load.png (per MoE layer, a heatmap of
  * the share of routed tokens each expert got, over training) and
  * RUN_DIR/moe-k.png (activated experts per token, per layer, over training).
@@ -132,38 +275,8 @@ static cm_status plot_routing(const char *run_dir, FILE *in) {
     char k_path[PATH_CAPACITY];
     snprintf(path, sizeof path, "%s/moe-routing.tsv", run_dir);
     snprintf(k_path, sizeof k_path, "%s/moe-k.tsv", run_dir);
-    FILE *out = fopen(path, "w"), *k_out = fopen(k_path, "w");
-    if (!out || !k_out) {
-        if (out) fclose(out);
-        if (k_out) fclose(k_out);
-        return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data: %s", run_dir, strerror(errno));
-    }
     double last_step = 0;
-    /* One gnuplot data block per layer (index i): moe-routing.tsv has rows
-     * "step expert share" with a blank line after each step (a grid for
-     * `with image`); moe-k.tsv has rows "step mean_k". */
-    for (int i = 0; i < n_layers; i++) {
-        rewind(in);
-        while (fgets(line, sizeof line, in)) {
-            double layer, step, mean_k;
-            if (!metrics_is_kind(line, "moe") || !metrics_find_number(line, "layer", &layer) ||
-                (int)layer != layers[i] || !metrics_find_number(line, "step", &step) ||
-                !metrics_find_number(line, "mean_k", &mean_k))
-                continue;
-            int n = parse_loads(line, loads, PLOT_MAX_EXPERTS);
-            double total = 0;
-            for (int e = 0; e < n; e++) total += loads[e];
-            for (int e = 0; e < n; e++)
-                fprintf(out, "%.0f\t%d\t%.5f\n", step, e, total > 0 ? loads[e] / total : 0);
-            fputc('\n', out);
-            fprintf(k_out, "%.0f\t%.4f\n", step, mean_k);
-            last_step = step > last_step ? step : last_step;
-        }
-        fputs("\n\n", out);
-        fputs("\n\n", k_out);
-    }
-    fclose(out);
-    fclose(k_out);
+    CM_TRY(write_routing_data(in, layers, n_layers, path, k_path, &last_step));
 
     FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
     if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));

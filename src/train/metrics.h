@@ -2,8 +2,9 @@
  * gnuplot PNG of the training and validation curves.
  *
  * Lines have a "kind" ("train", "valid", "test", ...) and a "step"; the other
- * keys are numbers. On resume, lines past the resumed step (written by the
- * interrupted run after its last checkpoint) are dropped so the file reads as
+ * keys are numbers or arrays of numbers, written from typed records
+ * (metrics_record) by one function that reports write errors. On resume, lines past the resumed
+ * step (written by the interrupted run after its last checkpoint) are dropped so the file reads as
  * one uninterrupted run. Owns: the open file. */
 #ifndef CMOE_TRAIN_METRICS_H
 #define CMOE_TRAIN_METRICS_H
@@ -15,14 +16,60 @@
 #include "common/status.h"
 
 typedef struct cm_metrics {
-    FILE *file;
+    FILE *file; /* NULL: a rank that does not write (writes succeed and do nothing) */
+    char path[4096];
 } cm_metrics;
+
+/* One metrics line: "kind", "step", then the fields in order. Numbers are
+ * written with their printf format ("%.6f"; NULL: "%.6g"); a NaN or infinite
+ * number is written as -1 (JSON has no NaN: "not measured"). Array fields
+ * borrow their values: they must stay valid until the record is written. */
+enum { METRICS_MAX_FIELDS = 32 };
+typedef enum metrics_type {
+    METRICS_NUMBER,  /* double */
+    METRICS_INTEGER, /* int64_t */
+    METRICS_NUMBERS, /* const double[count] */
+    METRICS_INTEGERS /* const int64_t[count] */
+} metrics_type;
+typedef struct metrics_field {
+    const char *key;
+    metrics_type type;
+    const char *format;
+    double number;
+    int64_t integer;
+    const double *numbers;
+    const int64_t *integers;
+    int count;
+} metrics_field;
+typedef struct metrics_record {
+    const char *kind;
+    int64_t step;
+    int n_fields;
+    metrics_field fields[METRICS_MAX_FIELDS];
+} metrics_record;
+
+metrics_record metrics_record_start(const char *kind, int64_t step);
+/* Appending past METRICS_MAX_FIELDS is a programming error (asserted). */
+void metrics_add_number(metrics_record *record, const char *key, double value, const char *format);
+void metrics_add_integer(metrics_record *record, const char *key, int64_t value);
+void metrics_add_numbers(metrics_record *record, const char *key, const double *values, int count,
+                         const char *format);
+void metrics_add_integers(metrics_record *record, const char *key, const int64_t *values,
+                          int count);
+/* The value of a scalar field; false when the record has no such key. */
+bool metrics_record_get(const metrics_record *record, const char *key, double *value);
+/* The record without its array fields (whose values are only borrowed), to
+ * keep after the arrays are gone. */
+metrics_record metrics_record_scalars(const metrics_record *record);
 
 /* Opens RUN_DIR/metrics.jsonl: new when resume_step < 0, else kept up to and
  * including resume_step. */
 cm_status metrics_open(cm_metrics *metrics, const char *run_dir, int64_t resume_step);
-/* Writes one line: fmt must produce a JSON object; flushed at once. */
-void metrics_write(cm_metrics *metrics, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Writes one line and flushes it; CM_ERR_IO (naming the file) when the
+ * write or the flush fails, e.g. on a full disk. */
+cm_status metrics_write_record(cm_metrics *metrics, const metrics_record *record);
+/* Writes a record as one JSON object, without a newline (for any stream). */
+int metrics_format_record(FILE *out, const metrics_record *record);
 void metrics_close(cm_metrics *metrics);
 
 /* The number after "key": in a metrics line; false if absent. */

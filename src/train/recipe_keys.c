@@ -466,12 +466,107 @@ static const char *type_phrase(recipe_type type) {
     return "a value";
 }
 
+/* One value of each type into `field`; `path` names the key in messages. */
+typedef struct parse_target {
+    const recipe_key *key;
+    const char *text, *path;
+    void *field;
+    const numeric_range *range;
+    char *why;
+    size_t why_capacity;
+} parse_target;
+
+static cm_status parse_integer_value(const parse_target *p) {
+    const recipe_key *key = p->key;
+    long long parsed = 0;
+    number_parse result = parse_integer_text(p->text, &parsed);
+    if (result == NUMBER_MALFORMED)
+        return reject(p->why, p->why_capacity, "expected an integer for %s, got '%.80s'", p->path,
+                      p->text);
+    bool fits = key->type == RECIPE_INT64 || (parsed >= INT_MIN && parsed <= INT_MAX);
+    if (result == NUMBER_TOO_LARGE || !fits || !in_range((double)parsed, p->range))
+        return reject(p->why, p->why_capacity, "%s = %.80s is out of range %s", p->path, p->text,
+                      key->range);
+    if (key->type == RECIPE_INT) {
+        int narrow = (int)parsed;
+        memcpy(p->field, &narrow, sizeof narrow);
+    } else {
+        int64_t wide = parsed;
+        memcpy(p->field, &wide, sizeof wide);
+    }
+    return CM_OK;
+}
+
+static cm_status parse_double_value(const parse_target *p) {
+    double parsed = 0;
+    number_parse result = parse_real_text(p->text, &parsed);
+    if (result == NUMBER_MALFORMED)
+        return reject(p->why, p->why_capacity, "expected a number for %s, got '%.80s'", p->path,
+                      p->text);
+    if (result == NUMBER_TOO_LARGE || !in_range(parsed, p->range))
+        return reject(p->why, p->why_capacity, "%s = %.80s is out of range %s", p->path, p->text,
+                      p->key->range);
+    memcpy(p->field, &parsed, sizeof parsed);
+    return CM_OK;
+}
+
+static cm_status parse_bool_value(const parse_target *p) {
+    const char *text = p->text;
+    bool parsed;
+    if (!strcmp(text, "true") || !strcmp(text, "True") || !strcmp(text, "TRUE"))
+        parsed = true;
+    else if (!strcmp(text, "false") || !strcmp(text, "False") || !strcmp(text, "FALSE"))
+        parsed = false;
+    else
+        return reject(p->why, p->why_capacity, "expected true or false for %s, got '%.80s'",
+                      p->path, text);
+    memcpy(p->field, &parsed, sizeof parsed);
+    return CM_OK;
+}
+
+static cm_status parse_string_value(const parse_target *p) {
+    const recipe_key *key = p->key;
+    size_t length = strlen(p->text);
+    if (length >= key->capacity)
+        return reject(p->why, p->why_capacity, "%s is too long (%zu bytes, at most %zu)", p->path,
+                      length, key->capacity - 1);
+    const char *problem = key->check_string ? key->check_string(p->text) : NULL;
+    if (problem)
+        return reject(p->why, p->why_capacity, "bad %s '%.80s': %s", p->path, p->text, problem);
+    /* Zero the tail too, so equal recipes stay equal under memcmp. */
+    memset(p->field, 0, key->capacity);
+    memcpy(p->field, p->text, length);
+    return CM_OK;
+}
+
+static cm_status parse_enum_value(const parse_target *p) {
+    const char *const *names = p->key->enum_names;
+    for (int i = 0; names[i]; i++) {
+        if (strcmp(p->text, names[i]) == 0) {
+            memcpy(p->field, &i, sizeof i);
+            return CM_OK;
+        }
+    }
+    int n_names = 0;
+    while (names[n_names]) n_names++;
+    const char *suggestion = recipe_did_you_mean(p->text, names, n_names);
+    char *why = p->why;
+    const size_t capacity = p->why_capacity;
+    reject(why, capacity, "unknown value '%.80s' for %s", p->text, p->path);
+    if (suggestion) {
+        size_t used = strlen(why);
+        snprintf(why + used, capacity - used, " (did you mean '%s'?)", suggestion);
+    }
+    size_t used = strlen(why);
+    snprintf(why + used, capacity - used, "; valid values: ");
+    append_names(why, capacity, names);
+    return CM_ERR_INVALID;
+}
+
 cm_status recipe_key_parse(const recipe_key *key, recipe_scalar value, cm_recipe *recipe, char *why,
                            size_t why_capacity) {
     char path[96];
     recipe_key_path(key, path, sizeof path);
-    void *field = (char *)recipe + key->offset;
-    const char *text = value.text;
     if (value.is_null) {
         return reject(why, why_capacity, "missing value for %s%s", path,
                       key->type == RECIPE_STRING ? " (write \"\" for an empty string)" : "");
@@ -481,91 +576,26 @@ cm_status recipe_key_parse(const recipe_key *key, recipe_scalar value, cm_recipe
     if (numeric && !value.plain) {
         return reject(why, why_capacity,
                       "expected %s for %s, got the quoted string '%.80s' (drop the quotes)",
-                      type_phrase(key->type), path, text);
+                      type_phrase(key->type), path, value.text);
     }
     numeric_range range = {0};
     if (key->type == RECIPE_INT || key->type == RECIPE_INT64 || key->type == RECIPE_DOUBLE) {
         CM_ASSERT(parse_range(key->range, &range), "bad range '%s' for %s", key->range, path);
     }
+    parse_target target = {key,    value.text, path,        (char *)recipe + key->offset,
+                           &range, why,        why_capacity};
     switch (key->type) {
     case RECIPE_INT:
-    case RECIPE_INT64: {
-        long long parsed = 0;
-        number_parse result = parse_integer_text(text, &parsed);
-        if (result == NUMBER_MALFORMED) {
-            return reject(why, why_capacity, "expected an integer for %s, got '%.80s'", path, text);
-        }
-        bool fits = key->type == RECIPE_INT64 || (parsed >= INT_MIN && parsed <= INT_MAX);
-        if (result == NUMBER_TOO_LARGE || !fits || !in_range((double)parsed, &range)) {
-            return reject(why, why_capacity, "%s = %.80s is out of range %s", path, text,
-                          key->range);
-        }
-        if (key->type == RECIPE_INT) {
-            int narrow = (int)parsed;
-            memcpy(field, &narrow, sizeof narrow);
-        } else {
-            int64_t wide = parsed;
-            memcpy(field, &wide, sizeof wide);
-        }
-        return CM_OK;
-    }
-    case RECIPE_DOUBLE: {
-        double parsed = 0;
-        number_parse result = parse_real_text(text, &parsed);
-        if (result == NUMBER_MALFORMED)
-            return reject(why, why_capacity, "expected a number for %s, got '%.80s'", path, text);
-        if (result == NUMBER_TOO_LARGE || !in_range(parsed, &range)) {
-            return reject(why, why_capacity, "%s = %.80s is out of range %s", path, text,
-                          key->range);
-        }
-        memcpy(field, &parsed, sizeof parsed);
-        return CM_OK;
-    }
-    case RECIPE_BOOL: {
-        bool parsed;
-        if (!strcmp(text, "true") || !strcmp(text, "True") || !strcmp(text, "TRUE"))
-            parsed = true;
-        else if (!strcmp(text, "false") || !strcmp(text, "False") || !strcmp(text, "FALSE"))
-            parsed = false;
-        else
-            return reject(why, why_capacity, "expected true or false for %s, got '%.80s'", path,
-                          text);
-        memcpy(field, &parsed, sizeof parsed);
-        return CM_OK;
-    }
-    case RECIPE_STRING: {
-        size_t length = strlen(text);
-        if (length >= key->capacity) {
-            return reject(why, why_capacity, "%s is too long (%zu bytes, at most %zu)", path,
-                          length, key->capacity - 1);
-        }
-        const char *problem = key->check_string ? key->check_string(text) : NULL;
-        if (problem) return reject(why, why_capacity, "bad %s '%.80s': %s", path, text, problem);
-        /* Zero the tail too, so equal recipes stay equal under memcmp. */
-        memset(field, 0, key->capacity);
-        memcpy(field, text, length);
-        return CM_OK;
-    }
-    case RECIPE_ENUM: {
-        for (int i = 0; key->enum_names[i]; i++) {
-            if (strcmp(text, key->enum_names[i]) == 0) {
-                memcpy(field, &i, sizeof i);
-                return CM_OK;
-            }
-        }
-        int n_names = 0;
-        while (key->enum_names[n_names]) n_names++;
-        const char *suggestion = recipe_did_you_mean(text, key->enum_names, n_names);
-        reject(why, why_capacity, "unknown value '%.80s' for %s", text, path);
-        if (suggestion) {
-            size_t used = strlen(why);
-            snprintf(why + used, why_capacity - used, " (did you mean '%s'?)", suggestion);
-        }
-        size_t used = strlen(why);
-        snprintf(why + used, why_capacity - used, "; valid values: ");
-        append_names(why, why_capacity, key->enum_names);
-        return CM_ERR_INVALID;
-    }
+    case RECIPE_INT64:
+        return parse_integer_value(&target);
+    case RECIPE_DOUBLE:
+        return parse_double_value(&target);
+    case RECIPE_BOOL:
+        return parse_bool_value(&target);
+    case RECIPE_STRING:
+        return parse_string_value(&target);
+    case RECIPE_ENUM:
+        return parse_enum_value(&target);
     }
     return reject(why, why_capacity, "%s has an unknown type", path);
 }

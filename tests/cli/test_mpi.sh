@@ -57,7 +57,7 @@ for ranks in 1 4; do
 done
 
 start=$(date +%s)
-CMOE_FAIL_AT=1:3 mpi 2 train "$work/tiny.yaml" --set train.out_dir="$work/fail" --quiet \
+mpi 2 train "$work/tiny.yaml" --set train.out_dir="$work/fail" --quiet --inject-failure 1:3 \
     > "$work/fail.out" 2>&1
 status=$?
 elapsed=$(($(date +%s) - start))
