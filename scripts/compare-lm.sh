@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains every LM recipe (dense and the MoE routers) for the same step budget
-# and prints one table: final validation and test bits per byte, training
-# throughput and mean activated experts per token; then the SMoE-Dropout
-# k-sweep (the "self-slimmable" curve). Results go to OUT (default
+# and prints one table: final validation (train.eval_batches batches) and
+# test (the whole test split) bits per byte, training throughput and mean
+# activated experts per token; then the k-sweeps of SMoE-Dropout and the
+# learned top-2 router on the whole test split (the "self-slimmable" curve). Results go to OUT (default
 # runs/compare): one run directory per recipe, table.md, and k-sweep.*.
 #
 # usage: scripts/compare-lm.sh [--steps N] [--out DIR] [--build DIR] [--recipes "a b"]
@@ -69,9 +70,13 @@ table=$out/table.md
 } > "$table"
 cat "$table"
 
-if [[ " $recipes " == *" smoe-dropout "* ]]; then
-    ckpt=$(ls "$out"/smoe-dropout/ckpt-*.h5 | tail -n 1)
-    echo "== SMoE-Dropout k-sweep on the validation split ($ckpt)"
-    "$cmoe" eval recipes/lm/smoe-dropout.yaml --ckpt "$ckpt" --split valid --sweep-k \
-        --out "$out" "${extra[@]}"
-fi
+# The k sweeps on the split of the table's final column (the whole test
+# split), so every number compared is over the same bytes.
+for recipe in smoe-dropout moe-top2; do
+    [[ " $recipes " == *" $recipe "* ]] || continue
+    ckpt=$(ls "$out/$recipe"/ckpt-*.h5 | tail -n 1)
+    echo "== $recipe k-sweep on the test split ($ckpt)"
+    mkdir -p "$out/sweep-$recipe"
+    "$cmoe" eval "recipes/lm/$recipe.yaml" --ckpt "$ckpt" --split test --sweep-k \
+        --out "$out/sweep-$recipe" "${extra[@]}"
+done

@@ -285,7 +285,7 @@ START_TEST(test_set_errors) {
     ck_assert_str_eq(cm_error_message(),
                      "--set optim.foo=1: unknown key 'foo' in section 'optim'; valid keys: type, "
                      "lr, beta1, beta2, eps, weight_decay, decay_norms, decay_biases, "
-                     "decay_embeddings, momentum, nesterov, grad_clip");
+                     "decay_embeddings, momentum, nesterov, grad_clip, skip_unused_experts");
     /* A failed load leaves the output untouched. */
     memset(&recipe, 0x5a, sizeof recipe);
     cm_recipe before = recipe;
@@ -564,6 +564,7 @@ static const char *const every_key_overrides[] = {
     "optim.momentum=0.9",
     "optim.nesterov=true",
     "optim.grad_clip=0.7",
+    "optim.skip_unused_experts=false",
     "schedule.type=step",
     "schedule.warmup_steps=13",
     "schedule.min_lr=0.001",
@@ -573,6 +574,7 @@ static const char *const every_key_overrides[] = {
     "train.seed=18446744073",
     "train.log_every=3",
     "train.eval_every=0",
+    "train.grad_accum=3",
     "train.eval_batches=2",
     "train.arena_mib=64",
     "train.threads=2",

@@ -125,7 +125,14 @@ START_TEST(test_lm_recipes) {
 
     cm_recipe thor = load_lm("thor.yaml", NULL, 0);
     ck_assert_str_eq(thor.name, "thor");
-    assert_dense_elsewhere(&thor, &dense, 2048);
+    /* THOR accumulates 8 micro-batches of 2 (the release's --update-freq 8):
+     * the same sequences per update as dense.yaml */
+    ck_assert_int_eq(thor.train.grad_accum, 8);
+    ck_assert_int_eq(thor.data.batch_size * thor.train.grad_accum, dense.data.batch_size);
+    cm_recipe thor_per_update = thor;
+    thor_per_update.data.batch_size = dense.data.batch_size;
+    thor_per_update.train.grad_accum = 1;
+    assert_dense_elsewhere(&thor_per_update, &dense, 512);
     ck_assert_int_eq(thor.router.type, ROUTER_THOR);
     ck_assert_int_eq(thor.moe.num_experts, 4);
     ck_assert_int_eq(thor.moe.every, 2);

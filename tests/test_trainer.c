@@ -234,6 +234,158 @@ START_TEST(test_non_finite_loss_stops_the_run) {
 }
 END_TEST
 
+/* Gradient accumulation: 4 micro-batches of 2 sequences give the update of
+ * one batch of 8 (the same windows and dropout masks, keyed by the global
+ * row), to float rounding; 1 micro-batch of 2 does not. */
+START_TEST(test_grad_accum_matches_one_batch) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    cm_recipe whole = tiny_recipe(run_dir, 4), split = whole, small = whole;
+    whole.data.batch_size = 8;
+    split.data.batch_size = 2;
+    split.train.grad_accum = 4;
+    small.data.batch_size = 2;
+    const cm_recipe *recipes[3] = {&whole, &split, &small};
+    run_session *sessions[3];
+    double losses[3][2];
+    for (int r = 0; r < 3; r++) {
+        ck_assert_msg(run_session_open(recipes[r], NULL, true, &sessions[r]) == CM_OK, "%s",
+                      cm_error_message());
+        for (int step = 0; step < 2; step++) {
+            run_step_result done;
+            ck_assert_int_eq(run_session_step(sessions[r], step, &done), CM_OK);
+            losses[r][step] = done.loss;
+        }
+    }
+    const ag_param_buffer *a = &run_session_params(sessions[0])->buffers[AG_GROUP_DENSE];
+    const ag_param_buffer *b = &run_session_params(sessions[1])->buffers[AG_GROUP_DENSE];
+    const ag_param_buffer *c = &run_session_params(sessions[2])->buffers[AG_GROUP_DENSE];
+    double worst = 0.0, worst_small = 0.0, scale = 0.0;
+    for (size_t i = 0; i < a->numel; i++) {
+        worst = fmax(worst, fabs((double)a->data[i] - b->data[i]));
+        worst_small = fmax(worst_small, fabs((double)a->data[i] - c->data[i]));
+        scale = fmax(scale, fabs((double)a->data[i]));
+    }
+    ck_assert_msg(worst <= 1e-6 * scale, "accumulated update differs by %g (scale %g)", worst,
+                  scale);
+    ck_assert_msg(worst_small > 1e-4 * scale, "the check cannot tell batches apart (%g)",
+                  worst_small);
+    for (int step = 0; step < 2; step++)
+        ck_assert_msg(fabs(losses[0][step] - losses[1][step]) <= 1e-6 * fabs(losses[0][step]),
+                      "step %d loss %.9g vs %.9g", step, losses[0][step], losses[1][step]);
+    for (int r = 0; r < 3; r++) run_session_close(sessions[r]);
+    remove_corpus();
+}
+END_TEST
+
+/* A run with gradient accumulation stopped and resumed continues bit for
+ * bit (THOR: its expert draws are keyed by the micro-batch too). */
+START_TEST(test_grad_accum_resume_is_bit_identical) {
+    write_corpus();
+    const char *thor = "moe: {enabled: true, num_experts: 4, every: 2}\n"
+                       "router: {type: thor, thor_alpha: 1.0}\n";
+    char straight_dir[300], resumed_dir[300];
+    snprintf(straight_dir, sizeof straight_dir, "%s/straight", dir);
+    snprintf(resumed_dir, sizeof resumed_dir, "%s/resumed", dir);
+    cm_recipe straight = tiny_recipe_with(straight_dir, 8, thor);
+    cm_recipe resumed = tiny_recipe_with(resumed_dir, 8, thor);
+    straight.train.grad_accum = resumed.train.grad_accum = 3;
+    run_options options = {.quiet = true};
+    run_result result;
+    ck_assert_msg(run_train(&straight, &options, &result) == CM_OK, "%s", cm_error_message());
+    options.stop_at_step = 5;
+    ck_assert_int_eq(run_train(&resumed, &options, &result), CM_OK);
+    ck_assert(result.interrupted);
+    options.stop_at_step = 0;
+    options.resume = "auto";
+    ck_assert_int_eq(run_train(&resumed, &options, &result), CM_OK);
+    char *a = loss_lines(straight_dir), *b = loss_lines(resumed_dir);
+    ck_assert_msg(strcmp(a, b) == 0, "straight:\n%s\nresumed:\n%s", a, b);
+    ck_assert_ptr_nonnull(strstr(a, "\"step\": 8"));
+    free(a);
+    free(b);
+    remove_corpus();
+}
+END_TEST
+
+/* Copies of one expert slice of a parameter: values, both moments, steps. */
+typedef struct slice_copy {
+    float data[4096], m[4096], v[4096];
+    int64_t steps;
+} slice_copy;
+
+static void copy_slice(run_session *session, const ag_param *param, int slice, slice_copy *out) {
+    const ag_param_buffer *buffer = &run_session_params(session)->buffers[param->group];
+    const int64_t n = param->tensor.numel / param->slices;
+    ck_assert_int_le(n, 4096);
+    size_t at = param->offset + (size_t)(slice * n);
+    memcpy(out->data, buffer->data + at, (size_t)n * sizeof(float));
+    memcpy(out->m, buffer->m + at, (size_t)n * sizeof(float));
+    memcpy(out->v, buffer->v + at, (size_t)n * sizeof(float));
+    out->steps = param->slice_steps[slice];
+}
+
+static bool same_slice(const slice_copy *a, const slice_copy *b, int64_t n) {
+    size_t bytes = (size_t)n * sizeof(float);
+    return !memcmp(a->data, b->data, bytes) && !memcmp(a->m, b->m, bytes) &&
+           !memcmp(a->v, b->v, bytes) && a->steps == b->steps;
+}
+
+/* THOR sends a layer's tokens to 1 of 4 experts per pass, so most experts
+ * get no token in a step: by default their values, moments and step count
+ * stay bit for bit (the used ones change); with skip_unused_experts false
+ * (Megatron's semantics) weight decay moves them anyway. */
+START_TEST(test_untouched_experts_are_not_updated) {
+    write_corpus();
+    char run_dir[300];
+    snprintf(run_dir, sizeof run_dir, "%s/run", dir);
+    const char *thor = "moe: {enabled: true, num_experts: 4, every: 2}\n"
+                       "router: {type: thor, thor_alpha: 1.0}\n";
+    for (int legacy = 0; legacy < 2; legacy++) {
+        cm_recipe recipe = tiny_recipe_with(run_dir, 4, thor);
+        recipe.optim.skip_unused_experts = !legacy;
+        run_session *session;
+        ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+        run_step_result done;
+        ck_assert_int_eq(run_session_step(session, 0, &done), CM_OK);
+        const char *names[4] = {"blocks.0.moe.experts.w1", "blocks.0.moe.experts.b1",
+                                "blocks.0.moe.experts.w2", "blocks.0.moe.experts.b2"};
+        static slice_copy before[4][4], after;
+        for (int p = 0; p < 4; p++) {
+            ag_param *param = ag_params_find(run_session_params(session), names[p]);
+            ck_assert_ptr_nonnull(param);
+            ck_assert_int_eq(param->slices, 4);
+            for (int e = 0; e < 4; e++) copy_slice(session, param, e, &before[p][e]);
+        }
+        ck_assert_int_eq(run_session_step(session, 1, &done), CM_OK);
+        int unused = 0, used = 0;
+        for (int p = 0; p < 4; p++) {
+            ag_param *param = ag_params_find(run_session_params(session), names[p]);
+            const int64_t n = param->tensor.numel / param->slices;
+            for (int e = 0; e < 4; e++) {
+                copy_slice(session, param, e, &after);
+                bool same = same_slice(&before[p][e], &after, n);
+                if (!param->slice_used[e]) {
+                    unused++;
+                    /* legacy: decay and the step count move every slice */
+                    ck_assert_msg(legacy ? !same : same, "%s expert %d (legacy %d)", names[p], e,
+                                  legacy);
+                } else {
+                    used++;
+                    ck_assert_msg(!same, "%s expert %d was used but not updated", names[p], e);
+                    ck_assert_int_eq(after.steps, before[p][e].steps + 1);
+                }
+            }
+        }
+        ck_assert_int_gt(unused, 0); /* the case really has untouched experts */
+        ck_assert_int_gt(used, 0);
+        run_session_close(session);
+    }
+    remove_corpus();
+}
+END_TEST
+
 static const char *const moe_sections[] = {
     "moe: {enabled: true, num_experts: 4, split_dense: true}\n"
     "router: {type: topk, k: 2, aux_loss_coef: 0.01, z_loss_coef: 0.001}\n",
@@ -375,6 +527,9 @@ int main(void) {
     tcase_add_test(tc, test_missing_data_is_a_clear_error);
     tcase_add_test(tc, test_injected_failure_stops_the_run);
     tcase_add_test(tc, test_non_finite_loss_stops_the_run);
+    tcase_add_test(tc, test_grad_accum_matches_one_batch);
+    tcase_add_test(tc, test_grad_accum_resume_is_bit_identical);
+    tcase_add_test(tc, test_untouched_experts_are_not_updated);
     tcase_add_test(tc, test_moe_routers_train_and_resume);
     tcase_add_test(tc, test_smoe_router_frozen_and_k_scheduled);
     tcase_set_timeout(tc, 300);

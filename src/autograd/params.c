@@ -14,7 +14,11 @@ void ag_params_init(ag_params *params) {
 }
 
 void ag_params_free(ag_params *params) {
-    for (int i = 0; i < params->count; i++) free(params->items[i]);
+    for (int i = 0; i < params->count; i++) {
+        free(params->items[i]->slice_used);
+        free(params->items[i]->slice_steps);
+        free(params->items[i]);
+    }
     free(params->items);
     for (int g = 0; g < AG_NUM_GROUPS; g++) {
         ag_param_buffer *buffer = &params->buffers[g];
@@ -106,6 +110,12 @@ cm_status ag_params_finalize(ag_params *params, uint64_t seed) {
         param->tensor.data = buffer->data + param->offset;
         param->tensor.grad = buffer->grad + param->offset;
         init_values(param, seed, param->tensor.data);
+        if (param->group != AG_GROUP_EXPERT || param->tensor.ndim < 1) continue;
+        param->slices = param->tensor.shape[0];
+        param->slice_used = calloc((size_t)param->slices + 1, 1);
+        param->slice_steps = calloc((size_t)param->slices + 1, sizeof(int64_t));
+        if (!param->slice_used || !param->slice_steps)
+            return CM_ERR(CM_ERR_NOMEM, "out of memory for %s", param->name);
     }
     params->finalized = true;
     return CM_OK;
@@ -121,6 +131,9 @@ void ag_params_zero_grad(ag_params *params) {
     for (int g = 0; g < AG_NUM_GROUPS; g++)
         if (params->buffers[g].grad)
             memset(params->buffers[g].grad, 0, params->buffers[g].numel * sizeof(float));
+    for (int i = 0; i < params->count; i++)
+        if (params->items[i]->slice_used)
+            memset(params->items[i]->slice_used, 0, (size_t)params->items[i]->slices);
 }
 
 int64_t ag_params_count(const ag_params *params, ag_group group) {

@@ -47,6 +47,14 @@ typedef struct ag_param {
     uint64_t init_index_offset;
     size_t offset; /* into the group's buffers, in floats */
     ag_tensor tensor;
+    /* Expert parameters ([E_local, ...], AG_GROUP_EXPERT, ndim >= 1) are
+     * updated per slice (one slice = one expert): slice_used says whether the
+     * slice took part in the current step (set by the layer that uses it,
+     * cleared by ag_params_zero_grad), slice_steps how many updates it has
+     * had (AdamW's bias correction). NULL and 0 for dense parameters. */
+    int slices;
+    uint8_t *slice_used;  /* [slices] */
+    int64_t *slice_steps; /* [slices] */
 } ag_param;
 
 typedef struct ag_param_buffer {
@@ -72,7 +80,13 @@ cm_status ag_params_declare(ag_params *params, const char *name, ag_group group,
 cm_status ag_params_finalize(ag_params *params, uint64_t seed);
 
 ag_param *ag_params_find(const ag_params *params, const char *name);
+/* Zeroes every gradient and clears every slice_used flag. */
 void ag_params_zero_grad(ag_params *params);
+/* Marks slice `slice` of an expert parameter as used in this step. */
+static inline void ag_param_mark_slice(ag_param *param, int slice) {
+    if (param && param->slice_used && slice >= 0 && slice < param->slices)
+        param->slice_used[slice] = 1;
+}
 int64_t ag_params_count(const ag_params *params, ag_group group); /* without padding */
 
 static inline ag_tensor *ag_param_tensor(ag_param *param) {

@@ -132,6 +132,18 @@ static ag_tensor *from_experts(ag_ctx *ctx, const moe_layer *moe, ag_tensor *y,
                          moe->config.timing);
 }
 
+/* The experts here that receive rows take part in this step's update
+ * (ag_param.slice_used; an expert with no row gets no gradient). */
+static void mark_used_experts(const moe_layer *moe, const exchange_plan *plan) {
+    for (int j = 0; j < moe->local_experts; j++) {
+        if (plan->local_offsets[j + 1] == plan->local_offsets[j]) continue;
+        ag_param_mark_slice(moe->w1, j);
+        ag_param_mark_slice(moe->b1, j);
+        ag_param_mark_slice(moe->w2, j);
+        ag_param_mark_slice(moe->b2, j);
+    }
+}
+
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
                       moe_result *result) {
     memset(result, 0, sizeof *result);
@@ -165,6 +177,7 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     ag_tensor *xs = ag_gather_rows(ctx, x, sorted_token, S);
     exchange_plan plan = {0};
     CM_TRY(plan_exchange(ctx, moe, expert_offsets, &plan));
+    mark_used_experts(moe, &plan);
     /* Rows for the experts here, expert-major: [R,D]. */
     ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
     ag_tensor *h = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),

@@ -81,6 +81,7 @@ typedef struct lm_forward_args {
     uint64_t first_row;    /* global index of this batch's first sequence */
     int k_override;        /* > 0: routers use this k (evaluation sweeps) */
     int pass;              /* THOR: forward pass index within the step */
+    int micro;             /* micro-batch within the step (gradient accumulation) */
     lm_moe_report *report; /* may be NULL */
     /* Data parallelism: the ranks sharing the global batch (0: this process
      * alone) and its token count (0: this call's); see router_call. */

@@ -32,13 +32,11 @@ static void adamw_span(float *restrict p, const float *restrict g, float *restri
     }
 }
 
-void optim_adamw_step(ag_params *params, const optim_adamw_config *config, double lr,
-                      optim_state *state) {
-    state->step++;
-    double t = (double)state->step;
+static adamw_scalars scalars_at(const optim_adamw_config *config, double lr, int64_t step) {
+    double t = (double)step;
     double bias1 = 1.0 - pow(config->beta1, t);
     double bias2 = 1.0 - pow(config->beta2, t);
-    adamw_scalars s = {
+    return (adamw_scalars){
         .one_minus_beta1 = (float)(1.0 - config->beta1),
         .beta2 = (float)config->beta2,
         .one_minus_beta2 = (float)(1.0 - config->beta2),
@@ -46,13 +44,45 @@ void optim_adamw_step(ag_params *params, const optim_adamw_config *config, doubl
         .sqrt_bias2 = (float)sqrt(bias2),
         .eps = (float)config->eps,
     };
+}
+
+/* An expert parameter, slice by slice, each with its own step count. */
+static void adamw_slices(ag_params *params, ag_param *param, const optim_adamw_config *config,
+                         double lr, const optim_state *state, bool skip_unused,
+                         float decay_factor) {
+    ag_param_buffer *buffer = &params->buffers[param->group];
+    const int64_t n = param->tensor.numel / param->slices;
+    for (int j = 0; j < param->slices; j++) {
+        if (skip_unused && !param->slice_used[j]) continue;
+        param->slice_steps[j] = skip_unused ? param->slice_steps[j] + 1 : state->step;
+        adamw_scalars s = scalars_at(config, lr, param->slice_steps[j]);
+        size_t at = param->offset + (size_t)(j * n);
+        adamw_span(buffer->data + at, buffer->grad + at, buffer->m + at, buffer->v + at, n, &s,
+                   decay_factor);
+    }
+}
+
+void optim_adamw_update(ag_params *params, const optim_adamw_config *config, double lr,
+                        optim_state *state, bool skip_unused) {
+    state->step++;
+    adamw_scalars s = scalars_at(config, lr, state->step);
     float decay_factor = (float)(1.0 - lr * config->weight_decay);
     for (int i = 0; i < params->count; i++) {
         ag_param *param = params->items[i];
         if (param->frozen) continue;
+        float decay = param->no_decay ? 1.0f : decay_factor;
+        if (param->slices > 0) {
+            adamw_slices(params, param, config, lr, state, skip_unused, decay);
+            continue;
+        }
         ag_param_buffer *buffer = &params->buffers[param->group];
         size_t at = param->offset;
         adamw_span(buffer->data + at, buffer->grad + at, buffer->m + at, buffer->v + at,
-                   param->tensor.numel, &s, param->no_decay ? 1.0f : decay_factor);
+                   param->tensor.numel, &s, decay);
     }
+}
+
+void optim_adamw_step(ag_params *params, const optim_adamw_config *config, double lr,
+                      optim_state *state) {
+    optim_adamw_update(params, config, lr, state, false);
 }

@@ -13,10 +13,10 @@ static_assert(sizeof optim_kind_names / sizeof optim_kind_names[0] == OPTIM_KIND
 void optim_step(ag_params *params, const optim_config *config, double lr, optim_state *state) {
     switch (config->kind) {
     case OPTIM_ADAMW:
-        optim_adamw_step(params, &config->adamw, lr, state);
+        optim_adamw_update(params, &config->adamw, lr, state, config->skip_unused_slices);
         break;
     case OPTIM_SGD:
-        optim_sgd_step(params, &config->sgd, lr, state);
+        optim_sgd_update(params, &config->sgd, lr, state, config->skip_unused_slices);
         break;
     case OPTIM_KIND_COUNT: /* rejected by optim_config_check */
         break;

@@ -45,6 +45,11 @@ typedef struct optim_config {
     optim_kind kind;
     optim_adamw_config adamw;
     optim_sgd_config sgd;
+    /* Expert slices (ag_param.slices) whose slice_used flag is clear are not
+     * updated at all: value, moments and slice step count stay bit for bit,
+     * as PyTorch skips a parameter that got no gradient. false: every slice
+     * is updated every step (Megatron's grouped-GEMM semantics). */
+    bool skip_unused_slices;
 } optim_config;
 
 /* What a checkpoint saves besides the m/v buffers of the registry. */
@@ -77,7 +82,15 @@ void optim_adamw_step(ag_params *params, const optim_adamw_config *config, doubl
 void optim_sgd_step(ag_params *params, const optim_sgd_config *config, double lr,
                     optim_state *state);
 
-/* Dispatches on config->kind. */
+/* The same two with the choice for unused expert slices. */
+void optim_adamw_update(ag_params *params, const optim_adamw_config *config, double lr,
+                        optim_state *state, bool skip_unused);
+void optim_sgd_update(ag_params *params, const optim_sgd_config *config, double lr,
+                      optim_state *state, bool skip_unused);
+/* Dispatches on config->kind, with config->skip_unused_slices. The two
+ * functions above update every slice (skip_unused_slices false). An expert
+ * slice's AdamW bias correction uses its own step count (slice_steps), which
+ * equals state->step for a slice updated every step. */
 void optim_step(ag_params *params, const optim_config *config, double lr, optim_state *state);
 
 /* Sets every parameter's no_decay flag from its name and rank. The rule:

@@ -13,16 +13,29 @@ static void sgd_span(float *restrict p, const float *restrict g, float *restrict
     }
 }
 
-void optim_sgd_step(ag_params *params, const optim_sgd_config *config, double lr,
-                    optim_state *state) {
+void optim_sgd_update(ag_params *params, const optim_sgd_config *config, double lr,
+                      optim_state *state, bool skip_unused) {
     state->step++;
     for (int i = 0; i < params->count; i++) {
         ag_param *param = params->items[i];
         if (param->frozen) continue;
         ag_param_buffer *buffer = &params->buffers[param->group];
-        size_t at = param->offset;
         float weight_decay = param->no_decay ? 0.0f : (float)config->weight_decay;
-        sgd_span(buffer->data + at, buffer->grad + at, buffer->m + at, param->tensor.numel,
-                 (float)lr, (float)config->momentum, weight_decay, config->nesterov);
+        const int slices = param->slices > 0 ? param->slices : 1;
+        const int64_t n = param->tensor.numel / slices;
+        for (int j = 0; j < slices; j++) {
+            if (param->slices > 0) {
+                if (skip_unused && !param->slice_used[j]) continue;
+                param->slice_steps[j] = skip_unused ? param->slice_steps[j] + 1 : state->step;
+            }
+            size_t at = param->offset + (size_t)(j * n);
+            sgd_span(buffer->data + at, buffer->grad + at, buffer->m + at, n, (float)lr,
+                     (float)config->momentum, weight_decay, config->nesterov);
+        }
     }
+}
+
+void optim_sgd_step(ag_params *params, const optim_sgd_config *config, double lr,
+                    optim_state *state) {
+    optim_sgd_update(params, config, lr, state, false);
 }

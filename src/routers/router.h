@@ -119,6 +119,7 @@ typedef struct router_call {
     uint64_t seed, step;
     int k_override;       /* > 0: use this k (evaluation sweeps, --set router.k) */
     int pass;             /* THOR: index of the forward pass in this step (independent draws) */
+    int micro;            /* THOR: the micro-batch of the step (gradient accumulation), ditto */
     int seq_len;          /* tokens per sequence (THOR per-sequence inference) */
     uint64_t first_token; /* global index of token 0 of x (data-parallel rank offset) */
     /* The ranks whose tokens form the global batch (0 or MPI_COMM_NULL: this

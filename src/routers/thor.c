@@ -5,7 +5,7 @@
  *
  * Draws use the key (seed, step, layer, CM_RNG_ROUTER). The three uses take
  * disjoint index ranges of that key, so they are independent of each other:
- *   training     index = pass                       (small)
+ *   training     index = micro-batch * 2^16 + pass  (small)
  *   per sequence index = 2^62 + global sequence     (first_token + t) / seq_len
  *   per token    index = 2^63 + global token        first_token + t
  * Global indices make the routing the same on any number of ranks. */
@@ -31,8 +31,10 @@ cm_status router_thor_route(ag_ctx *ctx, const router *r, ag_tensor *x, const ro
     int32_t *expert = ag_alloc_ints(ctx, tokens ? tokens : 1, "router_thor");
     float *priority = ag_alloc_floats(ctx, tokens ? tokens : 1, "router_thor");
     if (!token || !expert || !priority) return ag_ctx_status(ctx);
+    /* one draw per (micro-batch, pass); micro-batch 0 draws at index = pass */
+    uint64_t draw = ((uint64_t)call->micro << 16) + (uint64_t)call->pass;
     int32_t batch_expert =
-        call->training ? (int32_t)cm_rng_below(key, (uint64_t)call->pass, (uint64_t)experts) : -1;
+        call->training ? (int32_t)cm_rng_below(key, draw, (uint64_t)experts) : -1;
     uint64_t previous_sequence = UINT64_MAX;
     int32_t sequence_expert = -1;
     for (int t = 0; t < tokens; t++) {

@@ -152,7 +152,23 @@ typedef struct ckpt_entry {
     const ag_param *param;
     ag_tensor shape; /* global shape */
     const float *data, *m, *v;
+    const int64_t *steps; /* expert slices' update counts [global slices], or NULL */
 } ckpt_entry;
+
+/* The "steps" attribute of an expert parameter's /optim/m dataset: the
+ * update count of each expert slice (optim.skip_unused_experts). */
+static herr_t write_steps_attr(hid_t group, const char *name, const int64_t *steps, int count) {
+    hid_t dataset = H5Dopen2(group, name, H5P_DEFAULT);
+    if (dataset < 0) return -1;
+    hsize_t dims[1] = {(hsize_t)count};
+    hid_t space = H5Screate_simple(1, dims, NULL);
+    hid_t attr = H5Acreate2(dataset, "steps", H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t status = attr < 0 ? -1 : H5Awrite(attr, H5T_NATIVE_INT64, steps);
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    H5Dclose(dataset);
+    return status;
+}
 
 static cm_status write_file(const char *path, const ckpt_entry *entries, int count,
                             const ckpt_meta *meta, const char *recipe_text) {
@@ -191,6 +207,9 @@ static cm_status write_file(const char *path, const ckpt_entry *entries, int cou
         if (param->frozen) continue;
         failed |= write_dataset(first, param->name, &entries[i].shape, entries[i].m) < 0;
         failed |= write_dataset(second, param->name, &entries[i].shape, entries[i].v) < 0;
+        if (!failed && entries[i].steps)
+            failed |= write_steps_attr(first, param->name, entries[i].steps,
+                                       entries[i].shape.shape[0]) < 0;
     }
     if (first >= 0) H5Gclose(first);
     if (second >= 0) H5Gclose(second);
@@ -222,8 +241,12 @@ static cm_status write_atomically(const char *path, const ckpt_entry *entries, i
 
 static ckpt_entry local_entry(const ag_params *params, const ag_param *param) {
     const ag_param_buffer *buffer = &params->buffers[param->group];
-    return (ckpt_entry){param, param->tensor, param->tensor.data, buffer->m + param->offset,
-                        buffer->v + param->offset};
+    return (ckpt_entry){param,
+                        param->tensor,
+                        param->tensor.data,
+                        buffer->m + param->offset,
+                        buffer->v + param->offset,
+                        param->slice_steps};
 }
 
 cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
@@ -239,6 +262,22 @@ static cm_status gather_shards(const cm_comm *comm, const float *local, int64_t 
     return code == MPI_SUCCESS ? CM_OK : CM_ERR(CM_ERR_MPI, "MPI_Gather of expert shards failed");
 }
 
+/* Gathers an expert parameter's slice step counts of the EP group to its
+ * rank 0 (*global: a malloc'd copy there, kept in *copy for freeing). */
+static cm_status gather_steps(const cm_comm *comm, const ag_param *param, bool writer,
+                              const int64_t **global, float **copy) {
+    int64_t *all = NULL;
+    if (writer) {
+        all = malloc((size_t)param->slices * (size_t)comm->ep_size * sizeof(int64_t));
+        if (!all) return CM_ERR(CM_ERR_NOMEM, "out of memory gathering %s", param->name);
+        *copy = (float *)(void *)all;
+        *global = all;
+    }
+    int code = MPI_Gather(param->slice_steps, param->slices, MPI_INT64_T, all, param->slices,
+                          MPI_INT64_T, 0, comm->ep);
+    return code == MPI_SUCCESS ? CM_OK : CM_ERR(CM_ERR_MPI, "MPI_Gather of step counts failed");
+}
+
 cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckpt_meta *meta,
                             const char *recipe_text, const cm_comm *comm) {
     ckpt_entry *entries = calloc((size_t)params->count, sizeof *entries);
@@ -248,8 +287,8 @@ cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckp
     /* Only the first EP group gathers; world rank 0 is its rank 0. */
     bool gathers = sharded && comm->dp_rank == 0;
     cm_status status = CM_OK;
-    float *copies[3 * 1024] = {0};
-    int n_copies = 0;
+    float *copies[4 * 1024] = {0};
+    int n_copies = 0, gathered = 0;
     for (int i = 0; i < params->count && status == CM_OK; i++) {
         const ag_param *param = params->items[i];
         entries[i] = local_entry(params, param);
@@ -257,15 +296,19 @@ cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckp
         entries[i].shape.shape[0] *= comm->ep_size;
         entries[i].shape.numel *= comm->ep_size;
         if (!gathers) continue;
+        /* the same decision on every rank of the group: each gathers 4 arrays */
+        if (++gathered > (int)(sizeof copies / sizeof copies[0]) / 4) {
+            status = CM_ERR(CM_ERR_INVALID, "too many expert tensors to checkpoint");
+            break;
+        }
         const float *sources[3] = {entries[i].data, entries[i].m, entries[i].v};
         const float **targets[3] = {&entries[i].data, &entries[i].m, &entries[i].v};
+        if (param->slice_steps)
+            status = gather_steps(comm, param, writer, &entries[i].steps, &copies[n_copies]);
+        if (writer && entries[i].steps != param->slice_steps) n_copies++;
         for (int j = 0; j < 3 && status == CM_OK; j++) {
             float *global = NULL;
             if (writer) {
-                if (n_copies == (int)(sizeof copies / sizeof copies[0])) {
-                    status = CM_ERR(CM_ERR_INVALID, "too many expert tensors to checkpoint");
-                    break;
-                }
                 global = copies[n_copies++] =
                     malloc((size_t)entries[i].shape.numel * sizeof(float));
                 if (!global) status = CM_ERR(CM_ERR_NOMEM, "out of memory saving %s", path);
@@ -310,10 +353,10 @@ static cm_status open_checkpoint(const char *path, hid_t *file_out) {
         return CM_ERR(CM_ERR_FORMAT, "%s: not a cmoe checkpoint (no format = \"%s\" attribute)",
                       path, FORMAT_NAME);
     }
-    if (read_attr(file, "version", H5T_NATIVE_INT, &version) < 0 ||
-        version != CKPT_FORMAT_VERSION) {
+    if (read_attr(file, "version", H5T_NATIVE_INT, &version) < 0 || version < 1 ||
+        version > CKPT_FORMAT_VERSION) {
         H5Fclose(file);
-        return CM_ERR(CM_ERR_FORMAT, "%s: checkpoint format version %d, this cmoe reads version %d",
+        return CM_ERR(CM_ERR_FORMAT, "%s: checkpoint format version %d, this cmoe reads versions 1 to %d",
                       path, version, CKPT_FORMAT_VERSION);
     }
     *file_out = file;
@@ -331,8 +374,37 @@ static hsize_t count_links(hid_t group) {
     ((param)->group == AG_GROUP_EXPERT ? shard : 0),                                               \
         ((param)->group == AG_GROUP_EXPERT ? shards : 1)
 
+/* The slice step counts of an expert parameter: this rank's part of the
+ * "steps" attribute, or optimizer_step for every slice when the file has none
+ * (written before per-expert counts: every expert was updated every step). */
+static cm_status read_steps_attr(const char *path, hid_t group, ag_param *param, int shard,
+                                 int64_t optimizer_step) {
+    for (int j = 0; j < param->slices; j++) param->slice_steps[j] = optimizer_step;
+    hid_t dataset = H5Dopen2(group, param->name, H5P_DEFAULT);
+    if (dataset < 0) return CM_ERR(CM_ERR_FORMAT, "%s: cannot open /optim/m/%s", path, param->name);
+    cm_status status = CM_OK;
+    if (H5Aexists(dataset, "steps") > 0) {
+        hid_t attr = H5Aopen(dataset, "steps", H5P_DEFAULT);
+        hid_t space = attr < 0 ? -1 : H5Aget_space(attr);
+        hssize_t count = space < 0 ? -1 : H5Sget_simple_extent_npoints(space);
+        int64_t *all = count > 0 ? malloc((size_t)count * sizeof(int64_t)) : NULL;
+        int first = shard * param->slices;
+        if (!all || count < (hssize_t)first + param->slices ||
+            H5Aread(attr, H5T_NATIVE_INT64, all) < 0)
+            status =
+                CM_ERR(CM_ERR_FORMAT, "%s: bad steps attribute of /optim/m/%s", path, param->name);
+        else
+            memcpy(param->slice_steps, all + first, (size_t)param->slices * sizeof(int64_t));
+        free(all);
+        if (space >= 0) H5Sclose(space);
+        if (attr >= 0) H5Aclose(attr);
+    }
+    H5Dclose(dataset);
+    return status;
+}
+
 static cm_status load_groups(const char *path, hid_t file, ag_params *params, bool load_optimizer,
-                             int shard, int shards) {
+                             int shard, int shards, int64_t optimizer_step) {
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
     if (values < 0) return CM_ERR(CM_ERR_FORMAT, "%s: no /params group", path);
     cm_status status = CM_OK;
@@ -357,6 +429,8 @@ static cm_status load_groups(const char *path, hid_t file, ag_params *params, bo
         ag_param_buffer *buffer = &params->buffers[param->group];
         status = read_dataset(path, first, "optim/m", param, buffer->m + param->offset,
                               GROUP_SHARD(param));
+        if (status == CM_OK && param->slice_steps)
+            status = read_steps_attr(path, first, param, shard, optimizer_step);
         if (status == CM_OK)
             status = read_dataset(path, second, "optim/v", param, buffer->v + param->offset,
                                   GROUP_SHARD(param));
@@ -382,7 +456,9 @@ cm_status ckpt_load_sharded(const char *path, ag_params *params, ckpt_meta *meta
         read_attr(file, "seed", H5T_NATIVE_UINT64, &read.seed) < 0 ||
         read_attr(file, "optimizer_step", H5T_NATIVE_INT64, &read.optimizer_step) < 0)
         status = CM_ERR(CM_ERR_FORMAT, "%s: missing step/seed/optimizer_step attributes", path);
-    if (status == CM_OK) status = load_groups(path, file, params, load_optimizer, shard, shards);
+    if (status == CM_OK)
+        status =
+            load_groups(path, file, params, load_optimizer, shard, shards, read.optimizer_step);
     H5Fclose(file);
     if (status == CM_OK && meta) *meta = read;
     return status;

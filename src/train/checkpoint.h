@@ -1,10 +1,12 @@
 /* HDF5 checkpoints: everything needed to resume a run exactly.
  *
- * Layout (format "cmoe-ckpt", version 1; docs/checkpoint.md):
+ * Layout (format "cmoe-ckpt", version 2; docs/checkpoint.md):
  *   /                 attributes format, version, step, seed, optimizer_step, recipe
  *   /params/NAME      float32 dataset per parameter, in its declared shape, with
  *                     int attributes frozen, no_decay, expert
- *   /optim/m/NAME     AdamW first moment (or SGD momentum) per trainable parameter
+ *   /optim/m/NAME     AdamW first moment (or SGD momentum) per trainable parameter;
+ *                     for an expert parameter, attribute steps int64 [E]: the
+ *                     updates each expert has had (optim.skip_unused_experts)
  *   /optim/v/NAME     AdamW second moment per trainable parameter
  * Every dataset carries a Fletcher-32 checksum, and the file uses the
  * HDF5 1.10 format with metadata checksums, so truncation and corruption are
@@ -23,7 +25,9 @@
 #include "common/status.h"
 #include "parallel/comm.h"
 
-enum { CKPT_FORMAT_VERSION = 1 };
+/* Version 2 added the "steps" attribute of expert moments; version 1 files
+ * load (every expert slice then counts optimizer_step updates). */
+enum { CKPT_FORMAT_VERSION = 2 };
 
 typedef struct ckpt_meta {
     int64_t step;           /* training steps completed */

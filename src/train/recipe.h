@@ -138,9 +138,10 @@ typedef struct cm_optim_cfg {
     double beta1, beta2, eps;
     double weight_decay; /* decoupled (AdamW) or L2 (SGD) */
     bool decay_norms, decay_biases, decay_embeddings;
-    double momentum;  /* SGD only */
-    bool nesterov;    /* SGD only, needs momentum > 0 */
-    double grad_clip; /* max global L2 norm of the gradients; 0 disables clipping */
+    double momentum;          /* SGD only */
+    bool nesterov;            /* SGD only, needs momentum > 0 */
+    double grad_clip;         /* max global L2 norm of the gradients; 0 disables clipping */
+    bool skip_unused_experts; /* experts without tokens in a step are not updated */
 } cm_optim_cfg;
 
 typedef struct cm_schedule_cfg {
@@ -155,6 +156,7 @@ typedef struct cm_train_cfg {
     int64_t steps;
     int64_t seed;
     int64_t log_every;
+    int grad_accum;     /* micro-batches per optimizer step */
     int64_t eval_every; /* 0: no periodic evaluation */
     int eval_batches;
     int arena_mib;                    /* per-step activation arena */

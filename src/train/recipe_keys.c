@@ -150,7 +150,8 @@ const recipe_key recipe_keys[] = {
     KEY_INT("model", "d_ff", model.d_ff, "1024", "[1, 1048576]",
             "hidden width of the GELU MLP; MoE experts derive theirs from it (moe.expert_hidden)"),
     KEY_DOUBLE("model", "dropout", model.dropout, "0", "[0, 1)",
-               "dropout probability on embeddings, attention weights and residual branches"),
+               "dropout probability on the embeddings and the residual branches (attention "
+               "probabilities are not dropped)"),
     KEY_DOUBLE("model", "init_std", model.init_std, "0.02", "(0, 1]",
                "standard deviation of the normal weight init (biases start at 0)"),
     KEY_BOOL("model", "scale_residual_init", model.scale_residual_init, "true",
@@ -252,7 +253,8 @@ const recipe_key recipe_keys[] = {
     KEY_INT("data", "seq_len", data.seq_len, "256", "[1, 1048576]",
             "tokens per training sequence; also the size of the learned position table"),
     KEY_INT("data", "batch_size", data.batch_size, "16", "[1, 1048576]",
-            "sequences per optimizer step, summed over data-parallel ranks"),
+            "sequences (images) per micro-batch, summed over data-parallel ranks; a step takes "
+            "train.grad_accum micro-batches"),
     KEY_STRING("data", "labels_path", data.labels_path, "data/fmnist/train-labels-idx1-ubyte.gz",
                "idx: labels of the training images (data.path)", check_not_empty),
     KEY_STRING("data", "test_labels_path", data.test_labels_path,
@@ -281,6 +283,11 @@ const recipe_key recipe_keys[] = {
              "SGD Nesterov momentum (needs type sgd and momentum > 0)"),
     KEY_DOUBLE("optim", "grad_clip", optim.grad_clip, "0", "[0, 1000000]",
                "clip the global L2 norm of all gradients to this value; 0 disables"),
+    KEY_BOOL("optim", "skip_unused_experts", optim.skip_unused_experts, "true",
+             "an expert that received no token in a step (over all micro-batches and ranks) "
+             "is not updated: no moment update, no decay, its step count unchanged (PyTorch "
+             "skips a parameter without gradient); false updates every expert every step "
+             "(Megatron's grouped GEMM)"),
 
     KEY_ENUM("schedule", "type", schedule.type, optim_lr_kind, optim_lr_kind_names, "constant",
              "constant, cosine (to min_lr at train.steps) or step (times gamma every step_size)"),
@@ -300,6 +307,9 @@ const recipe_key recipe_keys[] = {
               "steps between metric lines"),
     KEY_INT64("train", "eval_every", train.eval_every, "200", STEPS_RANGE,
               "steps between evaluations; 0 disables periodic evaluation"),
+    KEY_INT("train", "grad_accum", train.grad_accum, "1", "[1, 65536]",
+            "micro-batches of data.batch_size sequences per optimizer step (gradient "
+            "accumulation): a step trains on grad_accum x batch_size"),
     KEY_INT("train", "eval_batches", train.eval_batches, "20", "[1, 1000000]",
             "batches per evaluation"),
     KEY_INT("train", "arena_mib", train.arena_mib, "512", "[1, 1048576]",

@@ -23,7 +23,9 @@ struct run_session {
     ag_params params;
     ag_ctx ctx;
     bool ctx_ready;
-    int phases;
+    int phases, micro_batches;
+    int64_t n_slices;       /* expert slices (ag_param.slices) over all parameters */
+    int64_t *slice_scratch; /* [n_slices] for the usage all-reduce */
     optim_config optim;
     optim_state optim_states[RUN_MAX_PHASES]; /* one per phase */
     optim_lr_schedule schedule;
@@ -38,6 +40,7 @@ static optim_config recipe_optimizer(const cm_recipe *recipe) {
         .kind = o->type,
         .adamw = {o->beta1, o->beta2, o->eps, o->weight_decay},
         .sgd = {o->momentum, o->weight_decay, o->nesterov},
+        .skip_unused_slices = o->skip_unused_experts,
     };
 }
 
@@ -99,8 +102,12 @@ static cm_status session_build(run_session *s, const cm_recipe *recipe, const cm
     s->phases = s->task->phases ? s->task->phases(s->state) : 1;
     if (s->phases < 1 || s->phases > RUN_MAX_PHASES)
         return CM_ERR(CM_ERR_INTERNAL, "task %s has %d phases per step", s->task->name, s->phases);
+    s->micro_batches = recipe->train.grad_accum;
     s->optim = recipe_optimizer(recipe);
     s->schedule = recipe_lr_schedule(recipe);
+    for (int i = 0; i < s->params.count; i++) s->n_slices += s->params.items[i]->slices;
+    s->slice_scratch = calloc((size_t)s->n_slices + 1, sizeof(int64_t));
+    if (!s->slice_scratch) return CM_ERR(CM_ERR_NOMEM, "out of memory");
     return CM_OK;
 }
 
@@ -123,6 +130,7 @@ void run_session_close(run_session *s) {
     if (s->state) s->task->destroy(s->state);
     if (s->ctx_ready) ag_ctx_free(&s->ctx);
     ag_params_free(&s->params);
+    free(s->slice_scratch);
     free(s);
 }
 
@@ -158,23 +166,46 @@ static cm_status reduce_gradients(run_session *s) {
     return comm_sum_floats(s->env.comm->dp, expert->grad, (int64_t)expert->numel);
 }
 
-/* The update of a phase whose loss is on the tape. */
-static cm_status update(run_session *s, int phase, int64_t step, const task_loss *loss,
-                        run_step_result *out) {
-    const cm_recipe *recipe = s->recipe;
-    /* The global batch's values: loss, the second pass's loss, aux, objective. */
+/* The global values of one micro-batch's loss (summed over the ranks) into
+ * *sums: loss, the second pass's loss, aux, objective; a non-finite
+ * objective stops the run. */
+static cm_status add_global_values(run_session *s, int64_t step, const task_loss *loss,
+                                   double sums[4]) {
     double values[4] = {loss->loss->data[0], loss->loss2 ? loss->loss2->data[0] : 0.0,
                         loss->aux ? loss->aux->data[0] : 0.0, loss->objective->data[0]};
     CM_TRY(comm_sum_doubles(s->env.world, values, 4));
-    out->loss = loss->loss2 ? 0.5 * (values[0] + values[1]) : values[0];
-    out->aux = values[2];
-    out->grad_norm = NAN;
     if (!isfinite(values[3]))
         return CM_ERR(CM_ERR_NUMERIC, "the loss is %g at step %lld; lower optim.lr%s", values[3],
                       (long long)step + 1,
-                      recipe->optim.grad_clip > 0 ? "" : " or set optim.grad_clip");
-    CM_TRY(ag_backward(&s->ctx, loss->objective));
+                      s->recipe->optim.grad_clip > 0 ? "" : " or set optim.grad_clip");
+    for (int i = 0; i < 4; i++) sums[i] += values[i];
+    return CM_OK;
+}
+
+/* An expert slice is used when any data-parallel replica used it (their
+ * gradients are summed), so every replica takes the same decision. */
+static cm_status reduce_slice_usage(run_session *s) {
+    if (!s->env.comm || s->env.comm->dp_size == 1 || s->n_slices == 0) return CM_OK;
+    int64_t at = 0;
+    for (int i = 0; i < s->params.count; i++) {
+        const ag_param *param = s->params.items[i];
+        for (int j = 0; j < param->slices; j++) s->slice_scratch[at++] = param->slice_used[j];
+    }
+    CM_TRY(comm_sum_int64(s->env.comm->dp, s->slice_scratch, (int)at));
+    at = 0;
+    for (int i = 0; i < s->params.count; i++) {
+        ag_param *param = s->params.items[i];
+        for (int j = 0; j < param->slices; j++) param->slice_used[j] = s->slice_scratch[at++] > 0;
+    }
+    return CM_OK;
+}
+
+/* The update of a phase whose gradients are accumulated. */
+static cm_status update(run_session *s, int phase, int64_t step, run_step_result *out) {
+    const cm_recipe *recipe = s->recipe;
     CM_TRY(reduce_gradients(s));
+    CM_TRY(reduce_slice_usage(s));
+    out->grad_norm = NAN;
     if (recipe->optim.grad_clip > 0) {
         optim_norm_reducer reducer = {s->env.ranks > 1 ? sum_expert_norms : NULL,
                                       (void *)s->env.comm};
@@ -185,12 +216,30 @@ static cm_status update(run_session *s, int phase, int64_t step, const task_loss
     return CM_OK;
 }
 
-static cm_status run_phase(run_session *s, int phase, int64_t step, run_step_result *out) {
+/* One micro-batch of a phase: load, loss, global values, backward. */
+static cm_status run_micro(run_session *s, int phase, int64_t step, int micro, double sums[4],
+                           bool *two_passes) {
+    CM_TRY(s->task->load(s->state, step, micro));
     ag_ctx_reset(&s->ctx);
-    ag_params_zero_grad(&s->params);
     task_loss loss = {0};
-    cm_status status = s->task->phase_loss(s->state, phase, step, &loss);
-    if (status == CM_OK) status = update(s, phase, step, &loss, out);
+    CM_TRY(s->task->phase_loss(s->state, phase, step, micro, &loss));
+    CM_TRY(add_global_values(s, step, &loss, sums));
+    *two_passes = loss.loss2 != NULL;
+    return ag_backward(&s->ctx, loss.objective);
+}
+
+static cm_status run_phase(run_session *s, int phase, int64_t step, run_step_result *out) {
+    ag_params_zero_grad(&s->params);
+    double sums[4] = {0.0, 0.0, 0.0, 0.0};
+    bool two_passes = false;
+    cm_status status = CM_OK;
+    for (int micro = 0; micro < s->micro_batches && status == CM_OK; micro++)
+        status = run_micro(s, phase, step, micro, sums, &two_passes);
+    if (status == CM_OK) {
+        out->loss = two_passes ? 0.5 * (sums[0] + sums[1]) : sums[0];
+        out->aux = sums[2];
+        status = update(s, phase, step, out);
+    }
     if (s->task->phase_end) {
         cm_status ended = s->task->phase_end(s->state, phase, status == CM_OK);
         if (status == CM_OK) status = ended;
@@ -199,9 +248,9 @@ static cm_status run_phase(run_session *s, int phase, int64_t step, run_step_res
 }
 
 cm_status run_session_step(run_session *s, int64_t step, run_step_result *out) {
-    CM_TRY(s->task->load(s->state, step));
+    *out = (run_step_result){0};
     for (int phase = 0; phase < s->phases; phase++) {
-        run_step_result phase_result;
+        run_step_result phase_result = {0};
         CM_TRY(run_phase(s, phase, step, &phase_result));
         if (phase == 0) *out = phase_result;
     }
@@ -212,7 +261,6 @@ cm_status run_session_phase(run_session *s, int64_t step, int phase, run_step_re
     if (phase < 0 || phase >= s->phases)
         return CM_ERR(CM_ERR_INVALID, "phase %d of a task with %d phases per step", phase,
                       s->phases);
-    CM_TRY(s->task->load(s->state, step));
     return run_phase(s, phase, step, out);
 }
 

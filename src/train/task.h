@@ -10,7 +10,9 @@
  * parameters (a task may freeze some in phase_loss and restore them in
  * phase_end): one for most tasks, two for AdvMoE (experts, then routers).
  * Within a phase a task may run several forward passes (THOR's two, as its
- * router's registry row says); they end in one loss.
+ * router's registry row says); they end in one loss. With gradient
+ * accumulation (train.grad_accum) a phase runs that loss and its backward
+ * once per micro-batch, and updates once.
  *
  * The tasks are rows of one table indexed by model.arch (task_for); a new
  * model is one new file with its vtable and one row.
@@ -42,9 +44,11 @@ typedef struct task_env {
     dispatch_timing *timing; /* expert exchange counters (cmoe bench); may be NULL */
 } task_env;
 
-/* The loss of one phase, on the tape. Every tensor is [1] and holds this
- * rank's share of the global batch's value (the sum over the ranks is the
- * global value, so the summed gradients are the global batch's). */
+/* The loss of one micro-batch of a phase, on the tape. Every tensor is [1]
+ * and holds this rank's and this micro-batch's share of the step's value:
+ * the sum over the ranks and the micro-batches is the value of the step's
+ * whole batch (train.grad_accum x data.batch_size), so the summed gradients
+ * are that batch's. */
 typedef struct task_loss {
     ag_tensor *objective; /* what backward runs on */
     ag_tensor *loss;      /* the training loss reported */
@@ -91,12 +95,13 @@ typedef struct task_vtable {
     void (*describe)(void *state, cm_progress *progress);
     /* Fields of the "model" metrics line (parameter counts are added by the loop). */
     void (*model_fields)(void *state, metrics_record *record);
-    int64_t (*items_per_step)(void *state);
+    int64_t (*items_per_step)(void *state);      /* tokens or images of a whole step */
     double (*model_flops_per_step)(void *state); /* cmoe bench's model FLOPs */
     int (*phases)(void *state);                  /* NULL: 1 */
-    /* This rank's rows of the batch of 0-based `step`; before the phases. */
-    cm_status (*load)(void *state, int64_t step);
-    cm_status (*phase_loss)(void *state, int phase, int64_t step, task_loss *out);
+    /* This rank's rows of micro-batch `micro` (of train.grad_accum) of the
+     * batch of 0-based `step`; the loop loads before each micro-batch's loss. */
+    cm_status (*load)(void *state, int64_t step, int micro);
+    cm_status (*phase_loss)(void *state, int phase, int64_t step, int micro, task_loss *out);
     /* After the phase (may be NULL): restores what phase_loss changed (frozen
      * flags) and, when the update was completed, e.g. averages state the
      * optimizer does not own over the ranks (collective then). */

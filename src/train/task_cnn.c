@@ -17,8 +17,9 @@ enum { ATTACK_TRAIN = 0, ATTACK_ROUTER = 1, ATTACK_EVAL = 2 };
 
 typedef struct cnn_task {
     task_env env;
-    shard_range rows; /* this rank's rows of every training batch */
-    float share;      /* (rows.end - rows.begin) / data.batch_size */
+    shard_range rows; /* this rank's rows of every training micro-batch */
+    float share;      /* (rows.end - rows.begin) / (data.batch_size x train.grad_accum) */
+    int micro_first;  /* the loaded micro-batch's first row in the step's batch */
     moe_cnn_model model;
     adv_moe_cnn binding; /* the model as the attack and the losses call it */
     adv_model attacked;
@@ -83,7 +84,8 @@ static cm_status cnn_create(const task_env *env, void **state) {
     if (!t) return CM_ERR(CM_ERR_NOMEM, "out of memory");
     t->env = *env;
     t->rows = shard_rows(env->recipe->data.batch_size, env->rank, env->ranks);
-    t->share = (float)(t->rows.end - t->rows.begin) / (float)env->recipe->data.batch_size;
+    t->share = (float)(t->rows.end - t->rows.begin) /
+               (float)(env->recipe->data.batch_size * env->recipe->train.grad_accum);
     moe_cnn_config config = model_config(env->recipe);
     cm_status status = moe_cnn_declare(&t->model, &config, env->params, NULL);
     if (status != CM_OK) {
@@ -229,26 +231,32 @@ static void cnn_model_fields(void *state, metrics_record *record) {
 }
 
 static int64_t cnn_items_per_step(void *state) {
-    return ((cnn_task *)state)->env.recipe->data.batch_size;
+    const cm_recipe *recipe = ((cnn_task *)state)->env.recipe;
+    return (int64_t)recipe->data.batch_size * recipe->train.grad_accum;
 }
 
 /* 6 x inference multiply-adds per image x images: the attacks of the
  * adversarial modes are not counted. */
 static double cnn_model_flops(void *state) {
     cnn_task *t = state;
-    return 6.0 * (double)task_cnn_flops_per_image(t) * t->env.recipe->data.batch_size;
+    return 6.0 * (double)task_cnn_flops_per_image(t) * (double)cnn_items_per_step(t);
 }
 
 static int cnn_phases(void *state) {
     return ((cnn_task *)state)->env.recipe->adversarial.mode == ADV_MODE_ADVMOE ? 2 : 1;
 }
 
-static cm_status cnn_load(void *state, int64_t step) {
+/* Micro-batch m of a step: rows [m B, (m + 1) B) of the step's batch of
+ * grad_accum x B images (this rank's share of them). */
+static cm_status cnn_load(void *state, int64_t step, int micro) {
     cnn_task *t = state;
     const cm_recipe *recipe = t->env.recipe;
+    const int B = recipe->data.batch_size, first = micro * B;
     idx_augment augment = {recipe->data.augment_crop, recipe->data.augment_flip};
+    t->micro_first = first;
+    shard_range rows = {first + t->rows.begin, first + t->rows.end};
     return idx_dataset_batch(&t->train, (uint64_t)recipe->train.seed, (uint64_t)step,
-                             recipe->data.batch_size, t->rows, &augment, t->images, t->labels);
+                             B * recipe->train.grad_accum, rows, &augment, t->images, t->labels);
 }
 
 /* ---- which parameters a phase updates ------------------------------------------------- */
@@ -292,7 +300,7 @@ static int local_rows(const cnn_task *t) {
 /* Global index of this rank's first pixel in the training batch: random
  * attack starts do not depend on the rank count. */
 static uint64_t first_pixel(const cnn_task *t) {
-    return (uint64_t)t->rows.begin * (uint64_t)(t->height * t->width);
+    return (uint64_t)(t->micro_first + t->rows.begin) * (uint64_t)(t->height * t->width);
 }
 
 static adv_attack_config train_attack(const cnn_task *t, int64_t step, uint32_t stream) {
@@ -309,9 +317,11 @@ static cm_status forward(cnn_task *t, ag_tensor *x, adv_model_output *out) {
     return adv_moe_cnn_forward(t->env.ctx, &t->binding, x, true, out);
 }
 
-/* loss * share on several ranks (one rank: unchanged). */
+/* loss * this rank's and micro-batch's share of the step's batch (one rank,
+ * one micro-batch: unchanged). */
 static ag_tensor *rank_share(cnn_task *t, ag_tensor *loss) {
-    return t->env.ranks > 1 ? ag_scale(t->env.ctx, loss, t->share) : loss;
+    const bool whole = t->env.ranks == 1 && t->env.recipe->train.grad_accum == 1;
+    return whole ? loss : ag_scale(t->env.ctx, loss, t->share);
 }
 
 /* The loss of standard, pgd_at and trades (and advmoe's expert phase) on the
@@ -378,9 +388,10 @@ static cm_status phi_loss(cnn_task *t, int64_t step, ag_tensor **loss) {
     return ag_ctx_status(ctx);
 }
 
-static cm_status cnn_phase_loss(void *state, int phase, int64_t step, task_loss *out) {
+static cm_status cnn_phase_loss(void *state, int phase, int64_t step, int micro, task_loss *out) {
+    (void)micro; /* loaded by cnn_load; attack starts are keyed by the global image */
     cnn_task *t = state;
-    if (cnn_phases(t) > 1) freeze_for(t, phase == CNN_PHASE_ROUTERS);
+    if (cnn_phases(t) > 1 && micro == 0) freeze_for(t, phase == CNN_PHASE_ROUTERS);
     ag_tensor *loss = NULL;
     CM_TRY(phase == CNN_PHASE_ROUTERS ? phi_loss(t, step, &loss) : theta_loss(t, step, &loss));
     *out = (task_loss){.objective = loss, .loss = loss};

@@ -26,7 +26,8 @@ typedef struct lm_task {
     lm_model model;
     text_dataset train, valid, test;
     int32_t *inputs, *targets; /* [B*T] each */
-    shard_range rows;          /* this rank's rows of every training batch */
+    shard_range rows;          /* this rank's rows of every training micro-batch */
+    int micro_batches;         /* train.grad_accum */
     /* Router registry row: forward passes per step and their consistency weight. */
     int passes;
     float consistency;
@@ -102,6 +103,7 @@ static cm_status lm_create_into(lm_task *t) {
     t->targets = malloc(tokens * sizeof *t->targets);
     if (!t->inputs || !t->targets) return CM_ERR(CM_ERR_NOMEM, "cannot allocate batch buffers");
     t->rows = shard_rows(recipe->data.batch_size, t->env.rank, t->env.ranks);
+    t->micro_batches = recipe->train.grad_accum;
     return CM_OK;
 }
 
@@ -163,7 +165,7 @@ static void lm_model_fields(void *state, metrics_record *record) {
 
 static int64_t lm_items_per_step(void *state) {
     const lm_task *t = state;
-    return (int64_t)t->env.recipe->data.batch_size * t->env.recipe->data.seq_len;
+    return (int64_t)t->env.recipe->data.batch_size * t->env.recipe->data.seq_len * t->micro_batches;
 }
 
 /* Model FLOPs of one step (BENCH.md's formula): tokens x (6 N_active +
@@ -172,7 +174,8 @@ static int64_t lm_items_per_step(void *state) {
 static double lm_model_flops(void *state) {
     const cm_recipe *recipe = ((lm_task *)state)->env.recipe;
     const cm_model_cfg *m = &recipe->model;
-    const double d = m->d_model, tokens = (double)recipe->data.batch_size * recipe->data.seq_len;
+    const double d = m->d_model, tokens = (double)recipe->data.batch_size * recipe->data.seq_len *
+                                          recipe->train.grad_accum;
     double active = d * m->vocab_size;
     for (int l = 0; l < m->n_layers; l++) {
         double ffn = 2.0 * d * m->d_ff;
@@ -184,12 +187,20 @@ static double lm_model_flops(void *state) {
     return tokens * (6.0 * active + 12.0 * m->n_layers * (double)recipe->data.seq_len * d);
 }
 
-static cm_status lm_load(void *state, int64_t step) {
+/* Micro-batch m of a step is rows [m B, (m + 1) B) of the step's batch of
+ * grad_accum x B windows: the same windows, masks and noise as one batch of
+ * that size (every draw is keyed by the global row). */
+static shard_range micro_rows(const lm_task *t, int micro) {
+    const int first = micro * t->env.recipe->data.batch_size;
+    return (shard_range){first + t->rows.begin, first + t->rows.end};
+}
+
+static cm_status lm_load(void *state, int64_t step, int micro) {
     lm_task *t = state;
     const cm_recipe *recipe = t->env.recipe;
     return text_dataset_batch(&t->train, (uint64_t)recipe->train.seed, (uint64_t)step,
-                              recipe->data.batch_size, recipe->data.seq_len, t->rows, t->inputs,
-                              t->targets);
+                              recipe->data.batch_size * t->micro_batches, recipe->data.seq_len,
+                              micro_rows(t, micro), t->inputs, t->targets);
 }
 
 /* Adds one forward pass's routing statistics to the log window. */
@@ -209,17 +220,18 @@ static void record_routing(lm_task *t, const lm_moe_report *report) {
     }
 }
 
-/* The loss of a step: each pass's mean cross-entropy times this rank's
- * share of the batch; with several passes (the router's registry row), their
- * sum plus the weighted consistency between the first two (THOR,
- * METHODS.md 2.2); plus the routers' losses. */
-static cm_status lm_phase_loss(void *state, int phase, int64_t step, task_loss *out) {
+/* The loss of a micro-batch: each pass's mean cross-entropy times this
+ * rank's share of the step's batch; with several passes (the router's
+ * registry row), their sum plus the weighted consistency between the two
+ * (THOR, METHODS.md 2.2); plus the routers' losses, computed on the
+ * micro-batch (as Megatron does) and divided by the number of micro-batches. */
+static cm_status lm_phase_loss(void *state, int phase, int64_t step, int micro, task_loss *out) {
     (void)phase;
     lm_task *t = state;
     const cm_recipe *recipe = t->env.recipe;
     const int B = recipe->data.batch_size, T = recipe->data.seq_len;
     const int local_rows = t->rows.end - t->rows.begin;
-    const float share = (float)local_rows / (float)B;
+    const float share = (float)local_rows / (float)(B * t->micro_batches);
     ag_ctx *ctx = t->env.ctx;
     lm_moe_report reports[2];
     ag_tensor *logits[2] = {NULL, NULL}, *losses[2] = {NULL, NULL};
@@ -230,8 +242,9 @@ static cm_status lm_phase_loss(void *state, int phase, int64_t step, task_loss *
                                 .training = true,
                                 .seed = (uint64_t)recipe->train.seed,
                                 .step = (uint64_t)step,
-                                .first_row = (uint64_t)t->rows.begin,
+                                .first_row = (uint64_t)micro_rows(t, micro).begin,
                                 .pass = pass,
+                                .micro = micro,
                                 .report = &reports[pass],
                                 .group = t->env.world,
                                 .global_tokens = (int64_t)B * T};
@@ -247,6 +260,7 @@ static cm_status lm_phase_loss(void *state, int phase, int64_t step, task_loss *
         record_routing(t, &reports[1]);
     }
     ag_tensor *aux = reports[0].aux_loss;
+    if (aux && t->micro_batches > 1) aux = ag_scale(ctx, aux, 1.0f / (float)t->micro_batches);
     if (aux) total = ag_add(ctx, total, aux);
     CM_TRY(ag_ctx_status(ctx));
     record_routing(t, &reports[0]);

@@ -56,6 +56,24 @@ for ranks in 1 4; do
     check $? "resumed on $ranks ranks = uninterrupted 2 ranks: $(paste "$work/resume$ranks.txt" "$work/straight.txt" | tail -n 2 | tr '\n' ' ')"
 done
 
+# Untouched experts are skipped by the optimizer; with expert replicas on
+# both ranks (expert_parallel 1: data parallel) an expert counts as used when
+# either rank routed a token to it, so the replicas stay equal (checked
+# before every checkpoint) and the run equals one process. 16 experts, k 1
+# and 8 tokens per rank leave experts that only one rank uses.
+sparse=(--set moe.num_experts=16 --set router.k=1 --set data.batch_size=2 --set data.seq_len=8
+        --set train.steps=6 --set parallel.expert_parallel=1)
+"$cmoe" train "$work/tiny.yaml" "${sparse[@]}" --set train.out_dir="$work/sparse1" --quiet \
+    > "$work/out" 2>&1
+check $? "sparse top-1, one process ($(tail -c 300 "$work/out"))"
+mpi 2 train "$work/tiny.yaml" "${sparse[@]}" --set train.out_dir="$work/sparse2" --quiet \
+    > "$work/out" 2>&1
+check $? "sparse top-1, 2 data-parallel ranks ($(tail -c 300 "$work/out"))"
+losses "$work/sparse1" 1 > "$work/sparse1.txt"
+losses "$work/sparse2" 1 > "$work/sparse2.txt"
+same_losses "$work/sparse2.txt" "$work/sparse1.txt"
+check $? "2 data-parallel ranks skip the same experts as one process: $(paste "$work/sparse2.txt" "$work/sparse1.txt" | tail -n 2 | tr '\n' ' ')"
+
 start=$(date +%s)
 mpi 2 train "$work/tiny.yaml" --set train.out_dir="$work/fail" --quiet --inject-failure 1:3 \
     > "$work/fail.out" 2>&1
