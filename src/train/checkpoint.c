@@ -356,8 +356,9 @@ static cm_status open_checkpoint(const char *path, hid_t *file_out) {
     if (read_attr(file, "version", H5T_NATIVE_INT, &version) < 0 || version < 1 ||
         version > CKPT_FORMAT_VERSION) {
         H5Fclose(file);
-        return CM_ERR(CM_ERR_FORMAT, "%s: checkpoint format version %d, this cmoe reads versions 1 to %d",
-                      path, version, CKPT_FORMAT_VERSION);
+        return CM_ERR(CM_ERR_FORMAT,
+                      "%s: checkpoint format version %d, this cmoe reads versions 1 to %d", path,
+                      version, CKPT_FORMAT_VERSION);
     }
     *file_out = file;
     return CM_OK;
