@@ -382,9 +382,11 @@ START_TEST(test_switch_loss_uniform_and_z_loss) {
         for (int i = 0; i < tokens * experts; i++) probs->data[i] = 1.0f / experts;
         int32_t counts[5]; /* 120 slots split evenly */
         for (int e = 0; e < experts; e++) counts[e] = k * tokens / experts;
-        ag_tensor *loss = router_switch_loss(&ctx, probs, counts, k, 0.01f, &(router_call){0});
+        ag_tensor *loss =
+            router_switch_loss(&ctx, probs, counts, k, 0.01f, ROUTER_AUX_GLOBAL, &(router_call){0});
         ck_assert_double_eq_tol(loss->data[0], 0.01, 1e-6 * 0.01);
-        ck_assert_ptr_null(router_switch_loss(&ctx, probs, counts, k, 0.0f, &(router_call){0}));
+        ck_assert_ptr_null(
+            router_switch_loss(&ctx, probs, counts, k, 0.0f, ROUTER_AUX_GLOBAL, &(router_call){0}));
     }
     /* The same through the router: token t prefers expert t, so every column
      * of p holds the same values and every expert gets one token. */
@@ -426,7 +428,7 @@ START_TEST(test_noisy_logits) {
     const int tokens = 5, experts = 3, d = 4;
     router_config config = make_config(ROUTER_TOPK, experts, 1);
     config.init_std = 1.0f;
-    config.noisy = true;
+    config.noise = ROUTER_NOISE_FIXED;
     config.noise_std = 0.5f;
     fixture f;
     fixture_init(&f, &config, d);
@@ -586,10 +588,16 @@ START_TEST(test_capacity_k1) {
         ck_assert_int_eq(out.stats.dropped, 2);
         ck_assert_int_eq(out.stats.tokens_per_expert[0], 2);
         ck_assert_int_eq(out.stats.tokens_per_expert[1], 0);
-        /* Switch loss with f from the kept counts: f = (2/4, 0). */
+        /* The Switch loss counts the router's choices before the drop
+         * (Switch, GShard, Megatron): f = (4/4, 0), not the kept (2/4, 0). */
+        ck_assert_int_eq(out.stats.routed_per_expert[0], 4);
+        ck_assert_int_eq(out.stats.routed_per_expert[1], 0);
         double mean_p0 = 0.0;
         for (int t = 0; t < 4; t++) mean_p0 += 1.0 / (1.0 + exp(-logits[2 * t])) / 4;
-        ck_assert_double_eq_tol(out.aux_loss->data[0], 0.1 * 2 * 0.5 * mean_p0, 1e-7);
+        double before_drop = 0.1 * 2 * (4.0 / 4) * mean_p0,
+               after_drop = 0.1 * 2 * (2.0 / 4) * mean_p0;
+        ck_assert_double_eq_tol(out.aux_loss->data[0], before_drop, 1e-7);
+        ck_assert_double_gt(fabs(out.aux_loss->data[0] - after_drop), 1e-2);
         for (int t = 0; t < 4; t++) {
             ck_assert_int_eq(out.offsets[t + 1] - out.offsets[t], kept[policy][t]);
             if (!kept[policy][t]) continue;
@@ -616,6 +624,7 @@ START_TEST(test_capacity_k2_keeps_other_slots) {
         config.gating = ROUTER_TOPK_THEN_SOFTMAX;
         config.capacity_factor = 0.75f;
         config.drop_policy = (router_drop_policy)policy;
+        config.aux_loss_coef = 0.2f;
         fixture f;
         fixture_init(&f, &config, 4);
         ag_tensor *x = set_logits(&f, 4, logits, false);
@@ -642,6 +651,22 @@ START_TEST(test_capacity_k2_keeps_other_slots) {
             }
             ck_assert_double_eq_tol(out.gates->data[s], exp(row[second[t]]) / denominator, 1e-6);
         }
+        /* Balance loss from the choices before the drop, f = (4, 2, 2) / 8;
+         * the kept counts (2, 2, 2) / 6 would give another value. */
+        double mean_p[3] = {0}, before_drop = 0.0, after_drop = 0.0;
+        for (int t = 0; t < 4; t++) {
+            double p[3];
+            ref_softmax(logits + 3 * t, 3, p);
+            for (int e = 0; e < 3; e++) mean_p[e] += p[e] / 4;
+        }
+        const int routed[3] = {4, 2, 2};
+        for (int e = 0; e < 3; e++) {
+            ck_assert_int_eq(out.stats.routed_per_expert[e], routed[e]);
+            before_drop += 0.2 * 3 * routed[e] / 8.0 * mean_p[e];
+            after_drop += 0.2 * 3 * want_counts[e] / 8.0 * mean_p[e];
+        }
+        ck_assert_double_eq_tol(out.aux_loss->data[0], before_drop, 1e-6);
+        ck_assert_double_gt(fabs(out.aux_loss->data[0] - after_drop), 1e-2);
         gc_tensor_free(x);
         fixture_free(&f);
     }
