@@ -234,6 +234,12 @@ START_TEST(test_consistency_messages) {
         {"moe:\n  enabled: true\nrouter:\n  type: expert_choice\n",
          "inline.yaml:4:9: router.type expert_choice needs router.capacity_factor > 0 (each "
          "expert takes T * capacity_factor / num_experts tokens; 2 is the usual value)"},
+        {"moe:\n  enabled: true\nrouter:\n  type: smoe_dropout\n  noise: learned\n",
+         "inline.yaml:5:10: router.noise learned needs a trained router network (router.type "
+         "smoe_dropout has none)"},
+        {"moe:\n  enabled: true\nrouter:\n  noise: learned\n  type: thor\n",
+         "inline.yaml:5:9: router.noise learned needs a trained router network (router.type "
+         "thor has none)"},
         /* Ranges need no cross-key check. */
         {"router:\n  top_p: 0\n", "inline.yaml:2:10: router.top_p = 0 is out of range (0, 1]"},
         {"router:\n  top_p: 1.5\n", "inline.yaml:2:10: router.top_p = 1.5 is out of range (0, 1]"},
@@ -343,7 +349,7 @@ START_TEST(test_router_config_fields) {
         "router.gating=softmax_topk",
         "router.bias=true",
         "router.init_std=0.05",
-        "router.noise=learned",
+        "router.noise=fixed",
         "router.noise_std=0.25",
         "router.aux_loss_coef=0.5",
         "router.aux_loss_scope=local",
@@ -370,7 +376,7 @@ START_TEST(test_router_config_fields) {
     ck_assert_int_eq(c.gating, ROUTER_SOFTMAX_THEN_TOPK);
     ck_assert(c.bias);
     ck_assert_float_eq(c.init_std, 0.05f);
-    ck_assert_int_eq(c.noise, ROUTER_NOISE_LEARNED);
+    ck_assert_int_eq(c.noise, ROUTER_NOISE_FIXED);
     ck_assert_float_eq(c.noise_std, 0.25f);
     ck_assert_float_eq(c.aux_loss_coef, 0.5f);
     ck_assert_int_eq(c.aux_loss_scope, ROUTER_AUX_LOCAL);
