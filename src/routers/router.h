@@ -33,8 +33,11 @@
  *
  * Determinism: every random draw (noise, THOR's choices) is keyed by
  * (seed, step, layer, purpose) and a global index (token, sequence or pass),
- * so routing is identical on any number of ranks. Ties between equal scores
- * go to the lowest expert index.
+ * so the draws are identical on any number of ranks. Capacity dropping and
+ * expert choice select among the call's tokens only (this rank's share of
+ * the batch, as Megatron does): with them, routing depends on the rank
+ * count once an expert overflows (docs/recipes.md, "parallel"). Ties
+ * between equal scores go to the lowest expert index.
  * Owns: the router's parameter handles (values live in ag_params). */
 #ifndef CMOE_ROUTERS_ROUTER_H
 #define CMOE_ROUTERS_ROUTER_H
