@@ -3,8 +3,8 @@
  * p[:, e] (ties: lower token index), c = ceil(T capacity_factor / E) capped
  * at T, with T this call's tokens (a rank's share under data parallelism:
  * each rank chooses among its own tokens). A token may get 0 experts or
- * several; the gates are the chosen
- * probabilities. Balanced by construction: no auxiliary loss, nothing dropped.
+ * several; the gates are the chosen probabilities. Balanced by
+ * construction: no auxiliary loss, nothing dropped.
  * Not causal: an expert's choice depends on every token of the batch. */
 #include <string.h>
 
