@@ -180,12 +180,23 @@ double top_p_margin(const double *logits, int tokens, int experts, double thresh
 }
 
 void run_gradcheck(const char *label, fixture *f, ag_tensor *x, bool aux) {
-    grad_case c = {.r = &f->r, .call = eval_call(), .aux = aux, .first_slots = -1};
-    ag_tensor *inputs[3] = {x, weight_of(f), f->r.bias ? ag_param_tensor(f->r.bias) : NULL};
+    router_call call = eval_call();
+    run_gradcheck_call(label, f, x, aux, &call);
+}
+
+void run_gradcheck_call(const char *label, fixture *f, ag_tensor *x, bool aux,
+                        const router_call *call) {
+    grad_case c = {.r = &f->r, .call = *call, .aux = aux, .first_slots = -1};
+    ag_tensor *inputs[4] = {x, weight_of(f)};
+    int n = 2;
+    if (f->r.bias) inputs[n++] = ag_param_tensor(f->r.bias);
+    if (f->r.noise_weight) inputs[n++] = ag_param_tensor(f->r.noise_weight);
     gc_options options = gc_default_options();
-    gc_result result = gc_check(label, forward_route, inputs, f->r.bias ? 3 : 2, &c, &options);
+    gc_result result = gc_check(label, forward_route, inputs, n, &c, &options);
     ck_assert_msg(result.ok, "%s", result.message);
-    ck_assert_int_ge(result.checked, x->numel + weight_of(f)->numel);
+    int64_t want = x->numel + weight_of(f)->numel;
+    if (f->r.noise_weight) want += ag_param_tensor(f->r.noise_weight)->numel;
+    ck_assert_int_ge(result.checked, want);
 }
 
 const float five_levels[5] = {-1.4f, -0.7f, 0.0f, 0.7f, 1.4f};

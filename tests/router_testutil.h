@@ -64,6 +64,10 @@ double top_p_margin(const double *logits, int tokens, int experts, double thresh
 /* gc_check of the gates (aux false) or the aux loss w.r.t. x, W (and b),
  * asserting that the selection never changes across the perturbations. */
 void run_gradcheck(const char *label, fixture *f, ag_tensor *x, bool aux);
+/* The same with a given call (training: with the configured noise), and
+ * the learned noise weight among the checked inputs when the router has one. */
+void run_gradcheck_call(const char *label, fixture *f, ag_tensor *x, bool aux,
+                        const router_call *call);
 
 extern const float five_levels[5]; /* -1.4, -0.7, 0, 0.7, 1.4 */
 

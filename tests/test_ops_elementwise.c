@@ -118,6 +118,26 @@ START_TEST(test_silu_grad) {
 }
 END_TEST
 
+START_TEST(test_softplus_grad) {
+    check_unary("softplus", forward_unary, &(unary_case){ag_softplus});
+}
+END_TEST
+
+/* softplus: log(1 + exp(v)) without overflow at large |v|. */
+START_TEST(test_softplus_values) {
+    ag_ctx ctx;
+    ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
+    float x[6] = {-100.0f, -3.0f, -0.5f, 0.0f, 2.0f, 100.0f};
+    ag_tensor t = ag_tensor_wrap(x, NULL, 1, (int[]){6}, false);
+    ag_tensor *y = ag_softplus(&ctx, &t);
+    for (int i = 1; i < 5; i++)
+        ck_assert_double_eq_tol(y->data[i], log(1.0 + exp((double)x[i])), 1e-6);
+    ck_assert_double_eq_tol(y->data[0], exp(-100.0), 1e-45);
+    ck_assert_double_eq_tol(y->data[5], 100.0, 1e-5);
+    ag_ctx_free(&ctx);
+}
+END_TEST
+
 START_TEST(test_activation_values) {
     ag_ctx ctx;
     ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
@@ -181,6 +201,8 @@ int main(void) {
     tcase_add_test(tc, test_gelu_grad);
     tcase_add_test(tc, test_relu_grad);
     tcase_add_test(tc, test_silu_grad);
+    tcase_add_test(tc, test_softplus_grad);
+    tcase_add_test(tc, test_softplus_values);
     tcase_add_test(tc, test_activation_values);
     tcase_add_test(tc, test_dropout_grad);
     tcase_add_test(tc, test_dropout_statistics);

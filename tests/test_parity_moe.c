@@ -15,7 +15,13 @@
  *                      linear_increase schedule (k = 1, 2, 3 at steps 0-2);
  *                      the router must get no gradient and no update;
  *   top_p              dynamic top-p, raw-probability gates, balance and
- *                      entropy losses.
+ *                      entropy losses;
+ *   top2_learned_noise learned top-2 with Shazeer et al.'s noisy top-k:
+ *                      H = x W^T + n softplus(x W_noise^T), top-k and gates
+ *                      from H, Switch loss and z-loss on H; the standard
+ *                      normal draws n of every step and layer are written by
+ *                      this test (noise.bin, from the same keys the router
+ *                      uses), so both sides add the same noise.
  * The reference runs once for all cases (importing torch costs ~2 s), from
  * an unchecked fixture; each test then runs cmoe and compares. */
 #include <check.h>
@@ -37,6 +43,7 @@
 
 enum { BATCH = 3, SEQ = 8, LAYERS = 2, HEADS = 2, EXPERTS = 4, HIDDEN = 8, STEPS = 3 };
 enum { TOKENS = BATCH * SEQ };
+enum { SEED = 5 }; /* the training calls' seed, which keys the router noise */
 
 /* AdamW as in tests/test_parity.c (eps 1e-5: see the comment there). */
 static const double LR = 1e-2, BETA1 = 0.9, BETA2 = 0.95, EPS = 1e-5, WEIGHT_DECAY = 0.1;
@@ -88,6 +95,15 @@ static const moe_case CASES[] = {
       .top_p = 0.5f,
       .aux_loss_coef = 0.1f,
       .entropy_coef = 0.05f}},
+    {"top2_learned_noise",
+     {.kind = ROUTER_TOPK,
+      .num_experts = EXPERTS,
+      .k = 2,
+      .gating = ROUTER_TOPK_THEN_SOFTMAX,
+      .init_std = 0.3f,
+      .noise = ROUTER_NOISE_LEARNED,
+      .aux_loss_coef = 0.1f,
+      .z_loss_coef = 0.01f}},
 };
 enum { N_CASES = (int)(sizeof CASES / sizeof CASES[0]) };
 
@@ -148,7 +164,8 @@ static bool write_settings(const char *path, const moe_case *c) {
     if (!f) return false;
     const router_config *r = &c->router;
     fprintf(f,
-            "{\"router\": \"%s\", \"k\": %d, \"gating\": \"%s\", \"aux_coef\": %.17g, "
+            "{\"router\": \"%s\", \"k\": %d, \"gating\": \"%s\", \"noise\": \"%s\", "
+            "\"aux_coef\": %.17g, "
             "\"z_coef\": %.17g, \"top_p\": %.17g, \"entropy_coef\": %.17g,\n"
             " \"k_schedule\": {\"k_min\": %d, \"k_max\": %d, \"total_steps\": %lld},\n"
             " \"batch\": %d, \"seq\": %d, \"layers\": %d, \"heads\": %d, "
@@ -156,8 +173,8 @@ static bool write_settings(const char *path, const moe_case *c) {
             " \"lr\": %.17g, \"beta1\": %.17g, \"beta2\": %.17g, \"eps\": %.17g, "
             "\"weight_decay\": %.17g, \"steps\": %d}\n",
             router_kind_name(r->kind), r->k, router_gating_names[r->gating],
-            (double)r->aux_loss_coef, (double)r->z_loss_coef, (double)r->top_p,
-            (double)r->entropy_coef, r->k_schedule.k_min, r->k_schedule.k_max,
+            router_noise_names[r->noise], (double)r->aux_loss_coef, (double)r->z_loss_coef,
+            (double)r->top_p, (double)r->entropy_coef, r->k_schedule.k_min, r->k_schedule.k_max,
             (long long)r->k_schedule.total_steps, BATCH, SEQ, LAYERS, HEADS, (double)1e-5f, LR,
             BETA1, BETA2, EPS, WEIGHT_DECAY, STEPS);
     return fclose(f) == 0;
@@ -169,7 +186,27 @@ static void case_path(char *out, size_t size, const moe_case *c, const char *fil
     snprintf(out, size, "%s/%s%s%s", work_dir, c->name, file ? "/" : "", file ? file : "");
 }
 
-/* Writes DIR/CASE/{init.h5, batch.bin, settings.json}; on failure fills
+/* DIR/CASE/noise.bin: float32 [STEPS, LAYERS, TOKENS, EXPERTS], the standard
+ * normal draws of the router noise at each training step and layer: key
+ * (SEED, step, layer, CM_RNG_NOISE), element (t, e) at index t E + e (the
+ * batch starts at global token 0), as routers/router.h documents. */
+static bool write_noise(const moe_case *c) {
+    char path[256];
+    case_path(path, sizeof path, c, "noise.bin");
+    FILE *f = fopen(path, "wb");
+    if (!f) return false;
+    bool ok = true;
+    float draws[TOKENS * EXPERTS];
+    for (int step = 0; step < STEPS; step++)
+        for (int layer = 0; layer < LAYERS; layer++) {
+            cm_rng_key key = {SEED, (uint64_t)step, (uint32_t)layer, CM_RNG_NOISE};
+            cm_rng_fill_normal(key, 0, TOKENS * EXPERTS, 0.0f, 1.0f, draws);
+            ok = ok && fwrite(draws, sizeof draws, 1, f) == 1;
+        }
+    return fclose(f) == 0 && ok;
+}
+
+/* Writes DIR/CASE/{init.h5, batch.bin, settings.json} (+ noise.bin); on failure fills
  * setup_error (a fixture must not assert: it runs outside the tests). */
 static bool prepare_case(const moe_case *c, const int32_t *window) {
     char path[256];
@@ -196,6 +233,7 @@ static bool prepare_case(const moe_case *c, const int32_t *window) {
     bool written = batch_file && fwrite(window, sizeof(int32_t), BATCH * (SEQ + 1), batch_file) ==
                                      (size_t)(BATCH * (SEQ + 1));
     if (batch_file) written = fclose(batch_file) == 0 && written;
+    if (written && c->router.noise != ROUTER_NOISE_NONE) written = write_noise(c);
     case_path(path, sizeof path, c, "settings.json");
     if (!written || !write_settings(path, c)) {
         snprintf(setup_error, sizeof setup_error, "case %s: cannot write its inputs", c->name);
@@ -277,7 +315,7 @@ static void run_cmoe(const moe_case *c, lm_model *model, ag_params *params, cmoe
                                 .batch = BATCH,
                                 .seq_len = SEQ,
                                 .training = true,
-                                .seed = 5,
+                                .seed = SEED,
                                 .step = (uint64_t)step,
                                 .report = &report};
         ag_tensor *ce = lm_loss(&ctx, lm_forward(&ctx, model, &args), targets);
@@ -462,6 +500,19 @@ static void check_case(const moe_case *c) {
         }
     }
     ck_assert_int_eq(frozen, c->router.kind == ROUTER_SMOE_DROPOUT ? LAYERS : 0);
+    /* Learned noise: each layer's W_noise exists and gets a gradient (the
+     * comparison above would also pass on zeros). */
+    int noise_weights = 0;
+    for (int i = 0; i < params.count; i++) {
+        ag_param *p = params.items[i];
+        if (!strstr(p->name, ".router.noise_weight")) continue;
+        noise_weights++;
+        double grad = 0.0;
+        for (int64_t j = 0; j < p->tensor.numel; j++)
+            grad += fabs(run.grads[0][p->group][p->offset + j]);
+        ck_assert_msg(grad > 1e-6, "%s: %s gets no gradient", c->name, p->name);
+    }
+    ck_assert_int_eq(noise_weights, c->router.noise == ROUTER_NOISE_LEARNED ? LAYERS : 0);
     check_routing_not_degenerate(c, &run);
     printf("parity %s: %d parameters, worst gradient error %.2e over %d steps, worst parameter "
            "error after them %.2e, slots per layer at step 0: %lld, %lld\n",

@@ -395,11 +395,12 @@ START_TEST(test_yaml_shape_errors) {
     expect_text_error("moe:\n  num_expert: 8\n", CM_ERR_INVALID,
                       "inline.yaml:2:3: unknown key 'num_expert' in section 'moe' (did you mean "
                       "'num_experts'?)");
-    expect_text_error("router:\n  capacity: 2\n", CM_ERR_INVALID,
-                      "inline.yaml:2:3: unknown key 'capacity' in section 'router'; valid keys: "
-                      "type, k, gating, bias, init_std, noisy, noise_std, aux_loss_coef, "
-                      "z_loss_coef, top_p, entropy_coef, capacity_factor, drop_policy, "
-                      "k_schedule, k_min, k_max, k_span_steps, thor_alpha, thor_level, eval_k");
+    expect_text_error(
+        "router:\n  capacity: 2\n", CM_ERR_INVALID,
+        "inline.yaml:2:3: unknown key 'capacity' in section 'router'; valid keys: "
+        "type, k, gating, bias, init_std, noise, noise_std, aux_loss_coef, "
+        "aux_loss_scope, z_loss_coef, top_p, entropy_coef, capacity_factor, drop_policy, "
+        "k_schedule, k_min, k_max, k_span_steps, thor_alpha, thor_level, eval_k");
     expect_text_error("modle:\n  d_model: 8\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown section 'modle' (did you mean 'model'?)");
     expect_text_error("name: a\n\tmodel: 1\n", CM_ERR_FORMAT,
@@ -527,9 +528,10 @@ static const char *const every_key_overrides[] = {
     "router.gating=topk_softmax",
     "router.bias=true",
     "router.init_std=0.05",
-    "router.noisy=true",
+    "router.noise=fixed",
     "router.noise_std=0.3",
     "router.aux_loss_coef=0.02",
+    "router.aux_loss_scope=local",
     "router.z_loss_coef=1e-3",
     "router.top_p=0.55",
     "router.entropy_coef=1e-3",

@@ -181,7 +181,9 @@ START_TEST(test_defaults) {
     ck_assert_int_eq(r.router.type, ROUTER_TOPK);
     ck_assert_int_eq(r.router.k, 2);
     ck_assert_int_eq(r.router.gating, ROUTER_SOFTMAX_THEN_TOPK);
-    ck_assert(!r.router.bias && !r.router.noisy);
+    ck_assert(!r.router.bias);
+    ck_assert_int_eq(r.router.noise, ROUTER_NOISE_NONE);
+    ck_assert_int_eq(r.router.aux_loss_scope, ROUTER_AUX_GLOBAL);
     ck_assert_double_eq(r.router.init_std, 0.02);
     ck_assert_double_eq(r.router.noise_std, 1.0);
     ck_assert_double_eq(r.router.aux_loss_coef, 1e-2);
@@ -239,6 +241,12 @@ START_TEST(test_consistency_messages) {
         {"moe:\n  enabled: true\nrouter:\n  type: expert_choice\n",
          "inline.yaml:4:9: router.type expert_choice needs router.capacity_factor > 0 (each "
          "expert takes T * capacity_factor / num_experts tokens; 2 is the usual value)"},
+        {"moe:\n  enabled: true\nrouter:\n  type: smoe_dropout\n  noise: learned\n",
+         "inline.yaml:5:10: router.noise learned needs a trained router network (router.type "
+         "smoe_dropout has none)"},
+        {"moe:\n  enabled: true\nrouter:\n  noise: learned\n  type: thor\n",
+         "inline.yaml:5:9: router.noise learned needs a trained router network (router.type "
+         "thor has none)"},
         /* Ranges need no cross-key check. */
         {"router:\n  top_p: 0\n", "inline.yaml:2:10: router.top_p = 0 is out of range (0, 1]"},
         {"router:\n  top_p: 1.5\n", "inline.yaml:2:10: router.top_p = 1.5 is out of range (0, 1]"},
@@ -348,9 +356,10 @@ START_TEST(test_router_config_fields) {
         "router.gating=softmax_topk",
         "router.bias=true",
         "router.init_std=0.05",
-        "router.noisy=true",
+        "router.noise=fixed",
         "router.noise_std=0.25",
         "router.aux_loss_coef=0.5",
+        "router.aux_loss_scope=local",
         "router.z_loss_coef=0.125",
         "router.top_p=0.75",
         "router.entropy_coef=2",
@@ -374,9 +383,10 @@ START_TEST(test_router_config_fields) {
     ck_assert_int_eq(c.gating, ROUTER_SOFTMAX_THEN_TOPK);
     ck_assert(c.bias);
     ck_assert_float_eq(c.init_std, 0.05f);
-    ck_assert(c.noisy);
+    ck_assert_int_eq(c.noise, ROUTER_NOISE_FIXED);
     ck_assert_float_eq(c.noise_std, 0.25f);
     ck_assert_float_eq(c.aux_loss_coef, 0.5f);
+    ck_assert_int_eq(c.aux_loss_scope, ROUTER_AUX_LOCAL);
     ck_assert_float_eq(c.z_loss_coef, 0.125f);
     ck_assert_float_eq(c.top_p, 0.75f);
     ck_assert_float_eq(c.entropy_coef, 2.0f);
@@ -400,7 +410,9 @@ START_TEST(test_router_config_fields) {
     ck_assert_int_eq(c.gating, ROUTER_SOFTMAX_THEN_TOPK);
     ck_assert_int_eq(c.drop_policy, ROUTER_DROP_PROBABILITY);
     ck_assert_int_eq(c.thor_level, ROUTER_THOR_PER_SEQUENCE);
-    ck_assert(!c.bias && !c.noisy);
+    ck_assert(!c.bias);
+    ck_assert_int_eq(c.noise, ROUTER_NOISE_NONE);
+    ck_assert_int_eq(c.aux_loss_scope, ROUTER_AUX_GLOBAL);
 }
 END_TEST
 

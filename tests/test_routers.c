@@ -382,9 +382,11 @@ START_TEST(test_switch_loss_uniform_and_z_loss) {
         for (int i = 0; i < tokens * experts; i++) probs->data[i] = 1.0f / experts;
         int32_t counts[5]; /* 120 slots split evenly */
         for (int e = 0; e < experts; e++) counts[e] = k * tokens / experts;
-        ag_tensor *loss = router_switch_loss(&ctx, probs, counts, k, 0.01f, &(router_call){0});
+        ag_tensor *loss =
+            router_switch_loss(&ctx, probs, counts, k, 0.01f, ROUTER_AUX_GLOBAL, &(router_call){0});
         ck_assert_double_eq_tol(loss->data[0], 0.01, 1e-6 * 0.01);
-        ck_assert_ptr_null(router_switch_loss(&ctx, probs, counts, k, 0.0f, &(router_call){0}));
+        ck_assert_ptr_null(
+            router_switch_loss(&ctx, probs, counts, k, 0.0f, ROUTER_AUX_GLOBAL, &(router_call){0}));
     }
     /* The same through the router: token t prefers expert t, so every column
      * of p holds the same values and every expert gets one token. */
@@ -426,7 +428,7 @@ START_TEST(test_noisy_logits) {
     const int tokens = 5, experts = 3, d = 4;
     router_config config = make_config(ROUTER_TOPK, experts, 1);
     config.init_std = 1.0f;
-    config.noisy = true;
+    config.noise = ROUTER_NOISE_FIXED;
     config.noise_std = 0.5f;
     fixture f;
     fixture_init(&f, &config, d);
@@ -456,7 +458,120 @@ START_TEST(test_noisy_logits) {
 }
 END_TEST
 
+/* Learned noise (Shazeer et al. 2017): H = x W^T + n softplus(x W_noise^T)
+ * in training, n the same keyed standard normal draws as fixed noise; no
+ * noise at evaluation. W_noise is PREFIX.noise_weight [E,D], zero at init. */
+START_TEST(test_learned_noise_logits) {
+    const int tokens = 5, experts = 3, d = 4;
+    router_config config = make_config(ROUTER_TOPK, experts, 1);
+    config.init_std = 1.0f;
+    config.noise = ROUTER_NOISE_LEARNED;
+    config.noise_std = 7.0f; /* not read by learned noise */
+    fixture f;
+    fixture_init(&f, &config, d);
+    ck_assert_ptr_nonnull(f.r.noise_weight);
+    ck_assert_str_eq(f.r.noise_weight->name, "router.noise_weight");
+    ag_tensor *noise_weight = ag_param_tensor(f.r.noise_weight);
+    ck_assert_int_eq(noise_weight->shape[0], experts);
+    ck_assert_int_eq(noise_weight->shape[1], d);
+    for (int i = 0; i < experts * d; i++) ck_assert_float_eq(noise_weight->data[i], 0.0f);
+    cm_rng_fill_uniform((cm_rng_key){6, 0, 0, CM_RNG_TEST}, 0, experts * d, -0.8f, 0.8f,
+                        noise_weight->data);
+    ag_tensor *x = gc_tensor_new(2, (int[]){tokens, d}, -1.0f, 1.0f, 4, false);
+    router_call call = {.training = true, .seed = 17, .step = 4, .first_token = 100};
+    ag_tensor *noisy = router_logits(&f.ctx, &f.r, x, &call);
+    call.training = false;
+    ag_tensor *clean = router_logits(&f.ctx, &f.r, x, &call);
+    double logits[5 * 3];
+    ref_logits(&f, x, logits);
+    cm_rng_key key = {17, 4, 3, CM_RNG_NOISE};
+    for (int t = 0; t < tokens; t++)
+        for (int e = 0; e < experts; e++) {
+            int i = t * experts + e;
+            double u = 0.0;
+            for (int j = 0; j < d; j++)
+                u += (double)x->data[t * d + j] * noise_weight->data[e * d + j];
+            double draw = cm_rng_normal(key, (uint64_t)(100 + t) * experts + e);
+            ck_assert_double_eq_tol(clean->data[i], logits[i], 1e-5);
+            ck_assert_double_eq_tol(noisy->data[i], logits[i] + draw * log1p(exp(u)), 1e-5);
+        }
+    /* Evaluation: no noise, so no gradient reaches W_noise. */
+    ag_params_zero_grad(&f.params);
+    ck_assert_int_eq(ag_backward(&f.ctx, ag_sum(&f.ctx, clean)), CM_OK);
+    for (int i = 0; i < experts * d; i++) ck_assert_float_eq(noise_weight->grad[i], 0.0f);
+    gc_tensor_free(x);
+    fixture_free(&f);
+
+    /* Learned noise needs a router that trains. */
+    router_config frozen = make_config(ROUTER_SMOE_DROPOUT, experts, 1);
+    frozen.noise = ROUTER_NOISE_LEARNED;
+    ag_params params;
+    ag_params_init(&params);
+    router r;
+    ck_assert_int_eq(router_declare(&r, &frozen, 0, d, &params, "router"), CM_ERR_INVALID);
+    ck_assert_str_eq(
+        cm_error_message(),
+        "router.noise = learned needs a trained router network (smoe_dropout has none)");
+    ag_params_free(&params);
+}
+END_TEST
+
 /* ---- gradient checks with the selection held fixed ---------------------------- */
+
+/* The learned-noise router's gates and losses against finite differences,
+ * W_noise's gradient included (through the softplus; the draws are
+ * constants). The call's step is chosen so that every token's k-th and
+ * (k+1)-th noisy logits are 0.1 apart: no perturbation changes the
+ * selection. */
+START_TEST(test_learned_noise_gradcheck) {
+    const int tokens = 7, experts = 5;
+    for (int gating = 0; gating < ROUTER_GATING_COUNT; gating++)
+        for (int k = 1; k <= 2; k++) {
+            router_config config = make_config(ROUTER_TOPK, experts, k);
+            config.gating = (router_gating)gating;
+            config.bias = true;
+            config.noise = ROUTER_NOISE_LEARNED;
+            config.aux_loss_coef = 1.0f;
+            config.z_loss_coef = 0.5f;
+            fixture f;
+            fixture_init(&f, &config, experts + 2);
+            ag_tensor *x = margin_inputs(&f, tokens, five_levels, (const float[]){1.0f}, 1, 31);
+            ag_tensor *noise_weight = ag_param_tensor(f.r.noise_weight);
+            cm_rng_fill_uniform((cm_rng_key){7, 0, 0, CM_RNG_TEST}, 0, noise_weight->numel, -0.3f,
+                                0.3f, noise_weight->data);
+            router_call call = {.training = true, .seed = 3, .first_token = 40};
+            bool found = false;
+            for (call.step = 0; call.step < 100 && !found; call.step++) {
+                ag_ctx_reset(&f.ctx);
+                ag_tensor *h = router_logits(&f.ctx, &f.r, x, &call);
+                found = true;
+                for (int t = 0; t < tokens && found; t++) {
+                    double row[5], sorted[5];
+                    for (int e = 0; e < experts; e++) row[e] = h->data[t * experts + e];
+                    for (int e = 0; e < experts; e++) sorted[ref_rank(row, experts, e)] = row[e];
+                    found = sorted[k - 1] - sorted[k] > 0.1;
+                }
+            }
+            ck_assert(found);
+            call.step--;
+            run_gradcheck_call("learned noise gates", &f, x, false, &call);
+            run_gradcheck_call("learned noise aux", &f, x, true, &call);
+            /* W_noise does get a gradient (gc_check would pass on zeros). */
+            ag_ctx_reset(&f.ctx);
+            ag_params_zero_grad(&f.params);
+            router_output out;
+            ck_assert_int_eq(router_route(&f.ctx, &f.r, x, &call, &out), CM_OK);
+            ck_assert_int_eq(
+                ag_backward(&f.ctx, ag_add(&f.ctx, ag_sum(&f.ctx, out.gates), out.aux_loss)),
+                CM_OK);
+            double grad = 0.0;
+            for (int i = 0; i < noise_weight->numel; i++) grad += fabs(noise_weight->grad[i]);
+            ck_assert_double_gt(grad, 1e-4);
+            gc_tensor_free(x);
+            fixture_free(&f);
+        }
+}
+END_TEST
 
 START_TEST(test_topk_gradcheck) {
     const int tokens = 7, experts = 5;
@@ -586,10 +701,16 @@ START_TEST(test_capacity_k1) {
         ck_assert_int_eq(out.stats.dropped, 2);
         ck_assert_int_eq(out.stats.tokens_per_expert[0], 2);
         ck_assert_int_eq(out.stats.tokens_per_expert[1], 0);
-        /* Switch loss with f from the kept counts: f = (2/4, 0). */
+        /* The Switch loss counts the router's choices before the drop
+         * (Switch, GShard, Megatron): f = (4/4, 0), not the kept (2/4, 0). */
+        ck_assert_int_eq(out.stats.routed_per_expert[0], 4);
+        ck_assert_int_eq(out.stats.routed_per_expert[1], 0);
         double mean_p0 = 0.0;
         for (int t = 0; t < 4; t++) mean_p0 += 1.0 / (1.0 + exp(-logits[2 * t])) / 4;
-        ck_assert_double_eq_tol(out.aux_loss->data[0], 0.1 * 2 * 0.5 * mean_p0, 1e-7);
+        double before_drop = 0.1 * 2 * (4.0 / 4) * mean_p0,
+               after_drop = 0.1 * 2 * (2.0 / 4) * mean_p0;
+        ck_assert_double_eq_tol(out.aux_loss->data[0], before_drop, 1e-7);
+        ck_assert_double_gt(fabs(out.aux_loss->data[0] - after_drop), 1e-2);
         for (int t = 0; t < 4; t++) {
             ck_assert_int_eq(out.offsets[t + 1] - out.offsets[t], kept[policy][t]);
             if (!kept[policy][t]) continue;
@@ -616,6 +737,7 @@ START_TEST(test_capacity_k2_keeps_other_slots) {
         config.gating = ROUTER_TOPK_THEN_SOFTMAX;
         config.capacity_factor = 0.75f;
         config.drop_policy = (router_drop_policy)policy;
+        config.aux_loss_coef = 0.2f;
         fixture f;
         fixture_init(&f, &config, 4);
         ag_tensor *x = set_logits(&f, 4, logits, false);
@@ -642,6 +764,22 @@ START_TEST(test_capacity_k2_keeps_other_slots) {
             }
             ck_assert_double_eq_tol(out.gates->data[s], exp(row[second[t]]) / denominator, 1e-6);
         }
+        /* Balance loss from the choices before the drop, f = (4, 2, 2) / 8;
+         * the kept counts (2, 2, 2) / 6 would give another value. */
+        double mean_p[3] = {0}, before_drop = 0.0, after_drop = 0.0;
+        for (int t = 0; t < 4; t++) {
+            double p[3];
+            ref_softmax(logits + 3 * t, 3, p);
+            for (int e = 0; e < 3; e++) mean_p[e] += p[e] / 4;
+        }
+        const int routed[3] = {4, 2, 2};
+        for (int e = 0; e < 3; e++) {
+            ck_assert_int_eq(out.stats.routed_per_expert[e], routed[e]);
+            before_drop += 0.2 * 3 * routed[e] / 8.0 * mean_p[e];
+            after_drop += 0.2 * 3 * want_counts[e] / 8.0 * mean_p[e];
+        }
+        ck_assert_double_eq_tol(out.aux_loss->data[0], before_drop, 1e-6);
+        ck_assert_double_gt(fabs(out.aux_loss->data[0] - after_drop), 1e-2);
         gc_tensor_free(x);
         fixture_free(&f);
     }
@@ -711,6 +849,8 @@ int main(void) {
     tcase_add_test(tc, test_topk_aux_loss_value);
     tcase_add_test(tc, test_switch_loss_uniform_and_z_loss);
     tcase_add_test(tc, test_noisy_logits);
+    tcase_add_test(tc, test_learned_noise_logits);
+    tcase_add_test(tc, test_learned_noise_gradcheck);
     tcase_add_test(tc, test_topk_gradcheck);
     tcase_add_test(tc, test_capacity_gradcheck);
     tcase_add_test(tc, test_no_gradient_through_selection);

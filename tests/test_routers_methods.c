@@ -227,6 +227,43 @@ START_TEST(test_top_p_selection) {
 }
 END_TEST
 
+/* Top-p under a capacity: the balance loss counts the assignments before
+ * the drop, f_i = routed_i / all routed (here (3, 2, 3, 0) / 8 from the
+ * selection of test_top_p_selection), not the kept ones ((1, 1, 1, 0) / 3
+ * with capacity ceil(8 / 4 * 0.5) = 1). */
+START_TEST(test_top_p_balance_counts_before_drop) {
+    const int tokens = 4, experts = 4;
+    const float logits[4 * 4] = {0, 0, 0, 0, 3, 0, 0, 0, 0, 1.0f, 1.2f, -1, 0.2f, 0.1f, 0.3f, 0.0f};
+    router_config config = make_config(ROUTER_TOP_P, experts, 1);
+    config.top_p = 0.5f;
+    config.capacity_factor = 0.5f;
+    config.aux_loss_coef = 0.3f;
+    fixture f;
+    fixture_init(&f, &config, tokens);
+    ag_tensor *x = set_logits(&f, tokens, logits, false);
+    router_call call = eval_call();
+    router_output out = route(&f, x, &call);
+    const int routed[4] = {3, 2, 3, 0}, kept[4] = {1, 1, 1, 0};
+    ck_assert_int_eq(out.stats.dropped, 5);
+    double mean_p[4] = {0}, before_drop = 0.0, after_drop = 0.0;
+    for (int t = 0; t < tokens; t++) {
+        double p[4];
+        ref_softmax(logits + t * experts, experts, p);
+        for (int e = 0; e < experts; e++) mean_p[e] += p[e] / tokens;
+    }
+    for (int e = 0; e < experts; e++) {
+        ck_assert_int_eq(out.stats.routed_per_expert[e], routed[e]);
+        ck_assert_int_eq(out.stats.tokens_per_expert[e], kept[e]);
+        before_drop += 0.3 * experts * routed[e] / 8.0 * mean_p[e];
+        after_drop += 0.3 * experts * kept[e] / 3.0 * mean_p[e];
+    }
+    ck_assert_double_eq_tol(out.aux_loss->data[0], before_drop, 1e-6);
+    ck_assert_double_gt(fabs(out.aux_loss->data[0] - after_drop), 1e-3);
+    gc_tensor_free(x);
+    fixture_free(&f);
+}
+END_TEST
+
 START_TEST(test_top_p_mean_k_and_losses) {
     const int tokens = 301, experts = 8, d = 6;
     const float thresholds[3] = {0.9f, 0.5f, 0.2f};
@@ -409,6 +446,7 @@ int main(void) {
     tcase_add_test(tc, test_thor_training_draws);
     tcase_add_test(tc, test_thor_inference);
     tcase_add_test(tc, test_top_p_selection);
+    tcase_add_test(tc, test_top_p_balance_counts_before_drop);
     tcase_add_test(tc, test_top_p_mean_k_and_losses);
     tcase_add_test(tc, test_top_p_gradcheck);
     tcase_add_test(tc, test_expert_choice_selection);

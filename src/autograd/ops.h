@@ -55,7 +55,8 @@ ag_tensor *ag_mul(ag_ctx *ctx, ag_tensor *a, ag_tensor *b); /* a * b (b broadcas
 ag_tensor *ag_scale(ag_ctx *ctx, ag_tensor *a, float factor);
 ag_tensor *ag_gelu(ag_ctx *ctx, ag_tensor *a); /* tanh approximation */
 ag_tensor *ag_relu(ag_ctx *ctx, ag_tensor *a);
-ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a); /* a * sigmoid(a) */
+ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a);     /* a * sigmoid(a) */
+ag_tensor *ag_softplus(ag_ctx *ctx, ag_tensor *a); /* log(1 + exp(a)) */
 /* Inverted dropout: each element kept with probability 1-p and scaled by
  * 1/(1-p); the mask is drawn from `key` at index first_index + element.
  * p == 0 returns `a` itself. */

@@ -244,6 +244,31 @@ ag_tensor *ag_silu(ag_ctx *ctx, ag_tensor *a) {
     return out;
 }
 
+/* a [*] -> [*]: log(1 + exp(a)), computed as max(a, 0) + log1p(exp(-|a|))
+ * so it neither overflows nor loses the small values; derivative sigmoid(a) */
+static void softplus_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    ag_tensor *a = node->in[0];
+    const float *dout = node->out->grad;
+    for (int64_t i = 0; i < a->numel; i++) {
+        double v = a->data[i];
+        double sigmoid = v >= 0.0 ? 1.0 / (1.0 + exp(-v)) : exp(v) / (1.0 + exp(v));
+        a->grad[i] += (float)(dout[i] * sigmoid);
+    }
+}
+
+ag_tensor *ag_softplus(ag_ctx *ctx, ag_tensor *a) {
+    AG_OP_BEGIN(ctx, a);
+    ag_node *node;
+    ag_tensor *out = unary_begin(ctx, "softplus", softplus_backward, a, 0, &node);
+    if (!out) return NULL;
+    for (int64_t i = 0; i < a->numel; i++) {
+        double v = a->data[i];
+        out->data[i] = (float)(fmax(v, 0.0) + log1p(exp(-fabs(v))));
+    }
+    return out;
+}
+
 /* ---- dropout ---------------------------------------------------------------- */
 
 typedef struct dropout_saved {

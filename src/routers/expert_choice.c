@@ -1,8 +1,10 @@
 /* Expert-choice routing (Zhou et al. 2022; METHODS.md 0.5): p = softmax over
  * the experts per token, then each expert takes the c tokens with the highest
  * p[:, e] (ties: lower token index), c = ceil(T capacity_factor / E) capped
- * at T. A token may get 0 experts or several; the gates are the chosen
- * probabilities. Balanced by construction: no auxiliary loss, nothing dropped.
+ * at T, with T this call's tokens (a rank's share under data parallelism:
+ * each rank chooses among its own tokens). A token may get 0 experts or
+ * several; the gates are the chosen probabilities. Balanced by
+ * construction: no auxiliary loss, nothing dropped.
  * Not causal: an expert's choice depends on every token of the batch. */
 #include <string.h>
 

@@ -12,10 +12,15 @@
 
 const char *const router_gating_names[] = {"softmax_topk", "topk_softmax", NULL};
 const char *const router_drop_policy_names[] = {"probability", "position", NULL};
+const char *const router_noise_names[] = {"none", "fixed", "learned", NULL};
+const char *const router_aux_scope_names[] = {"global", "local", NULL};
 const char *const router_thor_level_names[] = {"per_token", "per_sequence", NULL};
 static_assert(NAME_COUNT(router_gating_names) == ROUTER_GATING_COUNT, "router_gating_names");
 static_assert(NAME_COUNT(router_drop_policy_names) == ROUTER_DROP_POLICY_COUNT,
               "router_drop_policy_names");
+static_assert(NAME_COUNT(router_noise_names) == ROUTER_NOISE_COUNT, "router_noise_names");
+static_assert(NAME_COUNT(router_aux_scope_names) == ROUTER_AUX_SCOPE_COUNT,
+              "router_aux_scope_names");
 static_assert(NAME_COUNT(router_thor_level_names) == ROUTER_THOR_LEVEL_COUNT,
               "router_thor_level_names");
 
@@ -38,6 +43,10 @@ cm_status router_declare_with(router *r, const router_method *method, const rout
     if (c->capacity_factor < 0.0f)
         return CM_ERR(CM_ERR_INVALID, "router.capacity_factor = %g must be >= 0",
                       (double)c->capacity_factor);
+    if (c->noise == ROUTER_NOISE_LEARNED && (!method->has_weights || method->frozen_weights))
+        return CM_ERR(CM_ERR_INVALID,
+                      "router.noise = learned needs a trained router network (%s has none)",
+                      method->name);
     *r = (router){.config = *c, .method = method, .layer = layer};
     if (!method->has_weights) return CM_OK;
 
@@ -49,6 +58,12 @@ cm_status router_declare_with(router *r, const router_method *method, const rout
         snprintf(full, sizeof full, "%s.bias", prefix);
         CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 1, (int[]){c->num_experts},
                                  (ag_init){AG_INIT_ZERO, 0.0f, 0.0f}, &r->bias));
+    }
+    if (c->noise == ROUTER_NOISE_LEARNED) {
+        /* Shazeer et al. initialise W_noise to zero: noise std softplus(0) = ln 2. */
+        snprintf(full, sizeof full, "%s.noise_weight", prefix);
+        CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 2, (int[]){c->num_experts, d_model},
+                                 (ag_init){AG_INIT_ZERO, 0.0f, 0.0f}, &r->noise_weight));
     }
     if (method->frozen_weights) {
         ag_param_set_frozen(r->weight, true);

@@ -15,7 +15,8 @@
  * receive no token or every token.
  *
  * Methods (router_kind): learned top-k (softmax-then-topK or topK-then-softmax,
- * optional noisy gating, Switch load-balancing and z-loss; Switch is k = 1),
+ * optional logit noise (fixed std, or Shazeer et al.'s learned noisy top-k),
+ * Switch load-balancing and z-loss; Switch is k = 1),
  * SMoE-Dropout (frozen random router, topK-then-softmax, k from a schedule),
  * THOR (no router: one random expert per layer per pass in training, per
  * sequence or per token at inference), dynamic top-p (smallest prefix of the
@@ -32,8 +33,11 @@
  *
  * Determinism: every random draw (noise, THOR's choices) is keyed by
  * (seed, step, layer, purpose) and a global index (token, sequence or pass),
- * so routing is identical on any number of ranks. Ties between equal scores
- * go to the lowest expert index.
+ * so the draws are identical on any number of ranks. Capacity dropping and
+ * expert choice select among the call's tokens only (this rank's share of
+ * the batch, as Megatron does): with them, routing depends on the rank
+ * count once an expert overflows (docs/recipes.md, "parallel"). Ties
+ * between equal scores go to the lowest expert index.
  * Owns: the router's parameter handles (values live in ag_params). */
 #ifndef CMOE_ROUTERS_ROUTER_H
 #define CMOE_ROUTERS_ROUTER_H
@@ -69,6 +73,24 @@ typedef enum router_drop_policy {
     ROUTER_DROP_POLICY_COUNT
 } router_drop_policy;
 
+/* Noise on the router logits in training (never at evaluation). */
+typedef enum router_noise {
+    ROUTER_NOISE_NONE = 0,
+    ROUTER_NOISE_FIXED,   /* H = x W^T (+ b) + noise_std N(0,1) */
+    ROUTER_NOISE_LEARNED, /* Shazeer et al. 2017: H = x W^T (+ b) + N(0,1) softplus(x W_noise^T),
+                             W_noise [E,D] learned (PREFIX.noise_weight, init zero) */
+    ROUTER_NOISE_COUNT
+} router_noise;
+
+/* Which tokens the load-balancing statistics f and P of the Switch loss
+ * cover (METHODS.md 0.2). */
+typedef enum router_aux_scope {
+    ROUTER_AUX_GLOBAL = 0, /* the global batch: counts summed over router_call.group
+                              (Megatron's global_aux_loss) */
+    ROUTER_AUX_LOCAL,      /* this rank's tokens only (Megatron's default aux_loss) */
+    ROUTER_AUX_SCOPE_COUNT
+} router_aux_scope;
+
 typedef enum router_thor_level {
     ROUTER_THOR_PER_TOKEN = 0,    /* inference_level 0 */
     ROUTER_THOR_PER_SEQUENCE = 1, /* inference_level 1, the released default */
@@ -76,10 +98,13 @@ typedef enum router_thor_level {
 } router_thor_level;
 
 /* The spellings recipes and logs use (router.type, router.gating,
- * router.drop_policy, router.thor_level), in enum order, NULL-terminated. */
+ * router.drop_policy, router.noise, router.aux_loss_scope,
+ * router.thor_level), in enum order, NULL-terminated. */
 extern const char *const router_kind_names[ROUTER_KIND_COUNT + 1];
 extern const char *const router_gating_names[ROUTER_GATING_COUNT + 1];
 extern const char *const router_drop_policy_names[ROUTER_DROP_POLICY_COUNT + 1];
+extern const char *const router_noise_names[ROUTER_NOISE_COUNT + 1];
+extern const char *const router_aux_scope_names[ROUTER_AUX_SCOPE_COUNT + 1];
 extern const char *const router_thor_level_names[ROUTER_THOR_LEVEL_COUNT + 1];
 
 typedef struct router_config {
@@ -87,16 +112,18 @@ typedef struct router_config {
     int num_experts; /* E */
     int k;           /* top-k / SMoE-Dropout's k at evaluation when not overridden */
     router_gating gating;
-    bool bias;      /* a bias on the router's linear layer */
-    float init_std; /* normal init of the router weight */
-    bool noisy;     /* top-k: add normal noise of std noise_std to the logits in training */
-    float noise_std;
-    float aux_loss_coef;   /* Switch load-balancing loss coefficient (0: off) */
-    float z_loss_coef;     /* router z-loss coefficient (0: off) */
-    float top_p;           /* top-p threshold */
-    float entropy_coef;    /* top-p: dynamic (entropy) loss coefficient */
-    float capacity_factor; /* 0: dropless; > 0: capacity ceil(T k / E * cf) per expert;
-                              expert choice: tokens per expert = ceil(T cf / E) */
+    bool bias;                       /* a bias on the router's linear layer */
+    float init_std;                  /* normal init of the router weight */
+    router_noise noise;              /* logit noise in training (methods with a router network) */
+    float noise_std;                 /* ROUTER_NOISE_FIXED's standard deviation */
+    float aux_loss_coef;             /* Switch load-balancing loss coefficient (0: off) */
+    router_aux_scope aux_loss_scope; /* tokens the balance statistics cover */
+    float z_loss_coef;               /* router z-loss coefficient (0: off) */
+    float top_p;                     /* top-p threshold */
+    float entropy_coef;              /* top-p: dynamic (entropy) loss coefficient */
+    float capacity_factor;           /* 0: dropless; > 0: capacity ceil(T k / E * cf) per expert;
+                                        expert choice: tokens per expert = ceil(T cf / E); T is
+                                        the call's (this rank's) token count, not the global one */
     router_drop_policy drop_policy;
     router_k_schedule k_schedule; /* SMoE-Dropout: k during training */
     router_thor_level thor_level;
@@ -109,8 +136,9 @@ typedef struct router {
     router_config config;
     const router_method *method; /* set by router_declare: the row of config.kind */
     int layer;
-    ag_param *weight; /* [E,D]; NULL for a method without weights (THOR) */
-    ag_param *bias;   /* [E] or NULL */
+    ag_param *weight;       /* [E,D]; NULL for a method without weights (THOR) */
+    ag_param *bias;         /* [E] or NULL */
+    ag_param *noise_weight; /* [E,D] with ROUTER_NOISE_LEARNED, else NULL */
 } router;
 
 /* Per-call context. */
@@ -123,11 +151,14 @@ typedef struct router_call {
     int seq_len;          /* tokens per sequence (THOR per-sequence inference) */
     uint64_t first_token; /* global index of token 0 of x (data-parallel rank offset) */
     /* The ranks whose tokens form the global batch (0 or MPI_COMM_NULL: this
-     * process alone) and the global token count (0: this call's T). The
-     * load-balancing statistics are global: expert counts are summed over
-     * `group`, and every per-token mean is divided by global_tokens, so the
-     * losses summed over the ranks, and their gradients, equal those of one
-     * process running the whole batch. */
+     * process alone) and the global token count (0: this call's T). Every
+     * per-token mean is divided by global_tokens. With
+     * ROUTER_AUX_GLOBAL the expert counts of the balance loss are summed over
+     * `group`, so the losses summed over the ranks, and their gradients,
+     * equal those of one process running the whole batch (for a dropless
+     * method: capacity and expert choice select among this call's tokens
+     * only). With ROUTER_AUX_LOCAL each rank's balance loss uses its own
+     * counts and tokens, weighted by its share of the global batch. */
     MPI_Comm group;
     int64_t global_tokens;
 } router_call;
@@ -137,6 +168,8 @@ typedef struct router_stats {
     int64_t slots;              /* (token, expert) pairs kept */
     int64_t dropped;            /* pairs removed by the capacity limit */
     int32_t *tokens_per_expert; /* [E], kept pairs per expert (arena) */
+    int32_t *routed_per_expert; /* [E], pairs the router chose per expert before the
+                                   capacity limit (arena); the balance loss's counts */
     double entropy;             /* mean entropy of the router distribution (nats); NAN: none */
     int k;                      /* k in effect (top-k methods), 0 otherwise */
 } router_stats;
@@ -191,9 +224,11 @@ bool router_uses_k(const router_config *config);
 /* ---- declaring and routing ---------------------------------------------------- */
 
 /* Validates the configuration (clear CM_ERR_INVALID for k > E, p out of
- * (0,1], an unknown kind, ...) and declares the router's parameters as
- * PREFIX.weight [E,D] (+ PREFIX.bias [E]) in the dense group when the
- * method has weights; frozen when the method says so (SMoE-Dropout). */
+ * (0,1], an unknown kind, learned noise on a method without trained router
+ * weights, ...) and declares the router's parameters as PREFIX.weight [E,D]
+ * (+ PREFIX.bias [E]) in the dense group when the method has weights;
+ * frozen when the method says so (SMoE-Dropout); with learned noise also
+ * PREFIX.noise_weight [E,D] (init zero, as Shazeer et al.). */
 cm_status router_declare(router *r, const router_config *config, int layer, int d_model,
                          ag_params *params, const char *prefix);
 /* The same with a given method instead of the registry's row of

@@ -46,22 +46,32 @@ int router_ceil_count(double value) {
 
 /* ---- logits ----------------------------------------------------------------- */
 
-/* x [T,D], weight [E,D], bias [E] -> logits [T,E] (+ constant noise) */
+/* x [T,D], weight [E,D], bias [E] -> logits [T,E], plus in training
+ *   fixed:   noise_std n
+ *   learned: n softplus(x W_noise^T)   (noise_weight [E,D]; Shazeer et al.)
+ * with n [T,E] standard normal draws, constants of the step (no gradient).
+ * Element (t, e) of n uses index (first_token + t) * E + e of the key
+ * (seed, step, layer, CM_RNG_NOISE), so it is the same draw on any number
+ * of ranks. */
 ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call) {
     CM_ASSERT(r->weight, "router_logits: router of method %s has no weight", r->method->name);
+    const router_config *config = &r->config;
     ag_tensor *logits =
         ag_linear(ctx, x, ag_param_tensor(r->weight), r->bias ? ag_param_tensor(r->bias) : NULL);
-    if (!logits || !call->training || !r->config.noisy || r->config.noise_std == 0.0f)
-        return logits;
-    int experts = r->config.num_experts;
-    /* The noise is a constant of the step: it takes no gradient. Element
-     * (t, e) uses index (first_token + t) * E + e, so it is the same draw on
-     * any number of ranks. */
+    bool fixed = config->noise == ROUTER_NOISE_FIXED && config->noise_std != 0.0f;
+    bool learned = config->noise == ROUTER_NOISE_LEARNED;
+    if (!logits || !call->training || !(fixed || learned)) return logits;
+    CM_ASSERT(!learned || r->noise_weight, "router_logits: learned noise without noise_weight");
     ag_tensor *noise = ag_empty(ctx, "router_noise", logits->ndim, logits->shape);
     if (!noise) return NULL;
     cm_rng_key key = {call->seed, call->step, (uint32_t)r->layer, CM_RNG_NOISE};
-    cm_rng_fill_normal(key, call->first_token * (uint64_t)experts, noise->numel, 0.0f,
-                       r->config.noise_std, noise->data);
+    cm_rng_fill_normal(key, call->first_token * (uint64_t)config->num_experts, noise->numel, 0.0f,
+                       fixed ? config->noise_std : 1.0f, noise->data);
+    if (learned) {
+        ag_tensor *std =
+            ag_softplus(ctx, ag_linear(ctx, x, ag_param_tensor(r->noise_weight), NULL));
+        noise = ag_mul(ctx, std, noise);
+    }
     return ag_add(ctx, logits, noise);
 }
 
@@ -144,6 +154,7 @@ cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
     int32_t *kept = dropped ? ag_alloc_ints(ctx, slots ? slots : 1, "router_finish") : NULL;
     int32_t *tokens_per_expert = ag_alloc_ints(ctx, experts, "router_finish");
     if (!offsets || !expert || (dropped && !kept) || !tokens_per_expert) return ag_ctx_status(ctx);
+    /* per_expert now becomes stats.routed_per_expert: the choices before the drop. */
     memset(offsets, 0, ((size_t)n_tokens + 1) * sizeof *offsets);
     memset(tokens_per_expert, 0, (size_t)experts * sizeof *tokens_per_expert);
     int s = 0;
@@ -177,6 +188,7 @@ cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
                   .slots = slots,
                   .dropped = dropped,
                   .tokens_per_expert = tokens_per_expert,
+                  .routed_per_expert = per_expert,
                   .entropy = NAN,
                   .k = k},
     };
@@ -192,27 +204,35 @@ double router_token_share(const router_call *call, int tokens) {
 }
 
 ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
-                              float coef, const router_call *call) {
+                              float coef, router_aux_scope scope, const router_call *call) {
     if (coef == 0.0f || !probs || ag_failed(ctx)) return NULL;
     int tokens = (int)ag_rows(probs), experts = ag_last_dim(probs);
     ag_tensor *column_sums = ag_sum_rows(ctx, probs); /* [E] = T P over this rank's tokens */
     ag_tensor *weights = ag_empty(ctx, "switch_loss", 1, &experts);
-    int32_t *global_counts = ag_alloc_ints(ctx, experts, "switch_loss");
-    if (!column_sums || !weights || !global_counts) return NULL;
-    memcpy(global_counts, counts, (size_t)experts * sizeof(int32_t));
-    cm_status status = comm_sum_int32(call->group, global_counts, experts);
-    if (status != CM_OK) {
-        ctx->status = status;
-        return NULL;
+    int32_t *scope_counts = ag_alloc_ints(ctx, experts, "switch_loss");
+    if (!column_sums || !weights || !scope_counts) return NULL;
+    memcpy(scope_counts, counts, (size_t)experts * sizeof(int32_t));
+    /* scope_tokens: the T the statistics cover; the loss of the scope is
+     * then scaled by its share of the global batch (1 for global). */
+    double scope_tokens = call->global_tokens > 0 ? (double)call->global_tokens : tokens;
+    double share = 1.0;
+    if (scope == ROUTER_AUX_GLOBAL) {
+        cm_status status = comm_sum_int32(call->group, scope_counts, experts);
+        if (status != CM_OK) {
+            ctx->status = status;
+            return NULL;
+        }
+    } else {
+        scope_tokens = tokens;
+        share = router_token_share(call, tokens);
     }
-    double global_tokens = tokens / router_token_share(call, tokens);
-    double slots = (double)k * global_tokens;
+    double slots = (double)k * scope_tokens;
     if (k == 0)
-        for (int e = 0; e < experts; e++) slots += global_counts[e];
+        for (int e = 0; e < experts; e++) slots += scope_counts[e];
     if (slots == 0.0) return NULL; /* no assignment at all: nothing to balance */
     for (int e = 0; e < experts; e++) {
-        double fraction = global_counts[e] / slots;
-        weights->data[e] = (float)((double)coef * experts * fraction / global_tokens);
+        double fraction = scope_counts[e] / slots;
+        weights->data[e] = (float)((double)coef * experts * fraction / scope_tokens * share);
     }
     return ag_sum(ctx, ag_mul(ctx, column_sums, weights));
 }

@@ -29,8 +29,9 @@ typedef struct router_candidates {
     double capacity_load;
 } router_candidates;
 
-/* logits [T,E] = x W^T (+ b), plus normal noise in training when config.noisy
- * (keyed by seed, step, layer and the global token index). */
+/* logits [T,E] = x W^T (+ b), plus in training the configured noise
+ * (config.noise: noise_std N(0,1), or N(0,1) softplus(x W_noise^T)), the
+ * draws keyed by seed, step, layer and the global token index. */
 ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call);
 
 /* Applies the capacity limit (config.capacity_factor > 0 and
@@ -39,14 +40,22 @@ ag_tensor *router_logits(ag_ctx *ctx, const router *r, ag_tensor *x, const route
 cm_status router_finish(ag_ctx *ctx, const router *r, int n_tokens, int k,
                         const router_candidates *candidates, router_output *out);
 
-/* Switch/GShard load balancing over the global batch (see router_call):
- * coef * E * sum_i f_i P_i with f_i = (kept assignments to i, summed over
- * call->group) / (k T_global) (no gradient; k = 0: divided by all kept
- * assignments instead, for top-p's variable k) and P_i = mean over the
- * global tokens of probs[:, i]; this rank returns its tokens' share of the
- * sum. Returns [1], or NULL when coef == 0 (an MPI failure sets ctx). */
+/* Switch/GShard load balancing: coef * E * sum_i f_i P_i over the tokens
+ * of `scope`, from `counts` = the router's choices per expert on this
+ * call's tokens BEFORE any capacity dropping (stats.routed_per_expert, as
+ * Switch, GShard and Megatron count them). f has no gradient; P_i = mean of
+ * probs[:, i] over the scope's tokens.
+ *   ROUTER_AUX_GLOBAL: f_i = (counts summed over call->group) / (k T_global),
+ *     P over the global batch; this rank returns its tokens' share of the
+ *     sum, so the ranks' losses add up to one process's.
+ *   ROUTER_AUX_LOCAL: f_i = counts_i / (k T_local), P over this call's
+ *     tokens; returns that loss times T_local / T_global, so the ranks'
+ *     losses add up to the token-weighted mean of their local losses.
+ * k = 0 (top-p's variable k): f is divided by all the scope's assignments
+ * instead of k T. Returns [1], or NULL when coef == 0 or nothing was
+ * assigned (an MPI failure sets ctx). */
 ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
-                              float coef, const router_call *call);
+                              float coef, router_aux_scope scope, const router_call *call);
 /* ST-MoE z-loss: coef * mean over the global tokens of logsumexp(logits)^2
  * (this rank's share); NULL when coef == 0. */
 ag_tensor *router_z_loss(ag_ctx *ctx, ag_tensor *logits, float coef, const router_call *call);

@@ -7,7 +7,8 @@
  * renormalised.
  *
  * Losses: aux_loss_coef * E sum_i f_i P_i with P_i the mean probability and
- * f_i = (kept assignments to i) / (all kept assignments). METHODS.md leaves
+ * f_i = (assignments to i) / (all assignments), both counted before any
+ * capacity dropping (as top-k counts them). METHODS.md leaves
  * open whether f is normalised by the assignments or by T; normalising by the
  * assignments keeps sum_i f_i = 1, so uniform routing costs exactly the
  * coefficient whatever the mean k (as with top-k's k T), and the loss does not
@@ -83,10 +84,10 @@ cm_status router_top_p_route(ag_ctx *ctx, const router *r, ag_tensor *x, const r
                                     .capacity_load = (double)count};
     CM_TRY(router_finish(ctx, r, tokens, 0, &candidates, out));
 
-    /* router_switch_loss normalises f by all kept assignments, as documented
-     * above. */
-    ag_tensor *balance = router_switch_loss(ctx, probs, out->stats.tokens_per_expert, 0,
-                                            config->aux_loss_coef, call);
+    /* router_switch_loss normalises f by all the assignments, as documented
+     * above, counted before any capacity dropping. */
+    ag_tensor *balance = router_switch_loss(ctx, probs, out->stats.routed_per_expert, 0,
+                                            config->aux_loss_coef, config->aux_loss_scope, call);
     float entropy_coef = (float)(config->entropy_coef * router_token_share(call, tokens));
     ag_tensor *dynamic =
         entropy_coef != 0.0f ? ag_scale(ctx, ag_entropy(ctx, probs), entropy_coef) : NULL;

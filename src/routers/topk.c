@@ -85,9 +85,10 @@ cm_status router_topk_select(ag_ctx *ctx, const router *r, ag_tensor *x, const r
                                     .gates = gates,
                                     .capacity_load = (double)k * tokens};
     CM_TRY(router_finish(ctx, r, tokens, k, &candidates, out));
-    /* f counts the kept assignments (after dropping), as the experts saw them. */
-    ag_tensor *aux =
-        router_switch_loss(ctx, probs, out->stats.tokens_per_expert, k, aux_coef, call);
+    /* f counts the router's choices before dropping (Switch, GShard,
+     * Megatron): counting after would hide exactly the overload that drops. */
+    ag_tensor *aux = router_switch_loss(ctx, probs, out->stats.routed_per_expert, k, aux_coef,
+                                        config->aux_loss_scope, call);
     out->aux_loss = router_add_losses(ctx, aux, router_z_loss(ctx, logits, z_coef, call));
     out->stats.entropy = router_mean_entropy(probs);
     out->stats.k = k;

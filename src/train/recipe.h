@@ -102,10 +102,11 @@ typedef struct cm_router_cfg {
     router_gating gating;
     bool bias;
     double init_std;
-    bool noisy;
+    router_noise noise; /* none, fixed (noise_std), learned (Shazeer et al.) */
     double noise_std;
-    double aux_loss_coef; /* Switch load balancing */
-    double z_loss_coef;   /* ST-MoE z-loss */
+    double aux_loss_coef;            /* Switch load balancing */
+    router_aux_scope aux_loss_scope; /* its statistics: global batch or this rank's */
+    double z_loss_coef;              /* ST-MoE z-loss */
     double top_p;
     double entropy_coef;    /* top_p's dynamic loss */
     double capacity_factor; /* 0: dropless; expert_choice needs > 0 */

@@ -124,6 +124,12 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
                            "router.type", "moe.enabled", NULL);
         }
     }
+    if (rc->noise == ROUTER_NOISE_LEARNED && (!method->has_weights || method->frozen_weights)) {
+        snprintf(why, why_capacity,
+                 "router.noise learned needs a trained router network (router.type %s has none)",
+                 method->name);
+        return involve(involved, "router.noise", "router.type", "moe.enabled", NULL);
+    }
     if (rc->type == ROUTER_EXPERT_CHOICE && rc->capacity_factor <= 0) {
         snprintf(why, why_capacity,
                  "router.type expert_choice needs router.capacity_factor > 0 (each expert "

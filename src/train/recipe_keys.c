@@ -36,6 +36,7 @@ static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == 
                   sizeof(moe_cnn_routing) == sizeof(int) && sizeof(router_kind) == sizeof(int) &&
                   sizeof(router_gating) == sizeof(int) &&
                   sizeof(router_drop_policy) == sizeof(int) &&
+                  sizeof(router_noise) == sizeof(int) && sizeof(router_aux_scope) == sizeof(int) &&
                   sizeof(router_k_mode) == sizeof(int) &&
                   sizeof(router_thor_level) == sizeof(int) && sizeof(optim_kind) == sizeof(int) &&
                   sizeof(optim_lr_kind) == sizeof(int) && sizeof(adv_mode) == sizeof(int) &&
@@ -200,12 +201,20 @@ const recipe_key recipe_keys[] = {
     KEY_BOOL("router", "bias", router.bias, "false", "add a bias to the router's linear layer"),
     KEY_DOUBLE("router", "init_std", router.init_std, "0.02", "(0, 1]",
                "standard deviation of the normal init of the router weight"),
-    KEY_BOOL("router", "noisy", router.noisy, "false",
-             "add normal noise of std noise_std to the router logits in training"),
+    KEY_ENUM("router", "noise", router.noise, router_noise, router_noise_names, "none",
+             "noise on the router logits in training: fixed adds noise_std N(0,1); learned is "
+             "Shazeer et al.'s noisy top-k, N(0,1) softplus(x W_noise) with a learned "
+             "noise_weight (topk, top_p, expert_choice)"),
     KEY_DOUBLE("router", "noise_std", router.noise_std, "1", "(0, 100]",
-               "standard deviation of the logit noise (with noisy: true)"),
+               "standard deviation of the logit noise (with noise: fixed)"),
     KEY_DOUBLE("router", "aux_loss_coef", router.aux_loss_coef, "0.01", COEF_RANGE,
                "Switch load-balancing loss coefficient (topk, top_p); 0 disables"),
+    KEY_ENUM("router", "aux_loss_scope", router.aux_loss_scope, router_aux_scope,
+             router_aux_scope_names, "global",
+             "tokens the load-balancing statistics cover: global = the whole batch over all "
+             "ranks (Megatron's global_aux_loss; the losses do not depend on the rank count), "
+             "local = each rank's own tokens, weighted by its share of the batch (Megatron's "
+             "default)"),
     KEY_DOUBLE("router", "z_loss_coef", router.z_loss_coef, "0", COEF_RANGE,
                "router z-loss coefficient (topk); ST-MoE uses 1e-3; 0 disables"),
     KEY_DOUBLE("router", "top_p", router.top_p, "0.4", "(0, 1]",

@@ -2,10 +2,16 @@
  * loss, outputs and every gradient of one process running the whole batch,
  * for the learned top-k (with its load-balancing and z-loss), SMoE-Dropout,
  * THOR and top-p routers, including skewed routing where ranks receive no
- * tokens. Every rank computes the single-process reference itself and checks
- * its own rows and expert shard against it (tolerance 1e-5 relative: the sums
- * over ranks run in another order). Run under mpirun with any rank count that
- * divides 4. */
+ * tokens, and for top-k and expert choice with a capacity so large that
+ * nothing drops. Every rank computes the single-process reference itself and
+ * checks its own rows and expert shard against it (tolerance 1e-5 relative:
+ * the sums over ranks run in another order).
+ *
+ * With drops, capacity and expert choice are per rank (docs/recipes.md,
+ * "parallel"): each rank's routing equals routing its rows alone, and
+ * differs from routing the whole batch. The load-balancing loss in both
+ * scopes (router.aux_loss_scope) against hand computations. Run under mpirun
+ * with any rank count that divides 4. */
 #include <check.h>
 #include <math.h>
 #include <mpi.h>
@@ -22,6 +28,7 @@ static cm_comm comm;
 
 typedef struct outcome {
     double loss;
+    int64_t dropped; /* summed over the ranks */
     float out[T * D], dx[T * D];
     float drouter[E * D];
     float dw1[E * H * D], dw2[E * D * H], db1[E * H], db2[E * D];
@@ -89,6 +96,8 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
     double local_loss = loss->data[0];
     ck_assert_int_eq(comm_sum_doubles(call.group, &local_loss, 1), CM_OK);
     result->loss = local_loss;
+    result->dropped = moe.stats.dropped;
+    ck_assert_int_eq(comm_sum_int64(call.group, &result->dropped, 1), CM_OK);
     memcpy(result->out + first * D, moe.out->data, (size_t)count * D * sizeof(float));
     memcpy(result->dx + first * D, grad + first * D, (size_t)count * D * sizeof(float));
     if (layer.router.weight && !layer.router.weight->frozen) {
@@ -115,8 +124,7 @@ static void close_enough(const char *what, const float *got, const float *want, 
                   what, max_diff, max_ref);
 }
 
-static void check(router_kind kind, bool skew) {
-    router_config router_cfg = make_router(kind);
+static void check_config(router_config router_cfg, bool skew) {
     static outcome reference, parallel;
     memset(&reference, 0, sizeof reference);
     memset(&parallel, 0, sizeof parallel);
@@ -139,6 +147,12 @@ static void check(router_kind kind, bool skew) {
     close_enough("w2 gradient", parallel.dw2 + f * D * H, reference.dw2 + f * D * H, n * D * H);
     close_enough("b1 gradient", parallel.db1 + f * H, reference.db1 + f * H, n * H);
     close_enough("b2 gradient", parallel.db2 + f * D, reference.db2 + f * D, n * D);
+    ck_assert_int_eq(parallel.dropped, 0); /* every case here is dropless */
+    ck_assert_int_eq(reference.dropped, 0);
+}
+
+static void check(router_kind kind, bool skew) {
+    check_config(make_router(kind), skew);
 }
 
 START_TEST(test_topk) {
@@ -166,6 +180,203 @@ START_TEST(test_top_p_skewed) {
 }
 END_TEST
 
+/* Capacity so large that nothing drops on any rank count: the capacity is
+ * per rank, but then it changes nothing, and the layer equals one process.
+ * Top-k: capacity_factor E / k gives C = T_rank >= any expert's count;
+ * expert choice: capacity_factor E makes every expert take every token. */
+START_TEST(test_capacity_without_drops) {
+    router_config topk = make_router(ROUTER_TOPK);
+    topk.capacity_factor = (float)E / topk.k;
+    check_config(topk, true);
+    router_config expert_choice = make_router(ROUTER_EXPERT_CHOICE);
+    expert_choice.capacity_factor = (float)E;
+    check_config(expert_choice, false);
+}
+END_TEST
+
+/* ---- the router alone: per-rank capacity and the balance loss's scope ------ */
+
+/* A declared router with the weights every rank and the reference share (the
+ * same seed; skew: every token prefers experts 0 and 1). */
+typedef struct router_fixture {
+    ag_params params;
+    router r;
+    ag_ctx ctx;
+    float x[T * D];
+} router_fixture;
+
+static void router_fixture_init(router_fixture *f, router_config config, bool skew) {
+    ag_params_init(&f->params);
+    ck_assert_msg(router_declare(&f->r, &config, 1, D, &f->params, "router") == CM_OK, "%s",
+                  cm_error_message());
+    ck_assert_int_eq(ag_params_finalize(&f->params, 21), CM_OK);
+    float *w = f->r.weight->tensor.data;
+    if (skew)
+        for (int i = 0; i < D; i++) w[0 * D + i] += 1.0f, w[1 * D + i] += 0.5f;
+    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, T * D, 0.2f, 1.0f, f->x);
+    ck_assert_int_eq(ag_ctx_init(&f->ctx, 8 << 20), CM_OK);
+}
+
+static void router_fixture_free(router_fixture *f) {
+    ag_ctx_free(&f->ctx);
+    ag_params_free(&f->params);
+}
+
+/* Routes rows [first, first + count) of the batch (an evaluation call: no
+ * noise); group MPI_COMM_NULL with global_tokens 0 is "these rows alone". */
+static router_output route_rows(router_fixture *f, int first, int count, MPI_Comm group,
+                                int64_t global_tokens) {
+    ag_tensor x = ag_tensor_wrap(f->x + first * D, NULL, 2, (int[]){count, D}, false);
+    router_call call = {.seed = 5,
+                        .step = 7,
+                        .seq_len = 3,
+                        .first_token = (uint64_t)first,
+                        .group = group,
+                        .global_tokens = global_tokens};
+    router_output out;
+    ck_assert_msg(router_route(&f->ctx, &f->r, &x, &call, &out) == CM_OK, "%s", cm_error_message());
+    return out;
+}
+
+/* Whether token t of `a` and token u of `b` have the same slots: experts
+ * and gates (bitwise: the same arithmetic on the same rows). */
+static bool same_token_routing(const router_output *a, int t, const router_output *b, int u) {
+    int n = a->offsets[t + 1] - a->offsets[t];
+    if (n != b->offsets[u + 1] - b->offsets[u]) return false;
+    for (int j = 0; j < n; j++) {
+        int sa = a->offsets[t] + j, sb = b->offsets[u] + j;
+        if (a->expert[sa] != b->expert[sb] || a->gates->data[sa] != b->gates->data[sb])
+            return false;
+    }
+    return true;
+}
+
+/* With drops, each rank chooses among its own tokens: its routing equals its
+ * rows routed alone (capacity from the rank's T, expert choice's top-c over
+ * the rank's tokens), and on more than one rank it differs from routing the
+ * whole batch on at least one slot. The cases drop (or, for expert choice,
+ * take a different number of tokens per expert) by construction: position
+ * policy with skewed logits keeps the first tokens of the batch for expert
+ * 0 in one process, but some of every rank's tokens per rank. */
+START_TEST(test_capacity_is_per_rank) {
+    const int ranks = comm.world_size, rank = comm.world_rank;
+    const int first = rank * T / ranks, count = (rank + 1) * T / ranks - first;
+    for (int c = 0; c < 3; c++) {
+        router_config config = make_router(c < 2 ? ROUTER_TOPK : ROUTER_EXPERT_CHOICE);
+        config.capacity_factor = 1.0f;
+        config.drop_policy = c == 0 ? ROUTER_DROP_POSITION : ROUTER_DROP_PROBABILITY;
+        router_fixture whole_f, alone_f, rank_f;
+        router_fixture_init(&whole_f, config, true);
+        router_fixture_init(&alone_f, config, true);
+        router_fixture_init(&rank_f, config, true);
+        router_output whole = route_rows(&whole_f, 0, T, MPI_COMM_NULL, 0);
+        router_output alone = route_rows(&alone_f, first, count, MPI_COMM_NULL, 0);
+        router_output mine = route_rows(&rank_f, first, count, comm.world, T);
+        if (c < 2) { /* top-k drops, in one process and on every rank */
+            ck_assert_int_gt(whole.stats.dropped, 0);
+            ck_assert_int_gt(mine.stats.dropped, 0);
+        }
+        ck_assert_int_eq(mine.n_slots, alone.n_slots);
+        ck_assert_int_eq(mine.stats.dropped, alone.stats.dropped);
+        int differs = 0;
+        for (int t = 0; t < count; t++) {
+            ck_assert_msg(same_token_routing(&mine, t, &alone, t),
+                          "case %d rank %d of %d: token %d is not routed as its rows alone", c,
+                          rank, ranks, first + t);
+            differs += !same_token_routing(&mine, t, &whole, first + t);
+        }
+        MPI_Allreduce(MPI_IN_PLACE, &differs, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+        if (ranks > 1)
+            ck_assert_msg(differs > 0, "case %d: %d ranks route exactly as one process", c, ranks);
+        else
+            ck_assert_int_eq(differs, 0);
+        router_fixture_free(&whole_f);
+        router_fixture_free(&alone_f);
+        router_fixture_free(&rank_f);
+    }
+}
+END_TEST
+
+/* The balance loss by hand, in double, for top-2 on rows [first, first +
+ * count): global = coef E sum_i f_i (1/T) sum_{t in rows} p_ti with f from
+ * the whole batch's counts / (k T); local = (count / T) coef E sum_i
+ * f_ri P_ri with f_ri = counts in the rows / (k count) and P_ri their mean
+ * probability. */
+static double hand_switch_loss(const router_fixture *f, router_aux_scope scope, int first,
+                               int count, double coef, int k) {
+    const float *w = f->r.weight->tensor.data;
+    double probs[T][E];
+    int chosen[T][E];
+    for (int t = 0; t < T; t++) {
+        double z[E], max = -INFINITY, sum = 0.0;
+        for (int e = 0; e < E; e++) {
+            z[e] = 0.0;
+            for (int i = 0; i < D; i++) z[e] += (double)f->x[t * D + i] * w[e * D + i];
+            max = fmax(max, z[e]);
+        }
+        for (int e = 0; e < E; e++) sum += probs[t][e] = exp(z[e] - max);
+        for (int e = 0; e < E; e++) probs[t][e] /= sum;
+        for (int e = 0; e < E; e++) { /* rank of e: the number of experts beating it */
+            int beaten_by = 0;
+            for (int j = 0; j < E; j++) beaten_by += z[j] > z[e] || (z[j] == z[e] && j < e);
+            chosen[t][e] = beaten_by < k;
+        }
+    }
+    int from = scope == ROUTER_AUX_GLOBAL ? 0 : first;
+    int to = scope == ROUTER_AUX_GLOBAL ? T : first + count;
+    double loss = 0.0;
+    for (int e = 0; e < E; e++) {
+        double assigned = 0.0, p_rows = 0.0;
+        for (int t = from; t < to; t++) assigned += chosen[t][e];
+        for (int t = first; t < first + count; t++) p_rows += probs[t][e];
+        double f_e = assigned / ((double)k * (to - from));
+        if (scope == ROUTER_AUX_GLOBAL)
+            loss += coef * E * f_e * p_rows / T;
+        else
+            loss += (double)count / T * coef * E * f_e * p_rows / count;
+    }
+    return loss;
+}
+
+START_TEST(test_aux_loss_scopes) {
+    const int ranks = comm.world_size, rank = comm.world_rank;
+    const int first = rank * T / ranks, count = (rank + 1) * T / ranks - first;
+    double totals[ROUTER_AUX_SCOPE_COUNT], whole_loss = 0.0;
+    for (int scope = 0; scope < ROUTER_AUX_SCOPE_COUNT; scope++) {
+        router_config config = make_router(ROUTER_TOPK);
+        config.z_loss_coef = 0.0f; /* the balance loss alone */
+        config.aux_loss_scope = (router_aux_scope)scope;
+        router_fixture f;
+        router_fixture_init(&f, config, false);
+        router_output out = route_rows(&f, first, count, comm.world, T);
+        ck_assert_ptr_nonnull(out.aux_loss);
+        double got = out.aux_loss->data[0];
+        double want = hand_switch_loss(&f, (router_aux_scope)scope, first, count,
+                                       (double)config.aux_loss_coef, config.k);
+        ck_assert_msg(fabs(got - want) <= 1e-5 * fabs(want),
+                      "%s scope, rank %d of %d: balance loss %.9g, by hand %.9g",
+                      router_aux_scope_names[scope], rank, ranks, got, want);
+        totals[scope] = got;
+        ck_assert_int_eq(comm_sum_doubles(comm.world, &totals[scope], 1), CM_OK);
+        /* One process on the whole batch, for comparison. */
+        router_output whole = route_rows(&f, 0, T, MPI_COMM_NULL, 0);
+        whole_loss = whole.aux_loss->data[0];
+        router_fixture_free(&f);
+    }
+    /* global: the ranks' parts add up to one process's loss; local depends
+     * on the split, and on one rank it is global. */
+    ck_assert_double_eq_tol(totals[ROUTER_AUX_GLOBAL], whole_loss, 1e-6 * whole_loss);
+    if (ranks == 1)
+        ck_assert_double_eq_tol(totals[ROUTER_AUX_LOCAL], totals[ROUTER_AUX_GLOBAL],
+                                1e-7 * whole_loss);
+    else
+        ck_assert_msg(fabs(totals[ROUTER_AUX_LOCAL] - totals[ROUTER_AUX_GLOBAL]) >
+                          1e-4 * whole_loss,
+                      "%d ranks: local %.9g and global %.9g should differ", ranks,
+                      totals[ROUTER_AUX_LOCAL], totals[ROUTER_AUX_GLOBAL]);
+}
+END_TEST
+
 int main(int argc, char **argv) {
     if (comm_start(&argc, &argv) != CM_OK) return EXIT_FAILURE;
     /* EP = world for 1 and 2 ranks; EP 2 x DP 2 for 4 ranks. */
@@ -183,6 +394,9 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_thor);
     tcase_add_test(tc, test_top_p);
     tcase_add_test(tc, test_top_p_skewed);
+    tcase_add_test(tc, test_capacity_without_drops);
+    tcase_add_test(tc, test_capacity_is_per_rank);
+    tcase_add_test(tc, test_aux_loss_scopes);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_set_fork_status(runner, CK_NOFORK); /* no fork() under MPI */

@@ -6,6 +6,9 @@ For each case directory given on the command line, reads
                  their frozen / no_decay attributes),
   batch.bin      int32 [B, T+1] token windows,
   settings.json  the model, router and AdamW settings,
+  noise.bin      (with "noise": "learned") float32 [steps, layers, B*T, E]:
+                 the standard normal draws of the router noise, written by
+                 the C test from the keys cmoe uses,
 rebuilds the model in float64 PyTorch, runs `steps` training steps
 (loss = cross-entropy + the routers' auxiliary losses, then AdamW), and writes
 reference.h5 with
@@ -35,6 +38,11 @@ The routing is written from the method descriptions (METHODS.md sections
                 coef * E * sum_i f_i P_i with f_i = count_i / (all kept pairs)
                 (top_p.c documents that normalisation); entropy loss
                 coef * mean_t H(p_t).
+  noise learned (any of the above with a learned router): the noisy top-k
+                gating of Shazeer et al. (2017), H = x W^T (+ b) +
+                n * softplus(x W_noise^T), W_noise = ROUTER.noise_weight, n the
+                given draws (constants); the selection, the gates and the
+                losses then use H in place of the logits.
 Gradients reach the router only through the gates and the losses, never
 through the selection (which is computed on detached values).
 """
@@ -92,12 +100,18 @@ def select(logits, probs, cfg, k):
     return torch.tensor(mask), margin
 
 
-def moe_layer(params, prefix, h, cfg, k):
-    """h [T,D] -> (out [T,D], aux [scalar] or None, counts [E], margin)."""
+def moe_layer(params, prefix, h, cfg, k, noise):
+    """h [T,D], noise [T,E] draws or None -> (out [T,D], aux [scalar] or None,
+    counts [E], margin)."""
     weight = params[prefix + "router.weight"]
     logits = h @ weight.T
     if prefix + "router.bias" in params:
         logits = logits + params[prefix + "router.bias"]
+    if cfg["noise"] == "learned":
+        noise_std = F.softplus(h @ params[prefix + "router.noise_weight"].T)
+        logits = logits + noise * noise_std
+    elif cfg["noise"] != "none":
+        sys.exit("moe_parity.py: noise %r is not implemented here" % cfg["noise"])
     probs = logits.softmax(-1)
     mask, margin = select(logits, probs, cfg, k)
     gating = "topk_softmax" if cfg["router"] == "smoe_dropout" else cfg["gating"]
@@ -142,8 +156,9 @@ def moe_layer(params, prefix, h, cfg, k):
     return out, aux, counts, margin
 
 
-def forward(params, ids, cfg, k, routing):
-    """ids [B,T] -> (logits [B*T,V], aux or None); appends per-layer routing."""
+def forward(params, ids, cfg, k, routing, noise):
+    """ids [B,T] -> (logits [B*T,V], aux or None); appends per-layer routing.
+    noise: [layers, B*T, E] draws of this step, or None."""
     batch, seq = ids.shape
     n_head, eps = cfg["heads"], cfg["layernorm_eps"]
     x = params["wte"][ids] + params["wpe"][:seq]
@@ -163,7 +178,10 @@ def forward(params, ids, cfg, k, routing):
         attended = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(batch, seq, d)
         x = x + attended @ p("attn.proj.weight").T + p("attn.proj.bias")
         h = F.layer_norm(x, (d,), p("ln2.weight"), p("ln2.bias"), eps)
-        out, aux, counts, margin = moe_layer(params, prefix + "moe.", h.reshape(-1, d), cfg, k)
+        layer_noise = None if noise is None else noise[layer]
+        out, aux, counts, margin = moe_layer(
+            params, prefix + "moe.", h.reshape(-1, d), cfg, k, layer_noise
+        )
         routing.append((counts.numpy(), margin))
         if aux is not None:
             aux_total = aux if aux_total is None else aux_total + aux
@@ -188,6 +206,11 @@ def run_case(directory):
     raw = np.fromfile(os.path.join(directory, "batch.bin"), dtype=np.int32)
     raw = raw.reshape(cfg["batch"], cfg["seq"] + 1)
     ids = torch.tensor(raw[:, :-1], dtype=torch.long)
+    noise = None
+    if cfg["noise"] != "none":
+        draws = np.fromfile(os.path.join(directory, "noise.bin"), dtype=np.float32)
+        draws = draws.reshape(cfg["steps"], cfg["layers"], cfg["batch"] * cfg["seq"], -1)
+        noise = torch.tensor(draws.astype(np.float64))
     targets = torch.tensor(raw[:, 1:], dtype=torch.long).reshape(-1)
 
     names = sorted(params)
@@ -209,7 +232,8 @@ def run_case(directory):
             k = 0
         optimizer.zero_grad()
         routing = []
-        logits, aux = forward(params, ids, cfg, k, routing)
+        step_noise = None if noise is None else noise[step]
+        logits, aux = forward(params, ids, cfg, k, routing, step_noise)
         ce = F.cross_entropy(logits, targets)
         loss = ce if aux is None else ce + aux
         loss.backward()
