@@ -2,10 +2,11 @@
  * loss, outputs and every gradient of one process running the whole batch,
  * for the learned top-k (with its load-balancing and z-loss), SMoE-Dropout,
  * THOR and top-p routers, including skewed routing where ranks receive no
- * tokens. Every rank computes the single-process reference itself and checks
- * its own rows and expert shard against it (tolerance 1e-5 relative: the sums
- * over ranks run in another order). Run under mpirun with any rank count that
- * divides 4. */
+ * tokens, and with SwiGLU experts and dropout inside the experts (its masks
+ * are keyed by global token, so the sharded run draws the same ones). Every rank computes the
+ * single-process reference itself and checks its own rows and expert shard against it (tolerance
+ * 1e-5 relative: the sums over ranks run in another order). Run under mpirun with any rank count
+ * that divides 4. */
 #include <check.h>
 #include <math.h>
 #include <mpi.h>
@@ -25,7 +26,18 @@ typedef struct outcome {
     float out[T * D], dx[T * D];
     float drouter[E * D];
     float dw1[E * H * D], dw2[E * D * H], db1[E * H], db2[E * D];
+    float dw3[E * H * D], db3[E * H]; /* SwiGLU */
 } outcome;
+
+/* The experts' activation and dropout; signed_inputs: x in [-1, 1] instead
+ * of [0.2, 1], so the tokens spread over the experts and each rank receives
+ * rows for several of its experts from several ranks (the received rows are
+ * then reordered, and their global token indices with them). */
+typedef struct expert_kind {
+    ag_activation activation;
+    float dropout;
+    bool signed_inputs;
+} expert_kind;
 
 static router_config make_router(router_kind kind) {
     return (router_config){.kind = kind,
@@ -44,11 +56,12 @@ static router_config make_router(router_kind kind) {
 /* Runs rows [first, first + count) of the batch through a layer holding the
  * experts of EP rank `rank` of `ranks`; the loss is sum_t w_t . out_t plus the
  * aux loss; fills the local part of `result` (rows and expert shard). */
-static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, int ranks, int first,
-                int count, outcome *result) {
+static void run(router_config router_cfg, bool skew, expert_kind experts, MPI_Comm group, int rank,
+                int ranks, int first, int count, outcome *result) {
     moe_config config = {.d_model = D,
                          .hidden = H,
-                         .activation = AG_ACT_GELU,
+                         .activation = experts.activation,
+                         .expert_dropout = experts.dropout,
                          .init_std = 0.5f,
                          .out_std = 0.5f,
                          .router = router_cfg,
@@ -66,7 +79,8 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
         for (int i = 0; i < D; i++) w[0 * D + i] += 4.0f, w[1 * D + i] += 2.0f;
     }
     float x_all[T * D], weights[T * D];
-    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, T * D, 0.2f, 1.0f, x_all);
+    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, T * D,
+                        experts.signed_inputs ? -1.0f : 0.2f, 1.0f, x_all);
     cm_rng_fill_uniform((cm_rng_key){4, 0, 0, CM_RNG_TEST}, 0, T * D, -1.0f, 1.0f, weights);
     float grad[T * D] = {0};
     ag_tensor x = ag_tensor_wrap(x_all + first * D, grad + first * D, 2, (int[]){count, D}, true);
@@ -100,6 +114,10 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
     memcpy(result->dw2 + f * D * H, layer.w2->tensor.grad, (size_t)n * D * H * sizeof(float));
     memcpy(result->db1 + f * H, layer.b1->tensor.grad, (size_t)n * H * sizeof(float));
     memcpy(result->db2 + f * D, layer.b2->tensor.grad, (size_t)n * D * sizeof(float));
+    if (layer.w3) {
+        memcpy(result->dw3 + f * H * D, layer.w3->tensor.grad, (size_t)n * H * D * sizeof(float));
+        memcpy(result->db3 + f * H, layer.b3->tensor.grad, (size_t)n * H * sizeof(float));
+    }
     ag_ctx_free(&ctx);
     ag_params_free(&params);
 }
@@ -115,15 +133,15 @@ static void close_enough(const char *what, const float *got, const float *want, 
                   what, max_diff, max_ref);
 }
 
-static void check(router_kind kind, bool skew) {
+static void check_experts(router_kind kind, bool skew, expert_kind experts) {
     router_config router_cfg = make_router(kind);
     static outcome reference, parallel;
     memset(&reference, 0, sizeof reference);
     memset(&parallel, 0, sizeof parallel);
-    run(router_cfg, skew, MPI_COMM_NULL, 0, 1, 0, T, &reference);
+    run(router_cfg, skew, experts, MPI_COMM_NULL, 0, 1, 0, T, &reference);
     int ranks = comm.world_size, rank = comm.world_rank;
     int first = rank * T / ranks, count = (rank + 1) * T / ranks - first;
-    run(router_cfg, skew, comm.ep, comm.ep_rank, comm.ep_size, first, count, &parallel);
+    run(router_cfg, skew, experts, comm.ep, comm.ep_rank, comm.ep_size, first, count, &parallel);
     ck_assert_msg(fabs(parallel.loss - reference.loss) <= 1e-5 * fmax(fabs(reference.loss), 1e-3),
                   "rank %d: loss %.9g vs %.9g", rank, parallel.loss, reference.loss);
     close_enough("output rows", parallel.out + first * D, reference.out + first * D, count * D);
@@ -139,6 +157,14 @@ static void check(router_kind kind, bool skew) {
     close_enough("w2 gradient", parallel.dw2 + f * D * H, reference.dw2 + f * D * H, n * D * H);
     close_enough("b1 gradient", parallel.db1 + f * H, reference.db1 + f * H, n * H);
     close_enough("b2 gradient", parallel.db2 + f * D, reference.db2 + f * D, n * D);
+    ck_assert_int_eq(comm_sum_floats(comm.dp, parallel.dw3 + f * H * D, n * H * D), CM_OK);
+    ck_assert_int_eq(comm_sum_floats(comm.dp, parallel.db3 + f * H, n * H), CM_OK);
+    close_enough("w3 gradient", parallel.dw3 + f * H * D, reference.dw3 + f * H * D, n * H * D);
+    close_enough("b3 gradient", parallel.db3 + f * H, reference.db3 + f * H, n * H);
+}
+
+static void check(router_kind kind, bool skew) {
+    check_experts(kind, skew, (expert_kind){AG_ACT_GELU, 0.0f, false});
 }
 
 START_TEST(test_topk) {
@@ -165,6 +191,16 @@ START_TEST(test_top_p_skewed) {
     check(ROUTER_TOP_P, true);
 }
 END_TEST
+START_TEST(test_topk_expert_dropout) {
+    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, true});
+    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, false});
+}
+END_TEST
+START_TEST(test_top_p_swiglu_expert_dropout) {
+    check_experts(ROUTER_TOP_P, false, (expert_kind){AG_ACT_SWIGLU, 0.4f, true});
+    check_experts(ROUTER_TOPK, true, (expert_kind){AG_ACT_SWIGLU, 0.0f, false});
+}
+END_TEST
 
 int main(int argc, char **argv) {
     if (comm_start(&argc, &argv) != CM_OK) return EXIT_FAILURE;
@@ -183,6 +219,8 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_thor);
     tcase_add_test(tc, test_top_p);
     tcase_add_test(tc, test_top_p_skewed);
+    tcase_add_test(tc, test_topk_expert_dropout);
+    tcase_add_test(tc, test_top_p_swiglu_expert_dropout);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_set_fork_status(runner, CK_NOFORK); /* no fork() under MPI */
