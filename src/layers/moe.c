@@ -194,14 +194,16 @@ static void dropout_rows(void *context, int64_t begin, int64_t end) {
     }
 }
 
-/* The experts' dropout mask [R,H] for this call (moe.h). */
+/* The experts' dropout mask [R,H] for this call (moe.h); only the mask
+ * outlives it (backward reads it). */
 static uint8_t *expert_dropout_mask(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
                                     const int32_t *sorted_token, int S, const exchange_plan *plan) {
     const moe_config *c = &moe->config;
     const int R = plan->received, H = c->hidden;
+    uint8_t *keep = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)H, "moe dropout");
+    size_t scratch = ag_scratch_mark(ctx);
     uint64_t *row_token = expert_row_tokens(ctx, moe, call, sorted_token, S, plan);
     int32_t *row_expert = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe dropout");
-    uint8_t *keep = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)H, "moe dropout");
     if (!row_token || !row_expert || !keep) return NULL;
     for (int j = 0; j < moe->local_experts; j++)
         for (int r = plan->local_offsets[j]; r < plan->local_offsets[j + 1]; r++)
@@ -216,6 +218,7 @@ static uint8_t *expert_dropout_mask(ag_ctx *ctx, const moe_layer *moe, const rou
                        .p = c->expert_dropout,
                        .keep = keep};
     cm_pool_for(R, 1 + 4096 / H, dropout_rows, &job);
+    ag_scratch_release(ctx, scratch);
     return keep;
 }
 
