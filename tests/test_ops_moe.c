@@ -1,5 +1,7 @@
 /* Gradient checks and values for ops_moe.c: gather_elements, segment_softmax,
- * sum_rows and grouped_linear (including experts with no rows and with all). */
+ * sum_rows and grouped_linear (including experts with no rows and with all),
+ * and the experts' hidden layer: grouped_linear_act and grouped_linear_hidden
+ * (SwiGLU, and a dropout mask on the hidden units). */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -197,6 +199,130 @@ START_TEST(test_grouped_linear_act_matches_composition) {
 }
 END_TEST
 
+/* grouped_linear_hidden: SwiGLU and a fixed dropout mask. Inputs h, w, up
+ * (SwiGLU only), bias (when c->bias), in that order. */
+typedef struct hidden_case {
+    const int32_t *offsets;
+    ag_activation activation;
+    bool bias;
+    const uint8_t *keep;
+} hidden_case;
+
+static const float KEEP_SCALE = 1.0f / (1.0f - 0.4f);
+
+static ag_tensor *forward_hidden(ag_ctx *ctx, ag_tensor *const *in, void *user) {
+    const hidden_case *c = user;
+    bool swiglu = c->activation == AG_ACT_SWIGLU;
+    ag_hidden_layer hidden = {.activation = c->activation,
+                              .up = swiglu ? in[2] : NULL,
+                              .keep = c->keep,
+                              .keep_scale = c->keep ? KEEP_SCALE : 0.0f};
+    return ag_grouped_linear_hidden(ctx, in[0], &hidden, in[1], c->bias ? in[swiglu ? 3 : 2] : NULL,
+                                    c->offsets);
+}
+
+/* A fixed mask over h [9,5]: 1 = kept, about 60% of them. */
+static void make_keep(uint8_t keep[45]) {
+    for (int i = 0; i < 45; i++)
+        keep[i] = cm_rng_uniform((cm_rng_key){31, 0, 0, CM_RNG_TEST}, (uint64_t)i) >= 0.4f;
+}
+
+START_TEST(test_grouped_linear_hidden_grad) {
+    ag_tensor *h = gc_tensor_new(2, (int[]){9, 5}, -2, 2, 41, true);
+    ag_tensor *w = gc_tensor_new(3, (int[]){4, 7, 5}, -1, 1, 42, true);
+    ag_tensor *up = gc_tensor_new(2, (int[]){9, 5}, -2, 2, 43, true);
+    ag_tensor *b = gc_tensor_new(2, (int[]){4, 7}, -1, 1, 44, true);
+    uint8_t keep[45];
+    make_keep(keep);
+    int kept = 0;
+    for (int i = 0; i < 45; i++) kept += keep[i];
+    ck_assert(kept > 10 && kept < 40); /* both kinds of unit are checked */
+    gc_options options = gc_default_options();
+    options.max_checks_per_input = 1000;
+    const ag_activation activations[2] = {AG_ACT_SWIGLU, AG_ACT_GELU};
+    for (int a = 0; a < 2; a++)
+        for (int bias = 0; bias < 2; bias++)
+            for (int masked = 0; masked < 2; masked++) {
+                hidden_case c = {expert_offsets, activations[a], bias, masked ? keep : NULL};
+                bool swiglu = activations[a] == AG_ACT_SWIGLU;
+                ag_tensor *in[4] = {h, w, swiglu ? up : b, b};
+                int n = 2 + swiglu + bias;
+                gc_result r =
+                    gc_check("grouped_linear_hidden", forward_hidden, in, n, &c, &options);
+                ck_assert_msg(r.ok, "%s bias %d mask %d: %s", ag_activation_names[activations[a]],
+                              bias, masked, r.message);
+            }
+    gc_tensor_free(h);
+    gc_tensor_free(w);
+    gc_tensor_free(up);
+    gc_tensor_free(b);
+}
+END_TEST
+
+/* The fused SwiGLU and masked hidden layers equal their compositions of
+ * plain ops: grouped_linear((silu(h) * up or act(h)) * keep / (1-p)), in the
+ * outputs and every gradient (h, up, w, bias). */
+START_TEST(test_grouped_linear_hidden_matches_composition) {
+    uint8_t keep[45];
+    make_keep(keep);
+    const int32_t *cases[2] = {expert_offsets, (const int32_t[]){0, 0, 0, 9, 9}};
+    const ag_activation activations[2] = {AG_ACT_SWIGLU, AG_ACT_RELU};
+    for (int a = 0; a < 2; a++)
+        for (int masked = 0; masked < 2; masked++)
+            for (int c = 0; c < 2; c++) {
+                float grads[2][45 + 45 + 140 + 28], outputs[2][63];
+                for (int way = 0; way < 2; way++) {
+                    ag_ctx ctx;
+                    ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
+                    ag_tensor *h = gc_tensor_new(2, (int[]){9, 5}, -2, 2, 51, true);
+                    ag_tensor *up = gc_tensor_new(2, (int[]){9, 5}, -2, 2, 52, true);
+                    ag_tensor *w = gc_tensor_new(3, (int[]){4, 7, 5}, -1, 1, 53, true);
+                    ag_tensor *b = gc_tensor_new(2, (int[]){4, 7}, -1, 1, 54, true);
+                    bool swiglu = activations[a] == AG_ACT_SWIGLU;
+                    ag_tensor *y;
+                    if (way == 0) {
+                        ag_hidden_layer hidden = {.activation = activations[a],
+                                                  .up = swiglu ? up : NULL,
+                                                  .keep = masked ? keep : NULL,
+                                                  .keep_scale = KEEP_SCALE};
+                        y = ag_grouped_linear_hidden(&ctx, h, &hidden, w, b, cases[c]);
+                    } else {
+                        ag_tensor *hidden =
+                            swiglu ? ag_mul(&ctx, ag_silu(&ctx, h), up) : ag_relu(&ctx, h);
+                        if (masked) {
+                            ag_tensor *mask = ag_empty(&ctx, "mask", 2, (int[]){9, 5});
+                            for (int i = 0; i < 45; i++)
+                                mask->data[i] = keep[i] ? KEEP_SCALE : 0.0f;
+                            hidden = ag_mul(&ctx, hidden, mask);
+                        }
+                        y = ag_grouped_linear(&ctx, hidden, w, b, cases[c]);
+                    }
+                    ck_assert_ptr_nonnull(y);
+                    float dout[63];
+                    for (int i = 0; i < 63; i++) dout[i] = (float)((i * 7) % 11) / 11.0f - 0.4f;
+                    ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
+                    memcpy(outputs[way], y->data, sizeof outputs[way]);
+                    memcpy(grads[way], h->grad, 45 * sizeof(float));
+                    memcpy(grads[way] + 45, up->grad, 45 * sizeof(float));
+                    memcpy(grads[way] + 90, w->grad, 140 * sizeof(float));
+                    memcpy(grads[way] + 230, b->grad, 28 * sizeof(float));
+                    gc_tensor_free(h);
+                    gc_tensor_free(up);
+                    gc_tensor_free(w);
+                    gc_tensor_free(b);
+                    ag_ctx_free(&ctx);
+                }
+                for (int i = 0; i < 63; i++)
+                    ck_assert_float_eq_tol(outputs[0][i], outputs[1][i], 1e-5f);
+                for (int i = 0; i < 45 + 45 + 140 + 28; i++)
+                    ck_assert_msg(fabsf(grads[0][i] - grads[1][i]) <= 1e-5f,
+                                  "%s mask %d case %d gradient %d: fused %g, composed %g",
+                                  ag_activation_names[activations[a]], masked, c, i, grads[0][i],
+                                  grads[1][i]);
+            }
+}
+END_TEST
+
 START_TEST(test_grouped_linear_values_and_all_rows) {
     ag_ctx ctx;
     ck_assert_int_eq(ag_ctx_init(&ctx, 1 << 20), CM_OK);
@@ -277,6 +403,8 @@ int main(void) {
     tcase_add_test(tc, test_grouped_linear_grad);
     tcase_add_test(tc, test_grouped_linear_act_grad);
     tcase_add_test(tc, test_grouped_linear_act_matches_composition);
+    tcase_add_test(tc, test_grouped_linear_hidden_grad);
+    tcase_add_test(tc, test_grouped_linear_hidden_matches_composition);
     tcase_add_test(tc, test_grouped_linear_values_and_all_rows);
     tcase_add_test(tc, test_gradients_accumulate);
     suite_add_tcase(suite, tc);

@@ -22,6 +22,9 @@
  *                      normal draws n of every step and layer are written by
  *                      this test (noise.bin, from the same keys the router
  *                      uses), so both sides add the same noise.
+ *   swiglu_top2        top2_topk_softmax with SwiGLU experts (the top-p
+ *                      paper's LLaMA MLP, with cmoe's biases):
+ *                      w2 (silu(w1 x + b1) * (w3 x + b3)) + b2.
  * The reference runs once for all cases (importing torch costs ~2 s), from
  * an unchecked fixture; each test then runs cmoe and compares. */
 #include <check.h>
@@ -58,6 +61,7 @@ static const double MIN_MARGIN = 1e-4;
 typedef struct moe_case {
     const char *name;
     router_config router;
+    ag_activation activation; /* of the experts */
 } moe_case;
 
 /* The auxiliary coefficients are larger than the recipes' (1e-2, 1e-4) so
@@ -71,7 +75,8 @@ static const moe_case CASES[] = {
       .k = 2,
       .gating = ROUTER_TOPK_THEN_SOFTMAX,
       .init_std = 0.3f,
-      .aux_loss_coef = 0.1f}},
+      .aux_loss_coef = 0.1f},
+     AG_ACT_GELU},
     {"top2_softmax_topk",
      {.kind = ROUTER_TOPK,
       .num_experts = EXPERTS,
@@ -79,7 +84,8 @@ static const moe_case CASES[] = {
       .gating = ROUTER_SOFTMAX_THEN_TOPK,
       .init_std = 0.3f,
       .aux_loss_coef = 0.1f,
-      .z_loss_coef = 0.01f}},
+      .z_loss_coef = 0.01f},
+     AG_ACT_GELU},
     {"smoe_dropout",
      {.kind = ROUTER_SMOE_DROPOUT,
       .num_experts = EXPERTS,
@@ -87,14 +93,16 @@ static const moe_case CASES[] = {
       .gating = ROUTER_TOPK_THEN_SOFTMAX,
       .init_std = 0.3f,
       .k_schedule =
-          {.mode = ROUTER_K_LINEAR_INCREASE, .k_min = 1, .k_max = EXPERTS, .total_steps = 4}}},
+          {.mode = ROUTER_K_LINEAR_INCREASE, .k_min = 1, .k_max = EXPERTS, .total_steps = 4}},
+     AG_ACT_GELU},
     {"top_p",
      {.kind = ROUTER_TOP_P,
       .num_experts = EXPERTS,
       .init_std = 0.3f,
       .top_p = 0.5f,
       .aux_loss_coef = 0.1f,
-      .entropy_coef = 0.05f}},
+      .entropy_coef = 0.05f},
+     AG_ACT_GELU},
     {"top2_learned_noise",
      {.kind = ROUTER_TOPK,
       .num_experts = EXPERTS,
@@ -103,7 +111,16 @@ static const moe_case CASES[] = {
       .init_std = 0.3f,
       .noise = ROUTER_NOISE_LEARNED,
       .aux_loss_coef = 0.1f,
-      .z_loss_coef = 0.01f}},
+      .z_loss_coef = 0.01f},
+     AG_ACT_GELU},
+    {"swiglu_top2",
+     {.kind = ROUTER_TOPK,
+      .num_experts = EXPERTS,
+      .k = 2,
+      .gating = ROUTER_TOPK_THEN_SOFTMAX,
+      .init_std = 0.3f,
+      .aux_loss_coef = 0.1f},
+     AG_ACT_SWIGLU},
 };
 enum { N_CASES = (int)(sizeof CASES / sizeof CASES[0]) };
 
@@ -117,18 +134,19 @@ static char reference_command[2048];
 /* ---- the model and the batch (the same in the fixture and in each test) ---- */
 
 static cm_status build_model(const moe_case *c, lm_model *model, ag_params *params) {
-    lm_config config = {.vocab = 256,
-                        .d_model = 16,
-                        .n_layer = LAYERS,
-                        .n_head = HEADS,
-                        .d_ff = 24,
-                        .max_seq = SEQ,
-                        .dropout = 0.0f,
-                        .init_std = 0.1f,
-                        .scale_residual_init = true,
-                        .layernorm_eps = 1e-5f,
-                        .moe_every = 1,
-                        .moe = {.hidden = HIDDEN, .activation = AG_ACT_GELU, .router = c->router}};
+    lm_config config = {
+        .vocab = 256,
+        .d_model = 16,
+        .n_layer = LAYERS,
+        .n_head = HEADS,
+        .d_ff = 24,
+        .max_seq = SEQ,
+        .dropout = 0.0f,
+        .init_std = 0.1f,
+        .scale_residual_init = true,
+        .layernorm_eps = 1e-5f,
+        .moe_every = 1,
+        .moe = {.hidden = HIDDEN, .activation = c->activation, .router = c->router}};
     ag_params_init(params);
     CM_TRY(lm_declare(model, &config, params));
     CM_TRY(ag_params_finalize(params, 3));
@@ -164,7 +182,8 @@ static bool write_settings(const char *path, const moe_case *c) {
     if (!f) return false;
     const router_config *r = &c->router;
     fprintf(f,
-            "{\"router\": \"%s\", \"k\": %d, \"gating\": \"%s\", \"noise\": \"%s\", "
+            "{\"router\": \"%s\", \"activation\": \"%s\", \"k\": %d, \"gating\": \"%s\", "
+            "\"noise\": \"%s\", "
             "\"aux_coef\": %.17g, "
             "\"z_coef\": %.17g, \"top_p\": %.17g, \"entropy_coef\": %.17g,\n"
             " \"k_schedule\": {\"k_min\": %d, \"k_max\": %d, \"total_steps\": %lld},\n"
@@ -172,11 +191,11 @@ static bool write_settings(const char *path, const moe_case *c) {
             "\"layernorm_eps\": %.17g,\n"
             " \"lr\": %.17g, \"beta1\": %.17g, \"beta2\": %.17g, \"eps\": %.17g, "
             "\"weight_decay\": %.17g, \"steps\": %d}\n",
-            router_kind_name(r->kind), r->k, router_gating_names[r->gating],
-            router_noise_names[r->noise], (double)r->aux_loss_coef, (double)r->z_loss_coef,
-            (double)r->top_p, (double)r->entropy_coef, r->k_schedule.k_min, r->k_schedule.k_max,
-            (long long)r->k_schedule.total_steps, BATCH, SEQ, LAYERS, HEADS, (double)1e-5f, LR,
-            BETA1, BETA2, EPS, WEIGHT_DECAY, STEPS);
+            router_kind_name(r->kind), ag_activation_names[c->activation], r->k,
+            router_gating_names[r->gating], router_noise_names[r->noise], (double)r->aux_loss_coef,
+            (double)r->z_loss_coef, (double)r->top_p, (double)r->entropy_coef, r->k_schedule.k_min,
+            r->k_schedule.k_max, (long long)r->k_schedule.total_steps, BATCH, SEQ, LAYERS, HEADS,
+            (double)1e-5f, LR, BETA1, BETA2, EPS, WEIGHT_DECAY, STEPS);
     return fclose(f) == 0;
 }
 

@@ -522,6 +522,7 @@ static const char *const every_key_overrides[] = {
     "moe.expert_hidden=40",
     "moe.split_dense=true",
     "moe.activation=silu",
+    "moe.expert_dropout=0.25",
     "moe.cnn_routing=per_layer",
     "router.type=smoe_dropout",
     "router.k=3",

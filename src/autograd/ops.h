@@ -130,21 +130,44 @@ ag_tensor *ag_sum_rows(ag_ctx *ctx, ag_tensor *x);
 ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor *bias,
                              const int32_t *offsets);
 
-/* The pointwise activations (ag_gelu, ag_relu, ag_silu); the MoE layer's
- * moe.activation. ag_activation_names: the spellings recipes use, in enum
- * order, NULL-terminated. */
+/* The experts' activations, moe.activation: the pointwise ones (ag_gelu,
+ * ag_relu, ag_silu) and SwiGLU, silu(gate) * up (LLaMA's MLP), which is not
+ * pointwise: it needs the gate and the up projection, so only the expert op
+ * ag_grouped_linear_hidden takes it. ag_activation_names: the spellings
+ * recipes use, in enum order, NULL-terminated. */
 typedef enum ag_activation {
     AG_ACT_GELU = 0,
     AG_ACT_RELU,
     AG_ACT_SILU,
+    AG_ACT_SWIGLU,
     AG_ACT_COUNT
 } ag_activation;
 extern const char *const ag_activation_names[AG_ACT_COUNT + 1];
 /* ag_grouped_linear(act(h), w, bias, offsets) as one op that keeps only h:
  * act(h) [S,IN] is made in scratch for the forward product and made again
  * in backward, so neither it nor its gradient is ever stored (the experts'
- * largest tensors). h [S,IN] -> [S,OUT]. */
+ * largest tensors). h [S,IN] -> [S,OUT]. A pointwise activation only
+ * (AG_ACT_SWIGLU: ag_grouped_linear_hidden). */
 ag_tensor *ag_grouped_linear_act(ag_ctx *ctx, ag_tensor *h, ag_activation activation, ag_tensor *w,
                                  ag_tensor *bias, const int32_t *offsets);
+/* The experts' hidden layer in general, for ag_grouped_linear_hidden:
+ *   a = act(h)                        pointwise activations;
+ *   a = silu(h) * up                  AG_ACT_SWIGLU: h the gate projection,
+ *                                     up [S,IN] the up projection;
+ *   a = keep ? a * keep_scale : 0     with a dropout mask keep [S*IN]
+ *                                     (1 = kept; inverted dropout:
+ *                                     keep_scale = 1/(1-p)); NULL: none.
+ * keep must stay valid and unchanged until backward (from the arena). */
+typedef struct ag_hidden_layer {
+    ag_activation activation;
+    ag_tensor *up;       /* AG_ACT_SWIGLU only, else NULL */
+    const uint8_t *keep; /* NULL: no dropout */
+    float keep_scale;
+} ag_hidden_layer;
+/* ag_grouped_linear(a, w, bias, offsets) with a as above, keeping only h
+ * (and up): a is made again in backward, like ag_grouped_linear_act (which
+ * is this op with a pointwise activation and no mask). h [S,IN] -> [S,OUT]. */
+ag_tensor *ag_grouped_linear_hidden(ag_ctx *ctx, ag_tensor *h, const ag_hidden_layer *hidden,
+                                    ag_tensor *w, ag_tensor *bias, const int32_t *offsets);
 
 #endif

@@ -208,26 +208,31 @@ ag_tensor *ag_grouped_linear(ag_ctx *ctx, ag_tensor *x, ag_tensor *w, ag_tensor 
     return out;
 }
 
-/* ---- grouped_linear_act: act(h) [S,IN] per group through w, bias -> [S,OUT] ------- */
+/* ---- grouped_linear_act / grouped_linear_hidden: the experts' hidden layer ---------
+ * a [S,IN] from h (and up) per ag_hidden_layer, through w, bias -> [S,OUT] */
 
-const char *const ag_activation_names[] = {"gelu", "relu", "silu", NULL};
+const char *const ag_activation_names[] = {"gelu", "relu", "silu", "swiglu", NULL};
 static_assert(sizeof ag_activation_names / sizeof ag_activation_names[0] == AG_ACT_COUNT + 1,
               "ag_activation_names out of sync with ag_activation");
 
 typedef struct grouped_act_saved {
     const int32_t *offsets;
-    ag_activation activation;
+    ag_hidden_layer hidden;
+    bool has_bias; /* inputs: h, w, [bias], [up] */
 } grouped_act_saved;
 
 #define ACT_GRAIN 16384 /* elements per task below which the loop stays on one thread */
 
+/* One range of the hidden layer; the pointers start at the same row. */
 typedef struct act_job {
     ag_activation activation;
-    const float *h, *da;
-    float *a, *dh;
+    const float *h, *up;
+    const uint8_t *keep;
+    float keep_scale;
+    float *a, *da, *dh, *dup;
 } act_job;
 
-/* a = act(h) over [begin, end) */
+/* a = act(h) (swiglu: silu(h) up), then the dropout mask, over [begin, end) */
 static void act_forward_range(void *context, int64_t begin, int64_t end) {
     const act_job *j = context;
     switch (j->activation) {
@@ -237,44 +242,64 @@ static void act_forward_range(void *context, int64_t begin, int64_t end) {
     case AG_ACT_SILU:
         for (int64_t i = begin; i < end; i++) j->a[i] = ag_silu_value(j->h[i]);
         break;
+    case AG_ACT_SWIGLU:
+        for (int64_t i = begin; i < end; i++) j->a[i] = ag_silu_value(j->h[i]) * j->up[i];
+        break;
     case AG_ACT_GELU:
-    case AG_ACT_COUNT: /* rejected by ag_grouped_linear_act */
+    case AG_ACT_COUNT: /* rejected by grouped_hidden */
         for (int64_t i = begin; i < end; i++) j->a[i] = ag_gelu_value(j->h[i]);
     }
+    if (j->keep)
+        for (int64_t i = begin; i < end; i++) j->a[i] = j->keep[i] ? j->a[i] * j->keep_scale : 0.0f;
 }
 
-/* dh += da act'(h) over [begin, end) */
+/* da through the mask (in place), then dh += da act'(h) (swiglu: dh += da up
+ * silu'(h), dup += da silu(h)) over [begin, end); dh or dup may be NULL. */
 static void act_backward_range(void *context, int64_t begin, int64_t end) {
     const act_job *j = context;
+    float *da = j->da;
+    if (j->keep)
+        for (int64_t i = begin; i < end; i++) da[i] = j->keep[i] ? da[i] * j->keep_scale : 0.0f;
     switch (j->activation) {
     case AG_ACT_RELU:
-        for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_relu_derivative(j->h[i]);
+        for (int64_t i = begin; i < end; i++) j->dh[i] += da[i] * ag_relu_derivative(j->h[i]);
         break;
     case AG_ACT_SILU:
-        for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_silu_derivative(j->h[i]);
+        for (int64_t i = begin; i < end; i++) j->dh[i] += da[i] * ag_silu_derivative(j->h[i]);
+        break;
+    case AG_ACT_SWIGLU:
+        if (j->dh)
+            for (int64_t i = begin; i < end; i++)
+                j->dh[i] += da[i] * j->up[i] * ag_silu_derivative(j->h[i]);
+        if (j->dup)
+            for (int64_t i = begin; i < end; i++) j->dup[i] += da[i] * ag_silu_value(j->h[i]);
         break;
     case AG_ACT_GELU:
-    case AG_ACT_COUNT: /* rejected by ag_grouped_linear_act */
-        for (int64_t i = begin; i < end; i++) j->dh[i] += j->da[i] * ag_gelu_derivative(j->h[i]);
+    case AG_ACT_COUNT: /* rejected by grouped_hidden */
+        for (int64_t i = begin; i < end; i++) j->dh[i] += da[i] * ag_gelu_derivative(j->h[i]);
     }
 }
 
-/* One expert at a time, so the scratch (act(h) again, and its gradient) is
- * the size of the largest expert's rows, not of all of h. */
+/* One expert at a time, so the scratch (a again, and its gradient) is the
+ * size of the largest expert's rows, not of all of h. */
 static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
     const grouped_act_saved *saved = node->saved;
     const int32_t *offsets = saved->offsets;
-    ag_tensor *h = node->in[0], *w = node->in[1], *bias = node->n_in > 2 ? node->in[2] : NULL;
+    const ag_hidden_layer *hidden = &saved->hidden;
+    ag_tensor *h = node->in[0], *w = node->in[1], *bias = saved->has_bias ? node->in[2] : NULL;
+    ag_tensor *up = hidden->up;
     const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
     int most_rows = 0;
     for (int e = 0; e < experts; e++)
         if (offsets[e + 1] - offsets[e] > most_rows) most_rows = offsets[e + 1] - offsets[e];
     if (most_rows == 0) return;
+    const bool h_grad = ag_wants_grad(h), up_grad = up && ag_wants_grad(up);
     const int64_t scratch_size = (int64_t)most_rows * in_features;
     float *a = ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward");
-    float *da =
-        ag_wants_grad(h) ? ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward") : NULL;
-    if (!a || (ag_wants_grad(h) && !da)) return; /* ctx->status holds the error */
+    float *da = h_grad || up_grad
+                    ? ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward")
+                    : NULL;
+    if (!a || ((h_grad || up_grad) && !da)) return; /* ctx->status holds the error */
     int32_t one_group[2] = {0, 0};
     for (int e = 0; e < experts; e++) {
         int rows = offsets[e + 1] - offsets[e];
@@ -289,7 +314,13 @@ static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
             b_e = ag_tensor_wrap(bias->data + (int64_t)e * out_features,
                                  bias->grad ? bias->grad + (int64_t)e * out_features : NULL, 2,
                                  (int[]){1, out_features}, bias->requires_grad);
-        act_job job = {.activation = saved->activation, .h = h->data + first * in_features, .a = a};
+        const int64_t at = first * in_features;
+        act_job job = {.activation = hidden->activation,
+                       .h = h->data + at,
+                       .up = up ? up->data + at : NULL,
+                       .keep = hidden->keep ? hidden->keep + at : NULL,
+                       .keep_scale = hidden->keep_scale,
+                       .a = a};
         cm_pool_for(count, ACT_GRAIN, act_forward_range, &job);
         if (da) memset(da, 0, (size_t)count * sizeof(float));
         one_group[1] = rows;
@@ -297,32 +328,66 @@ static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
                                   node->out->grad + first * out_features);
         if (!da) continue;
         job.da = da;
-        job.dh = h->grad + first * in_features;
+        job.dh = h_grad ? h->grad + at : NULL;
+        job.dup = up_grad ? up->grad + at : NULL;
         cm_pool_for(count, ACT_GRAIN, act_backward_range, &job);
     }
+}
+
+static ag_tensor *grouped_hidden(ag_ctx *ctx, const char *op, ag_tensor *h,
+                                 const ag_hidden_layer *hidden, ag_tensor *w, ag_tensor *bias,
+                                 const int32_t *offsets) {
+    check_grouped(op, h, w, bias, offsets);
+    const ag_activation activation = hidden->activation;
+    CM_ASSERT(activation >= 0 && activation < AG_ACT_COUNT, "%s: unknown activation %d", op,
+              (int)activation);
+    ag_tensor *up = hidden->up;
+    CM_ASSERT((activation == AG_ACT_SWIGLU) == (up != NULL),
+              "%s: the up projection is for swiglu alone (activation %s, up %s)", op,
+              ag_activation_names[activation], up ? "given" : "missing");
+    if (up) AG_CHECK_SHAPES(up->ndim == 2 && up->numel == h->numel, op, h, up);
+    CM_ASSERT(!hidden->keep || hidden->keep_scale >= 1.0f,
+              "%s: dropout keep_scale %g is not 1/(1-p) of a p in [0,1)", op,
+              (double)hidden->keep_scale);
+    ag_tensor *out = ag_empty(ctx, op, 2, (int[]){h->shape[0], w->shape[1]});
+    if (!out) return NULL;
+    ag_tensor *inputs[4] = {h, w};
+    int n_in = 2;
+    if (bias) inputs[n_in++] = bias;
+    if (up) inputs[n_in++] = up;
+    ag_node *node = ag_record(ctx, op, grouped_linear_act_backward, out, n_in, inputs,
+                              sizeof(grouped_act_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node)
+        *(grouped_act_saved *)node->saved = (grouped_act_saved){offsets, *hidden, bias != NULL};
+    /* a lives only while the products use it */
+    size_t scratch = ag_scratch_mark(ctx);
+    float *a = ag_alloc_floats(ctx, h->numel, op);
+    if (!a) return NULL;
+    act_job job = {.activation = activation,
+                   .h = h->data,
+                   .up = up ? up->data : NULL,
+                   .keep = hidden->keep,
+                   .keep_scale = hidden->keep_scale,
+                   .a = a};
+    cm_pool_for(h->numel, ACT_GRAIN, act_forward_range, &job);
+    grouped_forward_products(offsets, a, w, bias, out->data);
+    ag_scratch_release(ctx, scratch);
+    return out;
 }
 
 ag_tensor *ag_grouped_linear_act(ag_ctx *ctx, ag_tensor *h, ag_activation activation, ag_tensor *w,
                                  ag_tensor *bias, const int32_t *offsets) {
     AG_OP_BEGIN(ctx, h, w);
-    const char *op = "grouped_linear_act";
-    check_grouped(op, h, w, bias, offsets);
-    CM_ASSERT(activation >= 0 && activation < AG_ACT_COUNT, "%s: unknown activation %d", op,
-              (int)activation);
-    ag_tensor *out = ag_empty(ctx, op, 2, (int[]){h->shape[0], w->shape[1]});
-    if (!out) return NULL;
-    ag_tensor *inputs[3] = {h, w, bias};
-    ag_node *node = ag_record(ctx, op, grouped_linear_act_backward, out, bias ? 3 : 2, inputs,
-                              sizeof(grouped_act_saved));
-    if (ag_failed(ctx)) return NULL;
-    if (node) *(grouped_act_saved *)node->saved = (grouped_act_saved){offsets, activation};
-    /* act(h) lives only while the products use it */
-    size_t scratch = ag_scratch_mark(ctx);
-    float *a = ag_alloc_floats(ctx, h->numel, op);
-    if (!a) return NULL;
-    act_job job = {.activation = activation, .h = h->data, .a = a};
-    cm_pool_for(h->numel, ACT_GRAIN, act_forward_range, &job);
-    grouped_forward_products(offsets, a, w, bias, out->data);
-    ag_scratch_release(ctx, scratch);
-    return out;
+    CM_ASSERT(activation != AG_ACT_SWIGLU,
+              "grouped_linear_act: swiglu needs the up projection (ag_grouped_linear_hidden)");
+    return grouped_hidden(ctx, "grouped_linear_act", h,
+                          &(ag_hidden_layer){.activation = activation}, w, bias, offsets);
+}
+
+ag_tensor *ag_grouped_linear_hidden(ag_ctx *ctx, ag_tensor *h, const ag_hidden_layer *hidden,
+                                    ag_tensor *w, ag_tensor *bias, const int32_t *offsets) {
+    AG_OP_BEGIN(ctx, h, w);
+    if (hidden->activation == AG_ACT_SWIGLU && !hidden->up) return NULL; /* a failed input */
+    return grouped_hidden(ctx, "grouped_linear_hidden", h, hidden, w, bias, offsets);
 }

@@ -9,7 +9,8 @@
  *   achieved GFLOP/s = model FLOPs per step / median step time, with
  *     the LM's model FLOPs of BENCH.md: tokens x (6 N_active + 12 n_layer
  *     seq_len d_model), N_active = n_layer (4 d^2 + FFN) + d vocab, FFN =
- *     2 d d_ff (dense) or k 2 d h + d E (MoE); the CNN's 6 x inference
+ *     2 d d_ff (dense) or k m d h + d E (MoE; m = 3 matrices per expert
+ *     with swiglu, else 2); the CNN's 6 x inference
  *     multiply-adds per image (one expert group per MoE conv, plus the
  *     router) x images: the attacks of adversarial modes are not counted;
  *   peak RSS = getrusage's maximum resident set (the largest rank's);

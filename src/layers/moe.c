@@ -1,5 +1,6 @@
 #include "layers/moe.h"
 
+#include "common/pool.h"
 #include "parallel/comm.h"
 #include "parallel/dispatch.h"
 
@@ -15,6 +16,9 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
     if (c->activation < 0 || c->activation >= AG_ACT_COUNT)
         return CM_ERR(CM_ERR_INVALID, "MoE layer %d: unknown activation %d", layer,
                       (int)c->activation);
+    if (!(c->expert_dropout >= 0.0f && c->expert_dropout < 1.0f))
+        return CM_ERR(CM_ERR_INVALID, "MoE layer %d: moe.expert_dropout = %g not in [0, 1)", layer,
+                      (double)c->expert_dropout);
     *moe = (moe_layer){.config = *c, .layer = layer};
     const int E = c->router.num_experts, D = c->d_model, H = c->hidden;
     const int ranks = c->ep_size > 1 ? c->ep_size : 1;
@@ -40,8 +44,14 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
         {"b1", &moe->b1, 2, {L, H, 0}, zero},
         {"w2", &moe->w2, 3, {L, D, H}, {AG_INIT_NORMAL, 0.0f, c->out_std}},
         {"b2", &moe->b2, 2, {L, D, 0}, zero},
+        /* swiglu's up projection, after the others so their layout is the
+         * same for every activation */
+        {"w3", &moe->w3, 3, {L, H, D}, {AG_INIT_NORMAL, 0.0f, c->init_std}},
+        {"b3", &moe->b3, 2, {L, H, 0}, zero},
     };
-    for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++) {
+    const size_t count =
+        sizeof tensors / sizeof tensors[0] - (c->activation == AG_ACT_SWIGLU ? 0 : 2);
+    for (size_t i = 0; i < count; i++) {
         snprintf(name, sizeof name, "%s.experts.%s", prefix, tensors[i].suffix);
         CM_TRY(ag_params_declare(params, name, AG_GROUP_EXPERT, tensors[i].ndim, tensors[i].shape,
                                  tensors[i].init, tensors[i].out));
@@ -141,7 +151,89 @@ static void mark_used_experts(const moe_layer *moe, const exchange_plan *plan) {
         ag_param_mark_slice(moe->b1, j);
         ag_param_mark_slice(moe->w2, j);
         ag_param_mark_slice(moe->b2, j);
+        ag_param_mark_slice(moe->w3, j); /* SwiGLU's up projection; NULL otherwise */
+        ag_param_mark_slice(moe->b3, j);
     }
+}
+
+/* The global token index of each of the R rows of this rank's experts,
+ * expert-major: sorted_token [S] in dispatch order, made global with
+ * first_token, sent with the rows to their experts' ranks. */
+static uint64_t *expert_row_tokens(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                   const int32_t *sorted_token, int S, const exchange_plan *plan) {
+    const int R = plan->received;
+    uint64_t *mine = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * sizeof(uint64_t), "moe dropout");
+    uint64_t *sent = ag_alloc(ctx, (size_t)(S > 0 ? S : 1) * sizeof(uint64_t), "moe dropout");
+    uint64_t *received = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * sizeof(uint64_t), "moe dropout");
+    if (!mine || !sent || !received) return NULL;
+    for (int s = 0; s < S; s++) sent[s] = call->first_token + (uint64_t)sorted_token[s];
+    if (plan->ranks == 1) {
+        memcpy(mine, sent, (size_t)S * sizeof(uint64_t));
+        return mine;
+    }
+    cm_status status = dispatch_exchange_ids(moe->config.ep_group, sent, plan->send_rows, received,
+                                             plan->recv_rows, moe->config.timing);
+    if (status != CM_OK) {
+        ctx->status = status;
+        return NULL;
+    }
+    for (int i = 0; i < R; i++) mine[i] = received[plan->to_expert_major[i]];
+    return mine;
+}
+
+typedef struct dropout_job {
+    cm_rng_key key;
+    const uint64_t *row_token; /* [R] */
+    const int32_t *row_expert; /* [R] global expert */
+    int hidden, experts;
+    float p;
+    uint8_t *keep; /* [R,H] */
+} dropout_job;
+
+/* keep for rows [begin, end): unit u of row r uses the draw at index
+ * (token E + expert) H + u. */
+static void dropout_rows(void *context, int64_t begin, int64_t end) {
+    const dropout_job *j = context;
+    enum { CHUNK = 64 };
+    float uniform[CHUNK];
+    for (int64_t r = begin; r < end; r++) {
+        uint64_t base = (j->row_token[r] * (uint64_t)j->experts + (uint64_t)j->row_expert[r]) *
+                        (uint64_t)j->hidden;
+        uint8_t *keep = j->keep + r * j->hidden;
+        for (int u = 0; u < j->hidden; u += CHUNK) {
+            int n = j->hidden - u < CHUNK ? j->hidden - u : CHUNK;
+            cm_rng_fill_uniform(j->key, base + (uint64_t)u, n, 0.0f, 1.0f, uniform);
+            for (int i = 0; i < n; i++) keep[u + i] = uniform[i] >= j->p;
+        }
+    }
+}
+
+/* The experts' dropout mask [R,H] for this call (moe.h); only the mask
+ * outlives it (backward reads it). */
+static uint8_t *expert_dropout_mask(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                    const int32_t *sorted_token, int S, const exchange_plan *plan) {
+    const moe_config *c = &moe->config;
+    const int R = plan->received, H = c->hidden;
+    uint8_t *keep = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)H, "moe dropout");
+    size_t scratch = ag_scratch_mark(ctx);
+    uint64_t *row_token = expert_row_tokens(ctx, moe, call, sorted_token, S, plan);
+    int32_t *row_expert = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe dropout");
+    if (!row_token || !row_expert || !keep) return NULL;
+    for (int j = 0; j < moe->local_experts; j++)
+        for (int r = plan->local_offsets[j]; r < plan->local_offsets[j + 1]; r++)
+            row_expert[r] = moe->first_expert + j;
+    /* THOR's second pass draws its own masks */
+    uint32_t stream = ((uint32_t)call->pass << 24) + (uint32_t)moe->layer;
+    dropout_job job = {.key = {call->seed, call->step, stream, CM_RNG_EXPERT_DROPOUT},
+                       .row_token = row_token,
+                       .row_expert = row_expert,
+                       .hidden = H,
+                       .experts = c->router.num_experts,
+                       .p = c->expert_dropout,
+                       .keep = keep};
+    cm_pool_for(R, 1 + 4096 / H, dropout_rows, &job);
+    ag_scratch_release(ctx, scratch);
+    return keep;
 }
 
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
@@ -182,9 +274,26 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
     ag_tensor *h = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
                                      plan.local_offsets);
-    /* the activation is fused into the second product: act(h) is not kept */
-    ag_tensor *y = ag_grouped_linear_act(ctx, h, c->activation, ag_param_tensor(moe->w2),
-                                         ag_param_tensor(moe->b2), plan.local_offsets);
+    /* the activation (and dropout) is fused into the second product: the
+     * hidden activations a are not kept */
+    ag_tensor *y;
+    const bool dropout = call->training && c->expert_dropout > 0.0f;
+    if (c->activation != AG_ACT_SWIGLU && !dropout) {
+        y = ag_grouped_linear_act(ctx, h, c->activation, ag_param_tensor(moe->w2),
+                                  ag_param_tensor(moe->b2), plan.local_offsets);
+    } else {
+        ag_hidden_layer hidden = {.activation = c->activation};
+        if (c->activation == AG_ACT_SWIGLU)
+            hidden.up = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w3),
+                                          ag_param_tensor(moe->b3), plan.local_offsets);
+        if (dropout) {
+            hidden.keep = expert_dropout_mask(ctx, moe, call, sorted_token, S, &plan);
+            if (!hidden.keep) return ag_ctx_status(ctx);
+            hidden.keep_scale = 1.0f / (1.0f - c->expert_dropout);
+        }
+        y = ag_grouped_linear_hidden(ctx, h, &hidden, ag_param_tensor(moe->w2),
+                                     ag_param_tensor(moe->b2), plan.local_offsets);
+    }
     y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
     result->out = ag_scatter_add_rows_scaled(ctx, y, gates, sorted_token, T);

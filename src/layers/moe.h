@@ -5,8 +5,11 @@
  *              expert's rows are contiguous; xs = x[token of slot] [S,D];
  *              with expert parallelism the rows travel to the ranks that own
  *              their experts (parallel/dispatch.h) and come back after
- *           -> experts: per expert e, h = act(xs_e W1_e^T + b1_e) [S_e,H],
- *              y_e = h W2_e^T + b2_e [S_e,D] (one sgemm per expert and matrix;
+ *           -> experts: per expert e, a = act(xs_e W1_e^T + b1_e) [S_e,H],
+ *              or with swiglu (LLaMA's MLP: W1 gate_proj, W3 up_proj, W2
+ *              down_proj) a = silu(xs_e W1_e^T + b1_e) * (xs_e W3_e^T + b3_e);
+ *              in training, dropout on a (expert_dropout); then
+ *              y_e = a W2_e^T + b2_e [S_e,D] (one sgemm per expert and matrix;
  *              experts with no rows cost nothing)
  *           -> combine: out[t] = sum over t's slots of gate * y [T,D]
  * Backward runs the same path transposed (the ops' backward functions); the
@@ -17,7 +20,17 @@
  * Parameters (expert group, leading dimension = this rank's experts; the
  * values of expert e do not depend on how the experts are sharded):
  *   PREFIX.experts.w1 [E_local,H,D], .b1 [E_local,H], .w2 [E_local,D,H], .b2 [E_local,D],
+ *   and with swiglu also .w3 [E_local,H,D], .b3 [E_local,H] (initialised like
+ *   w1 and b1: normal(0, init_std) and zero); every expert has all biases,
  * and the router's PREFIX.router.weight [E,D] (+ bias) in the dense group.
+ * Expert dropout (SMoE-Dropout's released experts drop inside the FFN,
+ * METHODS.md 1.2): in training each hidden unit of each (token, expert) pair
+ * is zeroed with probability expert_dropout and the others scaled by
+ * 1/(1-p). The mask of unit u of expert e for global token t is the draw at
+ * index (t E + e) H + u of the key (seed, step, pass * 2^24 + layer,
+ * CM_RNG_EXPERT_DROPOUT): the same whatever the split of tokens over ranks
+ * or their order by expert (with expert parallelism each row's global token
+ * index travels with it).
  * Owns: parameter handles; all per-step buffers come from the arena. */
 #ifndef CMOE_LAYERS_MOE_H
 #define CMOE_LAYERS_MOE_H
@@ -33,6 +46,7 @@ typedef struct moe_config {
     ag_activation activation; /* of the experts' hidden layer */
     float init_std;           /* w1 init std */
     float out_std;            /* w2 init std (residual projection) */
+    float expert_dropout;     /* dropout on the hidden units in training, [0, 1) */
     router_config router;     /* router.num_experts = E */
     /* Expert parallelism: this rank holds experts
      * [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges tokens with
@@ -48,6 +62,7 @@ typedef struct moe_layer {
     router router;
     int first_expert, local_experts; /* the experts held here */
     ag_param *w1, *b1, *w2, *b2;     /* [local_experts, ...] */
+    ag_param *w3, *b3;               /* swiglu's up projection; NULL otherwise */
 } moe_layer;
 
 typedef struct moe_result {

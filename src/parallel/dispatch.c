@@ -111,3 +111,25 @@ ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
             (all_to_all_saved){send_counts, recv_counts, group, timing};
     return out;
 }
+
+cm_status dispatch_exchange_ids(MPI_Comm group, const uint64_t *send, const int32_t *send_rows,
+                                uint64_t *recv, const int32_t *recv_rows, dispatch_timing *timing) {
+    const int ranks = comm_size(group);
+    if (ranks == 1) {
+        memcpy(recv, send, (size_t)send_rows[0] * sizeof(uint64_t));
+        return CM_OK;
+    }
+    enum { MAX_RANKS = 1024 };
+    int send_counts[MAX_RANKS], send_displacements[MAX_RANKS];
+    int recv_counts[MAX_RANKS], recv_displacements[MAX_RANKS];
+    if (ranks > MAX_RANKS)
+        return CM_ERR(CM_ERR_INVALID, "expert-parallel groups of more than %d ranks", MAX_RANKS);
+    layout(send_rows, ranks, 1, send_counts, send_displacements);
+    layout(recv_rows, ranks, 1, recv_counts, recv_displacements);
+    double start = exchange_start(group, timing);
+    int code = MPI_Alltoallv(send, send_counts, send_displacements, MPI_UINT64_T, recv, recv_counts,
+                             recv_displacements, MPI_UINT64_T, group);
+    exchange_end(start, timing);
+    if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoallv of row ids failed");
+    return CM_OK;
+}

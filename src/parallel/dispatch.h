@@ -42,4 +42,11 @@ cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t 
 ag_tensor *ag_all_to_all(ag_ctx *ctx, ag_tensor *x, const int32_t *send_counts,
                          const int32_t *recv_counts, MPI_Comm group, dispatch_timing *timing);
 
+/* One 64-bit id per row (no gradient), laid out like ag_all_to_all's rows:
+ * send_rows[p] ids for rank p, in rank order -> recv_rows[p] ids from rank
+ * p, in rank order. The MoE layer sends each row's global token index with
+ * it when the experts' dropout needs it. */
+cm_status dispatch_exchange_ids(MPI_Comm group, const uint64_t *send, const int32_t *send_rows,
+                                uint64_t *recv, const int32_t *recv_rows, dispatch_timing *timing);
+
 #endif

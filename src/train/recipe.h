@@ -93,6 +93,7 @@ typedef struct cm_moe_cfg {
     int expert_hidden; /* 0: d_ff / E with split_dense, else d_ff; see recipe_expert_hidden */
     bool split_dense;  /* experts are the dense MLP cut into E blocks of d_ff / E */
     ag_activation activation;
+    double expert_dropout;       /* dropout on the experts' hidden units in training */
     moe_cnn_routing cnn_routing; /* arch resnet */
 } cm_moe_cfg;
 

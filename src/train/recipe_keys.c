@@ -185,7 +185,11 @@ const recipe_key recipe_keys[] = {
              "experts are the dense MLP cut into num_experts blocks of d_ff / num_experts "
              "(equal total parameters; SMoE-Dropout); needs d_ff divisible by num_experts"),
     KEY_ENUM("moe", "activation", moe.activation, ag_activation, ag_activation_names, "gelu",
-             "activation inside each expert (the dense MLP always uses gelu)"),
+             "activation inside each expert (the dense MLP always uses gelu); swiglu: "
+             "silu(W1 x + b1) * (W3 x + b3), a third matrix per expert (LLaMA, top-p paper)"),
+    KEY_DOUBLE("moe", "expert_dropout", moe.expert_dropout, "0", "[0, 1)",
+               "transformer_lm: dropout probability on each expert's hidden units (between its "
+               "two matrices) in training; the SMoE-Dropout release drops there"),
     KEY_ENUM("moe", "cnn_routing", moe.cnn_routing, moe_cnn_routing, moe_cnn_routing_names, "image",
              "resnet: one router reading the image whose choice every MoE conv uses (image, the "
              "AdvMoE release) or one router per MoE conv reading its input (per_layer)"),

@@ -170,7 +170,8 @@ static int64_t lm_items_per_step(void *state) {
 
 /* Model FLOPs of one step (BENCH.md's formula): tokens x (6 N_active +
  * 12 n_layer seq_len d_model), N_active = n_layer (4 d^2 + FFN) + d vocab,
- * FFN = 2 d d_ff (dense) or k 2 d h + d E (MoE). */
+ * FFN = 2 d d_ff (dense) or k m d h + d E (MoE), m = the expert's matrices:
+ * 2, or 3 with swiglu (W1, W3 and W2). */
 static double lm_model_flops(void *state) {
     const cm_recipe *recipe = ((lm_task *)state)->env.recipe;
     const cm_model_cfg *m = &recipe->model;
@@ -180,7 +181,8 @@ static double lm_model_flops(void *state) {
     for (int l = 0; l < m->n_layers; l++) {
         double ffn = 2.0 * d * m->d_ff;
         if (recipe_layer_is_moe(recipe, l))
-            ffn = recipe->router.k * 2.0 * d * recipe_expert_hidden(recipe) +
+            ffn = recipe->router.k * (recipe->moe.activation == AG_ACT_SWIGLU ? 3.0 : 2.0) * d *
+                      recipe_expert_hidden(recipe) +
                   d * recipe->moe.num_experts;
         active += 4.0 * d * d + ffn;
     }

@@ -2,10 +2,12 @@
  * loss, outputs and every gradient of one process running the whole batch,
  * for the learned top-k (with its load-balancing and z-loss), SMoE-Dropout,
  * THOR and top-p routers, including skewed routing where ranks receive no
- * tokens, and for top-k and expert choice with a capacity so large that
- * nothing drops. Every rank computes the single-process reference itself and
- * checks its own rows and expert shard against it (tolerance 1e-5 relative:
- * the sums over ranks run in another order).
+ * tokens, with SwiGLU experts and dropout inside the experts (its masks are
+ * keyed by global token, so the sharded run draws the same ones), and for
+ * top-k and expert choice with a capacity so large that nothing drops. Every
+ * rank computes the single-process reference itself and checks its own rows
+ * and expert shard against it (tolerance 1e-5 relative: the sums over ranks
+ * run in another order).
  *
  * With drops, capacity and expert choice are per rank (docs/recipes.md,
  * "parallel"): each rank's routing equals routing its rows alone, and
@@ -32,7 +34,18 @@ typedef struct outcome {
     float out[T * D], dx[T * D];
     float drouter[E * D];
     float dw1[E * H * D], dw2[E * D * H], db1[E * H], db2[E * D];
+    float dw3[E * H * D], db3[E * H]; /* SwiGLU */
 } outcome;
+
+/* The experts' activation and dropout; signed_inputs: x in [-1, 1] instead
+ * of [0.2, 1], so the tokens spread over the experts and each rank receives
+ * rows for several of its experts from several ranks (the received rows are
+ * then reordered, and their global token indices with them). */
+typedef struct expert_kind {
+    ag_activation activation;
+    float dropout;
+    bool signed_inputs;
+} expert_kind;
 
 static router_config make_router(router_kind kind) {
     return (router_config){.kind = kind,
@@ -51,11 +64,12 @@ static router_config make_router(router_kind kind) {
 /* Runs rows [first, first + count) of the batch through a layer holding the
  * experts of EP rank `rank` of `ranks`; the loss is sum_t w_t . out_t plus the
  * aux loss; fills the local part of `result` (rows and expert shard). */
-static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, int ranks, int first,
-                int count, outcome *result) {
+static void run(router_config router_cfg, bool skew, expert_kind experts, MPI_Comm group, int rank,
+                int ranks, int first, int count, outcome *result) {
     moe_config config = {.d_model = D,
                          .hidden = H,
-                         .activation = AG_ACT_GELU,
+                         .activation = experts.activation,
+                         .expert_dropout = experts.dropout,
                          .init_std = 0.5f,
                          .out_std = 0.5f,
                          .router = router_cfg,
@@ -73,7 +87,8 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
         for (int i = 0; i < D; i++) w[0 * D + i] += 4.0f, w[1 * D + i] += 2.0f;
     }
     float x_all[T * D], weights[T * D];
-    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, T * D, 0.2f, 1.0f, x_all);
+    cm_rng_fill_uniform((cm_rng_key){3, 0, 0, CM_RNG_TEST}, 0, T * D,
+                        experts.signed_inputs ? -1.0f : 0.2f, 1.0f, x_all);
     cm_rng_fill_uniform((cm_rng_key){4, 0, 0, CM_RNG_TEST}, 0, T * D, -1.0f, 1.0f, weights);
     float grad[T * D] = {0};
     ag_tensor x = ag_tensor_wrap(x_all + first * D, grad + first * D, 2, (int[]){count, D}, true);
@@ -109,6 +124,10 @@ static void run(router_config router_cfg, bool skew, MPI_Comm group, int rank, i
     memcpy(result->dw2 + f * D * H, layer.w2->tensor.grad, (size_t)n * D * H * sizeof(float));
     memcpy(result->db1 + f * H, layer.b1->tensor.grad, (size_t)n * H * sizeof(float));
     memcpy(result->db2 + f * D, layer.b2->tensor.grad, (size_t)n * D * sizeof(float));
+    if (layer.w3) {
+        memcpy(result->dw3 + f * H * D, layer.w3->tensor.grad, (size_t)n * H * D * sizeof(float));
+        memcpy(result->db3 + f * H, layer.b3->tensor.grad, (size_t)n * H * sizeof(float));
+    }
     ag_ctx_free(&ctx);
     ag_params_free(&params);
 }
@@ -124,14 +143,14 @@ static void close_enough(const char *what, const float *got, const float *want, 
                   what, max_diff, max_ref);
 }
 
-static void check_config(router_config router_cfg, bool skew) {
+static void check_config(router_config router_cfg, bool skew, expert_kind experts) {
     static outcome reference, parallel;
     memset(&reference, 0, sizeof reference);
     memset(&parallel, 0, sizeof parallel);
-    run(router_cfg, skew, MPI_COMM_NULL, 0, 1, 0, T, &reference);
+    run(router_cfg, skew, experts, MPI_COMM_NULL, 0, 1, 0, T, &reference);
     int ranks = comm.world_size, rank = comm.world_rank;
     int first = rank * T / ranks, count = (rank + 1) * T / ranks - first;
-    run(router_cfg, skew, comm.ep, comm.ep_rank, comm.ep_size, first, count, &parallel);
+    run(router_cfg, skew, experts, comm.ep, comm.ep_rank, comm.ep_size, first, count, &parallel);
     ck_assert_msg(fabs(parallel.loss - reference.loss) <= 1e-5 * fmax(fabs(reference.loss), 1e-3),
                   "rank %d: loss %.9g vs %.9g", rank, parallel.loss, reference.loss);
     close_enough("output rows", parallel.out + first * D, reference.out + first * D, count * D);
@@ -147,12 +166,20 @@ static void check_config(router_config router_cfg, bool skew) {
     close_enough("w2 gradient", parallel.dw2 + f * D * H, reference.dw2 + f * D * H, n * D * H);
     close_enough("b1 gradient", parallel.db1 + f * H, reference.db1 + f * H, n * H);
     close_enough("b2 gradient", parallel.db2 + f * D, reference.db2 + f * D, n * D);
+    ck_assert_int_eq(comm_sum_floats(comm.dp, parallel.dw3 + f * H * D, n * H * D), CM_OK);
+    ck_assert_int_eq(comm_sum_floats(comm.dp, parallel.db3 + f * H, n * H), CM_OK);
+    close_enough("w3 gradient", parallel.dw3 + f * H * D, reference.dw3 + f * H * D, n * H * D);
+    close_enough("b3 gradient", parallel.db3 + f * H, reference.db3 + f * H, n * H);
     ck_assert_int_eq(parallel.dropped, 0); /* every case here is dropless */
     ck_assert_int_eq(reference.dropped, 0);
 }
 
+static void check_experts(router_kind kind, bool skew, expert_kind experts) {
+    check_config(make_router(kind), skew, experts);
+}
+
 static void check(router_kind kind, bool skew) {
-    check_config(make_router(kind), skew);
+    check_experts(kind, skew, (expert_kind){AG_ACT_GELU, 0.0f, false});
 }
 
 START_TEST(test_topk) {
@@ -179,6 +206,16 @@ START_TEST(test_top_p_skewed) {
     check(ROUTER_TOP_P, true);
 }
 END_TEST
+START_TEST(test_topk_expert_dropout) {
+    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, true});
+    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, false});
+}
+END_TEST
+START_TEST(test_top_p_swiglu_expert_dropout) {
+    check_experts(ROUTER_TOP_P, false, (expert_kind){AG_ACT_SWIGLU, 0.4f, true});
+    check_experts(ROUTER_TOPK, true, (expert_kind){AG_ACT_SWIGLU, 0.0f, false});
+}
+END_TEST
 
 /* Capacity so large that nothing drops on any rank count: the capacity is
  * per rank, but then it changes nothing, and the layer equals one process.
@@ -187,10 +224,10 @@ END_TEST
 START_TEST(test_capacity_without_drops) {
     router_config topk = make_router(ROUTER_TOPK);
     topk.capacity_factor = (float)E / topk.k;
-    check_config(topk, true);
+    check_config(topk, true, (expert_kind){AG_ACT_GELU, 0.0f, false});
     router_config expert_choice = make_router(ROUTER_EXPERT_CHOICE);
     expert_choice.capacity_factor = (float)E;
-    check_config(expert_choice, false);
+    check_config(expert_choice, false, (expert_kind){AG_ACT_GELU, 0.0f, false});
 }
 END_TEST
 
@@ -397,6 +434,8 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_capacity_without_drops);
     tcase_add_test(tc, test_capacity_is_per_rank);
     tcase_add_test(tc, test_aux_loss_scopes);
+    tcase_add_test(tc, test_topk_expert_dropout);
+    tcase_add_test(tc, test_top_p_swiglu_expert_dropout);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_set_fork_status(runner, CK_NOFORK); /* no fork() under MPI */

@@ -45,6 +45,9 @@ The routing is written from the method descriptions (METHODS.md sections
                 losses then use H in place of the logits.
 Gradients reach the router only through the gates and the losses, never
 through the selection (which is computed on detached values).
+Experts (settings "activation"): gelu (tanh form), w2 gelu(w1 h + b1) + b2;
+swiglu (the top-p paper's LLaMA MLP: gate_proj w1, up_proj w3, down_proj w2,
+with the biases cmoe declares) w2 (silu(w1 h + b1) * (w3 h + b3)) + b2.
 """
 import json
 import math
@@ -127,7 +130,11 @@ def moe_layer(params, prefix, h, cfg, k, noise):
         rows = mask[:, e].nonzero().flatten()
         if rows.numel() == 0:
             continue
-        hidden = F.gelu(h[rows] @ w1[e].T + b1[e], approximate="tanh")
+        if cfg["activation"] == "swiglu":
+            w3, b3 = params[prefix + "experts.w3"], params[prefix + "experts.b3"]
+            hidden = F.silu(h[rows] @ w1[e].T + b1[e]) * (h[rows] @ w3[e].T + b3[e])
+        else:
+            hidden = F.gelu(h[rows] @ w1[e].T + b1[e], approximate="tanh")
         y = hidden @ w2[e].T + b2[e]
         out = out.index_add(0, rows, gates[rows, e : e + 1] * y)
 
