@@ -22,11 +22,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/progress.h"
 #include "train/run.h"
 #include "train/task_cnn.h"
 
@@ -227,8 +229,10 @@ START_TEST(test_standard_training_learns) {
             ck_assert(model_flops == (double)flops);
             found_model = true;
         }
+        ck_assert(!metrics_is_kind(line, "moe_cnn")); /* dense: no routing lines */
         if (!strstr(line, "\"kind\": \"test\"")) continue;
         found = true;
+        ck_assert_ptr_null(strstr(line, "images_per_expert"));
         ck_assert_ptr_nonnull(strstr(line, "\"sa\": "));
         ck_assert_ptr_nonnull(strstr(line, "\"ra\": "));
         ck_assert_ptr_nonnull(strstr(line, "\"step\": 40"));
@@ -566,6 +570,192 @@ START_TEST(test_robustness_at_eps_zero) {
 }
 END_TEST
 
+/* The integers of the array "key": [...] of a metrics line into out (at
+ * most capacity); the count, -1 when the line has no such array. */
+static int line_integers(const char *line, const char *key, int64_t *out, int capacity) {
+    char pattern[128];
+    snprintf(pattern, sizeof pattern, "\"%s\": [", key);
+    const char *at = strstr(line, pattern);
+    if (!at) return -1;
+    at += strlen(pattern);
+    int n = 0;
+    while (*at != ']') {
+        char *end;
+        long long value = strtoll(at, &end, 10);
+        ck_assert_msg(end != at && n < capacity, "bad array %s in %s", key, line);
+        out[n++] = value;
+        at = end;
+        while (*at == ',' || *at == ' ') at++;
+    }
+    return n;
+}
+
+static double line_number(const char *line, const char *key) {
+    double value = 0;
+    ck_assert_msg(metrics_find_number(line, key, &value), "no %s in %s", key, line);
+    return value;
+}
+
+/* Images per expert (E = 2), per router: each training window's line per
+ * router counts every image of the window once (log_every x batch, the last
+ * window shorter), in phase 0, on the clean images (advmoe) or the attacked
+ * ones (pgd_at); the test line has them for the clean and the RA images,
+ * each router's summing to the images evaluated, with the largest share. */
+START_TEST(test_routing_counts) {
+    for (int variant = 0; variant < 3; variant++) {
+        const bool per_layer = variant == 1, pgd = variant == 2;
+        const char *extra[] = {
+            moe_overrides[0], moe_overrides[1],
+            moe_overrides[2], pgd ? "adversarial.mode=pgd_at" : "adversarial.mode=advmoe",
+            "train.steps=12", per_layer ? "moe.cnn_routing=per_layer" : "moe.cnn_routing=image"};
+        cm_recipe recipe = make_recipe("counts", extra, 6);
+        run_options options = {.quiet = true};
+        run_result result;
+        cm_status status = run_train(&recipe, &options, &result);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        const int routers = per_layer ? 4 : 1;
+        char path[700], line[4096];
+        snprintf(path, sizeof path, "%s/counts/metrics.jsonl", dir);
+        FILE *file = fopen(path, "r");
+        ck_assert_ptr_nonnull(file);
+        int lines_at[13] = {0}, test_lines = 0;
+        while (fgets(line, sizeof line, file)) {
+            int64_t counts[64];
+            if (metrics_is_kind(line, "moe_cnn")) {
+                const int step = (int)line_number(line, "step");
+                ck_assert_msg(step == 5 || step == 10 || step == 12, "%s", line);
+                ck_assert_int_eq((int)line_number(line, "router"), lines_at[step]++);
+                ck_assert(line_number(line, "phase") == 0);
+                ck_assert(line_number(line, "attacked") == (pgd ? 1 : 0));
+                const int64_t images = (step == 12 ? 2 : 5) * 32;
+                ck_assert(line_number(line, "images") == (double)images);
+                ck_assert_int_eq(line_integers(line, "images_per_expert", counts, 64), 2);
+                ck_assert_int_eq(counts[0] + counts[1], images);
+                const double share = (double)(counts[0] > counts[1] ? counts[0] : counts[1]);
+                ck_assert_double_eq_tol(line_number(line, "max_share"), share / images, 1e-4);
+                ck_assert(line_number(line, "collapsed") == (share / images > 0.9));
+            } else if (metrics_is_kind(line, "test")) {
+                test_lines++;
+                const int64_t images = (int64_t)line_number(line, "images");
+                ck_assert_int_eq(images, TEST_SAMPLES);
+                const char *keys[2] = {"images_per_expert_clean", "images_per_expert_ra"};
+                for (int k = 0; k < 2; k++) {
+                    ck_assert_int_eq(line_integers(line, keys[k], counts, 64), 2 * routers);
+                    double largest = 0;
+                    for (int r = 0; r < routers; r++) {
+                        ck_assert_int_eq(counts[2 * r] + counts[2 * r + 1], images);
+                        for (int e = 0; e < 2; e++)
+                            largest = fmax(largest, (double)counts[2 * r + e] / images);
+                    }
+                    ck_assert_double_eq_tol(
+                        line_number(line, k ? "max_expert_share_ra" : "max_expert_share_clean"),
+                        largest, 1e-6);
+                }
+                const double collapsed = line_number(line, "collapsed_routers");
+                ck_assert(collapsed >= 0 && collapsed <= routers);
+            }
+        }
+        fclose(file);
+        ck_assert_int_eq(test_lines, 1);
+        ck_assert_int_eq(lines_at[5], routers);
+        ck_assert_int_eq(lines_at[10], routers);
+        ck_assert_int_eq(lines_at[12], routers);
+    }
+}
+END_TEST
+
+/* Runs `steps` steps from `first` and writes the log window ending there
+ * (metrics into RUN/metrics.jsonl, progress into *printed); the moe_cnn line
+ * of router 0 into line. */
+static void window_after(run_session *session, int64_t first, int64_t steps, const char *run,
+                         char *line, size_t size, char **printed) {
+    for (int64_t step = first; step < first + steps; step++) {
+        run_step_result done;
+        cm_status status = run_session_step(session, step, &done);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    }
+    char run_dir[700], path[800];
+    snprintf(run_dir, sizeof run_dir, "%s/%s", dir, run);
+    mkdir(run_dir, 0700);
+    cm_metrics metrics;
+    ck_assert_int_eq(metrics_open(&metrics, run_dir, -1), CM_OK);
+    size_t printed_size = 0;
+    FILE *stream = open_memstream(printed, &printed_size);
+    cm_progress progress;
+    progress_init(&progress, stream, first, first + steps, true);
+    const task_vtable *task = run_session_task(session);
+    ck_assert_int_eq(
+        task->write_window(run_session_task_state(session), &metrics, &progress, first + steps),
+        CM_OK);
+    metrics_close(&metrics);
+    fclose(stream);
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    ck_assert_ptr_nonnull(fgets(line, (int)size, file));
+    fclose(file);
+    ck_assert(metrics_is_kind(line, "moe_cnn") && line_number(line, "router") == 0);
+}
+
+/* A router forced to one expert (linear weights 0, bias margin 100: every
+ * image to expert 1; joint TRADES training, whose straight-through gradient
+ * does not undo that in 20 steps) is reported as collapsed: in the window's
+ * line, by a warning when it collapses (not again while it stays so), and in
+ * the evaluation (the test line's "collapsed_routers" and the printed text);
+ * a router AdvMoE trains to route by y mod 2 (balanced classes) is not. */
+START_TEST(test_collapsed_router_warnings) {
+    for (int collapse = 0; collapse < 2; collapse++) {
+        const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2],
+                               collapse ? "adversarial.mode=trades" : "adversarial.mode=advmoe",
+                               "train.steps=40"};
+        cm_recipe recipe = make_recipe("collapse", extra, 5);
+        run_session *session = NULL;
+        ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+        ag_params *params = run_session_params(session);
+        char line[4096], *printed = NULL;
+        if (collapse) {
+            ag_param *weight = ag_params_find(params, "router.fc.weight");
+            ag_param *bias = ag_params_find(params, "router.fc.bias");
+            memset(weight->tensor.data, 0, (size_t)weight->tensor.numel * sizeof(float));
+            bias->tensor.data[0] = 0.0f;
+            bias->tensor.data[1] = 100.0f;
+        }
+        /* The window of steps 1..15; then the one of steps 16..20. */
+        window_after(session, 0, 15, "collapse-a", line, sizeof line, &printed);
+        const bool warned = strstr(printed, "WARNING step 15: router 0 sent 100.0% of the "
+                                            "window's 480 training images to expert 1") != NULL;
+        ck_assert_msg(collapse ? warned : !strstr(printed, "WARNING"), "%s", printed);
+        free(printed);
+        window_after(session, 15, 5, "collapse-b", line, sizeof line, &printed);
+        ck_assert_msg(!strstr(printed, "WARNING"), "%s", printed); /* still collapsed: no repeat */
+        free(printed);
+        int64_t counts[2];
+        ck_assert_int_eq(line_integers(line, "images_per_expert", counts, 2), 2);
+        if (collapse) {
+            ck_assert_int_eq(counts[0], 0);
+            ck_assert_int_eq(counts[1], 160);
+            ck_assert(line_number(line, "max_share") == 1.0);
+            ck_assert(line_number(line, "collapsed") == 1);
+        } else {
+            ck_assert_msg(line_number(line, "max_share") <= 0.75, "%s", line);
+            ck_assert(line_number(line, "collapsed") == 0);
+        }
+        task_eval_request request = {CM_SPLIT_TEST, 2, 0};
+        task_eval e;
+        cm_status status = run_session_evaluate(session, &request, 20, &e);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        ck_assert(figure(&e, "collapsed_routers") == collapse);
+        const char *warning = strstr(e.summary, "WARNING: router 0 sends 100.0% of the clean "
+                                                "images to expert 1 and 100.0% of the attacked "
+                                                "ones to expert 1");
+        ck_assert_msg(collapse ? warning != NULL : !strstr(e.summary, "WARNING"), "%s", e.summary);
+        const double share = figure(&e, "max_expert_share_clean");
+        ck_assert_msg(collapse ? share == 1.0 : share <= 0.75, "share %g", share);
+        run_session_close(session);
+    }
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("cnn_trainer");
     TCase *tc = tcase_create("cnn_trainer");
@@ -579,6 +769,8 @@ int main(void) {
     tcase_add_test(tc, test_resume_is_bit_identical);
     tcase_add_test(tc, test_robustness_metrics);
     tcase_add_test(tc, test_robustness_at_eps_zero);
+    tcase_add_test(tc, test_routing_counts);
+    tcase_add_test(tc, test_collapsed_router_warnings);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);
