@@ -30,6 +30,7 @@
 #include "train/metrics.h"
 #include "train/progress.h"
 #include "train/run.h"
+#include "train/adversarial.h"
 #include "train/task_cnn.h"
 
 enum { SIDE = 8, SAMPLES = 256, TEST_SAMPLES = 64 };
@@ -51,29 +52,30 @@ static void write_gz(const char *path, const uint8_t *bytes, size_t size) {
 }
 
 /* Class 0: a bright 3x3 blob somewhere in the left half; class 1: in the
- * right half; background noise below 60. Deterministic (an LCG). */
-static void write_split(const char *name, int samples, uint32_t seed) {
-    size_t image_bytes = 16 + (size_t)samples * SIDE * SIDE;
+ * right half; background noise below 60; side x side images. Deterministic
+ * (an LCG). */
+static void write_split_side(const char *name, int samples, uint32_t seed, int side) {
+    size_t image_bytes = 16 + (size_t)samples * (size_t)(side * side);
     uint8_t *images = calloc(image_bytes, 1), *labels = calloc(8 + (size_t)samples, 1);
     put_u32(images, 0x803);
     put_u32(images + 4, (uint32_t)samples);
-    put_u32(images + 8, SIDE);
-    put_u32(images + 12, SIDE);
+    put_u32(images + 8, (uint32_t)side);
+    put_u32(images + 12, (uint32_t)side);
     put_u32(labels, 0x801);
     put_u32(labels + 4, (uint32_t)samples);
     uint32_t state = seed;
     for (int n = 0; n < samples; n++) {
-        uint8_t *pixels = images + 16 + (size_t)n * SIDE * SIDE;
-        for (int p = 0; p < SIDE * SIDE; p++) {
+        uint8_t *pixels = images + 16 + (size_t)n * (size_t)(side * side);
+        for (int p = 0; p < side * side; p++) {
             state = state * 1664525u + 1013904223u;
             pixels[p] = (uint8_t)((state >> 24) % 60);
         }
         int label = n % 2;
         state = state * 1664525u + 1013904223u;
-        int y = (int)((state >> 24) % (SIDE - 2));
-        int x = (int)((state >> 16) % (SIDE / 2 - 2)) + (label ? SIDE / 2 : 0);
+        int y = (int)((state >> 24) % (uint32_t)(side - 2));
+        int x = (int)((state >> 16) % (uint32_t)(side / 2 - 2)) + (label ? side / 2 : 0);
         for (int dy = 0; dy < 3; dy++)
-            for (int dx = 0; dx < 3 && x + dx < SIDE; dx++) pixels[(y + dy) * SIDE + x + dx] = 230;
+            for (int dx = 0; dx < 3 && x + dx < side; dx++) pixels[(y + dy) * side + x + dx] = 230;
         labels[8 + n] = (uint8_t)label;
     }
     char path[512];
@@ -83,6 +85,10 @@ static void write_split(const char *name, int samples, uint32_t seed) {
     write_gz(path, labels, 8 + (size_t)samples);
     free(images);
     free(labels);
+}
+
+static void write_split(const char *name, int samples, uint32_t seed) {
+    write_split_side(name, samples, seed, SIDE);
 }
 
 static void setup(void) {
@@ -756,6 +762,67 @@ START_TEST(test_collapsed_router_warnings) {
 }
 END_TEST
 
+/* recipes/cnn/NAME on the synthetic 28x28 data (Fashion-MNIST's size). */
+static run_session *open_recipe_file(const char *name, cm_recipe *recipe) {
+    char path[600], paths[5][700];
+    snprintf(path, sizeof path, "%s/recipes/cnn/%s", CMOE_SOURCE_DIR, name);
+    snprintf(paths[0], sizeof paths[0], "data.path=%s/side28-images.gz", dir);
+    snprintf(paths[1], sizeof paths[1], "data.labels_path=%s/side28-labels.gz", dir);
+    snprintf(paths[2], sizeof paths[2], "data.test_path=%s/side28-images.gz", dir);
+    snprintf(paths[3], sizeof paths[3], "data.test_labels_path=%s/side28-labels.gz", dir);
+    snprintf(paths[4], sizeof paths[4], "train.out_dir=%s/flops", dir);
+    const char *overrides[6] = {paths[0], paths[1], paths[2],
+                                paths[3], paths[4], "train.arena_mib=16"};
+    cm_status status = recipe_load(path, overrides, 6, recipe);
+    ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    run_session *session = NULL;
+    status = run_session_open(recipe, NULL, true, &session);
+    ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    return session;
+}
+
+/* The FLOP-matched dense arm (METHODS.md 4.6 arm 2): dense-half-at.yaml's
+ * inference multiply-adds per image on 28x28 images equal moe-at.yaml's
+ * MoE-CNN's within its router's cost: the dense net equals the MoE-CNN's
+ * backbone exactly (the same convs at one expert's width), and the
+ * difference is the router alone, under 10% of the MoE-CNN's cost (a dense
+ * net has nothing to match it with; the tolerance is that cost). The
+ * full-width dense-at costs about three times as much. The arm is trained as
+ * dense-at (TRADES: the same attack, beta and budget). Measured: moe-at
+ * 3255520 (router 282272, 8.7%), dense-half-at 2973248, dense-at 9345920. */
+START_TEST(test_flop_matched_dense_arm) {
+    write_split_side("side28", 8, 5, 28);
+    cm_recipe moe, half, full;
+    run_session *sessions[3] = {open_recipe_file("moe-at.yaml", &moe),
+                                open_recipe_file("dense-half-at.yaml", &half),
+                                open_recipe_file("dense-at.yaml", &full)};
+    moe_cnn_flops_report flops[3];
+    for (int i = 0; i < 3; i++) {
+        void *state = run_session_task_state(sessions[i]);
+        flops[i] = task_cnn_flops(state);
+        ck_assert_int_eq(task_cnn_flops_per_image(state), flops[i].total);
+    }
+    const moe_cnn_flops_report m = flops[0], h = flops[1], f = flops[2];
+    ck_assert(m.router > 0 && h.router == 0);
+    ck_assert_int_eq(h.total, m.backbone);
+    ck_assert_int_le(m.total - h.total, m.router);
+    ck_assert_int_ge(m.total - h.total, 0);
+    ck_assert_int_lt(10 * m.router, m.total);
+    ck_assert_int_gt(f.total, 2 * h.total);
+    ck_assert(!half.moe.enabled && moe.moe.enabled);
+    ck_assert(half.model.cnn_ratio == moe.model.cnn_ratio);
+    ck_assert_int_eq(half.adversarial.mode, ADV_MODE_TRADES);
+    ck_assert(half.adversarial.mode == full.adversarial.mode &&
+              half.adversarial.eps == full.adversarial.eps &&
+              half.adversarial.step_size == full.adversarial.step_size &&
+              half.adversarial.steps == full.adversarial.steps &&
+              half.adversarial.beta == full.adversarial.beta);
+    ck_assert_int_eq(half.train.steps, full.train.steps);
+    ck_assert_int_eq(half.train.steps, moe.train.steps);
+    for (int i = 0; i < 3; i++) run_session_close(sessions[i]);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("cnn_trainer");
     TCase *tc = tcase_create("cnn_trainer");
@@ -771,6 +838,7 @@ int main(void) {
     tcase_add_test(tc, test_robustness_at_eps_zero);
     tcase_add_test(tc, test_routing_counts);
     tcase_add_test(tc, test_collapsed_router_warnings);
+    tcase_add_test(tc, test_flop_matched_dense_arm);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -213,9 +213,13 @@ int task_cnn_router_params(void *state, ag_param **out, int capacity) {
     return t->n_router_params;
 }
 
-int64_t task_cnn_flops_per_image(void *state) {
+moe_cnn_flops_report task_cnn_flops(void *state) {
     cnn_task *t = state;
-    return moe_cnn_flops(&t->model.config, t->height, t->width).total;
+    return moe_cnn_flops(&t->model.config, t->height, t->width);
+}
+
+int64_t task_cnn_flops_per_image(void *state) {
+    return task_cnn_flops(state).total;
 }
 
 static void cnn_describe(void *state, cm_progress *progress) {

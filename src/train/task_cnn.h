@@ -80,6 +80,7 @@
 #ifndef CMOE_TRAIN_TASK_CNN_H
 #define CMOE_TRAIN_TASK_CNN_H
 
+#include "layers/moe_conv.h"
 #include "train/task.h"
 
 /* The phases of an advmoe step (other modes have phase 0 only). */
@@ -90,8 +91,11 @@ enum { CNN_PHASE_EXPERTS = 0, CNN_PHASE_ROUTERS = 1 };
 #define TASK_CNN_COLLAPSED_SHARE 0.9
 
 /* For tests: the router parameters (phi) of the task's model (0 for a dense
- * model), and the inference multiply-adds per image. */
+ * model), and the inference multiply-adds per image (the total, and the
+ * report with the backbone and the routers apart; 0 before a data set gave
+ * the image size). */
 int task_cnn_router_params(void *state, ag_param **out, int capacity);
 int64_t task_cnn_flops_per_image(void *state);
+moe_cnn_flops_report task_cnn_flops(void *state);
 
 #endif
