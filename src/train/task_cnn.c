@@ -453,8 +453,8 @@ static cm_status cnn_phase_end(void *state, int phase, bool completed) {
 
 /* ---- routing diagnostics ------------------------------------------------------------- */
 
-/* The expert router r sends most of `images` to (*expert) and its share;
- * load is the router's row [E]. */
+/* The expert a router sends the most images to (*expert) and its share of
+ * `images`; load is the router's row of counts [E]. */
 static double top_share(const int64_t *load, int E, int64_t images, int *expert) {
     int best = 0;
     for (int e = 1; e < E; e++)
