@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trains the four CNN recipes of recipes/cnn/ (dense-standard, dense-at,
-# moe-at, advmoe) for the same step budget on Fashion-MNIST and prints one
+# Trains the five CNN recipes of recipes/cnn/ (dense-standard, dense-at,
+# dense-half-at, moe-at, advmoe) for the same step budget on Fashion-MNIST and prints one
 # table: test SA and RA (PGD of adversarial.eval_steps), the MoE robustness
 # measures (router robustness, expert RA, router-only RA), inference
 # multiply-adds per image, seconds per optimizer step and the wall time of the
@@ -10,9 +10,9 @@
 # usage: scripts/compare-cnn.sh [--steps N] [--eval-batches B] [--out DIR] [--build DIR]
 #                               [--recipes "a b"] [--table-only]
 #                               [-- extra --set overrides for every run]
-# --steps defaults to each recipe's own train.steps (300 for all four);
+# --steps defaults to each recipe's own train.steps (300 for all five);
 # --eval-batches to train.eval_batches (8 batches of 128 = 1024 test images).
-# example (about 10 minutes on 2 cores): scripts/compare-cnn.sh
+# example (about 12 minutes on 2 cores): scripts/compare-cnn.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,7 @@ steps=""
 eval_batches=""
 out=runs/compare-cnn
 build=build
-recipes="dense-standard dense-at moe-at advmoe"
+recipes="dense-standard dense-at dense-half-at moe-at advmoe"
 train=true
 while [ $# -gt 0 ]; do
     case $1 in

@@ -287,6 +287,16 @@ static int64_t direct_correct(moe_fixture *f, const float *images, const float *
     return correct;
 }
 
+/* counts[r * 2 + e] must be the images of routes[r] that chose e (E = 2). */
+static void expect_histogram(const int64_t *counts, int32_t routes[][N], int routers) {
+    for (int r = 0; r < routers; r++) {
+        int64_t expected[2] = {0, 0};
+        for (int n = 0; n < N; n++) expected[routes[r][n]]++;
+        ck_assert_int_eq(counts[r * 2], expected[0]);
+        ck_assert_int_eq(counts[r * 2 + 1], expected[1]);
+    }
+}
+
 static adv_eval_counts evaluate_counts(moe_fixture *f, const adv_attack_config *attack) {
     adv_eval_counts counts = {0};
     ag_ctx_reset(&f->ctx);
@@ -318,9 +328,15 @@ START_TEST(test_evaluate_eps_zero) {
         ck_assert_int_eq(c.router_only_correct, routing == MOE_CNN_ROUTING_IMAGE ? clean : 0);
         for (int r = 0; r < routers; r++) ck_assert_int_eq(c.routes_kept[r], N);
         ck_assert(memcmp(f->x_adv, f->x->data, sizeof f->x_adv) == 0);
+        /* Images per expert: the clean routes, and the same on the unmoved x_adv. */
+        ck_assert_int_eq(c.num_experts, 2);
+        expect_histogram(c.clean_per_expert, routes, routers);
+        expect_histogram(c.attacked_per_expert, routes, routers);
         /* No attack: SA alone. */
         c = evaluate_counts(f, NULL);
         ck_assert_int_eq(c.clean_correct, clean);
+        expect_histogram(c.clean_per_expert, routes, routers);
+        for (int i = 0; i < 2 * routers; i++) ck_assert_int_eq(c.attacked_per_expert[i], 0);
         ck_assert_int_eq(
             c.robust_correct + c.expert_correct + c.router_only_correct + c.worst_correct, 0);
         moe_fixture_free(f);
@@ -346,6 +362,9 @@ START_TEST(test_evaluate_dissection) {
     for (int n = 0; n < N; n++) kept += routes[0][n] == clean_routes[0][n];
     ck_assert_int_eq(c.routes_kept[0], kept);
     ck_assert_msg(kept < N, "the attack should move some routes at eps 0.3");
+    /* Images per expert: of the clean routes and of the routes on x_adv. */
+    expect_histogram(c.clean_per_expert, clean_routes, 1);
+    expect_histogram(c.attacked_per_expert, routes, 1);
     /* Expert RA: the attack with the clean routes forced, no router path or
      * router term. */
     const int32_t *forced[1] = {clean_routes[0]};

@@ -22,12 +22,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/progress.h"
 #include "train/run.h"
+#include "train/adversarial.h"
 #include "train/task_cnn.h"
 
 enum { SIDE = 8, SAMPLES = 256, TEST_SAMPLES = 64 };
@@ -49,29 +52,30 @@ static void write_gz(const char *path, const uint8_t *bytes, size_t size) {
 }
 
 /* Class 0: a bright 3x3 blob somewhere in the left half; class 1: in the
- * right half; background noise below 60. Deterministic (an LCG). */
-static void write_split(const char *name, int samples, uint32_t seed) {
-    size_t image_bytes = 16 + (size_t)samples * SIDE * SIDE;
+ * right half; background noise below 60; side x side images. Deterministic
+ * (an LCG). */
+static void write_split_side(const char *name, int samples, uint32_t seed, int side) {
+    size_t image_bytes = 16 + (size_t)samples * (size_t)(side * side);
     uint8_t *images = calloc(image_bytes, 1), *labels = calloc(8 + (size_t)samples, 1);
     put_u32(images, 0x803);
     put_u32(images + 4, (uint32_t)samples);
-    put_u32(images + 8, SIDE);
-    put_u32(images + 12, SIDE);
+    put_u32(images + 8, (uint32_t)side);
+    put_u32(images + 12, (uint32_t)side);
     put_u32(labels, 0x801);
     put_u32(labels + 4, (uint32_t)samples);
     uint32_t state = seed;
     for (int n = 0; n < samples; n++) {
-        uint8_t *pixels = images + 16 + (size_t)n * SIDE * SIDE;
-        for (int p = 0; p < SIDE * SIDE; p++) {
+        uint8_t *pixels = images + 16 + (size_t)n * (size_t)(side * side);
+        for (int p = 0; p < side * side; p++) {
             state = state * 1664525u + 1013904223u;
             pixels[p] = (uint8_t)((state >> 24) % 60);
         }
         int label = n % 2;
         state = state * 1664525u + 1013904223u;
-        int y = (int)((state >> 24) % (SIDE - 2));
-        int x = (int)((state >> 16) % (SIDE / 2 - 2)) + (label ? SIDE / 2 : 0);
+        int y = (int)((state >> 24) % (uint32_t)(side - 2));
+        int x = (int)((state >> 16) % (uint32_t)(side / 2 - 2)) + (label ? side / 2 : 0);
         for (int dy = 0; dy < 3; dy++)
-            for (int dx = 0; dx < 3 && x + dx < SIDE; dx++) pixels[(y + dy) * SIDE + x + dx] = 230;
+            for (int dx = 0; dx < 3 && x + dx < side; dx++) pixels[(y + dy) * side + x + dx] = 230;
         labels[8 + n] = (uint8_t)label;
     }
     char path[512];
@@ -81,6 +85,10 @@ static void write_split(const char *name, int samples, uint32_t seed) {
     write_gz(path, labels, 8 + (size_t)samples);
     free(images);
     free(labels);
+}
+
+static void write_split(const char *name, int samples, uint32_t seed) {
+    write_split_side(name, samples, seed, SIDE);
 }
 
 static void setup(void) {
@@ -227,8 +235,10 @@ START_TEST(test_standard_training_learns) {
             ck_assert(model_flops == (double)flops);
             found_model = true;
         }
+        ck_assert(!metrics_is_kind(line, "moe_cnn")); /* dense: no routing lines */
         if (!strstr(line, "\"kind\": \"test\"")) continue;
         found = true;
+        ck_assert_ptr_null(strstr(line, "images_per_expert"));
         ck_assert_ptr_nonnull(strstr(line, "\"sa\": "));
         ck_assert_ptr_nonnull(strstr(line, "\"ra\": "));
         ck_assert_ptr_nonnull(strstr(line, "\"step\": 40"));
@@ -566,6 +576,253 @@ START_TEST(test_robustness_at_eps_zero) {
 }
 END_TEST
 
+/* The integers of the array "key": [...] of a metrics line into out (at
+ * most capacity); the count, -1 when the line has no such array. */
+static int line_integers(const char *line, const char *key, int64_t *out, int capacity) {
+    char pattern[128];
+    snprintf(pattern, sizeof pattern, "\"%s\": [", key);
+    const char *at = strstr(line, pattern);
+    if (!at) return -1;
+    at += strlen(pattern);
+    int n = 0;
+    while (*at != ']') {
+        char *end;
+        long long value = strtoll(at, &end, 10);
+        ck_assert_msg(end != at && n < capacity, "bad array %s in %s", key, line);
+        out[n++] = value;
+        at = end;
+        while (*at == ',' || *at == ' ') at++;
+    }
+    return n;
+}
+
+static double line_number(const char *line, const char *key) {
+    double value = 0;
+    ck_assert_msg(metrics_find_number(line, key, &value), "no %s in %s", key, line);
+    return value;
+}
+
+/* Images per expert (E = 2), per router: each training window's line per
+ * router counts every image of the window once (log_every x batch, the last
+ * window shorter), in phase 0, on the clean images (advmoe) or the attacked
+ * ones (pgd_at); the test line has them for the clean and the RA images,
+ * each router's summing to the images evaluated, with the largest share. */
+START_TEST(test_routing_counts) {
+    for (int variant = 0; variant < 3; variant++) {
+        const bool per_layer = variant == 1, pgd = variant == 2;
+        const char *extra[] = {
+            moe_overrides[0], moe_overrides[1],
+            moe_overrides[2], pgd ? "adversarial.mode=pgd_at" : "adversarial.mode=advmoe",
+            "train.steps=12", per_layer ? "moe.cnn_routing=per_layer" : "moe.cnn_routing=image"};
+        cm_recipe recipe = make_recipe("counts", extra, 6);
+        run_options options = {.quiet = true};
+        run_result result;
+        cm_status status = run_train(&recipe, &options, &result);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        const int routers = per_layer ? 4 : 1;
+        char path[700], line[4096];
+        snprintf(path, sizeof path, "%s/counts/metrics.jsonl", dir);
+        FILE *file = fopen(path, "r");
+        ck_assert_ptr_nonnull(file);
+        int lines_at[13] = {0}, test_lines = 0;
+        while (fgets(line, sizeof line, file)) {
+            int64_t counts[64];
+            if (metrics_is_kind(line, "moe_cnn")) {
+                const int step = (int)line_number(line, "step");
+                ck_assert_msg(step == 5 || step == 10 || step == 12, "%s", line);
+                ck_assert_int_eq((int)line_number(line, "router"), lines_at[step]++);
+                ck_assert(line_number(line, "phase") == 0);
+                ck_assert(line_number(line, "attacked") == (pgd ? 1 : 0));
+                const int64_t images = (step == 12 ? 2 : 5) * 32;
+                ck_assert(line_number(line, "images") == (double)images);
+                ck_assert_int_eq(line_integers(line, "images_per_expert", counts, 64), 2);
+                ck_assert_int_eq(counts[0] + counts[1], images);
+                const double share = (double)(counts[0] > counts[1] ? counts[0] : counts[1]);
+                ck_assert_double_eq_tol(line_number(line, "max_share"), share / images, 1e-4);
+                ck_assert(line_number(line, "collapsed") == (share / images > 0.9));
+            } else if (metrics_is_kind(line, "test")) {
+                test_lines++;
+                const int64_t images = (int64_t)line_number(line, "images");
+                ck_assert_int_eq(images, TEST_SAMPLES);
+                const char *keys[2] = {"images_per_expert_clean", "images_per_expert_ra"};
+                for (int k = 0; k < 2; k++) {
+                    ck_assert_int_eq(line_integers(line, keys[k], counts, 64), 2 * routers);
+                    double largest = 0;
+                    for (int r = 0; r < routers; r++) {
+                        ck_assert_int_eq(counts[2 * r] + counts[2 * r + 1], images);
+                        for (int e = 0; e < 2; e++)
+                            largest = fmax(largest, (double)counts[2 * r + e] / images);
+                    }
+                    ck_assert_double_eq_tol(
+                        line_number(line, k ? "max_expert_share_ra" : "max_expert_share_clean"),
+                        largest, 1e-6);
+                }
+                const double collapsed = line_number(line, "collapsed_routers");
+                ck_assert(collapsed >= 0 && collapsed <= routers);
+            }
+        }
+        fclose(file);
+        ck_assert_int_eq(test_lines, 1);
+        ck_assert_int_eq(lines_at[5], routers);
+        ck_assert_int_eq(lines_at[10], routers);
+        ck_assert_int_eq(lines_at[12], routers);
+    }
+}
+END_TEST
+
+/* Runs `steps` steps from `first` and writes the log window ending there
+ * (metrics into RUN/metrics.jsonl, progress into *printed); the moe_cnn line
+ * of router 0 into line. */
+static void window_after(run_session *session, int64_t first, int64_t steps, const char *run,
+                         char *line, size_t size, char **printed) {
+    for (int64_t step = first; step < first + steps; step++) {
+        run_step_result done;
+        cm_status status = run_session_step(session, step, &done);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    }
+    char run_dir[700], path[800];
+    snprintf(run_dir, sizeof run_dir, "%s/%s", dir, run);
+    mkdir(run_dir, 0700);
+    cm_metrics metrics;
+    ck_assert_int_eq(metrics_open(&metrics, run_dir, -1), CM_OK);
+    size_t printed_size = 0;
+    FILE *stream = open_memstream(printed, &printed_size);
+    cm_progress progress;
+    progress_init(&progress, stream, first, first + steps, true);
+    const task_vtable *task = run_session_task(session);
+    ck_assert_int_eq(
+        task->write_window(run_session_task_state(session), &metrics, &progress, first + steps),
+        CM_OK);
+    metrics_close(&metrics);
+    fclose(stream);
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    ck_assert_ptr_nonnull(fgets(line, (int)size, file));
+    fclose(file);
+    ck_assert(metrics_is_kind(line, "moe_cnn") && line_number(line, "router") == 0);
+}
+
+/* A router forced to one expert (linear weights 0, bias margin 100: every
+ * image to expert 1; joint TRADES training, whose straight-through gradient
+ * does not undo that in 20 steps) is reported as collapsed: in the window's
+ * line, by a warning when it collapses (not again while it stays so), and in
+ * the evaluation (the test line's "collapsed_routers" and the printed text);
+ * a router AdvMoE trains to route by y mod 2 (balanced classes) is not. */
+START_TEST(test_collapsed_router_warnings) {
+    for (int collapse = 0; collapse < 2; collapse++) {
+        const char *extra[] = {moe_overrides[0], moe_overrides[1], moe_overrides[2],
+                               collapse ? "adversarial.mode=trades" : "adversarial.mode=advmoe",
+                               "train.steps=40"};
+        cm_recipe recipe = make_recipe("collapse", extra, 5);
+        run_session *session = NULL;
+        ck_assert_int_eq(run_session_open(&recipe, NULL, true, &session), CM_OK);
+        ag_params *params = run_session_params(session);
+        char line[4096], *printed = NULL;
+        if (collapse) {
+            ag_param *weight = ag_params_find(params, "router.fc.weight");
+            ag_param *bias = ag_params_find(params, "router.fc.bias");
+            memset(weight->tensor.data, 0, (size_t)weight->tensor.numel * sizeof(float));
+            bias->tensor.data[0] = 0.0f;
+            bias->tensor.data[1] = 100.0f;
+        }
+        /* The window of steps 1..15; then the one of steps 16..20. */
+        window_after(session, 0, 15, "collapse-a", line, sizeof line, &printed);
+        const bool warned = strstr(printed, "WARNING step 15: router 0 sent 100.0% of the "
+                                            "window's 480 training images to expert 1") != NULL;
+        ck_assert_msg(collapse ? warned : !strstr(printed, "WARNING"), "%s", printed);
+        free(printed);
+        window_after(session, 15, 5, "collapse-b", line, sizeof line, &printed);
+        ck_assert_msg(!strstr(printed, "WARNING"), "%s", printed); /* still collapsed: no repeat */
+        free(printed);
+        int64_t counts[2];
+        ck_assert_int_eq(line_integers(line, "images_per_expert", counts, 2), 2);
+        if (collapse) {
+            ck_assert_int_eq(counts[0], 0);
+            ck_assert_int_eq(counts[1], 160);
+            ck_assert(line_number(line, "max_share") == 1.0);
+            ck_assert(line_number(line, "collapsed") == 1);
+        } else {
+            ck_assert_msg(line_number(line, "max_share") <= 0.75, "%s", line);
+            ck_assert(line_number(line, "collapsed") == 0);
+        }
+        task_eval_request request = {CM_SPLIT_TEST, 2, 0};
+        task_eval e;
+        cm_status status = run_session_evaluate(session, &request, 20, &e);
+        ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+        ck_assert(figure(&e, "collapsed_routers") == collapse);
+        const char *warning = strstr(e.summary, "WARNING: router 0 sends 100.0% of the clean "
+                                                "images to expert 1 and 100.0% of the attacked "
+                                                "ones to expert 1");
+        ck_assert_msg(collapse ? warning != NULL : !strstr(e.summary, "WARNING"), "%s", e.summary);
+        const double share = figure(&e, "max_expert_share_clean");
+        ck_assert_msg(collapse ? share == 1.0 : share <= 0.75, "share %g", share);
+        run_session_close(session);
+    }
+}
+END_TEST
+
+/* recipes/cnn/NAME on the synthetic 28x28 data (Fashion-MNIST's size). */
+static run_session *open_recipe_file(const char *name, cm_recipe *recipe) {
+    char path[600], paths[5][700];
+    snprintf(path, sizeof path, "%s/recipes/cnn/%s", CMOE_SOURCE_DIR, name);
+    snprintf(paths[0], sizeof paths[0], "data.path=%s/side28-images.gz", dir);
+    snprintf(paths[1], sizeof paths[1], "data.labels_path=%s/side28-labels.gz", dir);
+    snprintf(paths[2], sizeof paths[2], "data.test_path=%s/side28-images.gz", dir);
+    snprintf(paths[3], sizeof paths[3], "data.test_labels_path=%s/side28-labels.gz", dir);
+    snprintf(paths[4], sizeof paths[4], "train.out_dir=%s/flops", dir);
+    const char *overrides[6] = {paths[0], paths[1], paths[2],
+                                paths[3], paths[4], "train.arena_mib=16"};
+    cm_status status = recipe_load(path, overrides, 6, recipe);
+    ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    run_session *session = NULL;
+    status = run_session_open(recipe, NULL, true, &session);
+    ck_assert_msg(status == CM_OK, "%s", cm_error_message());
+    return session;
+}
+
+/* The FLOP-matched dense arm (METHODS.md 4.6 arm 2): dense-half-at.yaml's
+ * inference multiply-adds per image on 28x28 images equal moe-at.yaml's
+ * MoE-CNN's within its router's cost: the dense net equals the MoE-CNN's
+ * backbone exactly (the same convs at one expert's width), and the
+ * difference is the router alone, under 10% of the MoE-CNN's cost (a dense
+ * net has nothing to match it with; the tolerance is that cost). The
+ * full-width dense-at costs about three times as much. The arm is trained as
+ * dense-at (TRADES: the same attack, beta and budget). Measured: moe-at
+ * 3255520 (router 282272, 8.7%), dense-half-at 2973248, dense-at 9345920. */
+START_TEST(test_flop_matched_dense_arm) {
+    write_split_side("side28", 8, 5, 28);
+    cm_recipe moe, half, full;
+    run_session *sessions[3] = {open_recipe_file("moe-at.yaml", &moe),
+                                open_recipe_file("dense-half-at.yaml", &half),
+                                open_recipe_file("dense-at.yaml", &full)};
+    moe_cnn_flops_report flops[3];
+    for (int i = 0; i < 3; i++) {
+        void *state = run_session_task_state(sessions[i]);
+        flops[i] = task_cnn_flops(state);
+        ck_assert_int_eq(task_cnn_flops_per_image(state), flops[i].total);
+    }
+    const moe_cnn_flops_report m = flops[0], h = flops[1], f = flops[2];
+    ck_assert(m.router > 0 && h.router == 0);
+    ck_assert_int_eq(h.total, m.backbone);
+    ck_assert_int_le(m.total - h.total, m.router);
+    ck_assert_int_ge(m.total - h.total, 0);
+    ck_assert_int_lt(10 * m.router, m.total);
+    ck_assert_int_gt(f.total, 2 * h.total);
+    ck_assert(!half.moe.enabled && moe.moe.enabled);
+    ck_assert(half.model.cnn_ratio == moe.model.cnn_ratio);
+    ck_assert_int_eq(half.adversarial.mode, ADV_MODE_TRADES);
+    ck_assert(half.adversarial.mode == full.adversarial.mode &&
+              half.adversarial.eps == full.adversarial.eps &&
+              half.adversarial.step_size == full.adversarial.step_size &&
+              half.adversarial.steps == full.adversarial.steps &&
+              half.adversarial.beta == full.adversarial.beta);
+    ck_assert_int_eq(half.train.steps, full.train.steps);
+    ck_assert_int_eq(half.train.steps, moe.train.steps);
+    for (int i = 0; i < 3; i++) run_session_close(sessions[i]);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("cnn_trainer");
     TCase *tc = tcase_create("cnn_trainer");
@@ -579,6 +836,9 @@ int main(void) {
     tcase_add_test(tc, test_resume_is_bit_identical);
     tcase_add_test(tc, test_robustness_metrics);
     tcase_add_test(tc, test_robustness_at_eps_zero);
+    tcase_add_test(tc, test_routing_counts);
+    tcase_add_test(tc, test_collapsed_router_warnings);
+    tcase_add_test(tc, test_flop_matched_dense_arm);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "train/metrics.h"
 #include "train/progress.h"
@@ -208,6 +209,104 @@ START_TEST(test_routing_plots) {
 }
 END_TEST
 
+/* The MoE-CNN's "moe_cnn" lines (one per router and log step) render
+ * moe-cnn-load.png; its data has a block per router whose shares sum to 1
+ * at every step. A CNN run has no bits per byte: curves.png plots its loss. */
+START_TEST(test_cnn_routing_plot) {
+    char dir[] = "/tmp/cmoe-metrics-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    cm_metrics metrics;
+    ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
+    for (int step = 20; step <= 100; step += 20) {
+        metrics_record line = metrics_record_start("train", step);
+        metrics_add_number(&line, "loss", 2.0 - step / 100.0, "%.3f");
+        ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        for (int router = 0; router < 3; router++) {
+            const int64_t images[2] = {step + router, 2560 - step - router};
+            line = metrics_record_start("moe_cnn", step);
+            metrics_add_integer(&line, "router", router);
+            metrics_add_integer(&line, "images", 2560);
+            metrics_add_integers(&line, "images_per_expert", images, 2);
+            ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        }
+    }
+    metrics_close(&metrics);
+    ck_assert_msg(metrics_plot(dir) == CM_OK, "%s", cm_error_message());
+    assert_png(dir, "moe-cnn-load.png");
+    assert_png(dir, "curves.png");
+    char path[300], line[256];
+    snprintf(path, sizeof path, "%s/moe-cnn-routing.tsv", dir);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    double share_sum = 0, first = -1;
+    int rows = 0;
+    while (fgets(line, sizeof line, file)) {
+        double step, expert, share;
+        if (sscanf(line, "%lf %lf %lf", &step, &expert, &share) != 3) continue;
+        if (rows++ == 0) first = share;
+        if (step == 60) share_sum += share;
+    }
+    fclose(file);
+    ck_assert_int_eq(rows, 3 * 5 * 2);
+    ck_assert_double_eq_tol(share_sum, 3.0, 1e-4); /* three routers */
+    ck_assert_double_eq_tol(first, 20.0 / 2560, 1e-5);
+    snprintf(path, sizeof path, "%s/moe-load.png", dir); /* no LM routing lines */
+    ck_assert_int_ne(access(path, F_OK), 0);
+    char command[300];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(command), 0);
+}
+END_TEST
+
+/* A run directory whose name holds quotes (and a newline) plots: gnuplot
+ * reads relative file names in the directory, and the scripts hold neither
+ * the path nor the raw name (an interpolated path would end gnuplot's
+ * string there and run the rest as commands). */
+START_TEST(test_plot_quoted_directory) {
+    char parent[] = "/tmp/cmoe-metrics-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(parent));
+    char dir[300];
+    snprintf(dir, sizeof dir, "%s/it's \"odd\"\nset output 'x", parent);
+    ck_assert_int_eq(mkdir(dir, 0700), 0);
+    cm_metrics metrics;
+    ck_assert_int_eq(metrics_open(&metrics, dir, -1), CM_OK);
+    for (int step = 10; step <= 30; step += 10) {
+        metrics_record line = metrics_record_start("train", step);
+        metrics_add_number(&line, "bpc", 3.0 - step / 100.0, "%.3f");
+        ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+        const int64_t images[2] = {step, 100 - step};
+        line = metrics_record_start("moe_cnn", step);
+        metrics_add_integer(&line, "router", 0);
+        metrics_add_integers(&line, "images_per_expert", images, 2);
+        ck_assert_int_eq(metrics_write_record(&metrics, &line), CM_OK);
+    }
+    metrics_close(&metrics);
+    ck_assert_msg(metrics_plot(dir) == CM_OK, "%s", cm_error_message());
+    assert_png(dir, "curves.png");
+    assert_png(dir, "moe-cnn-load.png");
+    const int ks[2] = {1, 2};
+    const double bpc[2] = {2.0, 1.9};
+    ck_assert_msg(metrics_plot_k_sweep(dir, ks, bpc, 2, "it's a 'title'") == CM_OK, "%s",
+                  cm_error_message());
+    assert_png(dir, "k-sweep.png");
+    const char *scripts[3] = {"curves.gp", "moe-cnn-load.gp", "k-sweep.gp"};
+    for (int i = 0; i < 3; i++) {
+        char path[400], text[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, scripts[i]);
+        FILE *file = fopen(path, "r");
+        ck_assert_ptr_nonnull(file);
+        size_t n = fread(text, 1, sizeof text - 1, file);
+        text[n] = '\0';
+        fclose(file);
+        ck_assert_msg(!strstr(text, parent) && !strstr(text, "it's") && !strstr(text, "\"odd"),
+                      "%s: %s", scripts[i], text);
+    }
+    char command[400];
+    snprintf(command, sizeof command, "rm -rf '%s'", parent);
+    ck_assert_int_eq(system(command), 0);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("metrics");
     TCase *tc = tcase_create("metrics");
@@ -217,6 +316,8 @@ int main(void) {
     tcase_add_test(tc, test_plain_progress_lines);
     tcase_add_test(tc, test_routing_plots);
     tcase_add_test(tc, test_records);
+    tcase_add_test(tc, test_cnn_routing_plot);
+    tcase_add_test(tc, test_plot_quoted_directory);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

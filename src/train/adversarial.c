@@ -272,15 +272,29 @@ static cm_status eval_forward(ag_ctx *ctx, const adv_model *model, const ag_tens
     return status;
 }
 
+/* E of the MoE-CNN behind an adv_moe_cnn binding. */
+static int binding_experts(const adv_model *model) {
+    return ((const adv_moe_cnn *)model->model)->model->config.num_experts;
+}
+
+/* Adds the experts each router chose for the `rows` images of *out to
+ * per_expert[r * num_experts + e]. */
+static void count_routes(const adv_model_output *out, int rows, int num_experts,
+                         int64_t *per_expert) {
+    for (int r = 0; r < out->n_routers; r++)
+        for (int n = 0; n < rows; n++) per_expert[r * num_experts + out->experts[r][n]]++;
+}
+
 /* Attacks x under the binding's current settings and counts the correct
  * predictions on x_adv (same settings) and, given the clean routes, the
- * images each router sends to the same expert; with `flags`, clears those of
- * the images predicted wrong. Frees its arena use. */
+ * images each router sends to the same expert; with `per_expert`, the images
+ * each router sends to each expert (count_routes); with `flags`, clears those
+ * of the images predicted wrong. Frees its arena use. */
 static cm_status attacked_counts(ag_ctx *ctx, const adv_model *model,
                                  const adv_attack_config *attack, const ag_tensor *x,
                                  const int32_t *labels, uint64_t first_index, float *x_adv,
                                  const int32_t *const *clean_routes, int64_t *correct,
-                                 int64_t *routes_kept, uint8_t *flags) {
+                                 int64_t *routes_kept, int64_t *per_expert, uint8_t *flags) {
     const ag_mark mark = ag_ctx_mark(ctx);
     adv_model_output out;
     cm_status status = adv_attack(ctx, model, attack, x, labels, first_index, x_adv);
@@ -290,6 +304,7 @@ static cm_status attacked_counts(ag_ctx *ctx, const adv_model *model,
         for (int r = 0; clean_routes && r < out.n_routers; r++)
             for (int n = 0; n < x->shape[0]; n++)
                 routes_kept[r] += out.experts[r][n] == clean_routes[r][n];
+        if (per_expert) count_routes(&out, x->shape[0], binding_experts(model), per_expert);
     }
     ag_ctx_release(ctx, mark);
     return status;
@@ -314,8 +329,10 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     CM_ASSERT(out.n_routers == n_routers, "evaluate: %d routers, expected %d", out.n_routers,
               n_routers);
     counts->n_routers = n_routers;
+    counts->num_experts = binding->model->config.num_experts;
     counts->images += rows;
     counts->clean_correct += count_correct(out.logits, labels, NULL);
+    count_routes(&out, rows, counts->num_experts, counts->clean_per_expert);
     for (int r = 0; r < n_routers; r++) {
         memcpy(clean_routes + (size_t)r * rows, out.experts[r], (size_t)rows * sizeof(int32_t));
         routes[r] = clean_routes + (size_t)r * rows;
@@ -326,7 +343,8 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     /* RA, and the routes it leaves unchanged. */
     int64_t robust_correct = 0;
     CM_TRY(attacked_counts(ctx, model, attack, x, labels, first_index, x_adv, routes,
-                           &robust_correct, counts->routes_kept, robust));
+                           &robust_correct, counts->routes_kept, counts->attacked_per_expert,
+                           robust));
     counts->robust_correct += robust_correct;
     if (n_routers == 0) {
         counts->worst_correct += robust_correct;
@@ -339,7 +357,7 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     binding->args.forced_experts = routes;
     binding->args.no_router_gradient = true;
     CM_TRY(attacked_counts(ctx, model, &frozen, x, labels, first_index, scratch, NULL,
-                           &counts->expert_correct, NULL, NULL));
+                           &counts->expert_correct, NULL, NULL, NULL));
     binding->args.forced_experts = NULL;
     binding->args.no_router_gradient = false;
 
@@ -355,7 +373,7 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     binding->expert_input = ag_alias(ctx, "eval_x", (float *)x->data, x->ndim, x->shape);
     if (!binding->expert_input) return ag_ctx_status(ctx);
     return attacked_counts(ctx, model, attack, x, labels, first_index, scratch, NULL,
-                           &counts->router_only_correct, NULL, NULL);
+                           &counts->router_only_correct, NULL, NULL, NULL);
 }
 
 cm_status adv_moe_cnn_evaluate(ag_ctx *ctx, const adv_model *model, const adv_attack_config *attack,

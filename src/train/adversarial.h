@@ -192,6 +192,13 @@ typedef struct adv_eval_counts {
     int64_t router_only_correct;          /* router-only RA (image-level router) */
     int n_routers;                        /* of the model; 0: dense */
     int64_t routes_kept[ADV_MAX_ROUTERS]; /* router robustness counts, per router */
+    /* Images per expert, per router, at [r * num_experts + e]: the expert
+     * router r chose on the clean image (clean_per_expert) and on the RA
+     * attack's image (attacked_per_expert; with an attack only). Each
+     * router's row sums to `images` (attacked: when an attack ran). */
+    int num_experts; /* E of the model (set by adv_moe_cnn_evaluate) */
+    int64_t clean_per_expert[ADV_MAX_ROUTERS * MOE_CONV_MAX_EXPERTS];
+    int64_t attacked_per_expert[ADV_MAX_ROUTERS * MOE_CONV_MAX_EXPERTS];
 } adv_eval_counts;
 
 /* Adds one batch to *counts: x [N,C,H,W] in [0,1], labels [N]. model must be

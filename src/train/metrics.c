@@ -1,10 +1,14 @@
 #include "train/metrics.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "common/check.h"
 
@@ -178,17 +182,85 @@ void metrics_close(cm_metrics *metrics) {
     metrics->file = NULL;
 }
 
-/* Copies (step, bpc) of every `kind` line into a TSV; returns the count. */
-static int extract(FILE *in, const char *kind, FILE *out) {
+/* ---- plots ---------------------------------------------------------------------------
+ *
+ * Every plot is a gnuplot script written into the run directory beside its
+ * data (NAME.gp, rerunnable with `cd RUN_DIR && gnuplot NAME.gp`) and run by
+ * gnuplot in a child process whose working directory is the run directory.
+ * The scripts name their files relative to it, so no directory path is ever
+ * interpolated into gnuplot (or shell) text; the titles show only a sanitized
+ * run name. */
+
+/* `text` with every character but [A-Za-z0-9._+-] and spaces replaced by '_',
+ * safe inside a single-quoted gnuplot string. */
+static void sanitize(const char *text, char *out, size_t size) {
+    size_t n = 0;
+    for (const char *c = text; *c && n + 1 < size; c++) {
+        const bool safe = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+                          (*c >= '0' && *c <= '9') || strchr("._+- ,", *c);
+        out[n++] = safe ? *c : '_';
+    }
+    out[n] = '\0';
+}
+
+/* The last component of `dir`, sanitized. */
+static void run_name(const char *dir, char *out, size_t size) {
+    char copy[PATH_CAPACITY];
+    snprintf(copy, sizeof copy, "%s", dir);
+    size_t length = strlen(copy);
+    while (length > 1 && copy[length - 1] == '/') copy[--length] = '\0';
+    const char *slash = strrchr(copy, '/');
+    sanitize(slash && slash[1] ? slash + 1 : copy, out, size);
+}
+
+/* Opens DIR/NAME for writing. */
+static cm_status open_in(const char *dir, const char *name, FILE **file) {
+    char path[PATH_CAPACITY];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    *file = fopen(path, "w");
+    if (!*file) return CM_ERR(CM_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+    return CM_OK;
+}
+
+/* Closes the script DIR/SCRIPT and runs `gnuplot SCRIPT` with DIR as the
+ * working directory (fork, chdir, exec: no shell). */
+static cm_status run_gnuplot(const char *dir, const char *script, FILE *file, const char *what) {
+    if (fclose(file) != 0) return CM_ERR(CM_ERR_IO, "%s/%s: cannot write", dir, script);
+    pid_t child = fork();
+    if (child < 0) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
+    if (child == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        if (null >= 0) {
+            dup2(null, STDOUT_FILENO);
+            dup2(null, STDERR_FILENO);
+        }
+        if (chdir(dir) != 0) _exit(126);
+        execlp("gnuplot", "gnuplot", script, (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0)
+        if (errno != EINTR) return CM_ERR(CM_ERR_IO, "waiting for gnuplot: %s", strerror(errno));
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return CM_ERR(CM_ERR_IO,
+                      "gnuplot failed (%s %d) writing %s/%s; is gnuplot-nox installed "
+                      "(scripts/install-deps.sh)?",
+                      WIFEXITED(status) ? "exit status" : "signal",
+                      WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), dir, what);
+    return CM_OK;
+}
+
+/* Copies (step, value of `key`) of every `kind` line into a TSV; returns the count. */
+static int extract(FILE *in, const char *kind, const char *key, FILE *out) {
     rewind(in);
     char line[LINE_CAPACITY];
     int count = 0;
     while (fgets(line, sizeof line, in)) {
-        double step, bpc;
+        double step, value;
         if (!metrics_is_kind(line, kind)) continue;
-        if (!metrics_find_number(line, "step", &step) || !metrics_find_number(line, "bpc", &bpc))
+        if (!metrics_find_number(line, "step", &step) || !metrics_find_number(line, key, &value))
             continue;
-        fprintf(out, "%.0f\t%.6f\n", step, bpc);
+        fprintf(out, "%.0f\t%.6f\n", step, value);
         count++;
     }
     return count;
@@ -196,11 +268,25 @@ static int extract(FILE *in, const char *kind, FILE *out) {
 
 enum { PLOT_MAX_LAYERS = 64, PLOT_MAX_EXPERTS = 256 };
 
-/* The numbers of the "tokens_per_expert": [...] array of a moe line. */
-static int parse_loads(const char *line, double *loads, int capacity) {
-    const char *at = strstr(line, "\"tokens_per_expert\": [");
+/* The routing lines one heatmap plot reads: the LM's "moe" lines (one per
+ * MoE layer) or the MoE-CNN's "moe_cnn" lines (one per router). */
+typedef struct routing_lines {
+    const char *kind;  /* "moe", "moe_cnn" */
+    const char *id;    /* the key telling the panels apart: "layer", "router" */
+    const char *loads; /* the array of counts per expert */
+    const char *what;  /* "layer", "router": panel titles */
+} routing_lines;
+
+static const routing_lines lm_routing = {"moe", "layer", "tokens_per_expert", "layer"};
+static const routing_lines cnn_routing = {"moe_cnn", "router", "images_per_expert", "router"};
+
+/* The numbers of the "KEY": [...] array of a line. */
+static int parse_loads(const char *line, const char *key, double *loads, int capacity) {
+    char pattern[128];
+    snprintf(pattern, sizeof pattern, "\"%s\": [", key);
+    const char *at = strstr(line, pattern);
     if (!at) return 0;
-    at = strchr(at, '[') + 1;
+    at += strlen(pattern);
     int n = 0;
     while (n < capacity) {
         char *end;
@@ -213,178 +299,198 @@ static int parse_loads(const char *line, double *loads, int capacity) {
     return n;
 }
 
-/* One gnuplot data block per layer (index i): `path` has rows "step expert
- * share" with a blank line after each step (a grid for `with image`);
- * `k_path` has rows "step mean_k". */
-static cm_status write_routing_data(FILE *in, const int *layers, int n_layers, const char *path,
-                                    const char *k_path, double *last_step) {
+/* The panels (ids, in order of appearance) and the most experts of a line. */
+static void find_panels(FILE *in, const routing_lines *src, int *ids, int *n_ids, int *n_experts) {
     char line[LINE_CAPACITY];
     double loads[PLOT_MAX_EXPERTS];
-    FILE *out = fopen(path, "w"), *k_out = fopen(k_path, "w");
-    if (!out || !k_out) {
-        if (out) fclose(out);
-        if (k_out) fclose(k_out);
-        return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data: %s", path, strerror(errno));
+    *n_ids = *n_experts = 0;
+    rewind(in);
+    while (fgets(line, sizeof line, in)) {
+        double id;
+        if (!metrics_is_kind(line, src->kind) || !metrics_find_number(line, src->id, &id)) continue;
+        bool known = false;
+        for (int i = 0; i < *n_ids; i++) known = known || ids[i] == (int)id;
+        if (!known && *n_ids < PLOT_MAX_LAYERS) ids[(*n_ids)++] = (int)id;
+        int n = parse_loads(line, src->loads, loads, PLOT_MAX_EXPERTS);
+        *n_experts = n > *n_experts ? n : *n_experts;
     }
-    for (int i = 0; i < n_layers; i++) {
+}
+
+/* One gnuplot data block per panel (index i): `out` gets rows "step expert
+ * share" with a blank line after each step (a grid for `with image`);
+ * `k_out` (the LM: may be NULL) rows "step mean_k". */
+static void write_routing_data(FILE *in, const routing_lines *src, const int *ids, int n_ids,
+                               FILE *out, FILE *k_out, double *last_step) {
+    char line[LINE_CAPACITY];
+    double loads[PLOT_MAX_EXPERTS];
+    for (int i = 0; i < n_ids; i++) {
         rewind(in);
         while (fgets(line, sizeof line, in)) {
-            double layer, step, mean_k;
-            if (!metrics_is_kind(line, "moe") || !metrics_find_number(line, "layer", &layer) ||
-                (int)layer != layers[i] || !metrics_find_number(line, "step", &step) ||
-                !metrics_find_number(line, "mean_k", &mean_k))
+            double id, step, mean_k = 0;
+            if (!metrics_is_kind(line, src->kind) || !metrics_find_number(line, src->id, &id) ||
+                (int)id != ids[i] || !metrics_find_number(line, "step", &step) ||
+                (k_out && !metrics_find_number(line, "mean_k", &mean_k)))
                 continue;
-            int n = parse_loads(line, loads, PLOT_MAX_EXPERTS);
+            int n = parse_loads(line, src->loads, loads, PLOT_MAX_EXPERTS);
             double total = 0;
             for (int e = 0; e < n; e++) total += loads[e];
             for (int e = 0; e < n; e++)
                 fprintf(out, "%.0f\t%d\t%.5f\n", step, e, total > 0 ? loads[e] / total : 0);
             fputc('\n', out);
-            fprintf(k_out, "%.0f\t%.4f\n", step, mean_k);
+            if (k_out) fprintf(k_out, "%.0f\t%.4f\n", step, mean_k);
             *last_step = step > *last_step ? step : *last_step;
         }
         fputs("\n\n", out);
-        fputs("\n\n", k_out);
+        if (k_out) fputs("\n\n", k_out);
     }
-    int failed = fclose(out) != 0;
-    failed |= fclose(k_out) != 0;
-    if (failed) return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data", path);
-    return CM_OK;
 }
 
-/* From the "moe" lines: RUN_DIR/moe-load.png (per MoE layer, a heatmap of
- * the share of routed tokens each expert got, over training) and
- * RUN_DIR/moe-k.png (activated experts per token, per layer, over training).
- * Does nothing for a dense run. */
-static cm_status plot_routing(const char *run_dir, FILE *in) {
-    int layers[PLOT_MAX_LAYERS], n_layers = 0, n_experts = 0;
-    char line[LINE_CAPACITY], path[PATH_CAPACITY];
-    double loads[PLOT_MAX_EXPERTS];
-    rewind(in);
-    while (fgets(line, sizeof line, in)) {
-        double layer;
-        if (!metrics_is_kind(line, "moe") || !metrics_find_number(line, "layer", &layer)) continue;
-        bool known = false;
-        for (int i = 0; i < n_layers; i++) known = known || layers[i] == (int)layer;
-        if (!known && n_layers < PLOT_MAX_LAYERS) layers[n_layers++] = (int)layer;
-        int n = parse_loads(line, loads, PLOT_MAX_EXPERTS);
-        n_experts = n > n_experts ? n : n_experts;
-    }
-    if (n_layers == 0 || n_experts == 0) return CM_OK;
-
-    char k_path[PATH_CAPACITY];
-    snprintf(path, sizeof path, "%s/moe-routing.tsv", run_dir);
-    snprintf(k_path, sizeof k_path, "%s/moe-k.tsv", run_dir);
-    double last_step = 0;
-    CM_TRY(write_routing_data(in, layers, n_layers, path, k_path, &last_step));
-
-    FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
-    if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
-    fprintf(gnuplot,
+/* The heatmap panels of `src` into `gp` (one per id, stacked), PNG `png`,
+ * data `data` (names relative to the run directory). */
+static void write_heatmaps(FILE *gp, const routing_lines *src, const int *ids, int n_ids,
+                           int n_experts, double last_step, const char *png, const char *data,
+                           const char *title) {
+    fprintf(gp,
             "set terminal pngcairo size 900,%d font ',9'\n"
-            "set output '%s/moe-load.png'\n"
-            "set multiplot layout %d,1 title 'cmoe: share of routed tokens per expert'\n"
+            "set output '%s'\n"
+            "set multiplot layout %d,1 title '%s'\n"
             "set palette defined (0 'white', 1 '#4477aa', 2 '#cc3311')\n"
             "set cbrange [0:*]\nset ylabel 'expert'\nset yrange [-0.5:%d.5]\n"
             "set xrange [0:%.0f]\n",
-            220 * n_layers + 60, run_dir, n_layers, n_experts - 1, last_step * 1.02);
-    for (int i = 0; i < n_layers; i++)
-        fprintf(gnuplot,
-                "set title 'layer %d' offset 0,-0.8\n%s"
+            220 * n_ids + 60, png, n_ids, title, n_experts - 1, last_step * 1.02);
+    for (int i = 0; i < n_ids; i++)
+        fprintf(gp,
+                "set title '%s %d' offset 0,-0.8\n%s"
                 "plot '%s' index %d using 1:2:3 with image notitle\n",
-                layers[i], i == n_layers - 1 ? "set xlabel 'step'\n" : "", path, i);
-    fprintf(gnuplot,
-            "unset multiplot\n"
+                src->what, ids[i], i == n_ids - 1 ? "set xlabel 'step'\n" : "", data, i);
+    fprintf(gp, "unset multiplot\n");
+}
+
+/* From the LM's "moe" lines: RUN_DIR/moe-load.png (per MoE layer, a heatmap
+ * of the share of routed tokens each expert got, over training) and
+ * RUN_DIR/moe-k.png (activated experts per token, per layer, over
+ * training). Does nothing for a run without them. */
+static cm_status plot_routing(const char *run_dir, FILE *in) {
+    int layers[PLOT_MAX_LAYERS], n_layers, n_experts;
+    find_panels(in, &lm_routing, layers, &n_layers, &n_experts);
+    if (n_layers == 0 || n_experts == 0) return CM_OK;
+    FILE *data, *k_data, *gp;
+    double last_step = 0;
+    CM_TRY(open_in(run_dir, "moe-routing.tsv", &data));
+    cm_status status = open_in(run_dir, "moe-k.tsv", &k_data);
+    if (status != CM_OK) {
+        fclose(data);
+        return status;
+    }
+    write_routing_data(in, &lm_routing, layers, n_layers, data, k_data, &last_step);
+    int failed = fclose(data) != 0;
+    failed |= fclose(k_data) != 0;
+    if (failed) return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data", run_dir);
+
+    CM_TRY(open_in(run_dir, "moe-load.gp", &gp));
+    write_heatmaps(gp, &lm_routing, layers, n_layers, n_experts, last_step, "moe-load.png",
+                   "moe-routing.tsv", "cmoe: share of routed tokens per expert");
+    fprintf(gp,
             "set terminal pngcairo size 900,480 font ',10'\n"
-            "set output '%s/moe-k.png'\n"
+            "set output 'moe-k.png'\n"
             "set title 'cmoe: activated experts per token'\nset xlabel 'step'\n"
             "set ylabel 'mean k'\nset autoscale\nset yrange [0:*]\nset grid\nset key top right\n"
-            "plot ",
-            run_dir);
+            "plot ");
     for (int i = 0; i < n_layers; i++)
-        fprintf(gnuplot, "%s'%s' index %d using 1:2 with lines lw 2 title 'layer %d'",
-                i ? ", " : "", k_path, i, layers[i]);
-    fprintf(gnuplot, "\n");
-    int status = pclose(gnuplot);
-    if (status != 0)
-        return CM_ERR(CM_ERR_IO, "gnuplot failed (exit status %d) plotting routing in %s", status,
-                      run_dir);
-    return CM_OK;
+        fprintf(gp, "%s'moe-k.tsv' index %d using 1:2 with lines lw 2 title 'layer %d'",
+                i ? ", " : "", i, layers[i]);
+    fprintf(gp, "\n");
+    return run_gnuplot(run_dir, "moe-load.gp", gp, "moe-load.png");
+}
+
+/* From the MoE-CNN's "moe_cnn" lines: RUN_DIR/moe-cnn-load.png, per router
+ * a heatmap of the share of the training images (of each log window) each
+ * expert got, over training. Does nothing for a run without them. */
+static cm_status plot_cnn_routing(const char *run_dir, FILE *in) {
+    int routers[PLOT_MAX_LAYERS], n_routers, n_experts;
+    find_panels(in, &cnn_routing, routers, &n_routers, &n_experts);
+    if (n_routers == 0 || n_experts == 0) return CM_OK;
+    FILE *data, *gp;
+    double last_step = 0;
+    CM_TRY(open_in(run_dir, "moe-cnn-routing.tsv", &data));
+    write_routing_data(in, &cnn_routing, routers, n_routers, data, NULL, &last_step);
+    if (fclose(data) != 0) return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data", run_dir);
+    CM_TRY(open_in(run_dir, "moe-cnn-load.gp", &gp));
+    write_heatmaps(gp, &cnn_routing, routers, n_routers, n_experts, last_step, "moe-cnn-load.png",
+                   "moe-cnn-routing.tsv", "cmoe: share of training images per expert");
+    return run_gnuplot(run_dir, "moe-cnn-load.gp", gp, "moe-cnn-load.png");
 }
 
 cm_status metrics_plot(const char *run_dir) {
-    char path[PATH_CAPACITY], train_path[PATH_CAPACITY], valid_path[PATH_CAPACITY],
-        png_path[PATH_CAPACITY];
+    char path[PATH_CAPACITY], name[256];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
-    snprintf(train_path, sizeof train_path, "%s/curves-train.tsv", run_dir);
-    snprintf(valid_path, sizeof valid_path, "%s/curves-valid.tsv", run_dir);
-    snprintf(png_path, sizeof png_path, "%s/curves.png", run_dir);
     FILE *in = fopen(path, "r");
     if (!in) return CM_ERR(CM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    FILE *train = fopen(train_path, "w"), *valid = fopen(valid_path, "w");
-    if (!train || !valid) {
+    FILE *train = NULL, *valid = NULL;
+    cm_status status = open_in(run_dir, "curves-train.tsv", &train);
+    if (status == CM_OK) status = open_in(run_dir, "curves-valid.tsv", &valid);
+    if (status != CM_OK) {
         fclose(in);
         if (train) fclose(train);
-        if (valid) fclose(valid);
-        return CM_ERR(CM_ERR_IO, "%s: cannot write the curve data", run_dir);
+        return status;
     }
-    int n_train = extract(in, "train", train), n_valid = extract(in, "valid", valid);
-    cm_status routing = plot_routing(run_dir, in);
+    /* Bits per byte (the LM); a run without them (the image classifier):
+     * the training loss. */
+    const char *key = "bpc", *label = "bits per byte";
+    int n_train = extract(in, "train", key, train), n_valid = 0;
+    if (n_train == 0) {
+        key = "loss";
+        label = "training loss";
+        n_train = extract(in, "train", key, train);
+    } else {
+        n_valid = extract(in, "valid", key, valid);
+    }
+    status = plot_routing(run_dir, in);
+    if (status == CM_OK) status = plot_cnn_routing(run_dir, in);
     fclose(in);
-    CM_TRY(routing);
-    fclose(train);
-    fclose(valid);
+    int failed = fclose(train) != 0;
+    failed |= fclose(valid) != 0;
+    CM_TRY(status);
+    if (failed) return CM_ERR(CM_ERR_IO, "%s: cannot write the curve data", run_dir);
     if (n_train == 0)
-        return CM_ERR(CM_ERR_INVALID, "%s: no training steps with a bpc value to plot", path);
+        return CM_ERR(CM_ERR_INVALID, "%s: no training steps with a bpc or loss value to plot",
+                      path);
 
-    FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
-    if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
-    fprintf(gnuplot,
+    FILE *gp;
+    CM_TRY(open_in(run_dir, "curves.gp", &gp));
+    run_name(run_dir, name, sizeof name);
+    fprintf(gp,
             "set terminal pngcairo size 900,560 font ',10'\n"
-            "set output '%s'\n"
+            "set output 'curves.png'\n"
             "set title 'cmoe: %s'\n"
-            "set xlabel 'step'\nset ylabel 'bits per byte'\n"
+            "set xlabel 'step'\nset ylabel '%s'\n"
             "set grid\nset key top right\n",
-            png_path, run_dir);
-    fprintf(gnuplot, "plot '%s' using 1:2 with lines lw 1 lc rgb '#4477aa' title 'train'",
-            train_path);
+            name, label);
+    fprintf(gp, "plot 'curves-train.tsv' using 1:2 with lines lw 1 lc rgb '#4477aa' title 'train'");
     if (n_valid > 0)
-        fprintf(gnuplot,
-                ", '%s' using 1:2 with linespoints pt 7 ps 0.6 lw 2 lc rgb '#cc3311' "
-                "title 'validation'",
-                valid_path);
-    fprintf(gnuplot, "\n");
-    int status = pclose(gnuplot);
-    if (status != 0)
-        return CM_ERR(CM_ERR_IO,
-                      "gnuplot failed (exit status %d) writing %s; is gnuplot-nox "
-                      "installed (scripts/install-deps.sh)?",
-                      status, png_path);
-    return CM_OK;
+        fprintf(gp, ", 'curves-valid.tsv' using 1:2 with linespoints pt 7 ps 0.6 lw 2 "
+                    "lc rgb '#cc3311' title 'validation'");
+    fprintf(gp, "\n");
+    return run_gnuplot(run_dir, "curves.gp", gp, "curves.png");
 }
 
 cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc, int n,
                                const char *title) {
-    char tsv_path[PATH_CAPACITY], png_path[PATH_CAPACITY];
-    snprintf(tsv_path, sizeof tsv_path, "%s/k-sweep.tsv", dir);
-    snprintf(png_path, sizeof png_path, "%s/k-sweep.png", dir);
-    FILE *tsv = fopen(tsv_path, "w");
-    if (!tsv) return CM_ERR(CM_ERR_IO, "%s: cannot write: %s", tsv_path, strerror(errno));
+    FILE *tsv, *gp;
+    CM_TRY(open_in(dir, "k-sweep.tsv", &tsv));
     fprintf(tsv, "# k\tbpc\n");
     for (int i = 0; i < n; i++) fprintf(tsv, "%d\t%.6f\n", ks[i], bpc[i]);
-    if (fclose(tsv) != 0) return CM_ERR(CM_ERR_IO, "%s: cannot write", tsv_path);
-    FILE *gnuplot = popen("gnuplot >/dev/null 2>&1", "w");
-    if (!gnuplot) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
-    fprintf(gnuplot,
+    if (fclose(tsv) != 0) return CM_ERR(CM_ERR_IO, "%s/k-sweep.tsv: cannot write", dir);
+    char safe[512];
+    sanitize(title, safe, sizeof safe);
+    CM_TRY(open_in(dir, "k-sweep.gp", &gp));
+    fprintf(gp,
             "set terminal pngcairo size 720,480 font ',10'\n"
-            "set output '%s'\n"
+            "set output 'k-sweep.png'\n"
             "set title 'cmoe: %s'\n"
             "set xlabel 'experts per token at evaluation (k)'\nset ylabel 'bits per byte'\n"
             "set logscale x 2\nset grid\nset key off\n"
-            "plot '%s' using 1:2 with linespoints pt 7 lw 2 lc rgb '#4477aa'\n",
-            png_path, title, tsv_path);
-    int status = pclose(gnuplot);
-    if (status != 0)
-        return CM_ERR(CM_ERR_IO, "gnuplot failed (exit status %d) writing %s", status, png_path);
-    return CM_OK;
+            "plot 'k-sweep.tsv' using 1:2 with linespoints pt 7 lw 2 lc rgb '#4477aa'\n",
+            safe);
+    return run_gnuplot(dir, "k-sweep.gp", gp, "k-sweep.png");
 }

@@ -78,15 +78,25 @@ bool metrics_find_number(const char *line, const char *key, double *value);
 bool metrics_is_kind(const char *line, const char *kind);
 
 /* Reads RUN_DIR/metrics.jsonl and renders with gnuplot RUN_DIR/curves.png
- * (bits per byte of training and validation against step), and for MoE runs
+ * (bits per byte of training and validation against step; a run without
+ * bits per byte, the image classifier: its training loss), for MoE LM runs
  * RUN_DIR/moe-load.png (per layer, a heatmap of each expert's share of the
  * routed tokens over training) and RUN_DIR/moe-k.png (activated experts per
- * token, per layer); the plotted data go to curves-*.tsv and moe-routing.tsv. */
+ * token, per layer), and for MoE-CNN runs RUN_DIR/moe-cnn-load.png (per
+ * router, a heatmap of each expert's share of the training images, from the
+ * "moe_cnn" lines). The plotted data go to curves-*.tsv, moe-routing.tsv,
+ * moe-k.tsv and moe-cnn-routing.tsv, the gnuplot scripts to curves.gp,
+ * moe-load.gp and moe-cnn-load.gp. gnuplot runs with RUN_DIR as its working
+ * directory (fork, chdir, exec; no shell) and the scripts name their files
+ * relative to it: no path is interpolated into gnuplot or shell text, and
+ * the plot titles show the run directory's last component with every
+ * character outside [A-Za-z0-9._+-, ] replaced by '_'. */
 cm_status metrics_plot(const char *run_dir);
 
-/* Writes DIR/k-sweep.tsv (k, bpc) and renders DIR/k-sweep.png: bits per byte
- * against the number of experts used at evaluation (the "self-slimmable"
- * curve of SMoE-Dropout). */
+/* Writes DIR/k-sweep.tsv (k, bpc) and renders DIR/k-sweep.png (script
+ * DIR/k-sweep.gp, run as metrics_plot's; `title` sanitized as its titles):
+ * bits per byte against the number of experts used at evaluation (the
+ * "self-slimmable" curve of SMoE-Dropout). */
 cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc, int n,
                                const char *title);
 

@@ -434,7 +434,8 @@ static cm_status log_step(run_state *r, int64_t step, const run_step_result *don
     CM_TRY(metrics_write_record(&r->metrics, &line));
     r->result->last_train = metrics_record_scalars(&line);
     r->result->items_per_second = rate;
-    if (s->task->write_window) CM_TRY(s->task->write_window(s->state, &r->metrics, step));
+    if (s->task->write_window)
+        CM_TRY(s->task->write_window(s->state, &r->metrics, &r->progress, step));
     r->window_loss = r->window_aux = 0.0;
     r->window_steps = 0;
     r->window_start = cm_now();

@@ -63,10 +63,11 @@ typedef struct task_eval_request {
     int k_override;      /* > 0: routers use this k (tasks with routers that take one) */
 } task_eval_request;
 
-enum { TASK_EVAL_ARRAY_MAX = 64 };
+enum { TASK_EVAL_ARRAY_MAX = 64, TASK_EVAL_COUNTS_MAX = 1024 };
 typedef struct task_eval {
     metrics_record record; /* kind "valid"/"test" and the figures, as metrics.jsonl gets them */
     double per_router[TASK_EVAL_ARRAY_MAX]; /* values of the record's array field, if any */
+    int64_t counts[TASK_EVAL_COUNTS_MAX];   /* values of its integer array fields, if any */
     double headline;    /* the figure to compare runs by: LM mean loss (nats), CNN SA */
     int64_t items;      /* tokens or images evaluated */
     char text[2048];    /* the figures, for "SPLIT split: TEXT" (cmoe eval) */
@@ -110,9 +111,11 @@ typedef struct task_vtable {
      * line (mean_loss: the window's mean training loss); either may be NULL. */
     void (*progress_text)(void *state, double loss, char *buffer, size_t size);
     void (*window_fields)(void *state, double mean_loss, metrics_record *train_line);
-    /* Extra metrics lines of the log window (e.g. per-layer routing); then
-     * the window starts again. Collective: every rank calls it. May be NULL. */
-    cm_status (*write_window)(void *state, cm_metrics *metrics, int64_t step);
+    /* Extra metrics lines of the log window (e.g. per-layer routing), and
+     * warnings about the window through progress_print; then the window
+     * starts again. Collective: every rank calls it. May be NULL. */
+    cm_status (*write_window)(void *state, cm_metrics *metrics, cm_progress *progress,
+                              int64_t step);
     task_eval_plan (*eval_plan)(void *state);
     /* Collective. Checks the request (a clear error for a split or a k the
      * task does not have) before evaluating. */

@@ -36,6 +36,15 @@ typedef struct cnn_task {
     ag_param **running_stats;
     int n_running_stats;
     float *stats_scratch; /* [total numel of running_stats] */
+    /* Routing of the log window: the images this rank's expert-phase
+     * forward (window_attacked: on the attacked images) sent to each expert,
+     * per router, at [r * E + e]; and the images counted. */
+    int n_routers;
+    bool window_attacked;
+    int64_t *window_load; /* [n_routers * E] */
+    int64_t window_images;
+    bool window_collapsed[MOE_CNN_MAX_ROUTERS]; /* in the last window written */
+    adv_eval_counts *eval_counts;               /* of the evaluation running */
 } cnn_task;
 
 /* ---- model and data ---------------------------------------------------------------- */
@@ -74,6 +83,8 @@ static void cnn_destroy(void *state) {
     free(t->saved_frozen);
     free(t->running_stats);
     free(t->stats_scratch);
+    free(t->window_load);
+    free(t->eval_counts);
     if (t->train_open) idx_dataset_close(&t->train);
     if (t->test_open) idx_dataset_close(&t->test);
     free(t);
@@ -97,6 +108,14 @@ static cm_status cnn_create(const task_env *env, void **state) {
                               .model = &t->binding,
                               .params = env->params,
                               .num_experts = config.num_experts > 1 ? config.num_experts : 0};
+    t->n_routers = moe_cnn_router_count(&t->model);
+    t->window_attacked = env->recipe->adversarial.mode == ADV_MODE_PGD_AT;
+    t->window_load = calloc((size_t)t->n_routers * (size_t)config.num_experts + 1, sizeof(int64_t));
+    t->eval_counts = malloc(sizeof *t->eval_counts);
+    if (!t->window_load || !t->eval_counts) {
+        cnn_destroy(t);
+        return CM_ERR(CM_ERR_NOMEM, "out of memory");
+    }
     *state = t;
     return CM_OK;
 }
@@ -196,9 +215,13 @@ int task_cnn_router_params(void *state, ag_param **out, int capacity) {
     return t->n_router_params;
 }
 
-int64_t task_cnn_flops_per_image(void *state) {
+moe_cnn_flops_report task_cnn_flops(void *state) {
     cnn_task *t = state;
-    return moe_cnn_flops(&t->model.config, t->height, t->width).total;
+    return moe_cnn_flops(&t->model.config, t->height, t->width);
+}
+
+int64_t task_cnn_flops_per_image(void *state) {
+    return task_cnn_flops(state).total;
 }
 
 static void cnn_describe(void *state, cm_progress *progress) {
@@ -317,6 +340,15 @@ static cm_status forward(cnn_task *t, ag_tensor *x, adv_model_output *out) {
     return adv_moe_cnn_forward(t->env.ctx, &t->binding, x, true, out);
 }
 
+/* Adds the experts the routers chose in *out (this rank's rows) to the log
+ * window. */
+static void record_routes(cnn_task *t, const adv_model_output *out) {
+    const int rows = local_rows(t), E = t->model.config.num_experts;
+    for (int r = 0; r < out->n_routers; r++)
+        for (int n = 0; n < rows; n++) t->window_load[r * E + out->experts[r][n]]++;
+    t->window_images += rows;
+}
+
 /* loss * this rank's and micro-batch's share of the step's batch (one rank,
  * one micro-batch: unchanged). */
 static ag_tensor *rank_share(cnn_task *t, ag_tensor *loss) {
@@ -336,6 +368,7 @@ static cm_status theta_loss(cnn_task *t, int64_t step, ag_tensor **loss) {
     if (mode == ADV_MODE_STANDARD) {
         adv_model_output out;
         CM_TRY(forward(t, x, &out));
+        record_routes(t, &out);
         *loss = rank_share(t, ag_cross_entropy(ctx, out.logits, t->labels, -1));
         return ag_ctx_status(ctx);
     }
@@ -345,12 +378,14 @@ static cm_status theta_loss(cnn_task *t, int64_t step, ag_tensor **loss) {
     CM_TRY(ag_ctx_status(ctx));
     adv_model_output adv;
     if (mode == ADV_MODE_PGD_AT) {
-        CM_TRY(forward(t, x_adv, &adv));
+        CM_TRY(forward(t, x_adv, &adv)); /* the one forward: on the attacked images */
+        record_routes(t, &adv);
         *loss = rank_share(t, ag_cross_entropy(ctx, adv.logits, t->labels, -1));
         return ag_ctx_status(ctx);
     }
     adv_model_output clean;
     CM_TRY(forward(t, x, &clean));
+    record_routes(t, &clean);
     CM_TRY(forward(t, x_adv, &adv));
     *loss = rank_share(t, adv_trades_loss(ctx, clean.logits, adv.logits, t->labels, 1.0f,
                                           (float)recipe->adversarial.beta));
@@ -427,6 +462,61 @@ static cm_status cnn_phase_end(void *state, int phase, bool completed) {
     return status;
 }
 
+/* ---- routing diagnostics ------------------------------------------------------------- */
+
+/* The expert a router sends the most images to (*expert) and its share of
+ * `images`; load is the router's row of counts [E]. */
+static double top_share(const int64_t *load, int E, int64_t images, int *expert) {
+    int best = 0;
+    for (int e = 1; e < E; e++)
+        if (load[e] > load[best]) best = e;
+    *expert = best;
+    return images > 0 ? (double)load[best] / (double)images : 0.0;
+}
+
+static bool is_collapsed(double share) {
+    return share > TASK_CNN_COLLAPSED_SHARE;
+}
+
+/* The log window's routing, summed over the ranks (the global batch): one
+ * "moe_cnn" line per router, and a warning for each router that collapses
+ * (collapsed in this window, not in the one before: while it stays
+ * collapsed, only its lines say so). */
+static cm_status cnn_write_window(void *state, cm_metrics *metrics, cm_progress *progress,
+                                  int64_t step) {
+    cnn_task *t = state;
+    const int R = t->n_routers, E = t->model.config.num_experts;
+    if (R == 0) return CM_OK;
+    int64_t images = t->window_images;
+    CM_TRY(comm_sum_int64(t->env.world, t->window_load, R * E));
+    CM_TRY(comm_sum_int64(t->env.world, &images, 1));
+    for (int r = 0; r < R && images > 0; r++) {
+        const int64_t *load = t->window_load + (size_t)r * (size_t)E;
+        int expert;
+        const double share = top_share(load, E, images, &expert);
+        metrics_record line = metrics_record_start("moe_cnn", step);
+        metrics_add_integer(&line, "router", r);
+        metrics_add_integer(&line, "phase", CNN_PHASE_EXPERTS);
+        metrics_add_integer(&line, "attacked", t->window_attacked);
+        metrics_add_integer(&line, "images", images);
+        metrics_add_number(&line, "max_share", share, "%.4f");
+        metrics_add_integer(&line, "collapsed", is_collapsed(share));
+        metrics_add_integers(&line, "images_per_expert", load, E);
+        CM_TRY(metrics_write_record(metrics, &line));
+        if (is_collapsed(share) && !t->window_collapsed[r] && progress)
+            progress_print(progress,
+                           "WARNING step %lld: router %d sent %.1f%% of the window's %lld "
+                           "training images to expert %d: a collapsed router (more than %.0f%%; "
+                           "\"collapsed\" in its moe_cnn lines while it lasts)",
+                           (long long)step, r, 100.0 * share, (long long)images, expert,
+                           100.0 * TASK_CNN_COLLAPSED_SHARE);
+        t->window_collapsed[r] = is_collapsed(share);
+    }
+    memset(t->window_load, 0, (size_t)R * (size_t)E * sizeof *t->window_load);
+    t->window_images = 0;
+    return CM_OK;
+}
+
 /* ---- evaluation --------------------------------------------------------------------- */
 
 /* One evaluation; NAN for what was not measured. */
@@ -439,6 +529,12 @@ typedef struct cnn_eval_result {
     double router_robustness_per_router[MOE_CNN_MAX_ROUTERS];
     double expert_ra;      /* routes frozen to the clean ones */
     double router_only_ra; /* NAN also for per-layer routing */
+    /* Images per expert, per router ([r * num_experts + e], summed over the
+     * ranks): on the clean images, and on the RA attack's (NULL without it). */
+    int num_experts;
+    const int64_t *clean_per_expert, *attacked_per_expert;
+    double max_share_clean, max_share_ra; /* the largest over the routers; ra: NAN */
+    int collapsed_routers;                /* routers with a share above TASK_CNN_COLLAPSED_SHARE */
 } cnn_eval_result;
 
 /* counts summed over the ranks -> *eval. */
@@ -450,6 +546,9 @@ static cm_status finish_eval(cnn_task *t, adv_eval_counts *counts, bool robust,
         counts->expert_correct, counts->router_only_correct, counts->worst_correct};
     memcpy(packed + 6, counts->routes_kept, (size_t)R * sizeof(int64_t));
     CM_TRY(comm_sum_int64(t->env.world, packed, 6 + R));
+    const int E = t->model.config.num_experts;
+    CM_TRY(comm_sum_int64(t->env.world, counts->clean_per_expert, R * E));
+    if (robust) CM_TRY(comm_sum_int64(t->env.world, counts->attacked_per_expert, R * E));
     const int64_t images = packed[0];
     if (images == 0)
         return CM_ERR(CM_ERR_INVALID, "%s: no images to evaluate", t->test.images_path);
@@ -461,7 +560,22 @@ static cm_status finish_eval(cnn_task *t, adv_eval_counts *counts, bool robust,
                               .n_routers = R,
                               .router_robustness = NAN,
                               .expert_ra = NAN,
-                              .router_only_ra = NAN};
+                              .router_only_ra = NAN,
+                              .num_experts = E,
+                              .clean_per_expert = counts->clean_per_expert,
+                              .attacked_per_expert = robust ? counts->attacked_per_expert : NULL,
+                              .max_share_clean = NAN,
+                              .max_share_ra = NAN};
+    for (int r = 0; r < R; r++) {
+        int expert;
+        double clean = top_share(counts->clean_per_expert + (size_t)r * E, E, images, &expert);
+        double attacked =
+            robust ? top_share(counts->attacked_per_expert + (size_t)r * E, E, images, &expert)
+                   : 0.0;
+        eval->max_share_clean = r == 0 ? clean : fmax(eval->max_share_clean, clean);
+        if (robust) eval->max_share_ra = r == 0 ? attacked : fmax(eval->max_share_ra, attacked);
+        eval->collapsed_routers += is_collapsed(clean) || is_collapsed(attacked);
+    }
     if (!robust) return CM_OK;
     eval->ra = (double)packed[2] / n;
     eval->ra_worst = (double)packed[5] / n;
@@ -491,7 +605,10 @@ static cm_status evaluate_counts(cnn_task *t, int64_t max_batches, cnn_eval_resu
         adv_pgd_config((float)a->eps, (float)a->eval_step_size, a->eval_steps, key);
     if (t->attacked.num_experts > 0) attack.router_weight = (float)a->eval_router_weight;
     const bool robust = a->eval_steps > 0;
-    adv_eval_counts counts = {.n_routers = moe_cnn_router_count(&t->model)};
+    adv_eval_counts *counts = t->eval_counts;
+    memset(counts, 0, sizeof *counts);
+    counts->n_routers = t->n_routers;
+    counts->num_experts = t->model.config.num_experts;
     const uint64_t pixels = (uint64_t)(t->height * t->width);
     cm_status status = CM_OK;
     for (;;) {
@@ -504,7 +621,7 @@ static cm_status evaluate_counts(cnn_task *t, int64_t max_batches, cnn_eval_resu
         ag_ctx_reset(ctx);
         ag_tensor *x = batch_tensor(t, t->images, rows);
         status = x ? adv_moe_cnn_evaluate(ctx, &t->attacked, robust ? &attack : NULL, x, t->labels,
-                                          first * pixels, t->adv_images, &counts)
+                                          first * pixels, t->adv_images, counts)
                    : ag_ctx_status(ctx);
         if (status != CM_OK) break;
     }
@@ -512,7 +629,7 @@ static cm_status evaluate_counts(cnn_task *t, int64_t max_batches, cnn_eval_resu
     /* A rank's failure ends the whole job (cmoe train aborts), so the others
      * do not wait here for it. */
     CM_TRY(status);
-    return finish_eval(t, &counts, robust, eval);
+    return finish_eval(t, counts, robust, eval);
 }
 
 /* "SA 0.8123, RA 0.5012 (PGD-20, eps 0.1, step 0.0125) over 1024 images" and,
@@ -546,6 +663,24 @@ static void describe_eval(const cm_recipe *recipe, const cnn_eval_result *eval, 
             APPEND("%.4f", eval->router_only_ra);
         APPEND(", worst-case RA %.4f", eval->ra_worst);
     }
+    for (int r = 0; r < eval->n_routers && eval->collapsed_routers > 0; r++) {
+        const int E = eval->num_experts;
+        int clean_expert, attacked_expert = 0;
+        const double clean =
+            top_share(eval->clean_per_expert + (size_t)r * E, E, eval->images, &clean_expert);
+        const double attacked = eval->attacked_per_expert
+                                    ? top_share(eval->attacked_per_expert + (size_t)r * E, E,
+                                                eval->images, &attacked_expert)
+                                    : 0.0;
+        if (!is_collapsed(clean) && !is_collapsed(attacked)) continue;
+        APPEND("; WARNING: router %d sends %.1f%% of the clean images to expert %d", r,
+               100.0 * clean, clean_expert);
+        if (eval->attacked_per_expert)
+            APPEND(" and %.1f%% of the attacked ones to expert %d", 100.0 * attacked,
+                   attacked_expert);
+        APPEND(" (a collapsed router: more than %.0f%%; its router robustness says nothing)",
+               100.0 * TASK_CNN_COLLAPSED_SHARE);
+    }
 #undef APPEND
 }
 
@@ -574,6 +709,21 @@ static cm_status cnn_evaluate(void *state, const task_eval_request *request, int
     metrics_add_integer(line, "eval_steps", a->eval_steps);
     metrics_add_number(line, "eps", a->eps, "%.6g");
     metrics_add_number(line, "eval_router_weight", a->eval_router_weight, "%.6g");
+    const int per_router_counts = eval.n_routers * eval.num_experts;
+    if (eval.n_routers > 0 && 2 * per_router_counts <= TASK_EVAL_COUNTS_MAX) {
+        int64_t *clean = out->counts, *attacked = out->counts + per_router_counts;
+        memcpy(clean, eval.clean_per_expert, (size_t)per_router_counts * sizeof *clean);
+        metrics_add_integers(line, "images_per_expert_clean", clean, per_router_counts);
+        if (eval.attacked_per_expert) {
+            memcpy(attacked, eval.attacked_per_expert, (size_t)per_router_counts * sizeof *clean);
+            metrics_add_integers(line, "images_per_expert_ra", attacked, per_router_counts);
+        }
+    }
+    if (eval.n_routers > 0) {
+        metrics_add_number(line, "max_expert_share_clean", eval.max_share_clean, "%.6f");
+        metrics_add_number(line, "max_expert_share_ra", eval.max_share_ra, "%.6f");
+        metrics_add_integer(line, "collapsed_routers", eval.collapsed_routers);
+    }
     if (eval.n_routers > 0) {
         metrics_add_number(line, "router_robustness", eval.router_robustness, "%.6f");
         metrics_add_number(line, "expert_ra", eval.expert_ra, "%.6f");
@@ -604,6 +754,7 @@ const task_vtable task_cnn = {
     .load = cnn_load,
     .phase_loss = cnn_phase_loss,
     .phase_end = cnn_phase_end,
+    .write_window = cnn_write_window,
     .eval_plan = cnn_eval_plan,
     .evaluate = cnn_evaluate,
 };

@@ -42,6 +42,32 @@
  * measured"; the inference multiply-adds per image (moe_cnn_flops total: one
  * expert group per MoE conv plus the routers) go to the "model" line.
  *
+ * Routing diagnostics of an MoE model (is a router robustness of 1 a robust
+ * router or a collapsed one?):
+ *   training: the images each router sent to each expert in the log window
+ *     (train.log_every steps), summed over the ranks (the global batch), one
+ *     line per router at each log step: {"kind": "moe_cnn", "step",
+ *     "router": r, "phase": 0, "attacked", "images", "max_share",
+ *     "collapsed", "images_per_expert": [E counts]}. What is counted is the
+ *     routing of phase 0's training-mode forward: the clean images of the
+ *     TRADES loss (trades, and advmoe's expert phase; the router phase is
+ *     not counted) or of standard; pgd_at has no clean forward and counts
+ *     its forward of the attacked images ("attacked": 1). "images" = steps
+ *     of the window x data.batch_size; each router's counts sum to it;
+ *   evaluation: the "test" line gets "images_per_expert_clean" (the routes
+ *     of the clean images) and "images_per_expert_ra" (of the RA attack's
+ *     images; with eval_steps > 0), each [R x E] router-major (router r's
+ *     counts at r*E .. r*E+E-1, each router's summing to "images"; left out
+ *     when 2 R E exceeds TASK_EVAL_COUNTS_MAX), "max_expert_share_clean" and
+ *     "max_expert_share_ra" (the largest share of one expert over the
+ *     routers) and "collapsed_routers";
+ *   a router is collapsed when more than TASK_CNN_COLLAPSED_SHARE of the
+ *     images go to one expert: the line says "collapsed": 1, the evaluation
+ *     counts it in "collapsed_routers" (clean or attacked) and its printed
+ *     summary ends with a WARNING per such router; in training a WARNING is
+ *     printed when a router becomes collapsed (a window collapsed after one
+ *     that was not).
+ *
  * Data parallel under MPI: every rank holds the whole model (the
  * channel-group experts of the MoE-CNN are slices of dense conv weights and
  * stay replicated; they are not sharded by expert parallelism) and takes its
@@ -54,14 +80,22 @@
 #ifndef CMOE_TRAIN_TASK_CNN_H
 #define CMOE_TRAIN_TASK_CNN_H
 
+#include "layers/moe_conv.h"
 #include "train/task.h"
 
 /* The phases of an advmoe step (other modes have phase 0 only). */
 enum { CNN_PHASE_EXPERTS = 0, CNN_PHASE_ROUTERS = 1 };
 
+/* A router that sends more than this share of the images to one expert (in
+ * a training window or in evaluation) is reported as collapsed. */
+#define TASK_CNN_COLLAPSED_SHARE 0.9
+
 /* For tests: the router parameters (phi) of the task's model (0 for a dense
- * model), and the inference multiply-adds per image. */
+ * model), and the inference multiply-adds per image (the total, and the
+ * report with the backbone and the routers apart; 0 before a data set gave
+ * the image size). */
 int task_cnn_router_params(void *state, ag_param **out, int capacity);
 int64_t task_cnn_flops_per_image(void *state);
+moe_cnn_flops_report task_cnn_flops(void *state);
 
 #endif

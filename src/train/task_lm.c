@@ -317,7 +317,9 @@ static int moe_block_index(const lm_task *t, int i) {
 }
 
 /* One "moe" line per MoE layer, then the window starts again. */
-static cm_status lm_write_window(void *state, cm_metrics *metrics, int64_t step) {
+static cm_status lm_write_window(void *state, cm_metrics *metrics, cm_progress *progress,
+                                 int64_t step) {
+    (void)progress;
     lm_task *t = state;
     if (t->moe_layers == 0 || t->window_reports == 0) return CM_OK;
     CM_TRY(sum_window(t));

@@ -4,7 +4,8 @@
 # recipes/cnn/dense-standard.yaml for a few steps on it, the final test line of
 # metrics.jsonl carries sa and ra, `cmoe eval` reloads the checkpoint and
 # reports the same SA, and an AdvMoE recipe takes one step and reports the
-# router robustness, expert RA and router-only RA.
+# router robustness, expert RA and router-only RA, its routing (a moe_cnn
+# line, images per expert in the test line) and plots it (moe-cnn-load.png).
 # usage: test_cnn.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -51,6 +52,11 @@ grep '"kind": "test", "step": 1, "sa"' "$work/advmoe/metrics.jsonl" |
 check $? "advmoe test line with the robustness measures ($(tail -n 1 "$work/advmoe/metrics.jsonl"))"
 grep -q "test SA [0-9.]*, RA [0-9.]* (PGD-2, eps 0.1, step 0.0125) over 128 images; router robustness [0-9.]*, expert RA [0-9.]*, router-only RA [0-9.]*, worst-case RA [0-9.]*" "$work/advmoe.out"
 check $? "advmoe prints them"
+grep -q '"kind": "moe_cnn", "step": 1, "router": 0, "phase": 0, "attacked": 0, "images": 64, .*"images_per_expert": \[[0-9]*, [0-9]*\]}' "$work/advmoe/metrics.jsonl" &&
+    grep '"kind": "test"' "$work/advmoe/metrics.jsonl" | grep -q '"images_per_expert_clean": \[[0-9]*, [0-9]*\], "images_per_expert_ra": \[[0-9]*, [0-9]*\]'
+check $? "advmoe routing counts in metrics.jsonl ($(grep -v '"kind": "train"' "$work/advmoe/metrics.jsonl"))"
+[ -s "$work/advmoe/moe-cnn-load.png" ] && [ -s "$work/advmoe/curves.png" ]
+check $? "advmoe plots moe-cnn-load.png and curves.png ($(ls "$work/advmoe"))"
 
 "$cmoe" train "$src/recipes/cnn/dense-standard.yaml" --set adversarial.eps=2 > "$work/bad.out" 2>&1
 [ $? -eq 1 ] && grep -q "adversarial.eps = 2 is out of range (0, 1]" "$work/bad.out"

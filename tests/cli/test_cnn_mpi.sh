@@ -19,7 +19,11 @@
 #   - `cmoe eval` in one process on the 2-rank checkpoint reproduces the SA
 #     of the 2-rank run's final test line (evaluation split over the ranks and
 #     summed), and its RA;
-#   - a checkpoint written at 2 ranks resumes at 1 rank and finishes the run.
+#   - a checkpoint written at 2 ranks resumes at 1 rank and finishes the run;
+#   - the routing counts, at 1 and at 2 ranks: every step (train.log_every 1)
+#     has a moe_cnn line whose images per expert sum to the global batch (64,
+#     not a rank's 32), and the test line's images per expert (clean and RA)
+#     sum to the images evaluated (64: eval_batches 1, split over the ranks).
 # usage: test_cnn_mpi.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -63,6 +67,26 @@ check $? "the 2-rank run reports its ranks"
     python3 -c 'import json, sys; [json.loads(line) for line in open(sys.argv[1])]' \
         "$work/two/metrics.jsonl"
 check $? "rank 0 alone writes metrics.jsonl ($(wc -l < "$work/two/metrics.jsonl") lines, one process $(wc -l < "$work/one/metrics.jsonl"))"
+
+# routing_counts RUN: the moe_cnn lines and the test line's images per expert
+routing_counts() {
+    /usr/bin/python3 - "$1/metrics.jsonl" <<'PYTHON'
+import json, sys
+lines = [json.loads(line) for line in open(sys.argv[1])]
+windows = [l for l in lines if l["kind"] == "moe_cnn"]
+assert [w["step"] for w in windows] == [1, 2, 3], windows
+for w in windows:
+    assert w["images"] == 64 and sum(w["images_per_expert"]) == 64, w
+test = [l for l in lines if l["kind"] == "test"][-1]
+assert test["images"] == 64, test
+for key in ("images_per_expert_clean", "images_per_expert_ra"):
+    assert len(test[key]) == 2 and sum(test[key]) == test["images"], (key, test)
+PYTHON
+}
+routing_counts "$work/one" > "$work/counts.out" 2>&1
+check $? "1-process routing counts sum to the batch and the images evaluated ($(tail -c 300 "$work/counts.out"))"
+routing_counts "$work/two" > "$work/counts.out" 2>&1
+check $? "2-rank routing counts sum to the global batch and the images evaluated ($(tail -c 300 "$work/counts.out"))"
 
 one=$(loss_at "$work/one" 1)
 two=$(loss_at "$work/two" 1)
