@@ -161,8 +161,10 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
     double allocations_most = max_over_ranks(comm, (double)allocations_max);
     if (comm->world_rank != 0) return;
     const bool tokens_counted = strcmp(item_name, "tok") == 0;
-    const double tokens = tokens_counted ? (double)recipe->data.batch_size * recipe->data.seq_len
-                                         : (double)recipe->data.batch_size;
+    /* a step takes train.grad_accum micro-batches */
+    const double tokens = (tokens_counted ? (double)recipe->data.batch_size * recipe->data.seq_len
+                                          : (double)recipe->data.batch_size) *
+                          recipe->train.grad_accum;
     const char *name = recipe->name;
     if (strncmp(name, "bench-", 6) == 0) name += 6;
     fprintf(stderr, "\n");
