@@ -6,7 +6,7 @@
  * in the exponent bits), so loops that use it vectorise; its relative error is
  * below 3e-7 over the clamped range. Inputs are clamped to [-87.3, 88.3]:
  * results below ~1e-38 flush to that value instead of 0, larger ones
- * saturate at ~2.2e38 instead of inf. NaN inputs are not handled. */
+ * saturate at ~2.2e38 instead of inf. A NaN input gives NaN. */
 #ifndef CMOE_AUTOGRAD_FASTMATH_H
 #define CMOE_AUTOGRAD_FASTMATH_H
 
@@ -28,10 +28,13 @@ static inline float cm_expf(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
+    /* A NaN input gives a NaN p; its exponent must not reach the float to
+     * int conversion (undefined, and the sanitizer build aborts on it). */
+    float exponent = n == n ? n : 0.0f;
     union {
-        int32_t bits;
+        uint32_t bits;
         float value;
-    } scale = {.bits = ((int32_t)n + 127) << 23};
+    } scale = {.bits = (uint32_t)((int32_t)exponent + 127) << 23};
     return p * scale.value;
 }
 
