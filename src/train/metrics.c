@@ -1,16 +1,13 @@
 #include "train/metrics.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "common/check.h"
+#include "common/gnuplot.h"
 
 enum { LINE_CAPACITY = 8192, PATH_CAPACITY = 4096 };
 
@@ -191,18 +188,6 @@ void metrics_close(cm_metrics *metrics) {
  * interpolated into gnuplot (or shell) text; the titles show only a sanitized
  * run name. */
 
-/* `text` with every character but [A-Za-z0-9._+-] and spaces replaced by '_',
- * safe inside a single-quoted gnuplot string. */
-static void sanitize(const char *text, char *out, size_t size) {
-    size_t n = 0;
-    for (const char *c = text; *c && n + 1 < size; c++) {
-        const bool safe = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
-                          (*c >= '0' && *c <= '9') || strchr("._+- ,", *c);
-        out[n++] = safe ? *c : '_';
-    }
-    out[n] = '\0';
-}
-
 /* The last component of `dir`, sanitized. */
 static void run_name(const char *dir, char *out, size_t size) {
     char copy[PATH_CAPACITY];
@@ -210,44 +195,7 @@ static void run_name(const char *dir, char *out, size_t size) {
     size_t length = strlen(copy);
     while (length > 1 && copy[length - 1] == '/') copy[--length] = '\0';
     const char *slash = strrchr(copy, '/');
-    sanitize(slash && slash[1] ? slash + 1 : copy, out, size);
-}
-
-/* Opens DIR/NAME for writing. */
-static cm_status open_in(const char *dir, const char *name, FILE **file) {
-    char path[PATH_CAPACITY];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    *file = fopen(path, "w");
-    if (!*file) return CM_ERR(CM_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
-    return CM_OK;
-}
-
-/* Closes the script DIR/SCRIPT and runs `gnuplot SCRIPT` with DIR as the
- * working directory (fork, chdir, exec: no shell). */
-static cm_status run_gnuplot(const char *dir, const char *script, FILE *file, const char *what) {
-    if (fclose(file) != 0) return CM_ERR(CM_ERR_IO, "%s/%s: cannot write", dir, script);
-    pid_t child = fork();
-    if (child < 0) return CM_ERR(CM_ERR_IO, "cannot start gnuplot: %s", strerror(errno));
-    if (child == 0) {
-        int null = open("/dev/null", O_WRONLY);
-        if (null >= 0) {
-            dup2(null, STDOUT_FILENO);
-            dup2(null, STDERR_FILENO);
-        }
-        if (chdir(dir) != 0) _exit(126);
-        execlp("gnuplot", "gnuplot", script, (char *)NULL);
-        _exit(127);
-    }
-    int status = 0;
-    while (waitpid(child, &status, 0) < 0)
-        if (errno != EINTR) return CM_ERR(CM_ERR_IO, "waiting for gnuplot: %s", strerror(errno));
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        return CM_ERR(CM_ERR_IO,
-                      "gnuplot failed (%s %d) writing %s/%s; is gnuplot-nox installed "
-                      "(scripts/install-deps.sh)?",
-                      WIFEXITED(status) ? "exit status" : "signal",
-                      WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), dir, what);
-    return CM_OK;
+    gnuplot_sanitize(slash && slash[1] ? slash + 1 : copy, out, size);
 }
 
 /* Copies (step, value of `key`) of every `kind` line into a TSV; returns the count. */
@@ -376,8 +324,8 @@ static cm_status plot_routing(const char *run_dir, FILE *in) {
     if (n_layers == 0 || n_experts == 0) return CM_OK;
     FILE *data, *k_data, *gp;
     double last_step = 0;
-    CM_TRY(open_in(run_dir, "moe-routing.tsv", &data));
-    cm_status status = open_in(run_dir, "moe-k.tsv", &k_data);
+    CM_TRY(gnuplot_open(run_dir, "moe-routing.tsv", &data));
+    cm_status status = gnuplot_open(run_dir, "moe-k.tsv", &k_data);
     if (status != CM_OK) {
         fclose(data);
         return status;
@@ -387,7 +335,7 @@ static cm_status plot_routing(const char *run_dir, FILE *in) {
     failed |= fclose(k_data) != 0;
     if (failed) return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data", run_dir);
 
-    CM_TRY(open_in(run_dir, "moe-load.gp", &gp));
+    CM_TRY(gnuplot_open(run_dir, "moe-load.gp", &gp));
     write_heatmaps(gp, &lm_routing, layers, n_layers, n_experts, last_step, "moe-load.png",
                    "moe-routing.tsv", "cmoe: share of routed tokens per expert");
     fprintf(gp,
@@ -400,7 +348,7 @@ static cm_status plot_routing(const char *run_dir, FILE *in) {
         fprintf(gp, "%s'moe-k.tsv' index %d using 1:2 with lines lw 2 title 'layer %d'",
                 i ? ", " : "", i, layers[i]);
     fprintf(gp, "\n");
-    return run_gnuplot(run_dir, "moe-load.gp", gp, "moe-load.png");
+    return gnuplot_run(run_dir, "moe-load.gp", gp, "moe-load.png");
 }
 
 /* From the MoE-CNN's "moe_cnn" lines: RUN_DIR/moe-cnn-load.png, per router
@@ -412,13 +360,13 @@ static cm_status plot_cnn_routing(const char *run_dir, FILE *in) {
     if (n_routers == 0 || n_experts == 0) return CM_OK;
     FILE *data, *gp;
     double last_step = 0;
-    CM_TRY(open_in(run_dir, "moe-cnn-routing.tsv", &data));
+    CM_TRY(gnuplot_open(run_dir, "moe-cnn-routing.tsv", &data));
     write_routing_data(in, &cnn_routing, routers, n_routers, data, NULL, &last_step);
     if (fclose(data) != 0) return CM_ERR(CM_ERR_IO, "%s: cannot write the routing data", run_dir);
-    CM_TRY(open_in(run_dir, "moe-cnn-load.gp", &gp));
+    CM_TRY(gnuplot_open(run_dir, "moe-cnn-load.gp", &gp));
     write_heatmaps(gp, &cnn_routing, routers, n_routers, n_experts, last_step, "moe-cnn-load.png",
                    "moe-cnn-routing.tsv", "cmoe: share of training images per expert");
-    return run_gnuplot(run_dir, "moe-cnn-load.gp", gp, "moe-cnn-load.png");
+    return gnuplot_run(run_dir, "moe-cnn-load.gp", gp, "moe-cnn-load.png");
 }
 
 cm_status metrics_plot(const char *run_dir) {
@@ -427,8 +375,8 @@ cm_status metrics_plot(const char *run_dir) {
     FILE *in = fopen(path, "r");
     if (!in) return CM_ERR(CM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     FILE *train = NULL, *valid = NULL;
-    cm_status status = open_in(run_dir, "curves-train.tsv", &train);
-    if (status == CM_OK) status = open_in(run_dir, "curves-valid.tsv", &valid);
+    cm_status status = gnuplot_open(run_dir, "curves-train.tsv", &train);
+    if (status == CM_OK) status = gnuplot_open(run_dir, "curves-valid.tsv", &valid);
     if (status != CM_OK) {
         fclose(in);
         if (train) fclose(train);
@@ -457,7 +405,7 @@ cm_status metrics_plot(const char *run_dir) {
                       path);
 
     FILE *gp;
-    CM_TRY(open_in(run_dir, "curves.gp", &gp));
+    CM_TRY(gnuplot_open(run_dir, "curves.gp", &gp));
     run_name(run_dir, name, sizeof name);
     fprintf(gp,
             "set terminal pngcairo size 900,560 font ',10'\n"
@@ -471,19 +419,19 @@ cm_status metrics_plot(const char *run_dir) {
         fprintf(gp, ", 'curves-valid.tsv' using 1:2 with linespoints pt 7 ps 0.6 lw 2 "
                     "lc rgb '#cc3311' title 'validation'");
     fprintf(gp, "\n");
-    return run_gnuplot(run_dir, "curves.gp", gp, "curves.png");
+    return gnuplot_run(run_dir, "curves.gp", gp, "curves.png");
 }
 
 cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc, int n,
                                const char *title) {
     FILE *tsv, *gp;
-    CM_TRY(open_in(dir, "k-sweep.tsv", &tsv));
+    CM_TRY(gnuplot_open(dir, "k-sweep.tsv", &tsv));
     fprintf(tsv, "# k\tbpc\n");
     for (int i = 0; i < n; i++) fprintf(tsv, "%d\t%.6f\n", ks[i], bpc[i]);
     if (fclose(tsv) != 0) return CM_ERR(CM_ERR_IO, "%s/k-sweep.tsv: cannot write", dir);
     char safe[512];
-    sanitize(title, safe, sizeof safe);
-    CM_TRY(open_in(dir, "k-sweep.gp", &gp));
+    gnuplot_sanitize(title, safe, sizeof safe);
+    CM_TRY(gnuplot_open(dir, "k-sweep.gp", &gp));
     fprintf(gp,
             "set terminal pngcairo size 720,480 font ',10'\n"
             "set output 'k-sweep.png'\n"
@@ -492,5 +440,5 @@ cm_status metrics_plot_k_sweep(const char *dir, const int *ks, const double *bpc
             "set logscale x 2\nset grid\nset key off\n"
             "plot 'k-sweep.tsv' using 1:2 with linespoints pt 7 lw 2 lc rgb '#4477aa'\n",
             safe);
-    return run_gnuplot(dir, "k-sweep.gp", gp, "k-sweep.png");
+    return gnuplot_run(dir, "k-sweep.gp", gp, "k-sweep.png");
 }
