@@ -8,6 +8,8 @@
 /* `cmoe bench RECIPE ...`: argc/argv after the command name; returns the
  * process exit status. */
 int command_bench(int argc, char **argv);
+/* `cmoe study STUDY.yaml ...` (study.c), likewise. */
+int command_study(int argc, char **argv);
 
 /* False in sanitizer builds, whose allocator is the sanitizer's. */
 bool alloc_count_available(void);

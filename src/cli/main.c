@@ -29,6 +29,8 @@ static const char usage_text[] =
     "  inspect CKPT    print a checkpoint's step, parameters and recipe\n"
     "  plot RUN_DIR    render RUN_DIR/curves.png from RUN_DIR/metrics.jsonl\n"
     "  bench RECIPE    time training steps (tokens/s, GFLOP/s, peak RSS, allocations)\n"
+    "  study STUDY     reproduce a paper's ablation: every arm and seed, the statistics,\n"
+    "                  a verdict per claim (studies/*.yaml)\n"
     "\n"
     "Run `cmoe COMMAND --help` for the options of each command.\n"
     "Recipes: recipes/lm/*.yaml (language models), recipes/cnn/*.yaml (image\n"
@@ -379,6 +381,7 @@ int main(int argc, char **argv) {
     if (strcmp(command, "inspect") == 0) return command_inspect(argc - 2, argv + 2);
     if (strcmp(command, "plot") == 0) return command_plot(argc - 2, argv + 2);
     if (strcmp(command, "bench") == 0) return command_bench(argc - 2, argv + 2);
+    if (strcmp(command, "study") == 0) return command_study(argc - 2, argv + 2);
     fprintf(stderr, "cmoe: unknown command '%s'\n\n%s", command, usage_text);
     return EXIT_USAGE;
 }

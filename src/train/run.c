@@ -273,8 +273,11 @@ cm_status run_evaluate(const cm_recipe *recipe, const char *checkpoint,
                        const task_eval_request *request, const cm_comm *comm, task_eval *out) {
     run_session *s;
     CM_TRY(run_session_open(recipe, comm, false, &s));
-    cm_status status = ckpt_load_sharded(checkpoint, &s->params, NULL, false, comm);
-    if (status == CM_OK) status = run_session_evaluate(s, request, 0, out);
+    ckpt_meta meta = {0};
+    cm_status status = ckpt_load_sharded(checkpoint, &s->params, &meta, false, comm);
+    task_eval_plan plan = s->task->eval_plan(s->state);
+    if (!request) request = plan.final_differs ? &plan.final : &plan.periodic;
+    if (status == CM_OK) status = run_session_evaluate(s, request, meta.step, out);
     run_session_close(s);
     return status;
 }

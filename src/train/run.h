@@ -64,7 +64,9 @@ typedef struct run_result {
 cm_status run_train(const cm_recipe *recipe, const run_options *options, run_result *result);
 
 /* Loads the model of `recipe` with the weights of `checkpoint` and evaluates
- * it as the request says; every rank of comm (NULL: one process) calls it. */
+ * it as the request says (NULL: the evaluation run_train ends with); every
+ * rank of comm (NULL: one process) calls it. The record's step is the
+ * checkpoint's. */
 cm_status run_evaluate(const cm_recipe *recipe, const char *checkpoint,
                        const task_eval_request *request, const cm_comm *comm, task_eval *out);
 

@@ -383,6 +383,21 @@ static text_dataset *split_dataset(lm_task *t, cm_split split) {
     return status == CM_OK ? datasets[split] : NULL;
 }
 
+/* An evaluation's experts per token: "mean_k" over the MoE layers and
+ * "layer_mean_k" per MoE layer, from the kept (token, expert) pairs of every
+ * rank (routed[moe_layers]: the tokens). */
+static void add_routing_fields(lm_task *t, const int64_t *routed, task_eval *out) {
+    const int64_t tokens = routed[t->moe_layers];
+    if (t->moe_layers == 0 || tokens == 0) return;
+    double total = 0.0;
+    for (int i = 0; i < t->moe_layers; i++) {
+        out->per_router[i] = (double)routed[i] / (double)tokens;
+        total += out->per_router[i];
+    }
+    metrics_add_number(&out->record, "mean_k", total / t->moe_layers, "%.4f");
+    metrics_add_numbers(&out->record, "layer_mean_k", out->per_router, t->moe_layers, "%.4f");
+}
+
 /* Mean cross-entropy (nats) over a split, in no-grad mode (THOR draws its
  * inference experts from the run seed). */
 static cm_status lm_evaluate(void *state, const task_eval_request *request, int64_t step,
@@ -397,7 +412,9 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     text_eval_iter iter;
     CM_TRY(text_eval_begin(&iter, dataset, B, T, t->env.rank, t->env.ranks, request->max_batches));
     bool previous = ag_set_grad_enabled(ctx, false);
-    double sums[2] = {0.0, 0.0}; /* loss x tokens, tokens */
+    double sums[2] = {0.0, 0.0};             /* loss x tokens, tokens */
+    int64_t routed[LM_MAX_LAYERS + 1] = {0}; /* kept (token, expert) pairs per MoE layer; tokens */
+    lm_moe_report report;
     cm_status status = CM_OK;
     for (;;) {
         int64_t batch_first = iter.next_window;
@@ -415,9 +432,12 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
             .first_row =
                 (uint64_t)(batch_first + shard_rows(windows, t->env.rank, t->env.ranks).begin),
             .k_override = request->k_override,
+            .report = &report,
             .group = t->env.world,
             .global_tokens = (int64_t)windows * T};
         ag_tensor *logits = lm_forward(ctx, &t->model, &args);
+        for (int i = 0; i < report.n_layers; i++) routed[i] += report.stats[i].slots;
+        if (report.n_layers > 0) routed[t->moe_layers] += report.stats[0].tokens;
         if (rows > 0) {
             ag_tensor *loss = lm_loss(ctx, logits, t->targets);
             if ((status = ag_ctx_status(ctx)) != CM_OK) break;
@@ -430,6 +450,7 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     ag_ctx_reset(ctx);
     CM_TRY(status);
     CM_TRY(comm_sum_doubles(t->env.world, sums, 2));
+    if (t->moe_layers > 0) CM_TRY(comm_sum_int64(t->env.world, routed, t->moe_layers + 1));
     if (sums[1] == 0) return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
     static const char *const kinds[CM_SPLIT_COUNT] = {"valid", "test", "train"};
     const double loss = sums[0] / sums[1];
@@ -438,6 +459,7 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     metrics_add_number(&out->record, "loss", loss, "%.6f");
     metrics_add_number(&out->record, "bpc", loss / LN2, "%.6f");
     if (request->split != CM_SPLIT_VALID) metrics_add_integer(&out->record, "tokens", out->items);
+    add_routing_fields(t, routed, out);
     snprintf(out->text, sizeof out->text, "loss %.6f nats/byte, bpc %.6f over %lld bytes", loss,
              loss / LN2, (long long)out->items);
     if (request->split == CM_SPLIT_VALID)
