@@ -11,14 +11,6 @@
 
 #include "study/report.h"
 
-/* study.c (study_load and its look-ups) is not in the library yet; once it
- * is, its definition replaces this weak one. */
-__attribute__((weak)) int study_find_metric(const study *s, const char *text) {
-    for (int m = 0; m < s->n_metrics; m++)
-        if (strcmp(s->metrics[m].text, text) == 0) return m;
-    return -1;
-}
-
 /* ---- statistics ---------------------------------------------------------------------------- */
 
 START_TEST(test_summarize_by_hand) {

@@ -771,8 +771,8 @@ static cm_status append_claims_file(FILE *out, const char *report_dir, const cha
 
 /* README.md from every *.claims.tsv, written to README.md.tmp and renamed. */
 static cm_status write_readme(const char *report_dir) {
-    char **names, temporary[PATH_CAPACITY], path[PATH_CAPACITY];
-    int count;
+    char **names = NULL, temporary[PATH_CAPACITY], path[PATH_CAPACITY];
+    int count = 0;
     CM_TRY(join_path(temporary, report_dir, "README.md.tmp"));
     CM_TRY(join_path(path, report_dir, "README.md"));
     CM_TRY(list_claims_files(report_dir, &names, &count));

@@ -388,7 +388,7 @@ cm_status study_run(const study *s, const study_options *o, bool *interrupted) {
         }
     }
     if (o->dry_run || !c.leader) return CM_OK;
-    if (c.done == 0) print_progress(&c);
+    if (c.done == 0 && !o->report_only) print_progress(&c);
     c.results = calloc(1, sizeof *c.results);
     if (!c.results) return CM_ERR(CM_ERR_NOMEM, "out of memory");
     collect(&c);
