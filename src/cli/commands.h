@@ -3,6 +3,7 @@
 #ifndef CMOE_CLI_COMMANDS_H
 #define CMOE_CLI_COMMANDS_H
 
+#include <signal.h>
 #include <stdbool.h>
 
 /* `cmoe bench RECIPE ...`: argc/argv after the command name; returns the
@@ -10,6 +11,10 @@
 int command_bench(int argc, char **argv);
 /* `cmoe study STUDY.yaml ...` (study.c), likewise. */
 int command_study(int argc, char **argv);
+
+/* Makes SIGINT and SIGTERM set the returned flag (a second signal ends the
+ * process at once); the run loop saves a checkpoint and stops on it. */
+volatile sig_atomic_t *cli_catch_stop_signals(void);
 
 /* False in sanitizer builds, whose allocator is the sanitizer's. */
 bool alloc_count_available(void);

@@ -119,6 +119,15 @@ static void on_stop_signal(int signal_number) {
     signal(SIGTERM, SIG_DFL);
 }
 
+volatile sig_atomic_t *cli_catch_stop_signals(void) {
+    struct sigaction action = {0};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, NULL);
+    sigaction(SIGTERM, &action, NULL);
+    return &stop_requested;
+}
+
 typedef struct train_args {
     const char *recipe_path, *resume;
     const char *overrides[MAX_OVERRIDES];
@@ -193,13 +202,8 @@ static int command_train(int argc, char **argv) {
         recipe_run_dir(&recipe, run_dir, sizeof run_dir);
         printf("[cmoe] recipe %s -> %s\n", args.recipe_path, run_dir);
     }
-    struct sigaction action = {0};
-    action.sa_handler = on_stop_signal;
-    sigemptyset(&action.sa_mask);
-    sigaction(SIGINT, &action, NULL);
-    sigaction(SIGTERM, &action, NULL);
     run_options options = {.resume = args.resume,
-                           .stop_requested = &stop_requested,
+                           .stop_requested = cli_catch_stop_signals(),
                            .quiet = args.quiet,
                            .stop_at_step = args.stop_at,
                            .comm = &comm,

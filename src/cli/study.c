@@ -1,5 +1,4 @@
 /* `cmoe study STUDY.yaml`: a paper's ablation, every arm and seed, the report. */
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,15 +37,6 @@ static const char study_help[] =
     "and a started run resumes from its newest checkpoint (the presets set\n"
     "checkpoint.every). Ctrl-C (SIGINT) or SIGTERM saves the current run's\n"
     "checkpoint and exits with status 130. Under mpirun every run uses all ranks.\n";
-
-static volatile sig_atomic_t stop_requested = 0;
-
-static void on_stop_signal(int signal_number) {
-    (void)signal_number;
-    stop_requested = 1;
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
-}
 
 static int usage(const char *fmt, const char *arg) {
     fprintf(stderr, "cmoe study: ");
@@ -100,7 +90,7 @@ static void command_line(int argc, char **argv, char *out, size_t size) {
 }
 
 int command_study(int argc, char **argv) {
-    study_options options = {.preset = "small", .stop_requested = &stop_requested};
+    study_options options = {.preset = "small"};
     const char *path = NULL;
     int parsed = parse_args(argc, argv, &options, &path);
     if (parsed >= 0) return parsed;
@@ -113,11 +103,7 @@ int command_study(int argc, char **argv) {
     }
     static study s; /* large: not on the stack */
     cm_status status = study_load(path, &s);
-    struct sigaction action = {0};
-    action.sa_handler = on_stop_signal;
-    sigemptyset(&action.sa_mask);
-    sigaction(SIGINT, &action, NULL);
-    sigaction(SIGTERM, &action, NULL);
+    options.stop_requested = cli_catch_stop_signals();
     bool interrupted = false;
     if (status == CM_OK) status = study_run(&s, &options, &interrupted);
     if (status != CM_OK) {
