@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/fs.h"
 #include "parallel/comm.h"
 #include "study/report.h"
 #include "train/checkpoint.h"
@@ -22,21 +23,6 @@
 enum { PATH_CAP = 4096, OUT_CAP = 1024, CONFIG_CAP = 8192, MAX_SETS = 2 * STUDY_MAX_SETS + 8 };
 
 /* ---- files ------------------------------------------------------------------------ */
-
-static cm_status make_dirs(const char *path) {
-    char partial[PATH_CAP];
-    snprintf(partial, sizeof partial, "%s", path);
-    for (char *c = partial + 1;; c++) {
-        const bool end = *c == '\0';
-        if (*c == '/' || end) {
-            *c = '\0';
-            if (mkdir(partial, 0755) != 0 && errno != EEXIST)
-                return CM_ERR(CM_ERR_IO, "%s: cannot create: %s", partial, strerror(errno));
-            if (end) return CM_OK;
-            *c = '/';
-        }
-    }
-}
 
 /* The value after "key\t" in a state file (study-run.txt); false if absent. */
 static bool state_value(const char *path, const char *key, char *value, size_t capacity) {
@@ -231,7 +217,7 @@ static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recip
                          const cm_comm *comm, bool *interrupted) {
     const double start = cm_now();
     if (c->leader) {
-        CM_TRY(make_dirs(p->dir));
+        CM_TRY(cm_make_dirs(p->dir));
         CM_TRY(write_state(p->dir, p->config, false, 0.0));
         char path[PATH_CAP];
         snprintf(path, sizeof path, "%s/study-evals.jsonl", p->dir);

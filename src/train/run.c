@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include "common/clock.h"
+#include "common/fs.h"
 #include "common/pool.h"
 #include "optim/optim.h"
 #include "train/checkpoint.h"
@@ -54,23 +55,6 @@ static optim_lr_schedule recipe_lr_schedule(const cm_recipe *recipe) {
                                .total_steps = recipe->train.steps,
                                .step_size = s->step_size,
                                .gamma = s->gamma};
-}
-
-/* mkdir -p */
-static cm_status make_dirs(const char *path) {
-    char partial[PATH_CAPACITY];
-    size_t length = strlen(path);
-    if (length >= sizeof partial) return CM_ERR(CM_ERR_INVALID, "path too long: %s", path);
-    memcpy(partial, path, length + 1);
-    for (size_t i = 1; i <= length; i++) {
-        if (partial[i] != '/' && partial[i] != '\0') continue;
-        char saved = partial[i];
-        partial[i] = '\0';
-        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
-            return CM_ERR(CM_ERR_IO, "cannot create directory %s: %s", partial, strerror(errno));
-        partial[i] = saved;
-    }
-    return CM_OK;
 }
 
 static cm_status session_build(run_session *s, const cm_recipe *recipe, const cm_comm *comm,
@@ -290,6 +274,7 @@ typedef struct run_state {
     const run_options *options;
     run_result *result;
     bool leader; /* world rank 0: prints, logs, writes files */
+    int lock_fd; /* rank 0's lock on the run directory for the run's life; -1: none */
     char *recipe_text;
     char run_dir[PATH_CAPACITY], checkpoint_dir[PATH_CAPACITY];
     cm_metrics metrics;
@@ -380,6 +365,19 @@ static cm_status write_model_line(run_state *r) {
     return metrics_write_record(&r->metrics, &line);
 }
 
+/* Rank 0 locks the run directory (two runs would overwrite each other's
+ * checkpoints and metrics); every rank learns whether it could. */
+static cm_status lock_run_dir(run_state *r) {
+    cm_status status = r->leader ? cm_lock_dir(r->run_dir, &r->lock_fd) : CM_OK;
+    if (r->session->env.ranks == 1) return status;
+    int64_t failed = status != CM_OK;
+    CM_TRY(comm_sum_int64(r->session->env.world, &failed, 1));
+    if (failed && status == CM_OK)
+        return CM_ERR(CM_ERR_INVALID, "%s is in use by another run (rank 0 reports the holder)",
+                      r->run_dir);
+    return status;
+}
+
 /* Directories, resume, metrics, the model's description. */
 static cm_status begin(run_state *r) {
     run_session *s = r->session;
@@ -390,8 +388,9 @@ static cm_status begin(run_state *r) {
     recipe_format(recipe, r->recipe_text, length + 1);
     CM_TRY(recipe_run_dir(recipe, r->run_dir, sizeof r->run_dir));
     CM_TRY(recipe_checkpoint_dir(recipe, r->checkpoint_dir, sizeof r->checkpoint_dir));
-    CM_TRY(make_dirs(r->run_dir));
-    CM_TRY(make_dirs(r->checkpoint_dir));
+    CM_TRY(cm_make_dirs(r->run_dir));
+    CM_TRY(cm_make_dirs(r->checkpoint_dir));
+    CM_TRY(lock_run_dir(r));
     CM_TRY(resume(r));
     if (r->leader) CM_TRY(metrics_open(&r->metrics, r->run_dir, r->start > 0 ? r->start : -1));
     if (r->start == 0) CM_TRY(write_model_line(r)); /* a resumed run has it already */
@@ -548,6 +547,7 @@ cm_status run_train(const cm_recipe *recipe, const run_options *options, run_res
     *result = (run_result){0};
     run_state r = {.options = options,
                    .result = result,
+                   .lock_fd = -1,
                    .leader = !options->comm || options->comm->world_rank == 0};
     cm_status status = run_session_open(recipe, options->comm, true, &r.session);
     if (status == CM_OK) status = begin(&r);
@@ -562,6 +562,7 @@ cm_status run_train(const cm_recipe *recipe, const run_options *options, run_res
     if (status == CM_OK && r.leader && metrics_plot(r.run_dir) == CM_OK)
         progress_print(&r.progress, "curves: %s/curves.png", r.run_dir);
     free(r.recipe_text);
+    cm_unlock_dir(r.lock_fd);
     run_session_close(r.session);
     return status;
 }

@@ -67,6 +67,10 @@ for _ in $(seq 1 100); do
     grep -q "step " "$work/train.out" 2> /dev/null && break
     sleep 0.1
 done
+# A second run into the same run directory is refused while the first runs.
+expect_status "a second run into a run directory in use fails" 1 "$cmoe" train "$work/tiny.yaml" --quiet \
+    --stop-at 2
+expect_text "the refusal names the holder" "$work/err" "is in use by another run (pid $pid on"
 sleep 1
 kill -INT $pid
 wait $pid
