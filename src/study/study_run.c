@@ -216,10 +216,13 @@ static cm_status evaluate_run(const study_ctx *c, const run_plan *p, const char 
 static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recipe,
                          const cm_comm *comm, bool *interrupted) {
     const double start = cm_now();
+    /* A run resumed after a stop adds to the time its earlier part took. */
+    char path[PATH_CAP], text[64] = "0";
+    snprintf(path, sizeof path, "%s/study-run.txt", p->dir);
+    const double before = state_value(path, "seconds", text, sizeof text) ? atof(text) : 0.0;
     if (c->leader) {
         CM_TRY(cm_make_dirs(p->dir));
-        CM_TRY(write_state(p->dir, p->config, false, 0.0));
-        char path[PATH_CAP];
+        CM_TRY(write_state(p->dir, p->config, false, before));
         snprintf(path, sizeof path, "%s/study-evals.jsonl", p->dir);
         remove(path);
     }
@@ -231,7 +234,7 @@ static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recip
     CM_TRY(run_train(recipe, &options, &result));
     if (result.interrupted) {
         *interrupted = true;
-        return CM_OK;
+        return c->leader ? write_state(p->dir, p->config, false, before + cm_now() - start) : CM_OK;
     }
     char checkpoint[PATH_CAP];
     CM_TRY(ckpt_find_latest(p->dir, checkpoint, sizeof checkpoint));
@@ -243,7 +246,7 @@ static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recip
     CM_TRY(evaluate_run(c, p, checkpoint, comm));
     const double seconds = cm_now() - start;
     c->run_seconds_here += seconds;
-    if (c->leader) CM_TRY(write_state(p->dir, p->config, true, seconds));
+    if (c->leader) CM_TRY(write_state(p->dir, p->config, true, before + seconds));
     return CM_OK;
 }
 

@@ -6,7 +6,8 @@
  * lives in OUT/ARM/seed-S (OUT default runs/study-NAME) with the recipe
  * overrides: the preset's, the arm's, train.seed=S, train.out_dir and
  * checkpoint.dir = that directory. Its state file study-run.txt records the
- * configuration (the overrides) and whether it is done: a done run is skipped,
+ * configuration (the overrides), whether it is done and its wall time (over
+ * its invocations; the part a SIGKILL cut short is not counted): a done run is skipped,
  * a started one resumes from its newest checkpoint (--resume auto), and a
  * directory holding a run of another configuration is an error (another
  * preset: pass another OUT). The evaluations' records go to
