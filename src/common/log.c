@@ -2,6 +2,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 static int log_rank = 0;
 static int log_world_size = 1;
@@ -19,11 +20,22 @@ void cm_log_set_quiet(bool quiet) {
     log_quiet = quiet;
 }
 
+/* One write per line: stderr is unbuffered, and under mpirun the pieces of a
+ * line written separately interleave with other ranks' output. */
 static void log_line(FILE *stream, const char *level, const char *fmt, va_list args) {
-    if (log_world_size > 1) fprintf(stream, "[rank %d] ", log_rank);
-    if (level) fprintf(stream, "%s: ", level);
-    vfprintf(stream, fmt, args);
-    fputc('\n', stream);
+    char line[4096];
+    size_t length = 0;
+    if (log_world_size > 1) length += (size_t)snprintf(line, sizeof line, "[rank %d] ", log_rank);
+    if (level) length += (size_t)snprintf(line + length, sizeof line - length, "%s: ", level);
+    if (length < sizeof line) vsnprintf(line + length, sizeof line - length, fmt, args);
+    length = strlen(line);
+    if (length + 1 < sizeof line) {
+        line[length++] = '\n';
+        line[length] = '\0';
+    } else {
+        line[sizeof line - 2] = '\n';
+    }
+    fputs(line, stream);
     fflush(stream);
 }
 
