@@ -239,6 +239,28 @@ START_TEST(test_not_a_checkpoint) {
 }
 END_TEST
 
+/* A negative step or optimizer step (an edited or damaged file) is refused:
+ * resuming from it would train from step -5 or divide by a bias correction
+ * of 1 - beta^-1. */
+START_TEST(test_negative_steps_refused) {
+    make_dir();
+    char path[512];
+    ckpt_path_for_step(dir, 1, path, sizeof path);
+    ag_params params = make_model(3, 1);
+    const ckpt_meta bad[] = {{.step = -5, .seed = 1, .optimizer_step = 0},
+                             {.step = 3, .seed = 1, .optimizer_step = -1}};
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(ckpt_save(path, &params, &bad[i], "name: t\n"), CM_OK);
+        ag_params target = make_model(3, 2);
+        ck_assert_int_eq(ckpt_load(path, &target, NULL, true), CM_ERR_FORMAT);
+        ck_assert_ptr_nonnull(strstr(cm_error_message(), "is negative"));
+        ag_params_free(&target);
+    }
+    ag_params_free(&params);
+    remove_dir();
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("checkpoint");
     TCase *tc = tcase_create("checkpoint");
@@ -249,6 +271,7 @@ int main(void) {
     tcase_add_test(tc, test_truncated_file);
     tcase_add_test(tc, test_corrupted_data_detected);
     tcase_add_test(tc, test_not_a_checkpoint);
+    tcase_add_test(tc, test_negative_steps_refused);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);

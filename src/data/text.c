@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include "common/rng.h"
@@ -20,6 +21,11 @@ cm_status text_dataset_open(text_dataset *dataset, const char *path) {
     if (!file)
         return CM_ERR(CM_ERR_IO, "cannot open text data set '%s': %s%s", path, strerror(errno),
                       missing_hint(path));
+    struct stat info;
+    if (fstat(fileno(file), &info) != 0 || !S_ISREG(info.st_mode)) {
+        fclose(file);
+        return CM_ERR(CM_ERR_IO, "text data set '%s' is not a regular file (a directory?)", path);
+    }
     off_t size = -1;
     if (fseeko(file, 0, SEEK_END) == 0) size = ftello(file);
     if (size < 0 || fseeko(file, 0, SEEK_SET) != 0) {

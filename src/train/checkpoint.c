@@ -457,6 +457,11 @@ cm_status ckpt_load_sharded(const char *path, ag_params *params, ckpt_meta *meta
         read_attr(file, "seed", H5T_NATIVE_UINT64, &read.seed) < 0 ||
         read_attr(file, "optimizer_step", H5T_NATIVE_INT64, &read.optimizer_step) < 0)
         status = CM_ERR(CM_ERR_FORMAT, "%s: missing step/seed/optimizer_step attributes", path);
+    else if (read.step < 0 || read.optimizer_step < 0)
+        status = CM_ERR(CM_ERR_FORMAT,
+                        "%s: step %lld or optimizer_step %lld is negative (a damaged or edited "
+                        "checkpoint)",
+                        path, (long long)read.step, (long long)read.optimizer_step);
     if (status == CM_OK)
         status =
             load_groups(path, file, params, load_optimizer, shard, shards, read.optimizer_step);

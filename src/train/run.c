@@ -309,6 +309,11 @@ static cm_status resume(run_state *r) {
                       "with another seed would change the data order (use --set train.seed=%llu)",
                       path, (unsigned long long)meta.seed, (long long)s->recipe->train.seed,
                       (unsigned long long)meta.seed);
+    if (meta.step > s->recipe->train.steps)
+        return CM_ERR(CM_ERR_INVALID,
+                      "%s is at step %lld, past train.steps = %lld: nothing to train (raise "
+                      "train.steps to continue it)",
+                      path, (long long)meta.step, (long long)s->recipe->train.steps);
     /* Every phase takes one update per step: they share the step count. */
     for (int phase = 0; phase < s->phases; phase++)
         s->optim_states[phase].step = meta.optimizer_step;

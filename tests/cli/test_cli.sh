@@ -98,6 +98,12 @@ expect_text "inspect shows the recipe" "$work/out" "name: \"tiny\""
 expect_status "eval" 0 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --split test --max-batches 3
 expect_text "eval prints bpc" "$work/out" "test split: loss"
 expect_status "plot" 0 "$cmoe" plot "$work/run"
+expect_status "resume past train.steps" 1 "$cmoe" train "$work/tiny.yaml" --resume "$last" \
+    --set train.steps=$((final - 1))
+expect_text "resume past train.steps message" "$work/err" "past train.steps = $((final - 1))"
+expect_status "a directory as the data path" 1 "$cmoe" train "$work/tiny.yaml" \
+    --set data.path="$work" --set train.out_dir="$work/dirdata"
+expect_text "directory message" "$work/err" "is not a regular file"
 
 # ---- broken checkpoints ----------------------------------------------------------
 head -c 3000 "$last" > "$work/cut.h5"
