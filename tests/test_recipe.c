@@ -130,16 +130,23 @@ START_TEST(test_defaults) {
     ck_assert_str_eq(defaults.checkpoint.dir, "");
     ck_assert_int_eq(defaults.eval.split, CM_SPLIT_VALID);
 
-    /* No file, an empty file and empty text all give exactly the defaults. */
+    /* No file gives exactly the defaults; an empty file or text (nothing,
+     * comments, ~, ---) is refused: it would train the defaults silently. */
     cm_recipe no_file = load_ok(NULL, NULL, 0);
     ck_assert(memcmp(&no_file, &defaults, sizeof defaults) == 0);
     char path[1024];
     fixture_path(path, sizeof path, "empty.yaml");
-    cm_recipe empty_file = load_ok(path, NULL, 0);
-    ck_assert(memcmp(&empty_file, &defaults, sizeof defaults) == 0);
-    cm_recipe empty_text;
-    ck_assert_int_eq(recipe_load_text("", "empty", NULL, 0, &empty_text), CM_OK);
-    ck_assert(memcmp(&empty_text, &defaults, sizeof defaults) == 0);
+    cm_recipe empty;
+    ck_assert_int_eq(recipe_load(path, NULL, 0, &empty), CM_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(cm_error_message(), "empty.yaml: the recipe is empty"));
+    const char *const empty_texts[] = {"", "# only a comment\n", "~\n", "---\n"};
+    for (int i = 0; i < 4; i++) {
+        ck_assert_int_eq(recipe_load_text(empty_texts[i], "empty", NULL, 0, &empty),
+                         CM_ERR_INVALID);
+        ck_assert_ptr_nonnull(strstr(cm_error_message(), "the recipe is empty"));
+    }
+    ck_assert_int_eq(recipe_load_text("name: x\n", "named", NULL, 0, &empty), CM_OK);
+    ck_assert_str_eq(empty.name, "x");
 }
 END_TEST
 

@@ -549,6 +549,13 @@ static cm_status load_file(loader *state, const char *path, const assignment *in
 /* Loads the base of a parsed file, then appends the file's own assignments
  * (moving their text into the loader's list). */
 static cm_status load_contents(loader *state, const char *origin, file_contents *contents) {
+    /* An empty file (nothing, comments, `~`, `---`) would silently train the
+     * defaults: most likely the wrong file. */
+    if (!contents->base && contents->assignments.count == 0)
+        return CM_ERR(CM_ERR_INVALID,
+                      "%s: the recipe is empty (no keys); a recipe names at least one key, e.g. "
+                      "`name: NAME` to train the defaults",
+                      origin);
     if (contents->base) {
         char base_path[4096];
         assignment includer = {
