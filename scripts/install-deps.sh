@@ -14,7 +14,7 @@ packages=(
     zlib1g-dev
     bible-kjv bible-kjv-text
     dataset-fashion-mnist
-    gnuplot-nox
+    gnuplot-nox strace
     python3 python3-torch python3-h5py python3-numpy
 )
 

@@ -2,10 +2,12 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/check.h"
 
@@ -220,7 +222,28 @@ static cm_status write_file(const char *path, const ckpt_entry *entries, int cou
     return CM_OK;
 }
 
-/* Writes entries to path.tmp, then renames it to path. */
+/* fsync of a file or directory: the data reach the disk before the rename
+ * publishes them, so a power loss cannot leave a renamed but empty file. */
+static cm_status sync_path(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return CM_ERR(CM_ERR_IO, "%s: cannot open to sync: %s", path, strerror(errno));
+    int failed = fsync(fd) != 0 && errno != EINVAL; /* EINVAL: no sync on this file system */
+    int error = errno;
+    close(fd);
+    if (failed) return CM_ERR(CM_ERR_IO, "%s: fsync failed: %s", path, strerror(error));
+    return CM_OK;
+}
+
+/* The directory part of a path ("." without one). */
+static void parent_of(const char *path, char *out, size_t size) {
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        snprintf(out, size, ".");
+    else
+        snprintf(out, size, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+}
+
+/* Writes entries to path.tmp, syncs it, renames it to path, syncs the directory. */
 static cm_status write_atomically(const char *path, const ckpt_entry *entries, int count,
                                   const ckpt_meta *meta, const char *recipe_text) {
     silence_hdf5();
@@ -228,6 +251,7 @@ static cm_status write_atomically(const char *path, const ckpt_entry *entries, i
     if ((size_t)snprintf(temporary, sizeof temporary, "%s.tmp", path) >= sizeof temporary)
         return CM_ERR(CM_ERR_INVALID, "checkpoint path too long: %s", path);
     cm_status status = write_file(temporary, entries, count, meta, recipe_text);
+    if (status == CM_OK) status = sync_path(temporary);
     if (status != CM_OK) {
         remove(temporary);
         return status;
@@ -235,8 +259,11 @@ static cm_status write_atomically(const char *path, const ckpt_entry *entries, i
     if (rename(temporary, path) != 0) {
         status = CM_ERR(CM_ERR_IO, "cannot rename %s to %s: %s", temporary, path, strerror(errno));
         remove(temporary);
+        return status;
     }
-    return status;
+    char dir[4096];
+    parent_of(path, dir, sizeof dir);
+    return sync_path(dir);
 }
 
 static ckpt_entry local_entry(const ag_params *params, const ag_param *param) {
@@ -600,6 +627,24 @@ cm_status ckpt_find_latest(const char *dir, char *out, size_t size) {
     ckpt_path_for_step(dir, steps[count - 1], out, size);
     free(steps);
     return CM_OK;
+}
+
+cm_status ckpt_remove_temporaries(const char *dir) {
+    DIR *handle = opendir(dir);
+    if (!handle) return CM_ERR(CM_ERR_IO, "%s: cannot open directory: %s", dir, strerror(errno));
+    cm_status status = CM_OK;
+    for (struct dirent *entry; status == CM_OK && (entry = readdir(handle));) {
+        const size_t length = strlen(entry->d_name);
+        if (strncmp(entry->d_name, "ckpt-", 5) != 0 || length < 8 ||
+            strcmp(entry->d_name + length - 7, ".h5.tmp") != 0)
+            continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, entry->d_name);
+        if (remove(path) != 0)
+            status = CM_ERR(CM_ERR_IO, "cannot delete %s: %s", path, strerror(errno));
+    }
+    closedir(handle);
+    return status;
 }
 
 cm_status ckpt_prune(const char *dir, int keep) {

@@ -71,5 +71,8 @@ void ckpt_path_for_step(const char *dir, int64_t step, char *out, size_t size);
 cm_status ckpt_find_latest(const char *dir, char *out, size_t size);
 /* Deletes all but the newest `keep` complete checkpoints in dir (keep >= 1). */
 cm_status ckpt_prune(const char *dir, int keep);
+/* Deletes DIR/ckpt-*.h5.tmp: the partial files of saves that a kill cut
+ * short. Only for a directory this process holds (cm_lock_dir). */
+cm_status ckpt_remove_temporaries(const char *dir);
 
 #endif

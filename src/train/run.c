@@ -374,6 +374,10 @@ static cm_status write_model_line(run_state *r) {
  * checkpoints and metrics); every rank learns whether it could. */
 static cm_status lock_run_dir(run_state *r) {
     cm_status status = r->leader ? cm_lock_dir(r->run_dir, &r->lock_fd) : CM_OK;
+    /* Holding the lock, rank 0 is the only writer of its checkpoints (when
+     * they live in the run directory): a temporary there is stale. */
+    if (status == CM_OK && r->leader && strcmp(r->checkpoint_dir, r->run_dir) == 0)
+        status = ckpt_remove_temporaries(r->checkpoint_dir);
     if (r->session->env.ranks == 1) return status;
     int64_t failed = status != CM_OK;
     CM_TRY(comm_sum_int64(r->session->env.world, &failed, 1));

@@ -84,9 +84,12 @@ check $? "checkpoint file exists"
 stopped_at=$(basename "$ckpt" .h5 | sed 's/ckpt-0*//')
 
 final=$((stopped_at + 20))
+: > "$work/run/ckpt-00000007.h5.tmp" # a save a kill cut short
 expect_status "resume auto" 0 "$cmoe" train "$work/tiny.yaml" --resume auto --set train.steps=$final
 expect_text "resume message" "$work/out" "resumed from step $stopped_at"
 expect_text "resume reaches the end" "$work/out" "test bpc"
+[ ! -e "$work/run/ckpt-00000007.h5.tmp" ]
+check $? "a stale checkpoint temporary is removed"
 [ -f "$work/run/curves.png" ]
 check $? "curves.png written"
 
@@ -104,6 +107,16 @@ expect_text "resume past train.steps message" "$work/err" "past train.steps = $(
 expect_status "a directory as the data path" 1 "$cmoe" train "$work/tiny.yaml" \
     --set data.path="$work" --set train.out_dir="$work/dirdata"
 expect_text "directory message" "$work/err" "is not a regular file"
+
+# A checkpoint's data reach the disk before its name does: fsync of the
+# temporary, rename, fsync of the directory (strace is in install-deps.sh).
+strace -f -e trace=fsync,rename,renameat,renameat2 -o "$work/trace" "$cmoe" train \
+    "$work/tiny.yaml" --set train.steps=2 --set train.out_dir="$work/sync" --quiet > /dev/null 2>&1
+check $? "train under strace"
+awk '/fsync\(/ { if (renamed) after = 1; else before = 1 }
+     /rename.*ckpt-00000002\.h5\.tmp/ { renamed = 1 }
+     END { exit !(before && renamed && after) }' "$work/trace"
+check $? "fsync before and after the checkpoint rename ($(grep -E 'fsync|rename' "$work/trace" | head -c 300))"
 
 # ---- broken checkpoints ----------------------------------------------------------
 head -c 3000 "$last" > "$work/cut.h5"
