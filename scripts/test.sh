@@ -16,6 +16,9 @@ if [ "$sanitize" = ON ]; then
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     # Open MPI and HDF5 keep allocations we cannot free; see the file.
     export LSAN_OPTIONS=suppressions=$PWD/.ci/lsan.supp:print_suppressions=0
+    # Sanitized code runs 2-4x slower: Check's per-test limit (4 s) times 4,
+    # so a busy machine does not turn a slow test into a failure.
+    export CK_TIMEOUT_MULTIPLIER=4
 fi
 
 bash scripts/install-deps.sh
