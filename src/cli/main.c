@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cli/commands.h"
+#include "common/fs.h"
 #include "common/log.h"
 #include "parallel/comm.h"
 #include "train/checkpoint.h"
@@ -246,6 +247,7 @@ static cm_status eval_sweep(run_session *session, const cm_recipe *recipe,
     if (!task->takes_k || !task->takes_k(run_session_task_state(session)))
         return CM_ERR(CM_ERR_INVALID, "--sweep-k needs a model whose routers take a k (an MoE "
                                       "language model with a top-k or SMoE-Dropout router)");
+    CM_TRY(cm_make_dirs(out_dir)); /* before the sweep, not after it */
     int ks[32], n = 0;
     for (int k = 1; k < recipe->moe.num_experts && n < 31; k *= 2) ks[n++] = k;
     ks[n++] = recipe->moe.num_experts;

@@ -517,13 +517,14 @@ static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info
     hid_t dataset = H5Dopen2(group, name, H5P_DEFAULT);
     if (dataset < 0) return -1;
     hid_t space = H5Dget_space(dataset);
-    hsize_t dims[8] = {0};
+    hsize_t dims[H5S_MAX_RANK] = {0}; /* any rank HDF5 allows, not just a cmoe tensor's */
     int ndim = H5Sget_simple_extent_ndims(space);
-    H5Sget_simple_extent_dims(space, dims, NULL);
+    if (ndim < 0 || ndim > H5S_MAX_RANK || H5Sget_simple_extent_dims(space, dims, NULL) < 0)
+        ndim = 0;
     H5Sclose(space);
     long long count = 1;
-    char shape[96] = "[";
-    for (int i = 0; i < ndim && i < 8; i++) {
+    char shape[160] = "[";
+    for (int i = 0; i < ndim; i++) {
         count *= (long long)dims[i];
         snprintf(shape + strlen(shape), sizeof shape - strlen(shape), i ? ",%llu" : "%llu",
                  (unsigned long long)dims[i]);

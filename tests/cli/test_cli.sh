@@ -127,5 +127,14 @@ expect_text "missing message" "$work/err" "No such file"
 expect_status "other model shape" 1 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --set model.d_ff=128
 expect_text "shape message" "$work/err" "in the checkpoint but"
 
+# A dataset of rank 9 (HDF5 allows 32; a cmoe tensor has at most 4) in the
+# parameters group: inspect lists it instead of overflowing its shape buffer.
+cp "$last" "$work/rank9.h5"
+/usr/bin/python3 -c 'import h5py, sys; h5py.File(sys.argv[1], "a")["params"].create_dataset("deep", shape=(1,) * 9, dtype="f4")' \
+    "$work/rank9.h5"
+check $? "h5py adds a rank-9 dataset"
+expect_status "inspect a checkpoint with a rank-9 dataset" 0 "$cmoe" inspect "$work/rank9.h5"
+expect_text "inspect shows the rank-9 shape" "$work/out" "[1,1,1,1,1,1,1,1,1]"
+
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]

@@ -40,12 +40,13 @@ check $? "validation bpc falls ($first -> $last)"
     --set data.test_path="$work/kjv/valid.txt" \
     --set model.n_layers=1 --set model.d_model=64 --set model.n_heads=2 --set model.d_ff=256 \
     --set moe.num_experts=4 --set data.seq_len=64 --set data.batch_size=8 \
-    --set train.arena_mib=64 --max-batches 3 --sweep-k > "$work/sweep.out" 2>&1
-check $? "eval --sweep-k ($(tail -c 300 "$work/sweep.out"))"
+    --set train.arena_mib=64 --max-batches 3 --sweep-k --out "$work/sweeps/new" \
+    > "$work/sweep.out" 2>&1
+check $? "eval --sweep-k --out NEW_DIR ($(tail -c 300 "$work/sweep.out"))"
 [ "$(grep -c -E '^[0-9]+	[0-9.]+$' "$work/sweep.out")" -eq 3 ]
 check $? "sweep has k = 1, 2, 4"
-[ -s "$work/run/k-sweep.png" ] && [ -s "$work/run/moe-load.png" ]
-check $? "k-sweep.png and moe-load.png written"
+[ -s "$work/sweeps/new/k-sweep.png" ] && [ -s "$work/run/moe-load.png" ]
+check $? "k-sweep.png (in the new --out directory) and moe-load.png written"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
