@@ -708,6 +708,24 @@ END_TEST
 
 /* ---- the key table and its documentation ---------------------------------------- */
 
+/* Deep nesting is refused at depth 17 (it took 48 s to reach the old
+ * "must be a mapping" error on 100,000 brackets: libyaml's scanner is
+ * quadratic in the depth). */
+START_TEST(test_deep_nesting_refused) {
+    enum { DEPTH = 20000 };
+    char *text = malloc(2 * DEPTH + 16);
+    ck_assert_ptr_nonnull(text);
+    int n = sprintf(text, "model: ");
+    for (int i = 0; i < DEPTH; i++) text[n++] = '[';
+    for (int i = 0; i < DEPTH; i++) text[n++] = ']';
+    text[n] = '\0';
+    cm_recipe recipe;
+    ck_assert_int_eq(recipe_load_text(text, "deep.yaml", NULL, 0, &recipe), CM_ERR_FORMAT);
+    ck_assert_ptr_nonnull(strstr(cm_error_message(), "deep.yaml:1:23: nesting deeper than 16"));
+    free(text);
+}
+END_TEST
+
 START_TEST(test_key_table) {
     int n = recipe_key_count();
     ck_assert_int_gt(n, 40);
@@ -789,6 +807,7 @@ int main(void) {
     tcase_add_test(tc, test_consistency);
     tcase_add_test(tc, test_round_trip);
     tcase_add_test(tc, test_format_buffer);
+    tcase_add_test(tc, test_deep_nesting_refused);
     tcase_add_test(tc, test_key_table);
     tcase_add_test(tc, test_docs_cover_every_key);
     suite_add_tcase(suite, tc);

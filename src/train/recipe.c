@@ -150,7 +150,10 @@ typedef struct yaml_reader {
     const char *origin;
     const char *text;
     size_t length;
+    int depth; /* open mappings and sequences */
 } yaml_reader;
+
+enum { RECIPE_MAX_DEPTH = 16 };
 
 static int mark_line(yaml_mark_t mark) {
     return (int)mark.line + 1;
@@ -210,14 +213,25 @@ static cm_status advance(yaml_reader *reader) {
     case YAML_MAPPING_START_EVENT:
         anchor = event->data.mapping_start.anchor;
         tag = event->data.mapping_start.tag;
+        reader->depth++;
         break;
     case YAML_SEQUENCE_START_EVENT:
         anchor = event->data.sequence_start.anchor;
         tag = event->data.sequence_start.tag;
+        reader->depth++;
+        break;
+    case YAML_MAPPING_END_EVENT:
+    case YAML_SEQUENCE_END_EVENT:
+        reader->depth--;
         break;
     default:
         break;
     }
+    /* A recipe nests 2 levels (section, key); stop a deep nesting at once,
+     * before libyaml's scanner spends time quadratic in the depth on it. */
+    if (reader->depth > RECIPE_MAX_DEPTH)
+        return fail_at(CM_ERR_FORMAT, reader->origin, line, column,
+                       "nesting deeper than %d levels: not a recipe", RECIPE_MAX_DEPTH);
     if (anchor) {
         return fail_at(CM_ERR_FORMAT, reader->origin, line, column,
                        "YAML anchors are not supported in recipes (use base: to share settings)");
