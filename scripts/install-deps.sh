@@ -15,7 +15,7 @@ packages=(
     bible-kjv bible-kjv-text
     dataset-fashion-mnist
     gnuplot-nox strace
-    python3 python3-torch python3-h5py python3-numpy
+    python3 python3-torch python3-h5py python3-numpy python3-yaml
 )
 
 missing=()
