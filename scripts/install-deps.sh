@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages cmoe needs (the list in shared/DESIGN.md).
+# Installs the Debian packages cmoe needs (the list in shared/DESIGN.md, plus
+# strace for a checkpoint-durability test and python3-yaml for the PyTorch loader).
 # Idempotent: packages already present are not fetched again, and
 # `apt-get update` runs only when something is missing. Needs root (or sudo).
 set -euo pipefail
