@@ -101,6 +101,7 @@ cm_status lm_decoder_create(const lm_model *model, const lm_decode_options *opti
     *d = (lm_decoder){.model = model, .options = *options, .capacity = c->max_seq};
     d->keys = malloc(cache * sizeof(float));
     d->values = malloc(cache * sizeof(float));
+    /* one scratch block: x, h [D], qkv [3D], att, y [D], scores [max_seq], hidden, up */
     d->x = malloc((7 * D + (size_t)c->max_seq + 2 * hidden) * sizeof(float));
     d->window = malloc((size_t)c->max_seq * sizeof(int32_t));
     if (!d->keys || !d->values || !d->x || !d->window) {
