@@ -132,4 +132,9 @@ const task_vtable *task_for(cm_model_arch arch);
 extern const task_vtable task_lm;  /* task_lm.c */
 extern const task_vtable task_cnn; /* task_cnn.c */
 
+/* The transformer of a task_lm state (run_session_task_state of a session
+ * whose task is task_lm), for inference outside the run loop (cmoe sample). */
+struct lm_model;
+const struct lm_model *task_lm_model(void *state);
+
 #endif

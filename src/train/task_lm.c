@@ -489,3 +489,7 @@ const task_vtable task_lm = {
     .evaluate = lm_evaluate,
     .takes_k = lm_takes_k,
 };
+
+const lm_model *task_lm_model(void *state) {
+    return &((lm_task *)state)->model;
+}
