@@ -2,6 +2,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "autograd/norm_stats.h"
 #include "autograd/op_write.h"
 
 /* ---- layernorm ----------------------------------------------------------- */
@@ -72,21 +73,9 @@ ag_tensor *ag_layernorm(ag_ctx *ctx, ag_tensor *x, ag_tensor *gamma, ag_tensor *
     for (int64_t r = 0; r < rows; r++) {
         const float *x_row = x->data + r * d_size;
         float *y_row = out->data + r * d_size;
-        /* Pass 1: mean and biased variance from sums of x - x[0] in double.
-         * Shifting by a sample from the row keeps E[x^2] - E[x]^2 from
-         * cancelling when the row's mean is large next to its spread. */
-        float shift = x_row[0];
-        double shifted_total = 0.0, shifted_squares = 0.0;
-        for (int i = 0; i < d_size; i++) {
-            double centred = (double)x_row[i] - shift;
-            shifted_total += centred;
-            shifted_squares += centred * centred;
-        }
-        double shifted_mean = shifted_total / d_size;
-        double variance = shifted_squares / d_size - shifted_mean * shifted_mean;
-        if (variance < 0.0) variance = 0.0;
-        float mean = (float)(shift + shifted_mean);
-        float rstd = (float)(1.0 / sqrt(variance + eps));
+        /* Pass 1: mean and biased variance (norm_stats.h). */
+        float mean, rstd;
+        ag_norm_row_stats(x_row, (int)d_size, eps, &mean, &rstd);
         /* Pass 2: normalise, scale, shift. */
         for (int i = 0; i < d_size; i++)
             y_row[i] = (x_row[i] - mean) * rstd * gamma->data[i] + beta->data[i];

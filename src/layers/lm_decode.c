@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "autograd/activations.h"
+#include "autograd/norm_stats.h"
 
 /* The router's arena: one token's scores, candidates and CSR output. */
 enum { ROUTER_ARENA_BYTES = 1 << 20 };
@@ -38,20 +39,11 @@ static void linear(const float *w, const float *b, const float *in, int rows, in
     cblas_sgemv(CblasRowMajor, CblasNoTrans, rows, cols, 1.0f, w, cols, in, 1, 1.0f, out, 1);
 }
 
-/* As ag_layernorm: mean and biased variance from sums of x - x[0] in double,
- * eps inside the square root. */
+/* As ag_layernorm, with its row statistics (autograd/norm_stats.h). */
 static void layernorm(const float *x, ag_param *gamma, ag_param *beta, int d, float eps,
                       float *out) {
-    float shift = x[0];
-    double total = 0.0, squares = 0.0;
-    for (int i = 0; i < d; i++) {
-        double centred = (double)x[i] - shift;
-        total += centred;
-        squares += centred * centred;
-    }
-    double shifted_mean = total / d, variance = squares / d - shifted_mean * shifted_mean;
-    if (variance < 0.0) variance = 0.0;
-    float mean = (float)(shift + shifted_mean), rstd = (float)(1.0 / sqrt(variance + eps));
+    float mean, rstd;
+    ag_norm_row_stats(x, d, eps, &mean, &rstd);
     const float *g = weights(gamma), *b = weights(beta);
     for (int i = 0; i < d; i++) out[i] = (x[i] - mean) * rstd * g[i] + b[i];
 }
