@@ -12,7 +12,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --preset) preset=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
-    -h | --help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,6p' "$0"; exit 0 ;;
     -*) echo "run-studies.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
     esac
