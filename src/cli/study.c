@@ -82,11 +82,13 @@ static int parse_args(int argc, char **argv, study_options *o, const char **path
     return -1;
 }
 
-/* "cmoe study ARGS...", as the report quotes it. */
+/* "cmoe study ARGS...", as the report quotes it: the command that ran the
+ * runs, so without --report-only. */
 static void command_line(int argc, char **argv, char *out, size_t size) {
     size_t length = (size_t)snprintf(out, size, "cmoe study");
     for (int i = 0; i < argc && length < size; i++)
-        length += (size_t)snprintf(out + length, size - length, " %s", argv[i]);
+        if (strcmp(argv[i], "--report-only") != 0)
+            length += (size_t)snprintf(out + length, size - length, " %s", argv[i]);
 }
 
 int command_study(int argc, char **argv) {

@@ -571,6 +571,19 @@ static void write_how_it_was_run(FILE *out, const study_results *r) {
     fprintf(out, r->machine[0] ? " on %s.\n\n" : ".\n\n", r->machine);
 }
 
+/* Each claim's analysis from the study file (what was checked about our
+ * number), so it survives every regeneration of the report. */
+static void write_analyses(FILE *out, const study *s) {
+    bool any = false;
+    for (int c = 0; c < s->n_claims; c++) any |= s->claims[c].analysis[0] != '\0';
+    if (!any) return;
+    fputs("### Analysis\n\n", out);
+    for (int c = 0; c < s->n_claims; c++)
+        if (s->claims[c].analysis[0])
+            fprintf(out, "- **%s**: %s\n", s->claims[c].id, s->claims[c].analysis);
+    fputc('\n', out);
+}
+
 static void write_claims_table(FILE *out, const study_results *r) {
     fputs("## Claims\n\n"
           "A claim is reproduced when the 95% confidence interval of every test's paired "
@@ -589,6 +602,7 @@ static void write_claims_table(FILE *out, const study_results *r) {
         fprintf(out, " | **%s** |\n", study_verdict_name(study_claim_verdict(r, claim)));
     }
     fputc('\n', out);
+    write_analyses(out, r->s);
 }
 
 /* The row of arm a for metric m: "| arm | n | mean ± sd | [lo, hi] | v1, v2, – |". */

@@ -16,7 +16,7 @@
  *   curve:       {kind, field}   the learning curve plotted per arm
  *   sweeps:      [{evaluation, field}]   metric against value, per arm
  *   layers:      SOURCE.FIELD    an array metric plotted per layer
- *   claims:      [{id, claim, paper_figure, tests: [...]}]; a test is
+ *   claims:      [{id, claim, paper_figure, analysis, tests: [...]}]; a test is
  *                  {left: ARM:METRIC, less|greater: ARM:METRIC or a number,
  *                   margin: M}, or a claim has
  *                  monotone: {arm, metrics: [...], direction: decreasing|increasing}
@@ -98,6 +98,7 @@ typedef struct study_claim {
     char id[STUDY_NAME_CAP];
     char text[STUDY_TEXT_CAP];         /* the claim in words */
     char paper_figure[STUDY_TEXT_CAP]; /* what the paper reports */
+    char analysis[STUDY_TEXT_CAP * 2]; /* what was checked about our result ("": nothing yet) */
     study_test tests[STUDY_MAX_TESTS]; /* all must hold */
     int n_tests;
 } study_claim;

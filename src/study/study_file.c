@@ -466,13 +466,15 @@ static cm_status parse_monotone(const reader *r, const yaml_node_t *node, study_
 }
 
 static cm_status parse_claim(const reader *r, const yaml_node_t *node, study_claim *c) {
-    static const char *const keys[] = {"id", "claim", "paper_figure", "tests", "monotone", NULL};
-    yaml_node_t *v[5];
+    static const char *const keys[] = {"id",       "claim", "paper_figure", "tests", "monotone",
+                                       "analysis", NULL};
+    yaml_node_t *v[6];
     CM_TRY(take_keys(r, node, "a claim", keys, v));
     for (int k = 0; k < 3; k++) CM_TRY(require(r, node, v[k], keys[k], "a claim"));
     CM_TRY(text_of(r, v[0], "a claim's id", c->id, sizeof c->id));
     CM_TRY(text_of(r, v[1], "a claim's text", c->text, sizeof c->text));
     CM_TRY(text_of(r, v[2], "paper_figure", c->paper_figure, sizeof c->paper_figure));
+    if (v[5]) CM_TRY(text_of(r, v[5], "analysis", c->analysis, sizeof c->analysis));
     if (!v[3] == !v[4]) return fail_at(r, node, "a claim takes exactly one of tests and monotone");
     if (v[4]) return parse_monotone(r, v[4], c);
     CM_TRY(expect(r, v[3], YAML_SEQUENCE_NODE, "tests"));

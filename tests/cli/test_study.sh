@@ -54,6 +54,7 @@ claims:
     claim: "The MoE beats the dense model"
     paper_figure: "-0.1 bpc"
     tests: [{left: "top2:test.bpc", less: "dense:test.bpc"}]
+    analysis: "checked: nothing, a made-up study"
   - id: slim
     claim: "bpc falls with k"
     paper_figure: "Fig. 1"
@@ -97,6 +98,8 @@ verdict=$(awk -v a="$m1" -v b="$m2" -v c="$d1" -v d="$d2" 'BEGIN {
     else print "inconclusive" }')
 grep -P "^mini\tmoe-better\t" "$work/report/mini.claims.tsv" | grep -q -w "$verdict"
 check $? "claim verdict is the hand-computed '$verdict' ($(grep moe-better "$work/report/mini.claims.tsv"))"
+grep -q -- "- \*\*moe-better\*\*: checked: nothing, a made-up study" "$work/report/mini.md"
+check $? "the claim's analysis is in the report"
 grep -q '"kind": "k=4".*"mean_k": 4.0000' "$work/runs/top2/seed-1/study-evals.jsonl"
 check $? "the k = 4 evaluation routes 4 experts per token"
 
