@@ -117,7 +117,7 @@ typedef struct study_ctx {
     int n_seeds, world_rank;
     bool leader;
     int total, done, skipped; /* runs of this invocation */
-    double started, run_seconds_here, run_seconds_before;
+    double started, run_seconds_here;
     study_results *results;
 } study_ctx;
 
