@@ -12,7 +12,8 @@ cm_status cm_make_dirs(const char *path);
  * and writes this process's pid, host and start time into it; *fd holds the
  * lock until cm_unlock_dir. The kernel drops the lock when the process dies,
  * so a killed run leaves no stale lock. A lock another process holds is
- * CM_ERR_INVALID naming the holder. */
+ * CM_ERR_INVALID naming the holder. On a file system without locks (flock
+ * fails otherwise) the run goes on unlocked: *fd = -1 and CM_OK. */
 cm_status cm_lock_dir(const char *dir, int *fd);
 void cm_unlock_dir(int fd); /* fd < 0: nothing */
 
