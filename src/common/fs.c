@@ -24,6 +24,9 @@ cm_status cm_make_dirs(const char *path) {
             return CM_ERR(CM_ERR_IO, "cannot create directory %s: %s", partial, strerror(errno));
         partial[i] = saved;
     }
+    struct stat info;
+    if (stat(path, &info) != 0 || !S_ISDIR(info.st_mode))
+        return CM_ERR(CM_ERR_IO, "%s: not a directory", path);
     return CM_OK;
 }
 

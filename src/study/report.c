@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "common/fs.h"
 #include "common/gnuplot.h"
 #include "train/metrics.h"
 
@@ -241,26 +242,6 @@ static cm_status join_path(char *out, const char *dir, const char *name) {
     return CM_OK;
 }
 
-/* mkdir -p */
-static cm_status make_directory(const char *path) {
-    char partial[PATH_CAPACITY];
-    if (!path[0] || snprintf(partial, sizeof partial, "%s", path) >= (int)sizeof partial)
-        return CM_ERR(CM_ERR_INVALID, "'%s': not a usable directory name", path);
-    for (char *c = partial + 1;; c++) {
-        if (*c != '/' && *c != '\0') continue;
-        const char saved = *c;
-        *c = '\0';
-        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
-            return CM_ERR(CM_ERR_IO, "%s: cannot create: %s", partial, strerror(errno));
-        *c = saved;
-        if (!saved) break;
-    }
-    struct stat info;
-    if (stat(path, &info) != 0 || !S_ISDIR(info.st_mode))
-        return CM_ERR(CM_ERR_IO, "%s: not a directory", path);
-    return CM_OK;
-}
-
 /* ---- plots ----------------------------------------------------------------------------- */
 
 /* The PNGs written into REPORT_DIR/NAME, for the report's Plots section. */
@@ -485,12 +466,6 @@ static cm_status plot_series(const study_results *r, const char *dir, const seri
     return run_plot(dir, sp->stem, gp, plots);
 }
 
-static bool parse_number(const char *text, double *value) {
-    char *end;
-    *value = strtod(text, &end);
-    return end != text && *end == '\0' && isfinite(*value);
-}
-
 /* text with every character outside [A-Za-z0-9_-] replaced by '_' (a file name). */
 static void file_stem(const char *text, char *out, size_t size) {
     size_t n = 0;
@@ -510,14 +485,15 @@ static cm_status plot_sweep(const study_results *r, const char *dir, const study
     const study_evaluation *e = &s->evaluations[sweep->evaluation];
     series sp = {.arms = e->arms};
     bool numeric = true;
-    for (int v = 0; v < e->n_values; v++) numeric = numeric && parse_number(e->values[v], &sp.x[0]);
+    for (int v = 0; v < e->n_values; v++)
+        numeric = numeric && study_parse_number(e->values[v], &sp.x[0]);
     for (int v = 0; v < e->n_values && sp.n_points < MAX_POINTS; v++) {
         char metric[STUDY_NAME_CAP * 4];
         snprintf(metric, sizeof metric, "%s=%s.%s", e->name, e->values[v], sweep->field);
         const int m = study_find_metric(s, metric);
         if (m < 0) continue;
         sp.metric[sp.n_points] = m;
-        if (!numeric || !parse_number(e->values[v], &sp.x[sp.n_points])) {
+        if (!numeric || !study_parse_number(e->values[v], &sp.x[sp.n_points])) {
             sp.x[sp.n_points] = v;
             sp.labels[sp.n_points] = e->values[v];
         }
@@ -820,7 +796,7 @@ cm_status study_report(const study_results *r, const char *report_dir) {
     plot_list plots = {.count = 0};
     CM_TRY(check_name(r->s->name));
     CM_TRY(join_path(plot_dir, report_dir, r->s->name));
-    CM_TRY(make_directory(plot_dir));
+    CM_TRY(cm_make_dirs(plot_dir));
     CM_TRY(plot_all(r, plot_dir, &plots));
     CM_TRY(write_markdown(r, report_dir, &plots));
     CM_TRY(write_claims_tsv(r, report_dir));

@@ -136,6 +136,9 @@ typedef struct study {
  * every preset's overrides. */
 cm_status study_load(const char *path, study *out);
 
+/* A whole string that is a finite number (an evaluation value, a margin). */
+bool study_parse_number(const char *text, double *value);
+
 int study_find_arm(const study *s, const char *name);        /* -1: none */
 int study_find_preset(const study *s, const char *name);     /* -1: none */
 int study_find_metric(const study *s, const char *text);     /* -1: none */

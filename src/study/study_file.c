@@ -68,7 +68,7 @@ static cm_status text_of(const reader *r, const yaml_node_t *node, const char *w
     return CM_OK;
 }
 
-static bool parse_double(const char *text, double *value) {
+bool study_parse_number(const char *text, double *value) {
     char *end;
     errno = 0;
     *value = strtod(text, &end);
@@ -418,12 +418,12 @@ static cm_status parse_test(const reader *r, const yaml_node_t *node, study_test
     char text[STUDY_NAME_CAP * 4];
     CM_TRY(text_of(r, right, "a test's right side", text, sizeof text));
     t->right_arm = t->right_metric = -1;
-    if (!parse_double(text, &t->right_value))
+    if (!study_parse_number(text, &t->right_value))
         CM_TRY(parse_operand(r, right, &t->right_arm, &t->right_metric));
     t->margin = 0.0;
     if (v[3]) {
         CM_TRY(text_of(r, v[3], "margin", text, sizeof text));
-        if (!parse_double(text, &t->margin) || t->margin < 0)
+        if (!study_parse_number(text, &t->margin) || t->margin < 0)
             return fail_at(r, v[3], "margin must be a number >= 0, not '%s'", text);
     }
     return CM_OK;
