@@ -13,6 +13,8 @@ int command_bench(int argc, char **argv);
 int command_study(int argc, char **argv);
 /* `cmoe sample CKPT ...` (sample.c), likewise. */
 int command_sample(int argc, char **argv);
+/* `cmoe route CKPT ...` (route.c, route_out.c), likewise. */
+int command_route(int argc, char **argv);
 
 /* Makes SIGINT and SIGTERM set the returned flag (a second signal ends the
  * process at once); the run loop saves a checkpoint and stops on it. */

@@ -33,6 +33,7 @@ static const char usage_text[] =
     "  study STUDY     reproduce a paper's ablation: every arm and seed, the statistics,\n"
     "                  a verdict per claim (studies/*.yaml)\n"
     "  sample CKPT     generate text from a language-model checkpoint (key/value cache)\n"
+    "  route CKPT      which experts a model's MoE layers send each byte (or image) to\n"
     "\n"
     "Run `cmoe COMMAND --help` for the options of each command.\n"
     "Recipes: recipes/lm/*.yaml (language models), recipes/cnn/*.yaml (image\n"
@@ -390,6 +391,7 @@ int main(int argc, char **argv) {
     if (strcmp(command, "bench") == 0) return command_bench(argc - 2, argv + 2);
     if (strcmp(command, "study") == 0) return command_study(argc - 2, argv + 2);
     if (strcmp(command, "sample") == 0) return command_sample(argc - 2, argv + 2);
+    if (strcmp(command, "route") == 0) return command_route(argc - 2, argv + 2);
     fprintf(stderr, "cmoe: unknown command '%s'\n\n%s", command, usage_text);
     return EXIT_USAGE;
 }

@@ -300,5 +300,8 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     result->aux_loss = routed.aux_loss;
     result->stats = routed.stats;
     result->n_slots = S;
+    result->offsets = routed.offsets;
+    result->expert = routed.expert;
+    result->gates = routed.gates ? routed.gates->data : NULL;
     return ag_ctx_status(ctx);
 }

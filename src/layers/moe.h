@@ -70,6 +70,11 @@ typedef struct moe_result {
     ag_tensor *aux_loss; /* [1] weighted router losses, or NULL */
     router_stats stats;
     int n_slots;
+    /* The routing of x's tokens (arena, valid until the context is reset):
+     * token t's slots are [offsets[t], offsets[t+1]), each an expert and its
+     * gate, capacity drops removed. */
+    const int32_t *offsets, *expert; /* [T+1], [n_slots] */
+    const float *gates;              /* [n_slots] */
 } moe_result;
 
 cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,

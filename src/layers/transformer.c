@@ -112,6 +112,9 @@ static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
                 report->aux_loss ? ag_add(ctx, report->aux_loss, result.aux_loss) : result.aux_loss;
         report->layer[report->n_layers] = b->moe.layer;
         report->stats[report->n_layers] = result.stats;
+        report->offsets[report->n_layers] = result.offsets;
+        report->expert[report->n_layers] = result.expert;
+        report->gates[report->n_layers] = result.gates;
         report->n_layers++;
     }
     return ag_reshape(ctx, result.out, 3, h->shape);

@@ -71,6 +71,10 @@ typedef struct lm_moe_report {
     int n_layers;        /* MoE layers in the model */
     int layer[LM_MAX_LAYERS];
     router_stats stats[LM_MAX_LAYERS];
+    /* Each MoE layer's routing of the B*T tokens (row-major over batch and
+     * position): moe_result's offsets, expert and gates (arena). */
+    const int32_t *offsets[LM_MAX_LAYERS], *expert[LM_MAX_LAYERS];
+    const float *gates[LM_MAX_LAYERS];
 } lm_moe_report;
 
 typedef struct lm_forward_args {

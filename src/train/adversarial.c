@@ -285,6 +285,15 @@ static void count_routes(const adv_model_output *out, int rows, int num_experts,
         for (int n = 0; n < rows; n++) per_expert[r * num_experts + out->experts[r][n]]++;
 }
 
+/* The same per true class: per_class[(r * num_experts + e) * classes + y]. */
+static void count_class_routes(const adv_model_output *out, int rows, int num_experts,
+                               const int32_t *labels, int64_t *per_class) {
+    for (int r = 0; r < out->n_routers; r++)
+        for (int n = 0; n < rows; n++)
+            if (labels[n] >= 0 && labels[n] < ADV_EVAL_CLASSES)
+                per_class[(r * num_experts + out->experts[r][n]) * ADV_EVAL_CLASSES + labels[n]]++;
+}
+
 /* Attacks x under the binding's current settings and counts the correct
  * predictions on x_adv (same settings) and, given the clean routes, the
  * images each router sends to the same expert; with `per_expert`, the images
@@ -333,6 +342,7 @@ static cm_status evaluate_batch(ag_ctx *ctx, const adv_model *model, adv_moe_cnn
     counts->images += rows;
     counts->clean_correct += count_correct(out.logits, labels, NULL);
     count_routes(&out, rows, counts->num_experts, counts->clean_per_expert);
+    count_class_routes(&out, rows, counts->num_experts, labels, counts->clean_per_expert_class);
     for (int r = 0; r < n_routers; r++) {
         memcpy(clean_routes + (size_t)r * rows, out.experts[r], (size_t)rows * sizeof(int32_t));
         routes[r] = clean_routes + (size_t)r * rows;

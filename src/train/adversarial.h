@@ -40,7 +40,8 @@
 #include "layers/cnn.h"
 #include "layers/moe_conv.h"
 
-enum { ADV_MAX_ROUTERS = MOE_CNN_MAX_ROUTERS };
+/* Classes of the per-class routing counts (the IDX data sets' ten). */
+enum { ADV_MAX_ROUTERS = MOE_CNN_MAX_ROUTERS, ADV_EVAL_CLASSES = 10 };
 
 /* ---- training modes (adversarial.mode and .router_objective; the image
  * classifier task, task_cnn.c, runs them) ------------------------------ */
@@ -199,6 +200,10 @@ typedef struct adv_eval_counts {
     int num_experts; /* E of the model (set by adv_moe_cnn_evaluate) */
     int64_t clean_per_expert[ADV_MAX_ROUTERS * MOE_CONV_MAX_EXPERTS];
     int64_t attacked_per_expert[ADV_MAX_ROUTERS * MOE_CONV_MAX_EXPERTS];
+    /* The clean images per expert and true class, per router, at
+     * [(r * num_experts + e) * ADV_EVAL_CLASSES + class] (labels outside
+     * 0..ADV_EVAL_CLASSES-1 are not counted). */
+    int64_t clean_per_expert_class[ADV_MAX_ROUTERS * MOE_CONV_MAX_EXPERTS * ADV_EVAL_CLASSES];
 } adv_eval_counts;
 
 /* Adds one batch to *counts: x [N,C,H,W] in [0,1], labels [N]. model must be

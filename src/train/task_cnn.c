@@ -548,6 +548,7 @@ static cm_status finish_eval(cnn_task *t, adv_eval_counts *counts, bool robust,
     CM_TRY(comm_sum_int64(t->env.world, packed, 6 + R));
     const int E = t->model.config.num_experts;
     CM_TRY(comm_sum_int64(t->env.world, counts->clean_per_expert, R * E));
+    CM_TRY(comm_sum_int64(t->env.world, counts->clean_per_expert_class, R * E * ADV_EVAL_CLASSES));
     if (robust) CM_TRY(comm_sum_int64(t->env.world, counts->attacked_per_expert, R * E));
     const int64_t images = packed[0];
     if (images == 0)
@@ -738,6 +739,16 @@ static cm_status cnn_evaluate(void *state, const task_eval_request *request, int
     snprintf(out->summary, sizeof out->summary, "%s %.2000s",
              request->split == CM_SPLIT_TRAIN ? "train" : "test", out->text);
     return CM_OK;
+}
+
+_Static_assert((int)IDX_NUM_CLASSES == (int)ADV_EVAL_CLASSES,
+               "the per-class routing counts' classes");
+
+const int64_t *task_cnn_class_routes(void *state, int *routers, int *experts) {
+    const cnn_task *t = state;
+    *routers = t->eval_counts->n_routers;
+    *experts = t->eval_counts->num_experts;
+    return t->eval_counts->clean_per_expert_class;
 }
 
 const task_vtable task_cnn = {

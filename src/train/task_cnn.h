@@ -97,5 +97,9 @@ enum { CNN_PHASE_EXPERTS = 0, CNN_PHASE_ROUTERS = 1 };
 int task_cnn_router_params(void *state, ag_param **out, int capacity);
 int64_t task_cnn_flops_per_image(void *state);
 moe_cnn_flops_report task_cnn_flops(void *state);
+/* After an evaluation: its clean images per router, expert and true class,
+ * summed over the ranks, at [(r * experts + e) * ADV_EVAL_CLASSES + class]
+ * (train/adversarial.h); *routers = 0 for a dense model. */
+const int64_t *task_cnn_class_routes(void *state, int *routers, int *experts);
 
 #endif

@@ -34,6 +34,7 @@ typedef struct lm_task {
     /* Routing statistics summed over the current log window. */
     int moe_layers, num_experts;
     int64_t *window_load; /* [moe_layers][E] tokens routed to each expert */
+    int64_t *eval_load;   /* the same over an evaluation */
     int64_t window_tokens, window_slots[LM_MAX_LAYERS], window_dropped[LM_MAX_LAYERS];
     double window_entropy[LM_MAX_LAYERS];
     int window_k[LM_MAX_LAYERS];
@@ -70,6 +71,7 @@ static void lm_destroy(void *state) {
     lm_task *t = state;
     if (!t) return;
     free(t->window_load);
+    free(t->eval_load);
     free(t->inputs);
     free(t->targets);
     text_dataset_close(&t->train);
@@ -96,7 +98,8 @@ static cm_status lm_create_into(lm_task *t) {
                           "task runs 1 or 2",
                           router_kind_name(config.moe.router.kind), t->passes);
         t->window_load = calloc((size_t)t->moe_layers * (size_t)t->num_experts, sizeof(int64_t));
-        if (!t->window_load) return CM_ERR(CM_ERR_NOMEM, "out of memory");
+        t->eval_load = calloc((size_t)t->moe_layers * (size_t)t->num_experts, sizeof(int64_t));
+        if (!t->window_load || !t->eval_load) return CM_ERR(CM_ERR_NOMEM, "out of memory");
     }
     size_t tokens = (size_t)recipe->data.batch_size * (size_t)recipe->data.seq_len;
     t->inputs = malloc(tokens * sizeof *t->inputs);
@@ -385,10 +388,16 @@ static text_dataset *split_dataset(lm_task *t, cm_split split) {
 
 /* An evaluation's experts per token: "mean_k" over the MoE layers and
  * "layer_mean_k" per MoE layer, from the kept (token, expert) pairs of every
- * rank (routed[moe_layers]: the tokens). */
+ * rank (routed[moe_layers]: the tokens); and "layer_expert_tokens", the
+ * kept pairs of each expert, layer-major (t->eval_load). */
 static void add_routing_fields(lm_task *t, const int64_t *routed, task_eval *out) {
     const int64_t tokens = routed[t->moe_layers];
     if (t->moe_layers == 0 || tokens == 0) return;
+    const int loads = t->moe_layers * t->num_experts;
+    if (loads <= TASK_EVAL_COUNTS_MAX) {
+        memcpy(out->counts, t->eval_load, (size_t)loads * sizeof(int64_t));
+        metrics_add_integers(&out->record, "layer_expert_tokens", out->counts, loads);
+    }
     double total = 0.0;
     for (int i = 0; i < t->moe_layers; i++) {
         out->per_router[i] = (double)routed[i] / (double)tokens;
@@ -416,6 +425,8 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     int64_t routed[LM_MAX_LAYERS + 1] = {0}; /* kept (token, expert) pairs per MoE layer; tokens */
     lm_moe_report report;
     cm_status status = CM_OK;
+    if (t->moe_layers > 0)
+        memset(t->eval_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
     for (;;) {
         int64_t batch_first = iter.next_window;
         int rows = 0, windows = text_eval_next(&iter, t->inputs, t->targets, &rows);
@@ -436,7 +447,12 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
             .group = t->env.world,
             .global_tokens = (int64_t)windows * T};
         ag_tensor *logits = lm_forward(ctx, &t->model, &args);
-        for (int i = 0; i < report.n_layers; i++) routed[i] += report.stats[i].slots;
+        for (int i = 0; i < report.n_layers; i++) {
+            routed[i] += report.stats[i].slots;
+            int64_t *load = t->eval_load + (size_t)i * (size_t)t->num_experts;
+            for (int e = 0; e < t->num_experts; e++)
+                load[e] += report.stats[i].tokens_per_expert[e];
+        }
         if (report.n_layers > 0) routed[t->moe_layers] += report.stats[0].tokens;
         if (rows > 0) {
             ag_tensor *loss = lm_loss(ctx, logits, t->targets);
@@ -450,7 +466,10 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     ag_ctx_reset(ctx);
     CM_TRY(status);
     CM_TRY(comm_sum_doubles(t->env.world, sums, 2));
-    if (t->moe_layers > 0) CM_TRY(comm_sum_int64(t->env.world, routed, t->moe_layers + 1));
+    if (t->moe_layers > 0) {
+        CM_TRY(comm_sum_int64(t->env.world, routed, t->moe_layers + 1));
+        CM_TRY(comm_sum_int64(t->env.world, t->eval_load, t->moe_layers * t->num_experts));
+    }
     if (sums[1] == 0) return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
     static const char *const kinds[CM_SPLIT_COUNT] = {"valid", "test", "train"};
     const double loss = sums[0] / sums[1];

@@ -1,0 +1,50 @@
+#include "cli/cli_util.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "train/checkpoint.h"
+
+bool cli_parse_integer(const char *text, long long low, long long high, long long *out) {
+    char *end;
+    errno = 0;
+    long long value = strtoll(text, &end, 10);
+    if (end == text || *end || errno || value < low || value > high) return false;
+    *out = value;
+    return true;
+}
+
+cm_status cli_read_file(const char *path, const char *option, unsigned char **out, size_t *length) {
+    FILE *file = fopen(path, "rb");
+    if (!file) return CM_ERR(CM_ERR_IO, "cannot open %s %s: %s", option, path, strerror(errno));
+    size_t capacity = 4096, used = 0;
+    unsigned char *bytes = malloc(capacity);
+    for (size_t got; bytes && (got = fread(bytes + used, 1, capacity - used, file)) > 0;) {
+        used += got;
+        unsigned char *larger = used == capacity ? realloc(bytes, capacity *= 2) : bytes;
+        if (!larger) free(bytes);
+        bytes = larger;
+    }
+    bool failed = ferror(file);
+    fclose(file);
+    if (!bytes) return CM_ERR(CM_ERR_NOMEM, "out of memory reading %s %s", option, path);
+    if (failed) {
+        free(bytes);
+        return CM_ERR(CM_ERR_IO, "cannot read %s %s", option, path);
+    }
+    *out = bytes;
+    *length = used;
+    return CM_OK;
+}
+
+cm_status cli_checkpoint_recipe(const char *checkpoint, const char *recipe_path,
+                                const char *const *overrides, int n_overrides, cm_recipe *recipe) {
+    if (recipe_path) return recipe_load(recipe_path, overrides, n_overrides, recipe);
+    char *text;
+    CM_TRY(ckpt_read_recipe(checkpoint, &text));
+    cm_status status = recipe_load_text(text, checkpoint, overrides, n_overrides, recipe);
+    free(text);
+    return status;
+}

@@ -1,0 +1,25 @@
+/* Helpers shared by the checkpoint commands (sample, route): parsing a count,
+ * reading a whole input file, and the recipe a checkpoint is used with.
+ * Owns: nothing (read_whole_file's buffer goes to the caller). */
+#ifndef CMOE_CLI_CLI_UTIL_H
+#define CMOE_CLI_CLI_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "common/status.h"
+#include "train/recipe.h"
+
+/* A decimal integer in [low, high] filling all of `text`. */
+bool cli_parse_integer(const char *text, long long low, long long high, long long *out);
+
+/* All the bytes of `path` (malloc'd; *length may be 0). `option` names the
+ * file in messages (e.g. "--prompt-file"). */
+cm_status cli_read_file(const char *path, const char *option, unsigned char **out, size_t *length);
+
+/* The recipe of recipe_path when given, else the one stored in the
+ * checkpoint, with the --set overrides applied. */
+cm_status cli_checkpoint_recipe(const char *checkpoint, const char *recipe_path,
+                                const char *const *overrides, int n_overrides, cm_recipe *recipe);
+
+#endif
