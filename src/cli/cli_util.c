@@ -39,12 +39,42 @@ cm_status cli_read_file(const char *path, const char *option, unsigned char **ou
     return CM_OK;
 }
 
-cm_status cli_checkpoint_recipe(const char *checkpoint, const char *recipe_path,
-                                const char *const *overrides, int n_overrides, cm_recipe *recipe) {
-    if (recipe_path) return recipe_load(recipe_path, overrides, n_overrides, recipe);
+/* The checkpoint's own recipe, without overrides. */
+static cm_status stored_recipe(const char *checkpoint, cm_recipe *recipe) {
     char *text;
     CM_TRY(ckpt_read_recipe(checkpoint, &text));
-    cm_status status = recipe_load_text(text, checkpoint, overrides, n_overrides, recipe);
+    cm_status status = recipe_load_text(text, checkpoint, NULL, 0, recipe);
     free(text);
     return status;
+}
+
+cm_status cli_checkpoint_recipe(const char *checkpoint, const char *recipe_path,
+                                const char *const *overrides, int n_overrides, cm_recipe *recipe) {
+    cm_recipe stored;
+    cm_status status = stored_recipe(checkpoint, &stored);
+    if (status != CM_OK && !recipe_path) return status;
+    if (status != CM_OK) {
+        fprintf(stderr,
+                "[cmoe] warning: %s; the model keys of %s are not checked against the "
+                "checkpoint\n",
+                cm_error_message(), recipe_path);
+        return recipe_load(recipe_path, overrides, n_overrides, recipe);
+    }
+    if (recipe_path)
+        CM_TRY(recipe_load(recipe_path, overrides, n_overrides, recipe));
+    else {
+        char *text;
+        CM_TRY(ckpt_read_recipe(checkpoint, &text));
+        status = recipe_load_text(text, checkpoint, overrides, n_overrides, recipe);
+        free(text);
+        CM_TRY(status);
+    }
+    char keys[2048];
+    int differences = recipe_model_differences(&stored, recipe, keys, sizeof keys);
+    if (differences == 0) return CM_OK;
+    return CM_ERR(CM_ERR_INVALID,
+                  "%s was trained with another model: %s differ%s from its recipe (%s). Leave "
+                  "out the recipe and these --set to use the checkpoint's",
+                  checkpoint, recipe_path ? recipe_path : "--set", differences == 1 ? "s" : "",
+                  keys);
 }

@@ -18,7 +18,10 @@ bool cli_parse_integer(const char *text, long long low, long long high, long lon
 cm_status cli_read_file(const char *path, const char *option, unsigned char **out, size_t *length);
 
 /* The recipe of recipe_path when given, else the one stored in the
- * checkpoint, with the --set overrides applied. */
+ * checkpoint, with the --set overrides applied. CM_ERR_INVALID, listing the
+ * keys, when the result differs from the checkpoint's recipe on a key that
+ * defines the model (recipe_model_differences). A checkpoint without a
+ * readable recipe: an error without recipe_path, a warning with it. */
 cm_status cli_checkpoint_recipe(const char *checkpoint, const char *recipe_path,
                                 const char *const *overrides, int n_overrides, cm_recipe *recipe);
 

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "common/fs.h"
 #include "common/log.h"
@@ -26,7 +27,7 @@ static const char usage_text[] =
     "\n"
     "commands:\n"
     "  train RECIPE    train a model described by a YAML recipe\n"
-    "  eval RECIPE     evaluate a checkpoint on a data split\n"
+    "  eval --ckpt CKPT  evaluate a checkpoint on a data split (its own recipe, or RECIPE)\n"
     "  inspect CKPT    print a checkpoint's step, parameters and recipe\n"
     "  plot RUN_DIR    render RUN_DIR/curves.png from RUN_DIR/metrics.jsonl\n"
     "  bench RECIPE    time training steps (tokens/s, GFLOP/s, peak RSS, allocations)\n"
@@ -65,12 +66,16 @@ static const char train_help[] =
     "with status 130; `--resume auto` then continues exactly where it stopped.\n";
 
 static const char eval_help[] =
-    "usage: cmoe eval RECIPE --ckpt PATH [--split valid|test|train] [--max-batches N]\n"
+    "usage: cmoe eval [RECIPE] --ckpt PATH [--split valid|test|train] [--max-batches N]\n"
     "                 [--set SECTION.KEY=VALUE]... [--sweep-k [--out DIR]]\n"
     "\n"
-    "Loads the weights of checkpoint PATH into the model of RECIPE and prints the\n"
-    "mean cross-entropy and bits per byte over the split (default: eval.split of\n"
-    "the recipe), over every batch unless --max-batches is given.\n"
+    "Loads checkpoint PATH into the model of the recipe stored in it (or of RECIPE)\n"
+    "and prints the mean cross-entropy and bits per byte over the split (default:\n"
+    "eval.split of the recipe), over every batch unless --max-batches is given.\n"
+    "RECIPE and --set may change the data, the evaluation and the routing knobs\n"
+    "(router.k, eval_k, top_p, capacity_factor, thor_level), not the model: a\n"
+    "difference from the checkpoint's recipe in model.*, moe.* or router.type,\n"
+    "gating or bias is an error that lists the keys.\n"
     "\n"
     "MoE models: --set router.k=K evaluates with K experts per token (top-k and\n"
     "SMoE-Dropout routers). --sweep-k evaluates k = 1, 2, 4, ..., num_experts and\n"
@@ -307,8 +312,7 @@ static int parse_eval_args(int argc, char **argv, eval_args *args) {
             args->recipe_path = argv[i];
         }
     }
-    if (!args->recipe_path || !args->checkpoint)
-        return usage_error("eval", "needs RECIPE and --ckpt PATH%s", "");
+    if (!args->checkpoint) return usage_error("eval", "needs --ckpt PATH%s", "");
     return -1;
 }
 
@@ -317,10 +321,9 @@ static int command_eval(int argc, char **argv) {
     int parsed = parse_eval_args(argc, argv, &args);
     if (parsed >= 0) return parsed;
     cm_recipe recipe;
-    if (recipe_load(args.recipe_path, args.overrides, args.n_overrides, &recipe) != CM_OK) {
-        fprintf(stderr, "%s\n", cm_error_message());
-        return EXIT_FAILURE;
-    }
+    if (cli_checkpoint_recipe(args.checkpoint, args.recipe_path, args.overrides, args.n_overrides,
+                              &recipe) != CM_OK)
+        return fail("eval");
     static const char *const split_names[CM_SPLIT_COUNT] = {"valid", "test", "train"};
     task_eval_request request = {recipe.eval.split, (int64_t)args.max_batches, 0};
     if (args.split_name) {

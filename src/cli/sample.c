@@ -30,7 +30,7 @@ static const char sample_help[] =
     "(bytes/s) to stderr at the end.\n"
     "\n"
     "  --recipe R       build the model from recipe R instead of the recipe stored in\n"
-    "                   the checkpoint\n"
+    "                   the checkpoint (its model keys must agree: see cmoe eval --help)\n"
     "  --set K=V        override a recipe key (repeatable), e.g. --set router.k=4 for\n"
     "                   the experts per token of a top-k or SMoE-Dropout model\n"
     "                   (router.eval_k, when set, takes precedence, as in cmoe eval)\n"

@@ -172,14 +172,10 @@ static herr_t write_steps_attr(hid_t group, const char *name, const int64_t *ste
     return status;
 }
 
-static cm_status write_file(const char *path, const ckpt_entry *entries, int count,
-                            const ckpt_meta *meta, const char *recipe_text) {
-    hid_t access = H5Pcreate(H5P_FILE_ACCESS);
-    H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_LATEST);
-    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, access);
-    H5Pclose(access);
-    if (file < 0) return CM_ERR(CM_ERR_IO, "%s: cannot create the checkpoint file", path);
-
+/* The attributes and datasets of a checkpoint into the open `file`; true if
+ * any HDF5 call failed. */
+static bool write_contents(hid_t file, const ckpt_entry *entries, int count, const ckpt_meta *meta,
+                           const char *recipe_text) {
     herr_t failed = 0;
     const int version = CKPT_FORMAT_VERSION;
     failed |= write_string_attr(file, "format", FORMAT_NAME) < 0;
@@ -217,8 +213,125 @@ static cm_status write_file(const char *path, const ckpt_entry *entries, int cou
     if (second >= 0) H5Gclose(second);
     if (optim >= 0) H5Gclose(optim);
     if (values >= 0) H5Gclose(values);
+    return failed != 0;
+}
+
+/* ---- the file image: HDF5 writes to memory, cmoe writes the bytes ------------
+ * HDF5 (1.10) writing a checkpoint straight to a full disk fails inside a
+ * dataset's or the file's close and leaves half-closed objects that it
+ * crashes on when the library shuts down at exit. So the checkpoint is built
+ * by the core driver in memory (no backing store), whose buffer these
+ * callbacks own and keep when HDF5 closes the file; write_bytes then writes
+ * it, and a full disk is a plain write error. */
+
+typedef struct image_capture {
+    void *buffer;
+    size_t size;
+} image_capture;
+
+static void *image_malloc(size_t size, H5FD_file_image_op_t op, void *udata) {
+    (void)op;
+    image_capture *capture = udata;
+    capture->buffer = malloc(size);
+    capture->size = capture->buffer ? size : 0;
+    return capture->buffer;
+}
+
+static void *image_memcpy(void *dest, const void *src, size_t size, H5FD_file_image_op_t op,
+                          void *udata) {
+    (void)op;
+    (void)udata;
+    return memcpy(dest, src, size);
+}
+
+static void *image_realloc(void *ptr, size_t size, H5FD_file_image_op_t op, void *udata) {
+    (void)op;
+    image_capture *capture = udata;
+    void *larger = realloc(ptr, size);
+    if (!larger) return NULL; /* ptr stays the capture's */
+    capture->buffer = larger;
+    capture->size = size;
+    return larger;
+}
+
+static herr_t image_free(void *ptr, H5FD_file_image_op_t op, void *udata) {
+    image_capture *capture = udata;
+    if (op == H5FD_FILE_IMAGE_OP_FILE_CLOSE && ptr == capture->buffer) return 0; /* kept */
+    if (ptr == capture->buffer) *capture = (image_capture){0};
+    free(ptr);
+    return 0;
+}
+
+static void *image_udata_copy(void *udata) {
+    return udata;
+}
+
+static herr_t image_udata_free(void *udata) {
+    (void)udata;
+    return 0;
+}
+
+/* The file's length as its superblock (version 2 or 3, 8-byte addresses)
+ * states it: the end-of-file address at byte 28; the buffer may be longer
+ * (the core driver grows it by increments). */
+static size_t image_length(const image_capture *capture) {
+    const unsigned char *bytes = capture->buffer;
+    static const unsigned char signature[8] = {0x89, 'H', 'D', 'F', '\r', '\n', 0x1a, '\n'};
+    if (capture->size < 36 || memcmp(bytes, signature, 8) != 0 || bytes[8] < 2 || bytes[9] != 8)
+        return capture->size;
+    uint64_t eof = 0;
+    for (int i = 7; i >= 0; i--) eof = eof << 8 | bytes[28 + i];
+    return eof > 0 && eof <= capture->size ? (size_t)eof : capture->size;
+}
+
+/* The checkpoint in memory: *capture's buffer (malloc'd) and its length. */
+static cm_status build_image(const char *name, const ckpt_entry *entries, int count,
+                             const ckpt_meta *meta, const char *recipe_text, image_capture *capture,
+                             size_t *length) {
+    *capture = (image_capture){0};
+    H5FD_file_image_callbacks_t callbacks = {image_malloc, image_memcpy,     image_realloc,
+                                             image_free,   image_udata_copy, image_udata_free,
+                                             capture};
+    hid_t access = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_LATEST);
+    H5Pset_fapl_core(access, (size_t)1 << 20, 0);
+    herr_t set = H5Pset_file_image_callbacks(access, &callbacks);
+    hid_t file = set < 0 ? -1 : H5Fcreate(name, H5F_ACC_TRUNC, H5P_DEFAULT, access);
+    H5Pclose(access);
+    if (file < 0) return CM_ERR(CM_ERR_HDF5, "%s: cannot create the checkpoint in memory", name);
+    bool failed = write_contents(file, entries, count, meta, recipe_text);
     failed |= H5Fclose(file) < 0;
-    if (failed) return CM_ERR(CM_ERR_HDF5, "%s: writing the checkpoint failed (disk full?)", path);
+    if (failed || !capture->buffer) {
+        free(capture->buffer);
+        *capture = (image_capture){0};
+        return CM_ERR(CM_ERR_HDF5, "%s: building the checkpoint failed (out of memory?)", name);
+    }
+    *length = image_length(capture);
+    return CM_OK;
+}
+
+/* bytes into a new file at path, synced before it is closed (the data reach
+ * the disk before a rename publishes them). */
+static cm_status write_bytes(const char *path, const void *bytes, size_t size) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return CM_ERR(CM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+    const char *at = bytes;
+    size_t left = size;
+    int error = 0;
+    while (left > 0 && !error) {
+        ssize_t wrote = write(fd, at, left);
+        if (wrote < 0 && errno != EINTR) error = errno;
+        if (wrote == 0) error = ENOSPC; /* nothing taken: a full device */
+        if (wrote > 0) {
+            at += wrote;
+            left -= (size_t)wrote;
+        }
+    }
+    if (!error && fsync(fd) != 0 && errno != EINVAL) error = errno; /* EINVAL: no sync here */
+    if (close(fd) != 0 && !error) error = errno;
+    if (error)
+        return CM_ERR(CM_ERR_IO, "%s: cannot write the checkpoint (%zu of %zu bytes): %s", path,
+                      size - left, size, strerror(error));
     return CM_OK;
 }
 
@@ -243,15 +356,19 @@ static void parent_of(const char *path, char *out, size_t size) {
         snprintf(out, size, "%.*s", slash == path ? 1 : (int)(slash - path), path);
 }
 
-/* Writes entries to path.tmp, syncs it, renames it to path, syncs the directory. */
+/* Writes entries to path.tmp (synced), renames it to path, syncs the
+ * directory. On failure path.tmp is removed and path is untouched. */
 static cm_status write_atomically(const char *path, const ckpt_entry *entries, int count,
                                   const ckpt_meta *meta, const char *recipe_text) {
     silence_hdf5();
     char temporary[4096];
     if ((size_t)snprintf(temporary, sizeof temporary, "%s.tmp", path) >= sizeof temporary)
         return CM_ERR(CM_ERR_INVALID, "checkpoint path too long: %s", path);
-    cm_status status = write_file(temporary, entries, count, meta, recipe_text);
-    if (status == CM_OK) status = sync_path(temporary);
+    image_capture image;
+    size_t length = 0;
+    cm_status status = build_image(temporary, entries, count, meta, recipe_text, &image, &length);
+    if (status == CM_OK) status = write_bytes(temporary, image.buffer, length);
+    free(image.buffer);
     if (status != CM_OK) {
         remove(temporary);
         return status;

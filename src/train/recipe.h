@@ -245,6 +245,15 @@ cm_status recipe_get(const cm_recipe *recipe, const char *dotted_key, char *buff
 bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_path,
                              size_t capacity);
 
+/* The keys that define the model (its parameters, or its function at
+ * inference: model.*, moe.* and router.type, gating, bias; not the routing
+ * knobs an evaluation may vary, such as router.k, eval_k, top_p,
+ * capacity_factor, thor_level, nor training-only keys such as dropout) on
+ * which `given` differs from `stored`: their count, and "model.n_heads 8 (not
+ * 4), ..." in out (given's value, then stored's; snprintf-truncated). */
+int recipe_model_differences(const cm_recipe *stored, const cm_recipe *given, char *out,
+                             size_t capacity);
+
 /* train.out_dir, or "runs/<name>" when it is empty. */
 cm_status recipe_run_dir(const cm_recipe *recipe, char *buffer, size_t capacity);
 /* checkpoint.dir, or the run directory when it is empty. */

@@ -820,6 +820,37 @@ bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_p
     return false;
 }
 
+/* The keys that fix the model's parameters or its function at inference;
+ * routing knobs an evaluation may vary (router.k, eval_k, top_p,
+ * capacity_factor, thor_level) and training-only keys are not among them. */
+static const char *const model_defining_keys[] = {
+    "model.arch",       "model.vocab_size", "model.n_layers",      "model.d_model",
+    "model.n_heads",    "model.d_ff",       "model.layernorm_eps", "model.cnn_widths",
+    "model.cnn_blocks", "model.cnn_stem",   "model.cnn_ratio",     "moe.enabled",
+    "moe.num_experts",  "moe.every",        "moe.expert_hidden",   "moe.split_dense",
+    "moe.activation",   "moe.cnn_routing",  "router.type",         "router.gating",
+    "router.bias"};
+
+int recipe_model_differences(const cm_recipe *stored, const cm_recipe *given, char *out,
+                             size_t capacity) {
+    int count = 0;
+    size_t used = 0;
+    if (capacity > 0) out[0] = '\0';
+    for (size_t i = 0; i < sizeof model_defining_keys / sizeof model_defining_keys[0]; i++) {
+        char a[256], b[256];
+        if (recipe_get(stored, model_defining_keys[i], a, sizeof a) != CM_OK ||
+            recipe_get(given, model_defining_keys[i], b, sizeof b) != CM_OK)
+            continue; /* a value too long to print: not a model key's */
+        if (strcmp(a, b) == 0) continue;
+        int wrote = used < capacity ? snprintf(out + used, capacity - used, "%s%s %s (not %s)",
+                                               count ? ", " : "", model_defining_keys[i], b, a)
+                                    : 0;
+        if (wrote > 0) used += (size_t)wrote < capacity - used ? (size_t)wrote : capacity - used;
+        count++;
+    }
+    return count;
+}
+
 cm_status recipe_run_dir(const cm_recipe *recipe, char *buffer, size_t capacity) {
     int written = recipe->train.out_dir[0] ? snprintf(buffer, capacity, "%s", recipe->train.out_dir)
                                            : snprintf(buffer, capacity, "runs/%s", recipe->name);

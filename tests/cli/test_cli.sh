@@ -100,6 +100,24 @@ expect_text "inspect lists a parameter" "$work/out" "blocks.0.attn.qkv.weight"
 expect_text "inspect shows the recipe" "$work/out" "name: \"tiny\""
 expect_status "eval" 0 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --split test --max-batches 3
 expect_text "eval prints bpc" "$work/out" "test split: loss"
+mv "$work/out" "$work/eval-with-recipe.out"
+# Without RECIPE, eval builds the checkpoint's own model: the same figures.
+expect_status "eval with the checkpoint's recipe" 0 "$cmoe" eval --ckpt "$last" --split test \
+    --max-batches 3
+cmp -s "$work/out" "$work/eval-with-recipe.out"
+check $? "eval without RECIPE gives the same line ($(cat "$work/out"))"
+# A key that changes the model but no shape (2 heads -> 1) is refused, by
+# eval and by sample, with the keys listed; a routing knob is not a model key.
+expect_status "eval with another head count" 1 "$cmoe" eval --ckpt "$last" --set model.n_heads=1
+expect_text "the differing key is named" "$work/err" "model.n_heads 1 (not 2)"
+expect_status "eval RECIPE with another head count" 1 "$cmoe" eval "$work/tiny.yaml" \
+    --ckpt "$last" --set model.n_heads=1 --set model.layernorm_eps=0.001
+expect_text "every differing key is named" "$work/err" \
+    "model.n_heads 1 (not 2), model.layernorm_eps 0.001 (not 1e-05)"
+expect_status "sample with another head count" 1 "$cmoe" sample "$last" --set model.n_heads=1
+expect_text "sample names the key" "$work/err" "model.n_heads 1 (not 2)"
+expect_status "eval with another eval_k is fine" 0 "$cmoe" eval --ckpt "$last" \
+    --set router.eval_k=1 --max-batches 1
 expect_status "plot" 0 "$cmoe" plot "$work/run"
 expect_status "resume past train.steps" 1 "$cmoe" train "$work/tiny.yaml" --resume "$last" \
     --set train.steps=$((final - 1))
@@ -126,7 +144,7 @@ expect_text "truncated message" "$work/err" "cut.h5"
 expect_status "missing checkpoint" 1 "$cmoe" inspect "$work/nothing.h5"
 expect_text "missing message" "$work/err" "No such file"
 expect_status "other model shape" 1 "$cmoe" eval "$work/tiny.yaml" --ckpt "$last" --set model.d_ff=128
-expect_text "shape message" "$work/err" "in the checkpoint but"
+expect_text "shape message" "$work/err" "model.d_ff 128 (not 64)"
 
 # A dataset of rank 9 (HDF5 allows 32; a cmoe tensor has at most 4) in the
 # parameters group: inspect lists it instead of overflowing its shape buffer.

@@ -96,9 +96,22 @@ expect 2 "--prompt is empty" empty_prompt "$ckpt" --prompt ""
 expect 1 "is empty" empty_prompt_file "$ckpt" --prompt-file "$work/empty.txt"
 expect 2 "missing CKPT" no_ckpt
 expect 1 "cannot open checkpoint" missing_ckpt "$work/nothere.h5"
-expect 1 "not causal" expert_choice "$ckpt" --set router.type=expert_choice \
-    --set router.capacity_factor=2
-expect 1 "image classifier" cnn_recipe "$ckpt" --recipe "$src/recipes/cnn/dense-standard.yaml"
+# another model than the checkpoint's is refused, naming the keys
+expect 1 "router.type expert_choice (not topk)" other_router "$ckpt" \
+    --set router.type=expert_choice --set router.capacity_factor=2
+expect 1 "model.arch resnet (not transformer_lm)" cnn_recipe "$ckpt" \
+    --recipe "$src/recipes/cnn/dense-standard.yaml"
+# a real expert-choice checkpoint (10 steps)
+"$cmoe" train "$src/recipes/lm/expert-choice.yaml" \
+    --set data.path="$work/kjv/train.txt" --set data.valid_path="$work/kjv/valid.txt" \
+    --set data.test_path="$work/long.txt" \
+    --set model.n_layers=1 --set model.d_model=32 --set model.n_heads=2 --set model.d_ff=64 \
+    --set moe.num_experts=4 --set data.seq_len=32 --set data.batch_size=4 \
+    --set train.steps=10 --set schedule.warmup_steps=2 --set train.eval_every=0 \
+    --set train.arena_mib=64 --set train.threads=1 --quiet \
+    --set train.out_dir="$work/choice" > "$work/choice.out" 2>&1
+check $? "train a tiny expert-choice model ($(tail -c 400 "$work/choice.out"))"
+expect 1 "not causal" expert_choice "$work/choice/ckpt-00000010.h5"
 
 # a real CNN checkpoint (one step of the dense ResNet on Fashion-MNIST)
 bash "$src/data/prepare_fmnist.sh" "$work/fmnist" > "$work/fmnist.out" 2>&1
