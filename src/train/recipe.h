@@ -118,6 +118,8 @@ typedef struct cm_router_cfg {
     double thor_alpha;            /* weight of THOR's consistency loss */
     router_thor_level thor_level; /* THOR at evaluation */
     int eval_k;                   /* 0: k; else the k used at evaluation */
+    int null_experts;             /* null_experts: m */
+    double bias_update_rate;      /* bias_balance: u */
 } cm_router_cfg;
 
 typedef struct cm_data_cfg {
