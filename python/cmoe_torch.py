@@ -11,7 +11,7 @@ or from the shell, printing what `cmoe eval` prints:
     /usr/bin/python3 python/cmoe_torch.py CKPT [CKPT...] --text data/kjv/test.txt
 
 The model (dense, or MoE with any router cmoe has: topk, smoe_dropout,
-top_p, thor, expert_choice) and its settings come from the recipe stored in
+top_p, thor, expert_choice, null_experts, bias_balance) and its settings come from the recipe stored in
 the checkpoint; the parameter names of `model.state_dict()` are exactly the
 checkpoint's /params names. docs/model.md describes every computation; this
 file is meant to be read next to it. Inference only: no dropout, no router
@@ -177,10 +177,18 @@ class MoE(nn.Module):
         self.cfg = router_cfg
         self.kind = router_cfg["type"]
         self.experts_count = moe_cfg["num_experts"]
+        self.null_count = router_cfg.get("null_experts", 0) if self.kind == "null_experts" else 0
         if self.kind != "thor":
             self.router = nn.Linear(d_model, self.experts_count, bias=bool(router_cfg["bias"]))
             if router_cfg["noise"] == "learned":  # stored, unused at inference
                 self.router.noise_weight = nn.Parameter(torch.zeros(self.experts_count, d_model))
+        if self.null_count > 0:  # null experts' logits: a second linear layer
+            self.router.null_weight = nn.Parameter(torch.zeros(self.null_count, d_model))
+            if router_cfg["bias"]:
+                self.router.null_bias = nn.Parameter(torch.zeros(self.null_count))
+        if self.kind == "bias_balance":  # selection bias: chooses, never weighs
+            self.router.expert_bias = nn.Parameter(torch.zeros(self.experts_count),
+                                                   requires_grad=False)
         self.experts = Experts(self.experts_count, d_model, hidden, moe_cfg["activation"])
         self.k_override = 0
 
@@ -214,18 +222,35 @@ class MoE(nn.Module):
             token, expert = keep.nonzero(as_tuple=True)
             gates = probs[token, expert]
             return self.capacity(token, expert, gates, gates, load=len(token))
-        # topk (gating from the recipe) and smoe_dropout (always topk_softmax)
+        if self.null_count > 0:  # null experts: columns E .. E+m of the logits
+            null_bias = getattr(self.router, "null_bias", None)
+            null_logits = x @ self.router.null_weight.T
+            if null_bias is not None:
+                null_logits = null_logits + null_bias
+            logits = torch.cat([logits, null_logits], dim=1)
+            probs = logits.softmax(-1)
+        # topk, null_experts and bias_balance (gating from the recipe) and
+        # smoe_dropout (always topk_softmax)
         k = self.eval_k()
-        chosen = stable_desc(logits, dim=1)[:, :k].sort(dim=1).values  # ascending expert
-        token = torch.arange(n, device=x.device).repeat_interleave(k)
-        expert = chosen.reshape(-1)
+        if self.kind == "bias_balance":
+            # top-k of p + b; ties: the larger logit, then the lower index
+            by_logit = stable_desc(logits, dim=1)
+            biased = (probs + self.router.expert_bias).gather(1, by_logit)
+            order = by_logit.gather(1, stable_desc(biased, dim=1))
+        else:
+            order = stable_desc(logits, dim=1)
+        chosen = order[:, :k].sort(dim=1).values  # ascending expert
+        real = chosen < experts  # null experts are no slots
+        token = torch.arange(n, device=x.device).repeat_interleave(k)[real.reshape(-1)]
+        expert = chosen[real]
         gating = "topk_softmax" if self.kind == "smoe_dropout" else self.cfg["gating"]
         if gating == "softmax_topk":
-            gates = probs.gather(1, chosen)
-        else:
-            gates = logits.gather(1, chosen).softmax(-1)
-        gates = gates.reshape(-1)
-        return self.capacity(token, expert, gates, gates, load=k * n)
+            gates = probs.gather(1, chosen)[real]
+        else:  # a softmax over the chosen true experts' logits
+            chosen_logits = logits.gather(1, chosen).masked_fill(~real, float("-inf"))
+            gates = chosen_logits.softmax(-1)[real]  # a row of nulls only has no slot
+        load = k * n * experts / (experts + self.null_count)
+        return self.capacity(token, expert, gates, gates, load=load)
 
     def route_thor(self, x, seq_len, first_token):
         n = x.shape[0]

@@ -187,15 +187,18 @@ void run_gradcheck(const char *label, fixture *f, ag_tensor *x, bool aux) {
 void run_gradcheck_call(const char *label, fixture *f, ag_tensor *x, bool aux,
                         const router_call *call) {
     grad_case c = {.r = &f->r, .call = *call, .aux = aux, .first_slots = -1};
-    ag_tensor *inputs[4] = {x, weight_of(f)};
+    ag_tensor *inputs[6] = {x, weight_of(f)};
     int n = 2;
     if (f->r.bias) inputs[n++] = ag_param_tensor(f->r.bias);
     if (f->r.noise_weight) inputs[n++] = ag_param_tensor(f->r.noise_weight);
+    if (f->r.null_weight) inputs[n++] = ag_param_tensor(f->r.null_weight);
+    if (f->r.null_bias) inputs[n++] = ag_param_tensor(f->r.null_bias);
     gc_options options = gc_default_options();
     gc_result result = gc_check(label, forward_route, inputs, n, &c, &options);
     ck_assert_msg(result.ok, "%s", result.message);
     int64_t want = x->numel + weight_of(f)->numel;
     if (f->r.noise_weight) want += ag_param_tensor(f->r.noise_weight)->numel;
+    if (f->r.null_weight) want += ag_param_tensor(f->r.null_weight)->numel;
     ck_assert_int_ge(result.checked, want);
 }
 

@@ -65,7 +65,8 @@ double top_p_margin(const double *logits, int tokens, int experts, double thresh
  * asserting that the selection never changes across the perturbations. */
 void run_gradcheck(const char *label, fixture *f, ag_tensor *x, bool aux);
 /* The same with a given call (training: with the configured noise), and
- * the learned noise weight among the checked inputs when the router has one. */
+ * the learned noise weight and the null experts' weight and bias among the
+ * checked inputs when the router has them. */
 void run_gradcheck_call(const char *label, fixture *f, ag_tensor *x, bool aux,
                         const router_call *call);
 

@@ -407,7 +407,8 @@ START_TEST(test_yaml_shape_errors) {
         "inline.yaml:2:3: unknown key 'capacity' in section 'router'; valid keys: "
         "type, k, gating, bias, init_std, noise, noise_std, aux_loss_coef, "
         "aux_loss_scope, z_loss_coef, top_p, entropy_coef, capacity_factor, drop_policy, "
-        "k_schedule, k_min, k_max, k_span_steps, thor_alpha, thor_level, eval_k");
+        "k_schedule, k_min, k_max, k_span_steps, thor_alpha, thor_level, eval_k, null_experts, "
+        "bias_update_rate");
     expect_text_error("modle:\n  d_model: 8\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown section 'modle' (did you mean 'model'?)");
     expect_text_error("name: a\n\tmodel: 1\n", CM_ERR_FORMAT,
@@ -551,6 +552,8 @@ static const char *const every_key_overrides[] = {
     "router.k_span_steps=77",
     "router.thor_alpha=5",
     "router.thor_level=per_token",
+    "router.null_experts=3",
+    "router.bias_update_rate=0.01",
     "router.eval_k=5",
     "data.format=idx",
     "data.path=with \"quotes\" and \\backslash\\: #hash",

@@ -68,6 +68,36 @@ static void assert_dense_elsewhere(const cm_recipe *recipe, const cm_recipe *den
     ck_assert(recipe->moe.enabled);
 }
 
+/* null-experts.yaml and bias-balance.yaml: moe-top2.yaml's model, another router. */
+START_TEST(test_routing_recipes) {
+    cm_recipe top2 = load_lm("moe-top2.yaml", NULL, 0);
+    cm_recipe nulls = load_lm("null-experts.yaml", NULL, 0);
+    cm_recipe bias = load_lm("bias-balance.yaml", NULL, 0);
+    ck_assert_str_eq(nulls.name, "null-experts");
+    ck_assert_str_eq(bias.name, "bias-balance");
+    for (int i = 0; i < 2; i++) {
+        const cm_recipe *r = i ? &bias : &nulls;
+        ck_assert(memcmp(&r->model, &top2.model, sizeof top2.model) == 0);
+        ck_assert(memcmp(&r->moe, &top2.moe, sizeof top2.moe) == 0);
+        ck_assert(memcmp(&r->data, &top2.data, sizeof top2.data) == 0);
+        ck_assert(memcmp(&r->optim, &top2.optim, sizeof top2.optim) == 0);
+        ck_assert_int_eq(r->router.gating, ROUTER_TOPK_THEN_SOFTMAX);
+        ck_assert_double_eq(r->router.capacity_factor, 0.0);
+    }
+    ck_assert_int_eq(nulls.router.type, ROUTER_NULL_EXPERTS);
+    ck_assert_int_eq(nulls.router.k, 3);
+    ck_assert_int_eq(nulls.router.null_experts, 4);
+    ck_assert_double_eq(nulls.router.aux_loss_coef, 1e-2);
+    /* 2 true experts per token under balance: 3 x 8 / 12 */
+    ck_assert_int_eq(nulls.router.k * nulls.moe.num_experts,
+                     top2.router.k * (nulls.moe.num_experts + nulls.router.null_experts));
+    ck_assert_int_eq(bias.router.type, ROUTER_BIAS_BALANCE);
+    ck_assert_int_eq(bias.router.k, 2);
+    ck_assert_double_eq(bias.router.bias_update_rate, 1e-3);
+    ck_assert_double_eq(bias.router.aux_loss_coef, 0.0);
+}
+END_TEST
+
 START_TEST(test_lm_recipes) {
     cm_recipe dense = load_lm("dense.yaml", NULL, 0);
     ck_assert(!dense.moe.enabled);
@@ -244,6 +274,16 @@ START_TEST(test_consistency_messages) {
         {"moe:\n  enabled: true\nrouter:\n  type: smoe_dropout\n  noise: learned\n",
          "inline.yaml:5:10: router.noise learned needs a trained router network (router.type "
          "smoe_dropout has none)"},
+        {"moe:\n  enabled: true\nrouter:\n  type: null_experts\n  null_experts: 2\n  k: 11\n",
+         "inline.yaml:6:6: router.k = 11 exceeds moe.num_experts + router.null_experts = 10 "
+         "(router.type null_experts)"},
+        {"moe:\n  enabled: true\nrouter:\n  type: null_experts\n  eval_k: 10\n",
+         "inline.yaml:5:11: router.eval_k = 10 exceeds moe.num_experts + router.null_experts = 8 "
+         "(router.type null_experts)"},
+        {"moe:\n  enabled: true\nrouter:\n  type: null_experts\n  noise: fixed\n",
+         "inline.yaml:5:10: router.type null_experts routes without logit noise"},
+        {"router:\n  bias_update_rate: 2\n",
+         "inline.yaml:2:21: router.bias_update_rate = 2 is out of range [0, 1]"},
         {"moe:\n  enabled: true\nrouter:\n  noise: learned\n  type: thor\n",
          "inline.yaml:5:9: router.noise learned needs a trained router network (router.type "
          "thor has none)"},
@@ -257,7 +297,7 @@ START_TEST(test_consistency_messages) {
          "inline.yaml:2:20: router.capacity_factor = -1 is out of range [0, 1000]"},
         {"router:\n  type: switch\n",
          "inline.yaml:2:9: unknown value 'switch' for router.type; valid values: topk, "
-         "smoe_dropout, thor, top_p, expert_choice"},
+         "smoe_dropout, thor, top_p, expert_choice, null_experts, bias_balance"},
         {"router:\n  k_schedule: linear\n",
          "inline.yaml:2:15: unknown value 'linear' for router.k_schedule; valid values: "
          "constant, linear_increase, cosine_increase, exp_increase, multi_step_increase"},
@@ -398,6 +438,15 @@ START_TEST(test_router_config_fields) {
     ck_assert_int_eq(c.k_schedule.total_steps, 600); /* k_span_steps, not train.steps */
     ck_assert_int_eq(c.thor_level, ROUTER_THOR_PER_TOKEN);
     ck_assert_float_eq(c.consistency_alpha, 0.375f);
+    const char *new_keys[] = {"moe.enabled=true", "router.type=null_experts",
+                              "router.null_experts=5", "router.bias_update_rate=0.25",
+                              "router.k=9"};
+    r = load_ok(NULL, new_keys, 5);
+    recipe_router_config(&r, &c);
+    ck_assert_int_eq(c.kind, ROUTER_NULL_EXPERTS);
+    ck_assert_int_eq(c.null_experts, 5);
+    ck_assert_float_eq(c.bias_update_rate, 0.25f);
+    ck_assert_int_eq(router_choices(&c), 13);
 
     /* k_max 0 is num_experts; k_span_steps 0 is train.steps. */
     const char *open_ended[] = {"moe.num_experts=6", "router.k_max=0", "router.k_span_steps=0",
@@ -548,6 +597,7 @@ int main(void) {
     Suite *suite = suite_create("recipe_moe");
     TCase *tc = tcase_create("recipe_moe");
     tcase_add_test(tc, test_lm_recipes);
+    tcase_add_test(tc, test_routing_recipes);
     tcase_add_test(tc, test_defaults);
     tcase_add_test(tc, test_consistency_messages);
     tcase_add_test(tc, test_consistency_blame);

@@ -131,7 +131,7 @@ START_TEST(test_declare_validation) {
          0.5f,
          0.0f,
          {ROUTER_K_CONSTANT, 1, 1, 1},
-         "unknown router kind 5"},
+         "unknown router kind 7"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         router_config config = make_config(cases[i].kind, 4, cases[i].k);

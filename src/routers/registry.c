@@ -6,8 +6,8 @@
 #include "common/check.h"
 #include "routers/router_internal.h"
 
-const char *const router_kind_names[] = {"topk",  "smoe_dropout",  "thor",
-                                         "top_p", "expert_choice", NULL};
+const char *const router_kind_names[] = {"topk",          "smoe_dropout", "thor",         "top_p",
+                                         "expert_choice", "null_experts", "bias_balance", NULL};
 static_assert(sizeof router_kind_names / sizeof router_kind_names[0] == ROUTER_KIND_COUNT + 1,
               "router_kind_names out of sync with router_kind");
 
@@ -52,6 +52,28 @@ static const router_method methods[ROUTER_KIND_COUNT] = {
                               .has_weights = true,
                               .validate = router_expert_choice_validate,
                               .route = router_expert_choice_route},
+    /* AdaMoE: top-k among E true and m null experts; nulls output zero and
+     * never become slots (null_experts.c) */
+    [ROUTER_NULL_EXPERTS] = {.kind = ROUTER_NULL_EXPERTS,
+                             .name = "null_experts",
+                             .uses_k = true,
+                             .passes_per_step = 1,
+                             .has_weights = true,
+                             .null_experts = true,
+                             .validate = router_null_experts_validate,
+                             .declare = router_null_experts_declare,
+                             .route = router_null_experts_route},
+    /* auxiliary-loss-free balancing: top-k chosen with a per-expert bias
+     * updated once per optimizer step (bias_balance.c) */
+    [ROUTER_BIAS_BALANCE] = {.kind = ROUTER_BIAS_BALANCE,
+                             .name = "bias_balance",
+                             .uses_k = true,
+                             .passes_per_step = 1,
+                             .has_weights = true,
+                             .validate = router_bias_balance_validate,
+                             .declare = router_bias_balance_declare,
+                             .update = router_bias_balance_update,
+                             .route = router_bias_balance_route},
 };
 
 const router_method *router_method_of(router_kind kind) {
@@ -78,4 +100,13 @@ float router_pass_consistency(const router_config *config) {
 
 bool router_uses_k(const router_config *config) {
     return method_of_config(config)->uses_k;
+}
+
+int router_choices(const router_config *config) {
+    return config->num_experts +
+           (method_of_config(config)->null_experts ? config->null_experts : 0);
+}
+
+bool router_updates_per_step(const router_config *config) {
+    return method_of_config(config)->update != NULL;
 }

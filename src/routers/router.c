@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "common/check.h"
+#include "parallel/comm.h"
 #include "routers/router_internal.h"
 
 #define NAME_COUNT(names) (sizeof names / sizeof names[0] - 1)
@@ -36,9 +37,18 @@ cm_status router_declare_with(router *r, const router_method *method, const rout
     const router_config *c = config;
     if (c->num_experts < 1)
         return CM_ERR(CM_ERR_INVALID, "moe.num_experts = %d must be >= 1", c->num_experts);
-    if (method->uses_k && (c->k < 1 || c->k > c->num_experts))
+    if (method->null_experts && c->null_experts < 0)
+        return CM_ERR(CM_ERR_INVALID, "router.null_experts = %d must be >= 0", c->null_experts);
+    const int choices = c->num_experts + (method->null_experts ? c->null_experts : 0);
+    if (method->uses_k && (c->k < 1 || c->k > choices)) {
+        if (choices > c->num_experts)
+            return CM_ERR(CM_ERR_INVALID,
+                          "router.k = %d must be in [1, moe.num_experts + router.null_experts = "
+                          "%d] (%s)",
+                          c->k, choices, method->name);
         return CM_ERR(CM_ERR_INVALID, "router.k = %d must be in [1, moe.num_experts = %d] (%s)",
                       c->k, c->num_experts, method->name);
+    }
     if (method->validate) CM_TRY(method->validate(c));
     if (c->capacity_factor < 0.0f)
         return CM_ERR(CM_ERR_INVALID, "router.capacity_factor = %g must be >= 0",
@@ -69,7 +79,7 @@ cm_status router_declare_with(router *r, const router_method *method, const rout
         ag_param_set_frozen(r->weight, true);
         if (r->bias) ag_param_set_frozen(r->bias, true);
     }
-    return CM_OK;
+    return method->declare ? method->declare(r, d_model, params, prefix) : CM_OK;
 }
 
 int router_effective_k(const router *r, const router_call *call) {
@@ -83,8 +93,18 @@ cm_status router_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_
                        router_output *out) {
     CM_ASSERT(r->method, "router_route: the router of layer %d was never declared", r->layer);
     if (ag_failed(ctx)) return ag_ctx_status(ctx);
-    if (call->k_override > r->config.num_experts)
-        return CM_ERR(CM_ERR_INVALID, "router.k = %d exceeds moe.num_experts = %d",
-                      call->k_override, r->config.num_experts);
+    if (call->k_override > router_choices(&r->config))
+        return CM_ERR(CM_ERR_INVALID, "router.k = %d exceeds the %d experts to choose among",
+                      call->k_override, router_choices(&r->config));
     return r->method->route(ctx, r, x, call, out);
+}
+
+cm_status router_update_expert_biases(const router *const *routers, int n, int64_t *loads,
+                                      MPI_Comm group) {
+    int total = 0;
+    for (int i = 0; i < n; i++) total += routers[i]->config.num_experts;
+    if (group != MPI_COMM_NULL && group != (MPI_Comm)0) CM_TRY(comm_sum_int64(group, loads, total));
+    for (int i = 0, at = 0; i < n; at += routers[i]->config.num_experts, i++)
+        if (routers[i]->method->update) routers[i]->method->update(routers[i], loads + at);
+    return CM_OK;
 }

@@ -22,7 +22,12 @@
  * sequence or per token at inference), dynamic top-p (smallest prefix of the
  * sorted probabilities whose mass exceeds p, raw probabilities as gates,
  * entropy and load-balancing losses), expert choice (each expert takes its
- * top-c tokens; not causal, see docs).
+ * top-c tokens; not causal, see docs), AdaMoE's null experts (top-k over
+ * E true and m null experts, which output zero and cost nothing: they never
+ * become slots, so a token uses 0..k true experts), and auxiliary-loss-free
+ * balancing (top-k chosen on the probabilities plus a per-expert bias that
+ * the trainer nudges once per optimizer step from the global expert loads,
+ * router_update_expert_biases; the gates ignore the bias).
  *
  * The registry (registry.c) holds one row per method (router_method): its
  * name, what it reads (k, a k schedule), how many forward passes a training
@@ -58,6 +63,8 @@ typedef enum router_kind {
     ROUTER_THOR,
     ROUTER_TOP_P,
     ROUTER_EXPERT_CHOICE,
+    ROUTER_NULL_EXPERTS,
+    ROUTER_BIAS_BALANCE,
     ROUTER_KIND_COUNT
 } router_kind;
 
@@ -128,6 +135,8 @@ typedef struct router_config {
     router_k_schedule k_schedule; /* SMoE-Dropout: k during training */
     router_thor_level thor_level;
     float consistency_alpha; /* THOR: weight of the consistency loss between its two passes */
+    int null_experts;        /* null experts: m, chosen among E + m, never slots (>= 0) */
+    float bias_update_rate;  /* bias balancing: u in b_i += u sign(mean load - load_i) */
 } router_config;
 
 typedef struct router_method router_method;
@@ -139,6 +148,10 @@ typedef struct router {
     ag_param *weight;       /* [E,D]; NULL for a method without weights (THOR) */
     ag_param *bias;         /* [E] or NULL */
     ag_param *noise_weight; /* [E,D] with ROUTER_NOISE_LEARNED, else NULL */
+    ag_param *null_weight;  /* [m,D] null experts' logits (m > 0), else NULL */
+    ag_param *null_bias;    /* [m] with config.bias and m > 0, else NULL */
+    ag_param *expert_bias;  /* [E] bias balancing's selection bias: frozen (no gradient, no
+                               optimizer state), saved in checkpoints, else NULL */
 } router;
 
 /* Per-call context. */
@@ -198,10 +211,18 @@ struct router_method {
                               config.consistency_alpha (THOR) */
     bool has_weights;      /* declares PREFIX.weight [E,D] (+ PREFIX.bias [E]) */
     bool frozen_weights;   /* ... and never trains them */
+    bool null_experts;     /* chooses among E + config.null_experts (router_choices) */
     /* The method's own checks of the configuration, after the common ones
      * (num_experts >= 1, k in [1, E] when uses_k; capacity_factor >= 0
      * comes after). NULL: none. */
     cm_status (*validate)(const router_config *config);
+    /* Declares the method's own tensors after the common ones (PREFIX is the
+     * router's); NULL: none. */
+    cm_status (*declare)(router *r, int d_model, ag_params *params, const char *prefix);
+    /* Once per optimizer step, with load[E] = the tokens kept per expert in
+     * that step's training passes, summed over the ranks and micro-batches
+     * (router_update_expert_biases). NULL: the method keeps no such state. */
+    void (*update)(const router *r, const int64_t *load);
     /* Fills `out` completely; returns the context status. */
     cm_status (*route)(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
                        router_output *out);
@@ -220,6 +241,12 @@ int router_passes_per_step(const router_config *config);
 float router_pass_consistency(const router_config *config);
 /* Whether the method takes a k (evaluation k sweeps, router.eval_k). */
 bool router_uses_k(const router_config *config);
+/* The experts a token chooses its k among: E, plus the null experts of a
+ * method that has them. k and k overrides are checked against this. */
+int router_choices(const router_config *config);
+/* Whether the method keeps state updated once per optimizer step from the
+ * step's expert loads (bias balancing). */
+bool router_updates_per_step(const router_config *config);
 
 /* ---- declaring and routing ---------------------------------------------------- */
 
@@ -245,5 +272,14 @@ cm_status router_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_
  * method (SMoE-Dropout) in training: its schedule at call->step; otherwise
  * config.k. */
 int router_effective_k(const router *r, const router_call *call);
+
+/* The once-per-optimizer-step update of n routers (bias balancing):
+ * loads [n][E] holds each router's kept (token, expert) pairs per expert
+ * over this rank's training passes of the step (every micro-batch); they
+ * are summed over `group` (0 or MPI_COMM_NULL: this process alone) in
+ * place, then each router whose method has an update applies it. Every
+ * rank of the group ends with the same state. Collective. */
+cm_status router_update_expert_biases(const router *const *routers, int n, int64_t *loads,
+                                      MPI_Comm group);
 
 #endif

@@ -205,6 +205,20 @@ double router_token_share(const router_call *call, int tokens) {
 
 ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
                               float coef, router_aux_scope scope, const router_call *call) {
+    return router_switch_loss_pooled(ctx, probs, counts, k, coef, scope, call,
+                                     probs ? ag_last_dim(probs) : 0);
+}
+
+/* The mean of counts[from, n) (0 when the range is empty). */
+static double pooled_mean(const int32_t *counts, int from, int n) {
+    double total = 0.0;
+    for (int e = from; e < n; e++) total += counts[e];
+    return from < n ? total / (n - from) : 0.0;
+}
+
+ag_tensor *router_switch_loss_pooled(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
+                                     float coef, router_aux_scope scope, const router_call *call,
+                                     int pooled_from) {
     if (coef == 0.0f || !probs || ag_failed(ctx)) return NULL;
     int tokens = (int)ag_rows(probs), experts = ag_last_dim(probs);
     ag_tensor *column_sums = ag_sum_rows(ctx, probs); /* [E] = T P over this rank's tokens */
@@ -230,8 +244,11 @@ ag_tensor *router_switch_loss(ag_ctx *ctx, ag_tensor *probs, const int32_t *coun
     if (k == 0)
         for (int e = 0; e < experts; e++) slots += scope_counts[e];
     if (slots == 0.0) return NULL; /* no assignment at all: nothing to balance */
+    /* AdaMoE: the null experts share one target as a group, not each its own. */
+    const double null_mean = pooled_mean(scope_counts, pooled_from, experts);
     for (int e = 0; e < experts; e++) {
-        double fraction = scope_counts[e] / slots;
+        double count = e < pooled_from ? (double)scope_counts[e] : null_mean;
+        double fraction = count / slots;
         weights->data[e] = (float)((double)coef * experts * fraction / scope_tokens * share);
     }
     return ag_sum(ctx, ag_mul(ctx, column_sums, weights));

@@ -77,12 +77,34 @@ void router_sort_desc(int32_t *index, int n, const float *score, int64_t stride,
  * relative over an integer is rounding, not a reason to add one slot. */
 int router_ceil_count(double value);
 
-/* Token-choice top-k (topk.c), shared by the learned top-k router and
- * SMoE-Dropout: k = router_effective_k, gates by `gating`, Switch loss with
- * aux_coef and z-loss with z_coef (0: none). */
+/* Token-choice top-k (topk.c), shared by the learned top-k router,
+ * SMoE-Dropout, null experts and bias balancing: k = router_effective_k
+ * among the router's E logits and, with null_logits [T,m], m null experts
+ * (columns E..E+m of the scores; a chosen null is no slot), gates by
+ * `gating` over the chosen true experts (softmax_topk: their probabilities
+ * over all E + m; topk_softmax: a softmax over their logits, i.e. those
+ * probabilities renormalised to sum to 1), Switch loss with aux_coef (null
+ * experts' counts replaced by their mean, METHODS.md 6.1) and z-loss with
+ * z_coef (0: none) over all E + m logits. selection_bias [E] (NULL: none) is
+ * added to the probabilities for the choice alone (METHODS.md 12.2): ties
+ * of the biased scores go to the larger logit, then the lower index, so an
+ * all-zero bias chooses exactly as no bias; the Switch loss then counts the
+ * unbiased choice. */
+typedef struct router_topk_args {
+    router_gating gating;
+    float aux_coef, z_coef;
+    ag_tensor *null_logits;      /* [T,m] or NULL */
+    const float *selection_bias; /* [E] or NULL */
+} router_topk_args;
 cm_status router_topk_select(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
-                             router_gating gating, float aux_coef, float z_coef,
-                             router_output *out);
+                             const router_topk_args *args, router_output *out);
+
+/* router_switch_loss with counts over probs' C columns of which columns
+ * [pooled_from, C) (null experts) are replaced by their mean after the
+ * scope's sum: f and P cover all C, the loss is coef C sum_i f_i P_i. */
+ag_tensor *router_switch_loss_pooled(ag_ctx *ctx, ag_tensor *probs, const int32_t *counts, int k,
+                                     float coef, router_aux_scope scope, const router_call *call,
+                                     int pooled_from);
 
 /* The methods, one file each; registry.c gives each its row. */
 cm_status router_topk_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
@@ -98,5 +120,16 @@ cm_status router_top_p_route(ag_ctx *ctx, const router *r, ag_tensor *x, const r
 cm_status router_expert_choice_validate(const router_config *config);
 cm_status router_expert_choice_route(ag_ctx *ctx, const router *r, ag_tensor *x,
                                      const router_call *call, router_output *out);
+cm_status router_null_experts_validate(const router_config *config);
+cm_status router_null_experts_declare(router *r, int d_model, ag_params *params,
+                                      const char *prefix);
+cm_status router_null_experts_route(ag_ctx *ctx, const router *r, ag_tensor *x,
+                                    const router_call *call, router_output *out);
+cm_status router_bias_balance_validate(const router_config *config);
+cm_status router_bias_balance_declare(router *r, int d_model, ag_params *params,
+                                      const char *prefix);
+void router_bias_balance_update(const router *r, const int64_t *load);
+cm_status router_bias_balance_route(ag_ctx *ctx, const router *r, ag_tensor *x,
+                                    const router_call *call, router_output *out);
 
 #endif

@@ -18,5 +18,6 @@ cm_status router_smoe_dropout_validate(const router_config *config) {
 cm_status router_smoe_dropout_route(ag_ctx *ctx, const router *r, ag_tensor *x,
                                     const router_call *call, router_output *out) {
     /* The recipe's gating and loss coefficients do not apply. */
-    return router_topk_select(ctx, r, x, call, ROUTER_TOPK_THEN_SOFTMAX, 0.0f, 0.0f, out);
+    const router_topk_args args = {ROUTER_TOPK_THEN_SOFTMAX, 0.0f, 0.0f, NULL, NULL};
+    return router_topk_select(ctx, r, x, call, &args, out);
 }

@@ -118,6 +118,8 @@ typedef struct cm_router_cfg {
     double thor_alpha;            /* weight of THOR's consistency loss */
     router_thor_level thor_level; /* THOR at evaluation */
     int eval_k;                   /* 0: k; else the k used at evaluation */
+    int null_experts;             /* null_experts: m */
+    double bias_update_rate;      /* bias_balance: u */
 } cm_router_cfg;
 
 typedef struct cm_data_cfg {
@@ -246,7 +248,7 @@ bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_p
                              size_t capacity);
 
 /* The keys that define the model (its parameters, or its function at
- * inference: model.*, moe.* and router.type, gating, bias; not the routing
+ * inference: model.*, moe.* and router.type, gating, bias, null_experts; not the routing
  * knobs an evaluation may vary, such as router.k, eval_k, top_p,
  * capacity_factor, thor_level, nor training-only keys such as dropout) on
  * which `given` differs from `stored`: their count, and "model.n_heads 8 (not

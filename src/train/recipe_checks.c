@@ -66,6 +66,27 @@ static bool check_base(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED
     return true;
 }
 
+/* Null experts: k and eval_k count the null experts too; no logit noise. */
+static bool check_null_experts(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED],
+                               char *why, size_t why_capacity) {
+    const cm_router_cfg *rc = &recipe->router;
+    const int experts = recipe->moe.num_experts, choices = experts + rc->null_experts;
+    if (rc->k > choices || rc->eval_k > choices) {
+        const bool eval = rc->k <= choices;
+        snprintf(why, why_capacity,
+                 "router.%s = %d exceeds moe.num_experts + router.null_experts = %d (router.type "
+                 "null_experts)",
+                 eval ? "eval_k" : "k", eval ? rc->eval_k : rc->k, choices);
+        return involve(involved, eval ? "router.eval_k" : "router.k", "moe.num_experts",
+                       "router.null_experts", "router.type", "moe.enabled", NULL);
+    }
+    if (rc->noise != ROUTER_NOISE_NONE) {
+        snprintf(why, why_capacity, "router.type null_experts routes without logit noise");
+        return involve(involved, "router.noise", "router.type", "moe.enabled", NULL);
+    }
+    return true;
+}
+
 /* Only called with moe.enabled, so moe.enabled takes part in every rule: a
  * recipe that turns MoE on last is blamed for the contradiction it exposes. */
 static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
@@ -91,6 +112,7 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
     /* The method's registry row says which router keys it reads. */
     const router_method *method = router_method_of(rc->type);
     CM_ASSERT(method, "router.type holds %d, not a router kind", (int)rc->type);
+    if (method->null_experts) return check_null_experts(recipe, involved, why, why_capacity);
     if (method->uses_k && rc->k > experts) {
         snprintf(why, why_capacity, "router.k = %d exceeds moe.num_experts = %d (router.type %s)",
                  rc->k, experts, method->name);

@@ -197,8 +197,9 @@ const recipe_key recipe_keys[] = {
     KEY_ENUM("router", "type", router.type, router_kind, router_kind_names, "topk",
              "routing method; docs/recipes.md lists the keys each one reads"),
     KEY_INT("router", "k", router.k, "2", EXPERTS_RANGE,
-            "topk: experts per token; smoe_dropout: k at evaluation (training follows "
-            "k_schedule); at most num_experts"),
+            "topk, bias_balance: experts per token; smoe_dropout: k at evaluation (training "
+            "follows k_schedule); at most num_experts; null_experts: the k chosen among "
+            "num_experts + null_experts"),
     KEY_ENUM("router", "gating", router.gating, router_gating, router_gating_names, "softmax_topk",
              "topk: gates are the chosen softmax probabilities (softmax_topk) or a softmax over "
              "the chosen logits (topk_softmax, sums to 1)"),
@@ -211,8 +212,10 @@ const recipe_key recipe_keys[] = {
              "noise_weight (topk, top_p, expert_choice)"),
     KEY_DOUBLE("router", "noise_std", router.noise_std, "1", "(0, 100]",
                "standard deviation of the logit noise (with noise: fixed)"),
-    KEY_DOUBLE("router", "aux_loss_coef", router.aux_loss_coef, "0.01", COEF_RANGE,
-               "Switch load-balancing loss coefficient (topk, top_p); 0 disables"),
+    KEY_DOUBLE(
+        "router", "aux_loss_coef", router.aux_loss_coef, "0.01", COEF_RANGE,
+        "Switch load-balancing loss coefficient (topk, top_p, null_experts, bias_balance); 0 "
+        "disables"),
     KEY_ENUM("router", "aux_loss_scope", router.aux_loss_scope, router_aux_scope,
              router_aux_scope_names, "global",
              "tokens the load-balancing statistics cover: global = the whole batch over all "
@@ -220,7 +223,8 @@ const recipe_key recipe_keys[] = {
              "local = each rank's own tokens, weighted by its share of the batch (Megatron's "
              "default)"),
     KEY_DOUBLE("router", "z_loss_coef", router.z_loss_coef, "0", COEF_RANGE,
-               "router z-loss coefficient (topk); ST-MoE uses 1e-3; 0 disables"),
+               "router z-loss coefficient (topk, null_experts, bias_balance); ST-MoE uses 1e-3; 0 "
+               "disables"),
     KEY_DOUBLE("router", "top_p", router.top_p, "0.4", "(0, 1]",
                "top_p: each token takes the smallest set of most likely experts whose "
                "probability mass exceeds this"),
@@ -252,7 +256,14 @@ const recipe_key recipe_keys[] = {
              "thor at evaluation: one random expert per sequence or per token (training draws "
              "one per batch and pass)"),
     KEY_INT("router", "eval_k", router.eval_k, "0", "[0, 65536]",
-            "topk, smoe_dropout: k used at evaluation; 0 means router.k"),
+            "topk, smoe_dropout, null_experts, bias_balance: k used at evaluation; 0 means "
+            "router.k"),
+    KEY_INT("router", "null_experts", router.null_experts, "0", "[0, 65536]",
+            "null_experts: m null experts (output zero, no compute) the router chooses among "
+            "with the num_experts true ones; k counts both, so a token uses 0..k true experts"),
+    KEY_DOUBLE("router", "bias_update_rate", router.bias_update_rate, "0.001", "[0, 1]",
+               "bias_balance: u, the step of each expert's selection bias per optimizer step "
+               "(b_i += u sign(mean load - load_i)); DeepSeek-V3 and Megatron use 1e-3"),
 
     KEY_ENUM("data", "format", data.format, cm_data_format, data_format_names, "text",
              "data set format: text is a byte-level corpus (one token per byte); idx is gzip IDX "
@@ -824,12 +835,12 @@ bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_p
  * routing knobs an evaluation may vary (router.k, eval_k, top_p,
  * capacity_factor, thor_level) and training-only keys are not among them. */
 static const char *const model_defining_keys[] = {
-    "model.arch",       "model.vocab_size", "model.n_layers",      "model.d_model",
-    "model.n_heads",    "model.d_ff",       "model.layernorm_eps", "model.cnn_widths",
-    "model.cnn_blocks", "model.cnn_stem",   "model.cnn_ratio",     "moe.enabled",
-    "moe.num_experts",  "moe.every",        "moe.expert_hidden",   "moe.split_dense",
-    "moe.activation",   "moe.cnn_routing",  "router.type",         "router.gating",
-    "router.bias"};
+    "model.arch",       "model.vocab_size",   "model.n_layers",      "model.d_model",
+    "model.n_heads",    "model.d_ff",         "model.layernorm_eps", "model.cnn_widths",
+    "model.cnn_blocks", "model.cnn_stem",     "model.cnn_ratio",     "moe.enabled",
+    "moe.num_experts",  "moe.every",          "moe.expert_hidden",   "moe.split_dense",
+    "moe.activation",   "moe.cnn_routing",    "router.type",         "router.gating",
+    "router.bias",      "router.null_experts"};
 
 int recipe_model_differences(const cm_recipe *stored, const cm_recipe *given, char *out,
                              size_t capacity) {

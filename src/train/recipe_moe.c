@@ -37,6 +37,8 @@ void recipe_router_config(const cm_recipe *recipe, router_config *out) {
                        .total_steps = r->k_span_steps > 0 ? r->k_span_steps : recipe->train.steps},
         .thor_level = r->thor_level,
         .consistency_alpha = (float)r->thor_alpha,
+        .null_experts = r->null_experts,
+        .bias_update_rate = (float)r->bias_update_rate,
     };
 }
 

@@ -436,7 +436,7 @@ static cm_status log_step(run_state *r, int64_t step, const run_step_result *don
     snprintf(rate_key, sizeof rate_key, "%s_s", s->task->item_name);
     metrics_record line = metrics_record_start("train", step);
     metrics_add_number(&line, "loss", mean, "%.6f");
-    if (s->task->window_fields) s->task->window_fields(s->state, mean, &line);
+    if (s->task->window_fields) CM_TRY(s->task->window_fields(s->state, mean, &line));
     metrics_add_number(&line, "loss_last", done->loss, "%.9g");
     metrics_add_number(&line, "aux_loss", r->window_aux / (double)r->window_steps, "%.6g");
     metrics_add_number(&line, "lr", optim_lr_at(&s->schedule, step - 1), "%.6g");

@@ -108,9 +108,10 @@ typedef struct task_vtable {
      * optimizer does not own over the ranks (collective then). */
     cm_status (*phase_end)(void *state, int phase, bool completed);
     /* Progress text after "loss X", and fields added to the "train" metrics
-     * line (mean_loss: the window's mean training loss); either may be NULL. */
+     * line (mean_loss: the window's mean training loss; collective: every
+     * rank calls it, before write_window); either may be NULL. */
     void (*progress_text)(void *state, double loss, char *buffer, size_t size);
-    void (*window_fields)(void *state, double mean_loss, metrics_record *train_line);
+    cm_status (*window_fields)(void *state, double mean_loss, metrics_record *train_line);
     /* Extra metrics lines of the log window (e.g. per-layer routing), and
      * warnings about the window through progress_print; then the window
      * starts again. Collective: every rank calls it. May be NULL. */

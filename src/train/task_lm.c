@@ -8,7 +8,11 @@
  * Evaluation: periodic on the validation split (train.eval_batches
  * batches), final on the whole test split; routers use router.eval_k when
  * set. A batch's rows are split over the ranks (data/shard.h); every rank
- * runs the MoE exchanges of every batch, even one with no rows. */
+ * runs the MoE exchanges of every batch, even one with no rows.
+ *
+ * Routers updated once per optimizer step (bias balancing): the kept tokens
+ * per expert of every training pass of the step are summed (step_load) and
+ * handed to router_update_expert_biases after the update (phase_end). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,11 +38,16 @@ typedef struct lm_task {
     /* Routing statistics summed over the current log window. */
     int moe_layers, num_experts;
     int64_t *window_load; /* [moe_layers][E] tokens routed to each expert */
-    int64_t *eval_load;   /* the same over an evaluation */
     int64_t window_tokens, window_slots[LM_MAX_LAYERS], window_dropped[LM_MAX_LAYERS];
     double window_entropy[LM_MAX_LAYERS];
     int window_k[LM_MAX_LAYERS];
     int window_reports;
+    bool window_summed; /* the window's statistics are the global batch's already */
+    /* Per-step router updates: [moe_layers][E] kept tokens per expert of the
+     * step's training passes; NULL when no router needs them. */
+    int64_t *step_load;
+    const router *routers[LM_MAX_LAYERS];
+    int64_t *eval_load; /* [moe_layers][E], an evaluation's kept tokens per expert */
 } lm_task;
 
 static lm_config model_config(const task_env *env) {
@@ -71,6 +80,7 @@ static void lm_destroy(void *state) {
     lm_task *t = state;
     if (!t) return;
     free(t->window_load);
+    free(t->step_load);
     free(t->eval_load);
     free(t->inputs);
     free(t->targets);
@@ -97,9 +107,16 @@ static cm_status lm_create_into(lm_task *t) {
                           "router %s asks for %d forward passes per step; the LM "
                           "task runs 1 or 2",
                           router_kind_name(config.moe.router.kind), t->passes);
-        t->window_load = calloc((size_t)t->moe_layers * (size_t)t->num_experts, sizeof(int64_t));
-        t->eval_load = calloc((size_t)t->moe_layers * (size_t)t->num_experts, sizeof(int64_t));
-        if (!t->window_load || !t->eval_load) return CM_ERR(CM_ERR_NOMEM, "out of memory");
+        const size_t loads = (size_t)t->moe_layers * (size_t)t->num_experts;
+        t->window_load = calloc(loads, sizeof(int64_t));
+        t->eval_load = calloc(loads, sizeof(int64_t));
+        if (router_updates_per_step(&config.moe.router))
+            t->step_load = calloc(loads, sizeof(int64_t));
+        if (!t->window_load || !t->eval_load ||
+            (router_updates_per_step(&config.moe.router) && !t->step_load))
+            return CM_ERR(CM_ERR_NOMEM, "out of memory");
+        for (int l = 0, i = 0; l < config.n_layer; l++)
+            if (t->model.blocks[l].is_moe) t->routers[i++] = &t->model.blocks[l].moe.router;
     }
     size_t tokens = (size_t)recipe->data.batch_size * (size_t)recipe->data.seq_len;
     t->inputs = malloc(tokens * sizeof *t->inputs);
@@ -208,12 +225,22 @@ static cm_status lm_load(void *state, int64_t step, int micro) {
                               micro_rows(t, micro), t->inputs, t->targets);
 }
 
-/* Adds one forward pass's routing statistics to the log window. */
+/* Adds the kept tokens per expert of each MoE layer of a pass to
+ * loads [moe_layers][E]. */
+static void add_loads(const lm_task *t, const lm_moe_report *report, int64_t *loads) {
+    for (int i = 0; i < report->n_layers; i++) {
+        int64_t *load = loads + (size_t)i * (size_t)t->num_experts;
+        for (int e = 0; e < t->num_experts; e++) load[e] += report->stats[i].tokens_per_expert[e];
+    }
+}
+
+/* Adds one forward pass's routing statistics to the log window (and to the
+ * step's loads when a router updates per step). */
 static void record_routing(lm_task *t, const lm_moe_report *report) {
+    add_loads(t, report, t->window_load);
+    if (t->step_load) add_loads(t, report, t->step_load);
     for (int i = 0; i < report->n_layers; i++) {
         const router_stats *stats = &report->stats[i];
-        int64_t *load = t->window_load + (size_t)i * (size_t)t->num_experts;
-        for (int e = 0; e < t->num_experts; e++) load[e] += stats->tokens_per_expert[e];
         t->window_slots[i] += stats->slots;
         t->window_dropped[i] += stats->dropped;
         t->window_entropy[i] += isnan(stats->entropy) ? 0.0 : stats->entropy;
@@ -276,6 +303,36 @@ static cm_status lm_phase_loss(void *state, int phase, int64_t step, int micro, 
     return CM_OK;
 }
 
+/* After a phase's update: the routers' once-per-step update from the step's
+ * global loads (collective); the loads start again either way. */
+static cm_status lm_phase_end(void *state, int phase, bool completed) {
+    (void)phase;
+    lm_task *t = state;
+    if (!t->step_load) return CM_OK;
+    cm_status status = CM_OK;
+    if (completed)
+        status = router_update_expert_biases(t->routers, t->moe_layers, t->step_load, t->env.world);
+    memset(t->step_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
+    return status;
+}
+
+/* Mean over the MoE layers of max_e load[e] / mean_e load[e] (1: perfect
+ * balance, E: one expert takes everything; MaxVio + 1 of Wang et al.) from
+ * loads [moe_layers][E]; 0 without tokens. */
+static double mean_max_over_mean(const lm_task *t, const int64_t *loads) {
+    double total = 0.0;
+    for (int i = 0; i < t->moe_layers; i++) {
+        const int64_t *load = loads + (size_t)i * (size_t)t->num_experts;
+        int64_t max_load = 0, sum = 0;
+        for (int e = 0; e < t->num_experts; e++) {
+            max_load = load[e] > max_load ? load[e] : max_load;
+            sum += load[e];
+        }
+        if (sum > 0) total += (double)max_load * t->num_experts / (double)sum;
+    }
+    return t->moe_layers > 0 ? total / t->moe_layers : 0.0;
+}
+
 /* Mean activated experts per token over the MoE layers of the window. */
 static double window_mean_k(const lm_task *t) {
     if (t->moe_layers == 0 || t->window_tokens == 0) return 0.0;
@@ -291,8 +348,11 @@ static void lm_progress_text(void *state, double loss, char *buffer, size_t size
         snprintf(buffer + written, size - (size_t)written, "  k %.2f", window_mean_k(t));
 }
 
-/* The routing statistics of the global batch: summed over the ranks. */
+/* The routing statistics of the global batch: summed over the ranks (once
+ * per window). */
 static cm_status sum_window(lm_task *t) {
+    if (t->window_summed) return CM_OK;
+    t->window_summed = true;
     if (t->env.ranks == 1) return CM_OK;
     MPI_Comm group = t->env.world;
     CM_TRY(comm_sum_int64(group, t->window_load, t->moe_layers * t->num_experts));
@@ -304,12 +364,18 @@ static cm_status sum_window(lm_task *t) {
     return CM_OK;
 }
 
-/* bits per byte of the window's mean loss, and the window's mean k (this
- * rank's tokens; the "moe" lines have the global batch's). */
-static void lm_window_fields(void *state, double mean_loss, metrics_record *line) {
+/* bits per byte of the window's mean loss, the window's mean k (this
+ * rank's tokens; the "moe" lines have the global batch's) and its expert
+ * loads' max over mean, averaged over the MoE layers (global batch).
+ * Collective: sums the window over the ranks. */
+static cm_status lm_window_fields(void *state, double mean_loss, metrics_record *line) {
     lm_task *t = state;
     metrics_add_number(line, "bpc", mean_loss / LN2, "%.6f");
     metrics_add_number(line, "mean_k", window_mean_k(t), "%.4f");
+    if (t->moe_layers == 0 || t->window_reports == 0) return CM_OK;
+    CM_TRY(sum_window(t));
+    metrics_add_number(line, "load_max_over_mean", mean_max_over_mean(t, t->window_load), "%.4f");
+    return CM_OK;
 }
 
 /* The block of the i-th MoE layer. */
@@ -352,6 +418,7 @@ static cm_status lm_write_window(void *state, cm_metrics *metrics, cm_progress *
     memset(t->window_entropy, 0, sizeof t->window_entropy);
     t->window_tokens = 0;
     t->window_reports = 0;
+    t->window_summed = false;
     return CM_OK;
 }
 
@@ -372,8 +439,10 @@ static cm_status check_request(lm_task *t, const task_eval_request *request) {
     const int k = request->k_override;
     if (k > 0 && t->moe_layers == 0)
         return CM_ERR(CM_ERR_INVALID, "a k for the routers was given, but the model has no MoE");
-    if (k > t->num_experts && t->moe_layers > 0)
-        return CM_ERR(CM_ERR_INVALID, "k = %d exceeds moe.num_experts = %d", k, t->num_experts);
+    const int choices = t->moe_layers > 0 ? router_choices(&t->model.config.moe.router) : 0;
+    if (k > choices && t->moe_layers > 0)
+        return CM_ERR(CM_ERR_INVALID, "k = %d exceeds the %d experts the routers choose among", k,
+                      choices);
     return CM_OK;
 }
 
@@ -405,6 +474,8 @@ static void add_routing_fields(lm_task *t, const int64_t *routed, task_eval *out
     }
     metrics_add_number(&out->record, "mean_k", total / t->moe_layers, "%.4f");
     metrics_add_numbers(&out->record, "layer_mean_k", out->per_router, t->moe_layers, "%.4f");
+    metrics_add_number(&out->record, "load_max_over_mean", mean_max_over_mean(t, t->eval_load),
+                       "%.4f");
 }
 
 /* Mean cross-entropy (nats) over a split, in no-grad mode (THOR draws its
@@ -420,13 +491,13 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     ag_ctx *ctx = t->env.ctx;
     text_eval_iter iter;
     CM_TRY(text_eval_begin(&iter, dataset, B, T, t->env.rank, t->env.ranks, request->max_batches));
+    if (t->moe_layers > 0)
+        memset(t->eval_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
     bool previous = ag_set_grad_enabled(ctx, false);
     double sums[2] = {0.0, 0.0};             /* loss x tokens, tokens */
     int64_t routed[LM_MAX_LAYERS + 1] = {0}; /* kept (token, expert) pairs per MoE layer; tokens */
     lm_moe_report report;
     cm_status status = CM_OK;
-    if (t->moe_layers > 0)
-        memset(t->eval_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
     for (;;) {
         int64_t batch_first = iter.next_window;
         int rows = 0, windows = text_eval_next(&iter, t->inputs, t->targets, &rows);
@@ -447,12 +518,8 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
             .group = t->env.world,
             .global_tokens = (int64_t)windows * T};
         ag_tensor *logits = lm_forward(ctx, &t->model, &args);
-        for (int i = 0; i < report.n_layers; i++) {
-            routed[i] += report.stats[i].slots;
-            int64_t *load = t->eval_load + (size_t)i * (size_t)t->num_experts;
-            for (int e = 0; e < t->num_experts; e++)
-                load[e] += report.stats[i].tokens_per_expert[e];
-        }
+        if (ag_ctx_status(ctx) == CM_OK) add_loads(t, &report, t->eval_load);
+        for (int i = 0; i < report.n_layers; i++) routed[i] += report.stats[i].slots;
         if (report.n_layers > 0) routed[t->moe_layers] += report.stats[0].tokens;
         if (rows > 0) {
             ag_tensor *loss = lm_loss(ctx, logits, t->targets);
@@ -501,6 +568,7 @@ const task_vtable task_lm = {
     .model_flops_per_step = lm_model_flops,
     .load = lm_load,
     .phase_loss = lm_phase_loss,
+    .phase_end = lm_phase_end,
     .progress_text = lm_progress_text,
     .window_fields = lm_window_fields,
     .write_window = lm_write_window,

@@ -3,7 +3,9 @@
 # (recipes/lm/*.yaml shrunk with --set) trains for a few steps on a synthetic
 # text, then `cmoe eval --split test` and the PyTorch loader score the same
 # file; their losses must agree to 1e-5 relative. A copy of one checkpoint
-# with a single weight perturbed must then disagree (the check can fail).
+# with a single weight perturbed must then disagree (the check can fail), as
+# must THOR with another seed and bias balancing without its selection
+# biases (they decide the routing, so the loader must apply them).
 # usage: test_torch_loader.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -57,6 +59,10 @@ cases=(
     "swiglu moe-top2 --set moe.activation=swiglu --set router.gating=softmax_topk"
     "thor thor --set train.grad_accum=1 --set data.batch_size=8"
     "thor-token thor --set train.grad_accum=1 --set data.batch_size=8 --set router.thor_level=per_token"
+    "null-experts null-experts --set router.bias=true"
+    "null-experts-raw null-experts --set router.gating=softmax_topk"
+    "bias-balance bias-balance --set router.bias_update_rate=0.01"
+    "bias-balance-raw bias-balance --set router.bias_update_rate=0.01 --set router.gating=softmax_topk"
 )
 names=()
 ckpts=()
@@ -99,12 +105,23 @@ with h5py.File(sys.argv[1], 'r+') as f:
     f.attrs['recipe'] = re.sub(r'seed: (\\d+)', lambda m: 'seed: %d' % (int(m.group(1)) + 1), recipe)
 " "$work/thor-reseeded.h5"
 check $? "change the THOR recipe's seed with h5py"
+# and a copy of the bias-balance checkpoint without its selection biases.
+cp "$work/bias-balance/ckpt-00000040.h5" "$work/bias-zeroed.h5"
+$python -c "
+import h5py, sys
+with h5py.File(sys.argv[1], 'r+') as f:
+    names = [n for n in f['params'] if n.endswith('expert_bias')]
+    assert names and any(abs(f['params'][n][()]).max() > 0 for n in names)
+    for n in names:
+        f['params'][n][...] = 0
+" "$work/bias-zeroed.h5"
+check $? "zero the selection biases with h5py"
 
 # One Python process for every checkpoint (importing torch takes seconds).
-$python "$src/python/cmoe_torch.py" "${ckpts[@]}" "$work/perturbed.h5" "$work/thor-reseeded.h5" --text "$work/test.txt" \
-    > "$work/torch.out" 2>&1
+$python "$src/python/cmoe_torch.py" "${ckpts[@]}" "$work/perturbed.h5" "$work/thor-reseeded.h5" \
+    "$work/bias-zeroed.h5" --text "$work/test.txt" > "$work/torch.out" 2>&1
 check $? "cmoe_torch.py ($(tail -c 300 "$work/torch.out"))"
-[ "$(grep -c "over 4000 bytes" "$work/torch.out")" -eq $((${#ckpts[@]} + 2)) ]
+[ "$(grep -c "over 4000 bytes" "$work/torch.out")" -eq $((${#ckpts[@]} + 3)) ]
 check $? "cmoe_torch.py scores 4000 bytes of every checkpoint"
 
 # compare NAME CMOE_LOSS TORCH_LOSS agree|differ
@@ -133,6 +150,10 @@ c=$(grep -o 'loss [0-9.]* nats/byte' "$work/thor.eval" | awk '{print $2}')
 t=$(torch_loss "$work/thor-reseeded.h5")
 compare "thor-reseeded" "$c" "$t" differ
 check $? "THOR experts drawn with another seed are noticed (cmoe $c, torch $t)"
+c=$(grep -o 'loss [0-9.]* nats/byte' "$work/bias-balance.eval" | awk '{print $2}')
+t=$(torch_loss "$work/bias-zeroed.h5")
+compare "bias-zeroed" "$c" "$t" differ
+check $? "selection biases left out are noticed (cmoe $c, torch $t)"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
