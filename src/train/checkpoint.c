@@ -172,8 +172,23 @@ static herr_t write_steps_attr(hid_t group, const char *name, const int64_t *ste
     return status;
 }
 
+/* The /upcycled_from group. */
+static herr_t write_origin(hid_t file, const ckpt_origin *origin) {
+    hid_t group = H5Gcreate2(file, "upcycled_from", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    if (group < 0) return -1;
+    herr_t failed = 0;
+    failed |= write_string_attr(group, "path", origin->path ? origin->path : "") < 0;
+    failed |= write_attr(group, "step", H5T_NATIVE_INT64, &origin->step) < 0;
+    failed |= write_attr(group, "seed", H5T_NATIVE_UINT64, &origin->seed) < 0;
+    failed |= write_string_attr(group, "recipe", origin->recipe ? origin->recipe : "") < 0;
+    failed |= write_string_attr(group, "method", origin->method ? origin->method : "") < 0;
+    H5Gclose(group);
+    return failed ? -1 : 0;
+}
+
 static cm_status write_file(const char *path, const ckpt_entry *entries, int count,
-                            const ckpt_meta *meta, const char *recipe_text) {
+                            const ckpt_meta *meta, const char *recipe_text,
+                            const ckpt_origin *origin) {
     hid_t access = H5Pcreate(H5P_FILE_ACCESS);
     H5Pset_libver_bounds(access, H5F_LIBVER_V110, H5F_LIBVER_LATEST);
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, access);
@@ -188,6 +203,7 @@ static cm_status write_file(const char *path, const ckpt_entry *entries, int cou
     failed |= write_attr(file, "seed", H5T_NATIVE_UINT64, &meta->seed) < 0;
     failed |= write_attr(file, "optimizer_step", H5T_NATIVE_INT64, &meta->optimizer_step) < 0;
     failed |= write_string_attr(file, "recipe", recipe_text ? recipe_text : "") < 0;
+    if (origin) failed |= write_origin(file, origin) < 0;
 
     hid_t values = H5Gcreate2(file, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     hid_t optim = H5Gcreate2(file, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
@@ -245,12 +261,13 @@ static void parent_of(const char *path, char *out, size_t size) {
 
 /* Writes entries to path.tmp, syncs it, renames it to path, syncs the directory. */
 static cm_status write_atomically(const char *path, const ckpt_entry *entries, int count,
-                                  const ckpt_meta *meta, const char *recipe_text) {
+                                  const ckpt_meta *meta, const char *recipe_text,
+                                  const ckpt_origin *origin) {
     silence_hdf5();
     char temporary[4096];
     if ((size_t)snprintf(temporary, sizeof temporary, "%s.tmp", path) >= sizeof temporary)
         return CM_ERR(CM_ERR_INVALID, "checkpoint path too long: %s", path);
-    cm_status status = write_file(temporary, entries, count, meta, recipe_text);
+    cm_status status = write_file(temporary, entries, count, meta, recipe_text, origin);
     if (status == CM_OK) status = sync_path(temporary);
     if (status != CM_OK) {
         remove(temporary);
@@ -279,6 +296,16 @@ static ckpt_entry local_entry(const ag_params *params, const ag_param *param) {
 cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
                     const char *recipe_text) {
     return ckpt_save_sharded(path, params, meta, recipe_text, NULL);
+}
+
+cm_status ckpt_save_with_origin(const char *path, const ag_params *params, const ckpt_meta *meta,
+                                const char *recipe_text, const ckpt_origin *origin) {
+    ckpt_entry *entries = calloc((size_t)params->count + 1, sizeof *entries);
+    if (!entries) return CM_ERR(CM_ERR_NOMEM, "out of memory saving %s", path);
+    for (int i = 0; i < params->count; i++) entries[i] = local_entry(params, params->items[i]);
+    cm_status status = write_atomically(path, entries, params->count, meta, recipe_text, origin);
+    free(entries);
+    return status;
 }
 
 /* Gathers `local` (count floats per rank) of the EP group to its rank 0. */
@@ -346,7 +373,7 @@ cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckp
         }
     }
     if (writer && status == CM_OK)
-        status = write_atomically(path, entries, params->count, meta, recipe_text);
+        status = write_atomically(path, entries, params->count, meta, recipe_text, NULL);
     for (int i = 0; i < n_copies; i++) free(copies[i]);
     free(entries);
     if (comm && comm->world_size > 1) {
@@ -542,6 +569,23 @@ static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info
     return 0;
 }
 
+/* "upcycled from PATH (step S, seed N): METHOD", when the file has the group. */
+static void describe_origin(hid_t file, FILE *out) {
+    if (H5Lexists(file, "upcycled_from", H5P_DEFAULT) <= 0) return;
+    hid_t group = H5Gopen2(file, "upcycled_from", H5P_DEFAULT);
+    if (group < 0) return;
+    int64_t step = -1;
+    uint64_t seed = 0;
+    read_attr(group, "step", H5T_NATIVE_INT64, &step);
+    read_attr(group, "seed", H5T_NATIVE_UINT64, &seed);
+    char *source = read_string_attr(group, "path"), *method = read_string_attr(group, "method");
+    fprintf(out, "  upcycled from %s (step %lld, seed %llu): %s\n", source ? source : "?",
+            (long long)step, (unsigned long long)seed, method ? method : "?");
+    free(source);
+    free(method);
+    H5Gclose(group);
+}
+
 cm_status ckpt_describe(const char *path, FILE *out) {
     hid_t file;
     CM_TRY(open_checkpoint(path, &file));
@@ -552,6 +596,7 @@ cm_status ckpt_describe(const char *path, FILE *out) {
     fprintf(out, "%s\n  format cmoe-ckpt v%d, step %lld, seed %llu, optimizer step %lld\n", path,
             CKPT_FORMAT_VERSION, (long long)meta.step, (unsigned long long)meta.seed,
             (long long)meta.optimizer_step);
+    describe_origin(file, out);
     describe_state state = {out, 0, 0};
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
     herr_t walked =
