@@ -65,6 +65,31 @@ noscale_loss=$(test_loss "$work/moe.yaml" "$work/noscale.h5")
 awk -v a="$dense_loss" -v b="$noscale_loss" 'BEGIN { d = a - b; exit !(d * d > 1e-6) }'
 check $? "without scaling the loss moves: $dense_loss vs $noscale_loss"
 
+# The PyTorch reference (tests/parity/upcycle_parity.py) rebuilds each upcycled
+# checkpoint from the dense one and must match every tensor exactly; it
+# scores both models in float64: the same loss for the function-preserving
+# cases, another for balanced GELU scaling.
+python=/usr/bin/python3
+if $python -c "import torch, h5py, numpy, yaml" 2> /dev/null; then
+    cases=(
+        "equal --set router.gating=topk_softmax --set upcycle.scaling=output"
+        "equal --set router.gating=softmax_topk --set upcycle.router=zero --set upcycle.scaling=output"
+        "equal --set moe.expert_hidden=0 --set moe.num_experts=4 --set router.k=2"
+        "differs --set router.gating=softmax_topk --set upcycle.scaling=balanced --set moe.every=2"
+    )
+    for i in "${!cases[@]}"; do
+        read -r -a words <<< "${cases[$i]}"
+        sets=("${words[@]:1}")
+        "$cmoe" upcycle "$dense" --recipe "$work/moe.yaml" -o "$work/p$i.h5" "${sets[@]}"             > /dev/null 2>&1 &&
+            "$cmoe" upcycle "$dense" --recipe "$work/moe.yaml" -o "$work/fresh$i.h5" "${sets[@]}"                 --set upcycle.router=fresh > /dev/null 2>&1
+        check $? "upcycle case $i"
+        $python "$src/tests/parity/upcycle_parity.py" "$dense" "$work/fresh$i.h5" "$work/p$i.h5"             --text "$work/test.txt" --loss "${words[0]}" > "$work/parity$i.out" 2>&1
+        check $? "PyTorch reference, case $i (${cases[$i]}): $(tail -n 2 "$work/parity$i.out" | tr '\n' ' ')"
+    done
+else
+    echo "SKIP: the PyTorch reference ($python lacks torch, h5py, numpy or yaml)"
+fi
+
 # loss_last of steps FROM.. of a run, one per line
 losses() { grep '"kind": "train"' "$1/metrics.jsonl" |
     sed 's/.*"step": \([0-9]*\),.*"loss_last": \([-0-9.e]*\),.*/\1 \2/' | awk -v from="$2" '$1 >= from'; }
