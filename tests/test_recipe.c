@@ -384,7 +384,7 @@ START_TEST(test_yaml_shape_errors) {
     expect_text_error("colour: red\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown top-level key 'colour'; valid top-level keys and "
                       "sections: base, name, model, moe, router, data, optim, schedule, train, "
-                      "checkpoint, eval, parallel, adversarial");
+                      "checkpoint, eval, parallel, adversarial, upcycle");
     expect_text_error("adversarial:\n  eps: 8\n", CM_ERR_INVALID,
                       "inline.yaml:2:8: adversarial.eps = 8 is out of range (0, 1]");
     expect_text_error("adversarial:\n  eps: 0\n", CM_ERR_INVALID,
@@ -607,6 +607,10 @@ static const char *const every_key_overrides[] = {
     "adversarial.beta=1.5",
     "adversarial.router_weight=2.5",
     "adversarial.router_objective=paper",
+    "upcycle.router=zero",
+    "upcycle.scaling=output",
+    "upcycle.drop_ratio=0.25",
+    "upcycle.drop_scope=matrix",
 };
 
 START_TEST(test_round_trip) {

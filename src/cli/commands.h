@@ -15,6 +15,8 @@ int command_study(int argc, char **argv);
 int command_sample(int argc, char **argv);
 /* `cmoe route CKPT ...` (route.c, route_out.c), likewise. */
 int command_route(int argc, char **argv);
+/* `cmoe upcycle DENSE.h5 --recipe MOE.yaml -o OUT.h5` (upcycle.c), likewise. */
+int command_upcycle(int argc, char **argv);
 
 /* Makes SIGINT and SIGTERM set the returned flag (a second signal ends the
  * process at once); the run loop saves a checkpoint and stops on it. */

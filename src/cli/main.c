@@ -35,6 +35,7 @@ static const char usage_text[] =
     "                  a verdict per claim (studies/*.yaml)\n"
     "  sample CKPT     generate text from a language-model checkpoint (key/value cache)\n"
     "  route CKPT      which experts a model's MoE layers send each byte (or image) to\n"
+    "  upcycle CKPT    turn a dense language-model checkpoint into an MoE checkpoint\n"
     "\n"
     "Run `cmoe COMMAND --help` for the options of each command.\n"
     "Recipes: recipes/lm/*.yaml (language models), recipes/cnn/*.yaml (image\n"
@@ -42,7 +43,7 @@ static const char usage_text[] =
 
 static const char train_help[] =
     "usage: cmoe train RECIPE [--set SECTION.KEY=VALUE]... [--resume PATH|auto]\n"
-    "                  [--stop-at STEP] [--quiet] [--inject-failure RANK:STEP]\n"
+    "                  [--init CKPT] [--stop-at STEP] [--quiet] [--inject-failure RANK:STEP]\n"
     "\n"
     "Trains the model of RECIPE and writes, into the run directory (train.out_dir,\n"
     "default runs/NAME): metrics.jsonl, checkpoints ckpt-STEP.h5 and curves.png.\n"
@@ -54,6 +55,10 @@ static const char train_help[] =
     "  --set K=V       override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)\n"
     "  --resume PATH   continue from a checkpoint file\n"
     "  --resume auto   continue from the newest checkpoint of the run, if any\n"
+    "  --init CKPT     start at step 0 from the parameters of CKPT (a checkpoint of\n"
+    "                  the same model, e.g. from cmoe upcycle) with fresh optimizer\n"
+    "                  state and the recipe's schedule; with --resume auto, only\n"
+    "                  when the run has no checkpoint yet\n"
     "  --stop-at STEP  save a checkpoint and stop after step STEP (exit status 130),\n"
     "                  e.g. to fit a job time limit; the schedule still spans\n"
     "                  train.steps, so --resume auto continues the same run\n"
@@ -137,7 +142,7 @@ volatile sig_atomic_t *cli_catch_stop_signals(void) {
 }
 
 typedef struct train_args {
-    const char *recipe_path, *resume;
+    const char *recipe_path, *resume, *init;
     const char *overrides[MAX_OVERRIDES];
     int n_overrides;
     bool quiet;
@@ -158,6 +163,8 @@ static int parse_train_args(int argc, char **argv, train_args *args) {
             args->overrides[args->n_overrides++] = argv[++i];
         } else if (strcmp(argv[i], "--resume") == 0 && i + 1 < argc) {
             args->resume = argv[++i];
+        } else if (strcmp(argv[i], "--init") == 0 && i + 1 < argc) {
+            args->init = argv[++i];
         } else if (strcmp(argv[i], "--stop-at") == 0 && i + 1 < argc) {
             char *end;
             args->stop_at = strtoll(argv[++i], &end, 10);
@@ -177,6 +184,9 @@ static int parse_train_args(int argc, char **argv, train_args *args) {
         }
     }
     if (!args->recipe_path) return usage_error("train", "missing RECIPE%s", "");
+    if (args->init && args->resume && strcmp(args->resume, "auto") != 0)
+        return usage_error("train", "--init with --resume %s: a resumed run keeps its own weights",
+                           args->resume);
     return -1;
 }
 
@@ -211,6 +221,7 @@ static int command_train(int argc, char **argv) {
         printf("[cmoe] recipe %s -> %s\n", args.recipe_path, run_dir);
     }
     run_options options = {.resume = args.resume,
+                           .init = args.init,
                            .stop_requested = cli_catch_stop_signals(),
                            .quiet = args.quiet,
                            .stop_at_step = args.stop_at,
@@ -395,6 +406,7 @@ int main(int argc, char **argv) {
     if (strcmp(command, "study") == 0) return command_study(argc - 2, argv + 2);
     if (strcmp(command, "sample") == 0) return command_sample(argc - 2, argv + 2);
     if (strcmp(command, "route") == 0) return command_route(argc - 2, argv + 2);
+    if (strcmp(command, "upcycle") == 0) return command_upcycle(argc - 2, argv + 2);
     fprintf(stderr, "cmoe: unknown command '%s'\n\n%s", command, usage_text);
     return EXIT_USAGE;
 }

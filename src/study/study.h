@@ -4,8 +4,13 @@
  *
  * A study file is a YAML mapping (docs/studies.md has the reference):
  *   name, paper, summary       text
- *   arms:        [{name, recipe, set: [KEY=VALUE...]}]
- *   presets:     {smoke|small|full: {seeds, set: [...], note}}
+ *   arms:        [{name, recipe, set: [KEY=VALUE...], from: ARM, upcycle: bool}]
+ *                  from: the arm starts at step 0 from the final checkpoint
+ *                  of an earlier arm's run with the same seed (cmoe train
+ *                  --init); with upcycle: true that checkpoint is first
+ *                  upcycled with this arm's recipe (train/upcycle.h)
+ *   presets:     {smoke|small|full: {seeds, set: [...], arm_set: {ARM: [...]},
+ *                  note}}  arm_set: overrides for one arm, after the arm's own
  *   evaluations: [{name, key, values: [...], split, arms: [...]}]
  *                  after training, the final model is evaluated once per
  *                  value with `--set KEY=VALUE` (e.g. router.k = 1, 2, 4, 8);
@@ -44,6 +49,7 @@ enum {
     STUDY_MAX_TESTS = 8,
     STUDY_MAX_SWEEPS = 4,
     STUDY_MAX_SEEDS = 16,
+    STUDY_MAX_OVERRIDES = 3 * STUDY_MAX_SETS, /* preset + arm + the preset's arm_set */
 };
 
 typedef struct study_sets {
@@ -55,12 +61,16 @@ typedef struct study_arm {
     char name[STUDY_NAME_CAP];
     char recipe[STUDY_PATH_CAP]; /* resolved against the study file's directory's parent */
     study_sets set;
+    int from;     /* -1, or the (earlier) arm whose final checkpoint this one starts from */
+    bool upcycle; /* with from: upcycle that checkpoint with this arm's recipe first */
 } study_arm;
 
 typedef struct study_preset {
     char name[STUDY_NAME_CAP];
     int seeds; /* runs per arm: seeds 1..seeds (train.seed) */
     study_sets set;
+    study_sets arm_sets;             /* overrides for one arm each (arm_set) */
+    int arm_set_arm[STUDY_MAX_SETS]; /* the arm of arm_sets.items[i] */
     char note[STUDY_TEXT_CAP];
 } study_preset;
 
@@ -138,6 +148,11 @@ cm_status study_load(const char *path, study *out);
 
 /* A whole string that is a finite number (an evaluation value, a margin). */
 bool study_parse_number(const char *text, double *value);
+
+/* The overrides of arm `arm` under preset `preset`, in order: the preset's
+ * set, the arm's set, the preset's arm_set for this arm. Fills sets[0..n)
+ * (at most STUDY_MAX_OVERRIDES pointers into *s) and returns n. */
+int study_arm_overrides(const study *s, int arm, int preset, const char **sets);
 
 int study_find_arm(const study *s, const char *name);        /* -1: none */
 int study_find_preset(const study *s, const char *name);     /* -1: none */

@@ -10,6 +10,7 @@
 
 #include "study/study.h"
 #include "train/recipe.h"
+#include "train/upcycle.h"
 
 enum { MESSAGE_CAP = 1024, MAX_KEYS = 16 };
 
@@ -150,9 +151,32 @@ static cm_status parse_sets(const reader *r, const yaml_node_t *list, const char
 
 /* ---- arms, presets, evaluations ------------------------------------------------- */
 
+/* from: an earlier arm; upcycle: true or false (needs from). */
+static cm_status parse_start(const reader *r, yaml_node_t *from, yaml_node_t *upcycle,
+                             study_arm *arm) {
+    arm->from = -1;
+    if (from) {
+        char name[STUDY_NAME_CAP];
+        CM_TRY(text_of(r, from, "an arm's from", name, sizeof name));
+        arm->from = study_find_arm(r->out, name);
+        if (arm->from < 0)
+            return fail_at(r, from, "from: '%s' is not an arm before this one", name);
+    }
+    if (upcycle) {
+        char text[16];
+        CM_TRY(text_of(r, upcycle, "an arm's upcycle", text, sizeof text));
+        if (strcmp(text, "true") != 0 && strcmp(text, "false") != 0)
+            return fail_at(r, upcycle, "upcycle is true or false, not '%s'", text);
+        arm->upcycle = strcmp(text, "true") == 0;
+        if (arm->upcycle && !from)
+            return fail_at(r, upcycle, "upcycle: true needs from: ARM (the dense run to upcycle)");
+    }
+    return CM_OK;
+}
+
 static cm_status parse_arm(const reader *r, const yaml_node_t *node, study_arm *arm) {
-    static const char *const keys[] = {"name", "recipe", "set", NULL};
-    yaml_node_t *v[3];
+    static const char *const keys[] = {"name", "recipe", "set", "from", "upcycle", NULL};
+    yaml_node_t *v[5];
     CM_TRY(take_keys(r, node, "an arm", keys, v));
     CM_TRY(require(r, node, v[0], "name", "an arm"));
     CM_TRY(require(r, node, v[1], "recipe", "an arm"));
@@ -176,6 +200,7 @@ static cm_status parse_arm(const reader *r, const yaml_node_t *node, study_arm *
         snprintf(arm->recipe, sizeof arm->recipe, "%s", relative);
     else
         snprintf(arm->recipe, sizeof arm->recipe, "%.*s/%s", dir_length, r->path, relative);
+    CM_TRY(parse_start(r, v[3], v[4], arm));
     return parse_sets(r, v[2], "an arm's set", &arm->set);
 }
 
@@ -191,15 +216,41 @@ static cm_status parse_arms(const reader *r, const yaml_node_t *list) {
     return CM_OK;
 }
 
+/* arm_set: {ARM: [KEY=VALUE...], ...}, flattened into preset->arm_sets. */
+static cm_status parse_arm_sets(const reader *r, const yaml_node_t *map, study_preset *preset) {
+    preset->arm_sets.count = 0;
+    if (!map) return CM_OK;
+    CM_TRY(expect(r, map, YAML_MAPPING_NODE, "a preset's arm_set"));
+    for (yaml_node_pair_t *pair = map->data.mapping.pairs.start; pair < map->data.mapping.pairs.top;
+         pair++) {
+        const yaml_node_t *key = node_at(r, pair->key);
+        char name[STUDY_NAME_CAP];
+        CM_TRY(text_of(r, key, "an arm", name, sizeof name));
+        const int arm = study_find_arm(r->out, name);
+        if (arm < 0) return fail_at(r, key, "arm_set: no arm named '%s'", name);
+        study_sets sets;
+        CM_TRY(parse_sets(r, node_at(r, pair->value), "an arm_set list", &sets));
+        for (int i = 0; i < sets.count; i++) {
+            study_sets *all = &preset->arm_sets;
+            if (all->count == STUDY_MAX_SETS)
+                return fail_at(r, map, "arm_set has more than %d overrides", STUDY_MAX_SETS);
+            memcpy(all->items[all->count], sets.items[i], STUDY_SET_CAP);
+            preset->arm_set_arm[all->count++] = arm;
+        }
+    }
+    return CM_OK;
+}
+
 static cm_status parse_preset(const reader *r, const yaml_node_t *key, const yaml_node_t *node,
                               study_preset *preset) {
-    static const char *const keys[] = {"seeds", "set", "note", NULL};
-    yaml_node_t *v[3];
+    static const char *const keys[] = {"seeds", "set", "note", "arm_set", NULL};
+    yaml_node_t *v[4];
     CM_TRY(text_of(r, key, "a preset's name", preset->name, sizeof preset->name));
     CM_TRY(take_keys(r, node, "a preset", keys, v));
     CM_TRY(require(r, node, v[0], "seeds", "a preset"));
     CM_TRY(int_of(r, v[0], "seeds", 1, STUDY_MAX_SEEDS, &preset->seeds));
     if (v[2]) CM_TRY(text_of(r, v[2], "a preset's note", preset->note, sizeof preset->note));
+    CM_TRY(parse_arm_sets(r, v[3], preset));
     return parse_sets(r, v[1], "a preset's set", &preset->set);
 }
 
@@ -502,20 +553,50 @@ static cm_status parse_claims(const reader *r, const yaml_node_t *list) {
 
 /* ---- recipes ------------------------------------------------------------------------ */
 
-/* Every arm's recipe must load with each preset's and the arm's overrides,
- * and with each value of each evaluation it gets: before any run starts. */
-static cm_status check_recipe(const reader *r, const yaml_node_t *at, const study_arm *arm,
-                              const study_preset *preset, const char *extra) {
-    const char *sets[2 * STUDY_MAX_SETS + 1];
+int study_arm_overrides(const study *s, int arm, int preset, const char **sets) {
+    const study_preset *p = &s->presets[preset];
+    const study_arm *a = &s->arms[arm];
     int n = 0;
-    for (int i = 0; i < preset->set.count; i++) sets[n++] = preset->set.items[i];
-    for (int i = 0; i < arm->set.count; i++) sets[n++] = arm->set.items[i];
+    for (int i = 0; i < p->set.count; i++) sets[n++] = p->set.items[i];
+    for (int i = 0; i < a->set.count; i++) sets[n++] = a->set.items[i];
+    for (int i = 0; i < p->arm_sets.count; i++)
+        if (p->arm_set_arm[i] == arm) sets[n++] = p->arm_sets.items[i];
+    return n;
+}
+
+/* Loads arm `arm`'s recipe with preset `preset`'s overrides and `extra`. */
+static cm_status load_arm_recipe(const reader *r, const yaml_node_t *at, int arm, int preset,
+                                 const char *extra, cm_recipe *recipe) {
+    const study *s = r->out;
+    const char *sets[STUDY_MAX_OVERRIDES + 1];
+    int n = study_arm_overrides(s, arm, preset, sets);
     if (extra) sets[n++] = extra;
-    cm_recipe recipe;
-    if (recipe_load(arm->recipe, sets, n, &recipe) != CM_OK) {
+    if (recipe_load(s->arms[arm].recipe, sets, n, recipe) != CM_OK) {
         char why[2048];
         snprintf(why, sizeof why, "%s", cm_error_message());
-        return fail_at(r, at, "arm '%s' with preset '%s': %s", arm->name, preset->name, why);
+        return fail_at(r, at, "arm '%s' with preset '%s': %s", s->arms[arm].name,
+                       s->presets[preset].name, why);
+    }
+    return CM_OK;
+}
+
+/* Every arm's recipe must load with each preset's and the arm's overrides,
+ * and with each value of each evaluation it gets; an arm that upcycles
+ * another's checkpoint must be an MoE that arm's dense model can become:
+ * all before any run starts. */
+static cm_status check_recipe(const reader *r, const yaml_node_t *at, int arm, int preset,
+                              const char *extra) {
+    cm_recipe recipe, source;
+    CM_TRY(load_arm_recipe(r, at, arm, preset, extra, &recipe));
+    const study_arm *a = &r->out->arms[arm];
+    if (extra || !a->upcycle) return CM_OK;
+    CM_TRY(load_arm_recipe(r, at, a->from, preset, NULL, &source));
+    upcycle_plan plan;
+    if (upcycle_plan_make(&source, &recipe, &plan) != CM_OK) {
+        char why[2048];
+        snprintf(why, sizeof why, "%s", cm_error_message());
+        return fail_at(r, at, "arm '%s' cannot upcycle arm '%s' with preset '%s': %s", a->name,
+                       r->out->arms[a->from].name, r->out->presets[preset].name, why);
     }
     return CM_OK;
 }
@@ -525,13 +606,13 @@ static cm_status check_recipes(const reader *r, yaml_node_t *const *arm_nodes) {
     for (int a = 0; a < s->n_arms; a++) {
         const yaml_node_t *at = item(r, arm_nodes[0], a);
         for (int p = 0; p < s->n_presets; p++) {
-            CM_TRY(check_recipe(r, at, &s->arms[a], &s->presets[p], NULL));
+            CM_TRY(check_recipe(r, at, a, p, NULL));
             for (int e = 0; e < s->n_evaluations; e++) {
                 const study_evaluation *ev = &s->evaluations[e];
                 for (int v = 0; ev->arms[a] && v < ev->n_values; v++) {
                     char set[STUDY_SET_CAP];
                     snprintf(set, sizeof set, "%s=%s", ev->key, ev->values[v]);
-                    CM_TRY(check_recipe(r, at, &s->arms[a], &s->presets[p], set));
+                    CM_TRY(check_recipe(r, at, a, p, set));
                 }
             }
         }

@@ -19,8 +19,9 @@
 #include "train/metrics.h"
 #include "train/recipe.h"
 #include "train/run.h"
+#include "train/upcycle.h"
 
-enum { PATH_CAP = 4096, OUT_CAP = 1024, CONFIG_CAP = 8192, MAX_SETS = 2 * STUDY_MAX_SETS + 8 };
+enum { PATH_CAP = 4096, OUT_CAP = 1024, CONFIG_CAP = 8192, MAX_SETS = STUDY_MAX_OVERRIDES + 8 };
 
 /* ---- files ------------------------------------------------------------------------ */
 
@@ -134,8 +135,7 @@ static void plan_run(const study_ctx *c, int arm, int seed, run_plan *p) {
     const study_arm *a = &c->s->arms[arm];
     *p = (run_plan){.arm = arm, .seed = seed};
     snprintf(p->dir, sizeof p->dir, "%s/%s/seed-%d", c->out_dir, a->name, seed);
-    for (int i = 0; i < c->preset->set.count; i++) p->sets[p->n_sets++] = c->preset->set.items[i];
-    for (int i = 0; i < a->set.count; i++) p->sets[p->n_sets++] = a->set.items[i];
+    p->n_sets = study_arm_overrides(c->s, arm, (int)(c->preset - c->s->presets), p->sets);
     snprintf(p->storage[0], sizeof p->storage[0], "train.seed=%d", seed);
     snprintf(p->storage[1], sizeof p->storage[1], "train.out_dir=%s", p->dir);
     snprintf(p->storage[2], sizeof p->storage[2], "checkpoint.dir=%s", p->dir);
@@ -144,6 +144,9 @@ static void plan_run(const study_ctx *c, int arm, int seed, run_plan *p) {
     for (int i = 0; i < p->n_sets && length < (int)sizeof p->config; i++)
         length += snprintf(p->config + length, sizeof p->config - (size_t)length, " --set %s",
                            p->sets[i]);
+    if (a->from >= 0 && length < (int)sizeof p->config)
+        snprintf(p->config + length, sizeof p->config - (size_t)length, " --from %s%s",
+                 c->s->arms[a->from].name, a->upcycle ? " --upcycle" : "");
 }
 
 /* 0: run it, 1: done already; an error when the directory holds another
@@ -212,6 +215,38 @@ static cm_status evaluate_run(const study_ctx *c, const run_plan *p, const char 
     return CM_OK;
 }
 
+/* The checkpoint an arm with `from` starts from (into init, PATH_CAP): the
+ * final checkpoint of the source arm's run with the same seed, or with
+ * `upcycle` that checkpoint upcycled with this run's recipe into
+ * RUN/upcycled.h5 (once; rank 0 writes it). */
+static cm_status starting_point(const study_ctx *c, const run_plan *p, const cm_recipe *recipe,
+                                char *init) {
+    const study_arm *a = &c->s->arms[p->arm], *source = &c->s->arms[a->from];
+    char dir[STUDY_PATH_CAP + 64], path[PATH_CAP], status[32] = "";
+    snprintf(dir, sizeof dir, "%s/%s/seed-%d", c->out_dir, source->name, p->seed);
+    snprintf(path, sizeof path, "%s/study-run.txt", dir);
+    if (!state_value(path, "status", status, sizeof status) || strcmp(status, "done") != 0)
+        return CM_ERR(CM_ERR_INVALID,
+                      "arm %s starts from arm %s's run %s, which is not done: run arm %s first "
+                      "(the study runs the arms in file order)",
+                      a->name, source->name, dir, source->name);
+    CM_TRY(ckpt_find_latest(dir, init, PATH_CAP));
+    if (!a->upcycle) return CM_OK;
+    snprintf(path, sizeof path, "%s/upcycled.h5", p->dir);
+    int code = CM_OK;
+    FILE *existing = c->leader ? fopen(path, "rb") : NULL;
+    if (existing)
+        fclose(existing);
+    else if (c->leader)
+        code = (int)upcycle_checkpoint(init, recipe, path, NULL);
+    MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    if (code != CM_OK)
+        return c->leader ? (cm_status)code
+                         : CM_ERR((cm_status)code, "rank 0 could not upcycle %s", init);
+    snprintf(init, PATH_CAP, "%s", path);
+    return CM_OK;
+}
+
 /* Trains (or resumes) the run, evaluates it, marks it done. */
 static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recipe,
                          const cm_comm *comm, bool *interrupted) {
@@ -226,7 +261,10 @@ static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recip
         snprintf(path, sizeof path, "%s/study-evals.jsonl", p->dir);
         remove(path);
     }
+    char init[PATH_CAP];
+    if (c->s->arms[p->arm].from >= 0) CM_TRY(starting_point(c, p, recipe, init));
     run_options options = {.resume = "auto",
+                           .init = c->s->arms[p->arm].from >= 0 ? init : NULL,
                            .stop_requested = c->o->stop_requested,
                            .quiet = c->o->quiet,
                            .comm = comm};

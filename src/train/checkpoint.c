@@ -172,10 +172,24 @@ static herr_t write_steps_attr(hid_t group, const char *name, const int64_t *ste
     return status;
 }
 
-/* The attributes and datasets of a checkpoint into the open `file`; true if
- * any HDF5 call failed. */
+/* The /upcycled_from group. */
+static herr_t write_origin(hid_t file, const ckpt_origin *origin) {
+    hid_t group = H5Gcreate2(file, "upcycled_from", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    if (group < 0) return -1;
+    herr_t failed = 0;
+    failed |= write_string_attr(group, "path", origin->path ? origin->path : "") < 0;
+    failed |= write_attr(group, "step", H5T_NATIVE_INT64, &origin->step) < 0;
+    failed |= write_attr(group, "seed", H5T_NATIVE_UINT64, &origin->seed) < 0;
+    failed |= write_string_attr(group, "recipe", origin->recipe ? origin->recipe : "") < 0;
+    failed |= write_string_attr(group, "method", origin->method ? origin->method : "") < 0;
+    H5Gclose(group);
+    return failed ? -1 : 0;
+}
+
+/* The attributes and datasets of a checkpoint (and its origin, if any) into
+ * the open `file`; true if any HDF5 call failed. */
 static bool write_contents(hid_t file, const ckpt_entry *entries, int count, const ckpt_meta *meta,
-                           const char *recipe_text) {
+                           const char *recipe_text, const ckpt_origin *origin) {
     herr_t failed = 0;
     const int version = CKPT_FORMAT_VERSION;
     failed |= write_string_attr(file, "format", FORMAT_NAME) < 0;
@@ -184,6 +198,7 @@ static bool write_contents(hid_t file, const ckpt_entry *entries, int count, con
     failed |= write_attr(file, "seed", H5T_NATIVE_UINT64, &meta->seed) < 0;
     failed |= write_attr(file, "optimizer_step", H5T_NATIVE_INT64, &meta->optimizer_step) < 0;
     failed |= write_string_attr(file, "recipe", recipe_text ? recipe_text : "") < 0;
+    if (origin) failed |= write_origin(file, origin) < 0;
 
     hid_t values = H5Gcreate2(file, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     hid_t optim = H5Gcreate2(file, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
@@ -286,8 +301,8 @@ static size_t image_length(const image_capture *capture) {
 
 /* The checkpoint in memory: *capture's buffer (malloc'd) and its length. */
 static cm_status build_image(const char *name, const ckpt_entry *entries, int count,
-                             const ckpt_meta *meta, const char *recipe_text, image_capture *capture,
-                             size_t *length) {
+                             const ckpt_meta *meta, const char *recipe_text,
+                             const ckpt_origin *origin, image_capture *capture, size_t *length) {
     *capture = (image_capture){0};
     H5FD_file_image_callbacks_t callbacks = {image_malloc, image_memcpy,     image_realloc,
                                              image_free,   image_udata_copy, image_udata_free,
@@ -299,7 +314,7 @@ static cm_status build_image(const char *name, const ckpt_entry *entries, int co
     hid_t file = set < 0 ? -1 : H5Fcreate(name, H5F_ACC_TRUNC, H5P_DEFAULT, access);
     H5Pclose(access);
     if (file < 0) return CM_ERR(CM_ERR_HDF5, "%s: cannot create the checkpoint in memory", name);
-    bool failed = write_contents(file, entries, count, meta, recipe_text);
+    bool failed = write_contents(file, entries, count, meta, recipe_text, origin);
     failed |= H5Fclose(file) < 0;
     if (failed || !capture->buffer) {
         free(capture->buffer);
@@ -359,14 +374,16 @@ static void parent_of(const char *path, char *out, size_t size) {
 /* Writes entries to path.tmp (synced), renames it to path, syncs the
  * directory. On failure path.tmp is removed and path is untouched. */
 static cm_status write_atomically(const char *path, const ckpt_entry *entries, int count,
-                                  const ckpt_meta *meta, const char *recipe_text) {
+                                  const ckpt_meta *meta, const char *recipe_text,
+                                  const ckpt_origin *origin) {
     silence_hdf5();
     char temporary[4096];
     if ((size_t)snprintf(temporary, sizeof temporary, "%s.tmp", path) >= sizeof temporary)
         return CM_ERR(CM_ERR_INVALID, "checkpoint path too long: %s", path);
     image_capture image;
     size_t length = 0;
-    cm_status status = build_image(temporary, entries, count, meta, recipe_text, &image, &length);
+    cm_status status =
+        build_image(temporary, entries, count, meta, recipe_text, origin, &image, &length);
     if (status == CM_OK) status = write_bytes(temporary, image.buffer, length);
     free(image.buffer);
     if (status != CM_OK) {
@@ -396,6 +413,16 @@ static ckpt_entry local_entry(const ag_params *params, const ag_param *param) {
 cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
                     const char *recipe_text) {
     return ckpt_save_sharded(path, params, meta, recipe_text, NULL);
+}
+
+cm_status ckpt_save_with_origin(const char *path, const ag_params *params, const ckpt_meta *meta,
+                                const char *recipe_text, const ckpt_origin *origin) {
+    ckpt_entry *entries = calloc((size_t)params->count + 1, sizeof *entries);
+    if (!entries) return CM_ERR(CM_ERR_NOMEM, "out of memory saving %s", path);
+    for (int i = 0; i < params->count; i++) entries[i] = local_entry(params, params->items[i]);
+    cm_status status = write_atomically(path, entries, params->count, meta, recipe_text, origin);
+    free(entries);
+    return status;
 }
 
 /* Gathers `local` (count floats per rank) of the EP group to its rank 0. */
@@ -463,7 +490,7 @@ cm_status ckpt_save_sharded(const char *path, const ag_params *params, const ckp
         }
     }
     if (writer && status == CM_OK)
-        status = write_atomically(path, entries, params->count, meta, recipe_text);
+        status = write_atomically(path, entries, params->count, meta, recipe_text, NULL);
     for (int i = 0; i < n_copies; i++) free(copies[i]);
     free(entries);
     if (comm && comm->world_size > 1) {
@@ -659,6 +686,23 @@ static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info
     return 0;
 }
 
+/* "upcycled from PATH (step S, seed N): METHOD", when the file has the group. */
+static void describe_origin(hid_t file, FILE *out) {
+    if (H5Lexists(file, "upcycled_from", H5P_DEFAULT) <= 0) return;
+    hid_t group = H5Gopen2(file, "upcycled_from", H5P_DEFAULT);
+    if (group < 0) return;
+    int64_t step = -1;
+    uint64_t seed = 0;
+    read_attr(group, "step", H5T_NATIVE_INT64, &step);
+    read_attr(group, "seed", H5T_NATIVE_UINT64, &seed);
+    char *source = read_string_attr(group, "path"), *method = read_string_attr(group, "method");
+    fprintf(out, "  upcycled from %s (step %lld, seed %llu): %s\n", source ? source : "?",
+            (long long)step, (unsigned long long)seed, method ? method : "?");
+    free(source);
+    free(method);
+    H5Gclose(group);
+}
+
 cm_status ckpt_describe(const char *path, FILE *out) {
     hid_t file;
     CM_TRY(open_checkpoint(path, &file));
@@ -669,6 +713,7 @@ cm_status ckpt_describe(const char *path, FILE *out) {
     fprintf(out, "%s\n  format cmoe-ckpt v%d, step %lld, seed %llu, optimizer step %lld\n", path,
             CKPT_FORMAT_VERSION, (long long)meta.step, (unsigned long long)meta.seed,
             (long long)meta.optimizer_step);
+    describe_origin(file, out);
     describe_state state = {out, 0, 0};
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
     herr_t walked =

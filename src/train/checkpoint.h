@@ -8,6 +8,9 @@
  *                     for an expert parameter, attribute steps int64 [E]: the
  *                     updates each expert has had (optim.skip_unused_experts)
  *   /optim/v/NAME     AdamW second moment per trainable parameter
+ *   /upcycled_from    optional (cmoe upcycle): attributes path, step, seed,
+ *                     recipe of the checkpoint this one was made from, and
+ *                     method (what was done, one line)
  * Every dataset carries a Fletcher-32 checksum, and the file uses the
  * HDF5 1.10 format with metadata checksums, so truncation and corruption are
  * reported as errors on load. A checkpoint is written to PATH.tmp and renamed
@@ -40,6 +43,19 @@ typedef struct ckpt_meta {
 cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
                     const char *recipe_text);
 
+/* Where a checkpoint made from another one (cmoe upcycle) comes from. */
+typedef struct ckpt_origin {
+    const char *path;   /* the source checkpoint */
+    int64_t step;       /* its step */
+    uint64_t seed;      /* its train.seed */
+    const char *recipe; /* its recipe text */
+    const char *method; /* what was done to it, one line */
+} ckpt_origin;
+
+/* ckpt_save with the /upcycled_from group. */
+cm_status ckpt_save_with_origin(const char *path, const ag_params *params, const ckpt_meta *meta,
+                                const char *recipe_text, const ckpt_origin *origin);
+
 /* Reads a checkpoint into an already finalized registry of the same model:
  * every parameter must be present with the same shape, and the file must not
  * hold parameters the model lacks. With load_optimizer false, the moments
@@ -61,8 +77,8 @@ cm_status ckpt_load_sharded(const char *path, ag_params *params, ckpt_meta *meta
 /* The recipe text stored in a checkpoint (malloc'd; caller frees). */
 cm_status ckpt_read_recipe(const char *path, char **recipe_text);
 
-/* Prints the attributes and every parameter (shape, count, flags) of a
- * checkpoint, for `cmoe inspect`. */
+/* Prints the attributes, the origin (if any) and every parameter (shape,
+ * count, flags) of a checkpoint, for `cmoe inspect`. */
 cm_status ckpt_describe(const char *path, FILE *out);
 
 /* "DIR/ckpt-00001234.h5" */

@@ -2,11 +2,11 @@
  *
  * A recipe is a YAML mapping with the top-level keys `name` and `base` and the
  * sections model, moe, router, data, optim, schedule, train, checkpoint,
- * eval, parallel and adversarial. Every key is declared once in a table (recipe_keys.c) with its
- * type, default, range and help text. Defaults, parsing, range checks, printing and the reference
- * in docs/recipes.md all come from that table. Anything else fails before a run starts: an unknown
- * section or key, a wrong type, an out-of-range or unknown enum value, a duplicate key, a
- * non-mapping where a mapping belongs, malformed YAML, a missing file, a `base:` cycle, or keys
+ * eval, parallel, adversarial and upcycle. Every key is declared once in a table (recipe_keys.c)
+ * with its type, default, range and help text. Defaults, parsing, range checks, printing and the
+ * reference in docs/recipes.md all come from that table. Anything else fails before a run starts:
+ * an unknown section or key, a wrong type, an out-of-range or unknown enum value, a duplicate key,
+ * a non-mapping where a mapping belongs, malformed YAML, a missing file, a `base:` cycle, or keys
  * that contradict each other (d_model not divisible by n_heads, router.k
  * above moe.num_experts, ...).
  * The moe and router sections only matter with moe.enabled: true; without it
@@ -39,6 +39,7 @@
 #include "optim/optim.h"
 #include "routers/router.h"
 #include "train/adversarial.h"
+#include "train/upcycle.h"
 
 enum {
     CM_RECIPE_NAME_CAP = 64,  /* bytes, including the terminating NUL */
@@ -196,6 +197,15 @@ typedef struct cm_adversarial_cfg {
     adv_router_objective router_objective;
 } cm_adversarial_cfg;
 
+/* How `cmoe upcycle` turns a dense checkpoint into this recipe's MoE model
+ * (train/upcycle.h); training ignores the section. */
+typedef struct cm_upcycle_cfg {
+    upcycle_router router;
+    upcycle_scaling scaling;
+    double drop_ratio; /* Drop-Upcycling's r; 0: plain upcycling */
+    upcycle_drop_scope drop_scope;
+} cm_upcycle_cfg;
+
 typedef struct cm_recipe {
     char name[CM_RECIPE_NAME_CAP]; /* letters, digits, '.', '_', '-' (a directory name) */
     cm_model_cfg model;
@@ -209,6 +219,7 @@ typedef struct cm_recipe {
     cm_eval_cfg eval;
     cm_parallel_cfg parallel;
     cm_adversarial_cfg adversarial;
+    cm_upcycle_cfg upcycle;
 } cm_recipe;
 
 /* Every key at its default. The struct is zeroed first (padding and string

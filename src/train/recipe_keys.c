@@ -40,7 +40,9 @@ static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == 
                   sizeof(router_k_mode) == sizeof(int) &&
                   sizeof(router_thor_level) == sizeof(int) && sizeof(optim_kind) == sizeof(int) &&
                   sizeof(optim_lr_kind) == sizeof(int) && sizeof(adv_mode) == sizeof(int) &&
-                  sizeof(adv_router_objective) == sizeof(int),
+                  sizeof(adv_router_objective) == sizeof(int) &&
+                  sizeof(upcycle_router) == sizeof(int) && sizeof(upcycle_scaling) == sizeof(int) &&
+                  sizeof(upcycle_drop_scope) == sizeof(int),
               "recipe enums must be int-sized");
 
 static const char *check_run_name(const char *value) {
@@ -128,6 +130,8 @@ const recipe_section recipe_sections[] = {
     {"eval", "evaluation"},
     {"parallel", "MPI expert and data parallelism (mpirun -np N)"},
     {"adversarial", "adversarial training and robust evaluation (model.arch resnet)"},
+    {"upcycle",
+     "how cmoe upcycle builds this MoE model from a dense checkpoint (training ignores it)"},
 };
 const int recipe_sections_total = (int)(sizeof recipe_sections / sizeof recipe_sections[0]);
 
@@ -380,6 +384,25 @@ const recipe_key recipe_keys[] = {
              adv_router_objective_names, "code",
              "advmoe router step: code = alpha CE(r(x), y mod E) + beta KL of r(x') from r(x) (the "
              "release); paper = the full MoE TRADES loss minimized w.r.t. the routers"),
+
+    KEY_ENUM("upcycle", "router", upcycle.router, upcycle_router, upcycle_router_names, "groups",
+             "router of the upcycled MoE: groups = virtual groups (the fresh router's first N/G "
+             "rows, each repeated G times; needs router.k a multiple of G), fresh = the random "
+             "init untouched, zero = all zero (uniform probabilities; needs k a multiple of G)"),
+    KEY_ENUM("upcycle", "scaling", upcycle.scaling, upcycle_scaling, upcycle_scaling_names,
+             "balanced",
+             "expert weight scaling by A = G (topk_softmax) or N G / k (softmax_topk): balanced = "
+             "fc1 and fc2 each by A^(1/2) (He et al.; exact for ReLU, approximate for GELU), "
+             "output = fc2 by A (exact), none; with scaling fc2's bias is divided by the uniform "
+             "gate sum"),
+    KEY_DOUBLE("upcycle", "drop_ratio", upcycle.drop_ratio, "0", "[0, 1]",
+               "Drop-Upcycling: fraction r of each expert's hidden units re-drawn from the "
+               "statistics of the weights they replace; 0 = plain upcycling"),
+    KEY_ENUM("upcycle", "drop_scope", upcycle.drop_scope, upcycle_drop_scope,
+             upcycle_drop_scope_names, "expert",
+             "which hidden units drop_ratio re-draws: expert = one set per expert shared by fc1 "
+             "and fc2 (the paper), matrix = one set per matrix (the released code), layer = one "
+             "set per layer shared by its experts"),
 };
 const int recipe_keys_total = (int)(sizeof recipe_keys / sizeof recipe_keys[0]);
 

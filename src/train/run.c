@@ -284,20 +284,36 @@ typedef struct run_state {
     /* the log window */
     double window_start, window_loss, window_aux;
     int64_t window_steps;
-    bool final_done; /* the periodic evaluation at the last step was the final one */
+    bool final_done;  /* the periodic evaluation at the last step was the final one */
+    bool initialised; /* the parameters came from options->init */
 } run_state;
 
+/* A run that starts at step 0: the parameters of options->init, if set
+ * (its moments, step and seed are not read: the optimizer starts fresh). */
+static cm_status start_from_init(run_state *r) {
+    const char *init = r->options->init;
+    if (!init) return CM_OK;
+    ckpt_meta meta;
+    cm_status status =
+        ckpt_load_sharded(init, &r->session->params, &meta, false, r->session->env.comm);
+    if (status != CM_OK) return cm_error_wrap(status, "--init %s", init);
+    r->initialised = true;
+    return CM_OK;
+}
+
 /* Loads the checkpoint named by options->resume ("auto": the newest in the
- * checkpoint directory; none: a fresh run) and sets the start step. A
- * checkpoint of another train.seed is refused (the data order would change). */
+ * checkpoint directory; none: a fresh run, from options->init if set) and
+ * sets the start step. A checkpoint of another train.seed is refused (the
+ * data order would change). */
 static cm_status resume(run_state *r) {
     run_session *s = r->session;
     const char *resume = r->options->resume;
     r->start = 0;
-    if (!resume) return CM_OK;
+    if (!resume) return start_from_init(r);
     char path[PATH_CAPACITY];
     if (strcmp(resume, "auto") == 0) {
-        if (ckpt_find_latest(r->checkpoint_dir, path, sizeof path) != CM_OK) return CM_OK;
+        if (ckpt_find_latest(r->checkpoint_dir, path, sizeof path) != CM_OK)
+            return start_from_init(r);
     } else {
         snprintf(path, sizeof path, "%s", resume);
     }
@@ -407,6 +423,9 @@ static cm_status begin(run_state *r) {
                   !r->options->quiet && r->leader);
     s->task->describe(s->state, &r->progress);
     if (r->start > 0) progress_print(&r->progress, "resumed from step %lld", (long long)r->start);
+    if (r->initialised)
+        progress_print(&r->progress, "initialised from %s (step 0, fresh optimizer state)",
+                       r->options->init);
     r->run_start = r->window_start = cm_now();
     return CM_OK;
 }

@@ -36,7 +36,13 @@
 #include "train/task.h"
 
 typedef struct run_options {
-    const char *resume;                    /* NULL, a checkpoint path, or "auto" */
+    const char *resume; /* NULL, a checkpoint path, or "auto" */
+    /* A run that does not resume (no --resume, or "auto" finding no
+     * checkpoint) starts at step 0 from this checkpoint's parameters (NULL:
+     * from the recipe's init), with fresh optimizer state: cmoe train --init
+     * (an upcycled model). The file holds the same model in the global
+     * layout, from any rank count. */
+    const char *init;
     volatile sig_atomic_t *stop_requested; /* set by a signal handler; may be NULL */
     bool quiet;                            /* no progress output (tests) */
     int64_t stop_at_step; /* > 0: save a checkpoint and stop once this step is done */

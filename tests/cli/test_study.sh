@@ -168,6 +168,13 @@ bad zero-seeds 12:12 "seeds must be an integer in \[1, 16\]"
 sed 's/model.n_heads=2/model.n_heads=3/' "$work/mini.yaml" > "$work/bad-recipe.yaml"
 bad bad-recipe 5:5 "model.n_heads"
 
+# from: must name an earlier arm; an arm that upcycles another must be able to
+sed 's/^    recipe: \(.*dense.yaml\)/    recipe: \1\n    from: top2/' "$work/mini.yaml" > "$work/from-later.yaml"
+bad from-later 7:11 "from: 'top2' is not an arm before this one"
+sed 's/^    set: \[moe.num_experts=4/    from: dense\n    upcycle: true\n    set: [moe.num_experts=4/' \
+    "$work/mini.yaml" > "$work/bad-upcycle.yaml"
+bad bad-upcycle 7:5 "arm 'top2' cannot upcycle arm 'dense' with preset 'smoke': .*router.k = 2 is not a multiple of the granularity G = 4"
+
 # ---- the studies of studies/ ---------------------------------------------------------
 for file in "$src"/studies/*.yaml; do
     for preset in smoke small full; do
@@ -186,6 +193,22 @@ check $? "studies/gating.yaml --preset smoke on KJV ($(tail -c 400 "$work/real.o
 grep -q -E "^gating	softmax-first	.*	(reproduced|contradicted|inconclusive)	" \
     "$work/real/report/gating.claims.tsv"
 check $? "the gating claim has a verdict"
+
+# studies/upcycling.yaml: arms that start from the dense source's checkpoint,
+# upcycled or not.
+(cd "$work/real" && "$cmoe" study "$src/studies/upcycling.yaml" --preset smoke --out up-runs \
+    --report report --quiet) > "$work/upcycling.out" 2>&1
+check $? "studies/upcycling.yaml --preset smoke on KJV ($(tail -c 400 "$work/upcycling.out"))"
+"$cmoe" inspect "$work/real/up-runs/no-groups/seed-2/upcycled.h5" > "$work/inspect.out" 2>&1
+grep -q "upcycled from up-runs/dense-source/seed-2/ckpt-00000006.h5 (step 6, seed 2): E16G4T4.*router fresh" \
+    "$work/inspect.out"
+check $? "an arm upcycles its seed's dense source ($(head -c 400 "$work/inspect.out"))"
+[ ! -e "$work/real/up-runs/dense/seed-1/upcycled.h5" ] &&
+    grep -q "step 4, seed 1" <("$cmoe" inspect "$work/real/up-runs/dense/seed-1/ckpt-00000004.h5")
+check $? "the dense continuation starts from the source as is and trains its own 4 steps"
+grep -q -E "^upcycling	beats-dense	.*	(reproduced|contradicted|inconclusive)	" \
+    "$work/real/report/upcycling.claims.tsv"
+check $? "the upcycling claims have verdicts"
 
 # Under mpirun: 2 ranks run every run together and get the 1-process numbers.
 (cd "$work" && mpi 2 study mini.yaml --preset smoke --out mpi-runs --report mpi-report --quiet) \
