@@ -155,5 +155,26 @@ check $? "h5py adds a rank-9 dataset"
 expect_status "inspect a checkpoint with a rank-9 dataset" 0 "$cmoe" inspect "$work/rank9.h5"
 expect_text "inspect shows the rank-9 shape" "$work/out" "[1,1,1,1,1,1,1,1,1]"
 
+# A parameter rewritten with another dtype (int32) is refused, not cast;
+# one rewritten with another rank names its real shape.
+rewrite() { # rewrite FILE PYTHON-EXPRESSION-OF-d (the float32 values)
+    /usr/bin/python3 -c 'import h5py, sys, numpy as np
+f = h5py.File(sys.argv[1], "a")
+name = "params/blocks.0.mlp.fc1.weight"
+d = f[name][...]
+del f[name]
+f[name] = eval(sys.argv[2])' "$1" "$2"
+}
+cp "$last" "$work/int32.h5"
+rewrite "$work/int32.h5" 'np.round(d * 1000).astype(np.int32)'
+check $? "h5py rewrites fc1 as int32"
+expect_status "int32 weights" 1 "$cmoe" eval --ckpt "$work/int32.h5" --max-batches 1
+expect_text "int32 message" "$work/err" "blocks.0.mlp.fc1.weight holds int32 values; a cmoe checkpoint stores float32"
+cp "$last" "$work/rank3.h5"
+rewrite "$work/rank3.h5" 'd.reshape(d.shape[0], 2, -1)'
+check $? "h5py rewrites fc1 with rank 3"
+expect_status "a parameter of another rank" 1 "$cmoe" eval --ckpt "$work/rank3.h5" --max-batches 1
+expect_text "its real shape is named" "$work/err" "has shape [64,2,16] in the checkpoint but [64,32]"
+
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
