@@ -126,6 +126,25 @@ expect_status "a directory as the data path" 1 "$cmoe" train "$work/tiny.yaml" \
     --set data.path="$work" --set train.out_dir="$work/dirdata"
 expect_text "directory message" "$work/err" "is not a regular file"
 
+# SIGINT during the final evaluation (a test split of 24 MB that takes
+# seconds) stops it: exit 130, the last step's checkpoint saved, no test line.
+for _ in 1 2 3 4 5 6 7 8; do cat "$work/corpus.txt"; done > "$work/big.txt"
+for _ in 1 2 3 4 5 6; do cat "$work/big.txt"; done > "$work/huge.txt"
+"$cmoe" train "$work/tiny.yaml" --set train.steps=3 --set data.test_path="$work/huge.txt" \
+    --set train.out_dir="$work/final" > "$work/final.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do
+    [ -e "$work/final/ckpt-00000003.h5" ] && break
+    sleep 0.05
+done
+kill -INT $pid
+wait $pid
+status=$?
+[ $status -eq 130 ] && grep -q "the final evaluation was stopped" "$work/final.out"
+check $? "SIGINT during the final evaluation stops it with 130 (got $status: $(tail -c 300 "$work/final.out"))"
+! grep -q '"kind": "test"' "$work/final/metrics.jsonl" && [ -e "$work/final/ckpt-00000003.h5" ]
+check $? "no test line is written; the last step's checkpoint stays"
+
 # A checkpoint's data reach the disk before its name does: fsync of the
 # temporary, rename, fsync of the directory (strace is in install-deps.sh).
 # LeakSanitizer cannot run under ptrace: leaks are checked by the other tests.
