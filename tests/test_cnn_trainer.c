@@ -507,7 +507,7 @@ START_TEST(test_robustness_metrics) {
         ck_assert_msg(strstr(line, expected), "%s lacks %s", line, expected);
 
         /* The checkpoint evaluated again gives the same numbers. */
-        task_eval_request request = {CM_SPLIT_TEST, recipe.train.eval_batches, 0};
+        task_eval_request request = {CM_SPLIT_TEST, recipe.train.eval_batches, 0, NULL};
         task_eval again;
         status = run_evaluate(&recipe, result.last_checkpoint, &request, NULL, &again);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
@@ -556,7 +556,7 @@ START_TEST(test_robustness_at_eps_zero) {
         run_step_result done;
         for (int64_t step = 0; step < 3; step++)
             ck_assert_int_eq(run_session_step(session, step, &done), CM_OK);
-        task_eval_request request = {CM_SPLIT_TEST, 2, 0};
+        task_eval_request request = {CM_SPLIT_TEST, 2, 0, NULL};
         task_eval e;
         cm_status status = run_session_evaluate(session, &request, 0, &e);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
@@ -746,7 +746,7 @@ START_TEST(test_collapsed_router_warnings) {
             ck_assert_msg(line_number(line, "max_share") <= 0.75, "%s", line);
             ck_assert(line_number(line, "collapsed") == 0);
         }
-        task_eval_request request = {CM_SPLIT_TEST, 2, 0};
+        task_eval_request request = {CM_SPLIT_TEST, 2, 0, NULL};
         task_eval e;
         cm_status status = run_session_evaluate(session, &request, 20, &e);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());

@@ -106,7 +106,7 @@ static run_session *upcycled(const cm_recipe *dense_recipe, run_session *dense,
 
 /* Mean loss (nats) over 4 fixed validation batches. */
 static double fixed_loss(run_session *session) {
-    task_eval_request request = {CM_SPLIT_VALID, 4, 0};
+    task_eval_request request = {CM_SPLIT_VALID, 4, 0, NULL};
     task_eval eval;
     ck_assert_msg(run_session_evaluate(session, &request, 0, &eval) == CM_OK, "%s",
                   cm_error_message());

@@ -67,8 +67,12 @@ static const char train_help[] =
     "                  for tests of the error paths: world rank RANK fails when it\n"
     "                  starts step STEP, and the whole job must end with its message\n"
     "\n"
-    "Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current step and exits\n"
-    "with status 130; `--resume auto` then continues exactly where it stopped.\n";
+    "Ctrl-C (SIGINT), SIGTERM or SIGUSR1 saves a checkpoint at the current step and\n"
+    "exits with status 130; `--resume auto` then continues exactly where it stopped.\n"
+    "During the final evaluation it stops the evaluation (the last step's checkpoint\n"
+    "is saved already). Under mpirun send SIGUSR1 to mpirun (kill -USR1 PID): it\n"
+    "forwards it to every rank and exits 130 with them. mpirun answers Ctrl-C by\n"
+    "terminating the job itself (status 1; a checkpoint only if one is saved in time).\n";
 
 static const char eval_help[] =
     "usage: cmoe eval [RECIPE] --ckpt PATH [--split valid|test|train] [--max-batches N]\n"
@@ -138,6 +142,9 @@ volatile sig_atomic_t *cli_catch_stop_signals(void) {
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
+    /* mpirun forwards SIGUSR1 to every rank (it answers SIGINT by killing
+     * the job): `kill -USR1 MPIRUN_PID` stops a multi-rank run cleanly. */
+    sigaction(SIGUSR1, &action, NULL);
     return &stop_requested;
 }
 
@@ -336,7 +343,7 @@ static int command_eval(int argc, char **argv) {
                               &recipe) != CM_OK)
         return fail("eval");
     static const char *const split_names[CM_SPLIT_COUNT] = {"valid", "test", "train"};
-    task_eval_request request = {recipe.eval.split, (int64_t)args.max_batches, 0};
+    task_eval_request request = {recipe.eval.split, (int64_t)args.max_batches, 0, NULL};
     if (args.split_name) {
         int found = -1;
         for (int s = 0; s < CM_SPLIT_COUNT; s++)

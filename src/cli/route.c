@@ -247,7 +247,7 @@ static cm_status route_image_model(const route_args *args, cm_recipe *recipe, co
     cm_status status =
         ckpt_load_sharded(args->checkpoint, run_session_params(session), NULL, false, NULL);
     task_eval eval;
-    const task_eval_request request = {CM_SPLIT_TEST, (int64_t)args->max_batches, 0};
+    const task_eval_request request = {CM_SPLIT_TEST, (int64_t)args->max_batches, 0, NULL};
     if (status == CM_OK) status = run_session_evaluate(session, &request, 0, &eval);
     int routers = 0, experts = 0;
     const int64_t *counts =

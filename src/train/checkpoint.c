@@ -93,6 +93,21 @@ static herr_t write_dataset(hid_t group, const char *name, const ag_tensor *shap
     return status;
 }
 
+/* True when the dataset's values are 32-bit IEEE floats (any byte order);
+ * else `name` says what they are ("int32", "float64", ...). */
+static bool is_float32(hid_t dataset, char *name, size_t size) {
+    hid_t type = H5Dget_type(dataset);
+    H5T_class_t type_class = type < 0 ? H5T_NO_CLASS : H5Tget_class(type);
+    size_t bytes = type < 0 ? 0 : H5Tget_size(type);
+    if (type >= 0) H5Tclose(type);
+    const char *kind = type_class == H5T_FLOAT     ? "float"
+                       : type_class == H5T_INTEGER ? "int"
+                       : type_class == H5T_STRING  ? "string"
+                                                   : "non-numeric";
+    snprintf(name, size, "%s%zu", kind, 8 * bytes);
+    return type_class == H5T_FLOAT && bytes == 4;
+}
+
 /* Reads dataset `name` of `group` into `data` after checking its shape. The
  * file holds `shards` times the parameter's leading dimension (expert tensors
  * in their global layout); this rank reads rows [shard * rows, (shard+1) rows). */
@@ -105,11 +120,19 @@ static cm_status read_dataset(const char *path, hid_t group, const char *group_n
     if (dataset < 0)
         return CM_ERR(CM_ERR_FORMAT, "%s: cannot open /%s/%s (corrupted file?)", path, group_name,
                       param->name);
+    char type_name[32];
+    if (!is_float32(dataset, type_name, sizeof type_name)) {
+        H5Dclose(dataset);
+        return CM_ERR(CM_ERR_FORMAT,
+                      "%s: /%s/%s holds %s values; a cmoe checkpoint stores float32 (a converted "
+                      "file is refused rather than silently cast)",
+                      path, group_name, param->name, type_name);
+    }
     hid_t space = H5Dget_space(dataset);
     int ndim = H5Sget_simple_extent_ndims(space);
-    hsize_t dims[AG_MAX_DIMS] = {0};
+    hsize_t dims[H5S_MAX_RANK] = {0};
     bool same = ndim == param->tensor.ndim;
-    if (same && H5Sget_simple_extent_dims(space, dims, NULL) < 0) same = false;
+    if (ndim < 0 || H5Sget_simple_extent_dims(space, dims, NULL) < 0) same = false;
     ag_tensor global = param->tensor; /* the shape the file should have */
     global.shape[0] *= shards;
     for (int i = 0; same && i < ndim; i++) same = dims[i] == (hsize_t)global.shape[i];
@@ -124,9 +147,9 @@ static cm_status read_dataset(const char *path, hid_t group, const char *group_n
         selection = space;
     }
     if (!same) {
-        char want[64], got[96] = "[";
+        char want[64], got[400] = "[";
         ag_shape_str(&global, want, sizeof want);
-        for (int i = 0; i < ndim && i < AG_MAX_DIMS; i++)
+        for (int i = 0; i < ndim; i++)
             snprintf(got + strlen(got), sizeof got - strlen(got), i ? ",%llu" : "%llu",
                      (unsigned long long)dims[i]);
         strncat(got, "]", sizeof got - strlen(got) - 1);

@@ -475,7 +475,14 @@ static cm_status log_step(run_state *r, int64_t step, const run_step_result *don
 /* Evaluates as `request` says, writes the line and prints the summary. */
 static cm_status evaluate(run_state *r, const task_eval_request *request, int64_t step,
                           task_eval *out) {
-    CM_TRY(run_session_evaluate(r->session, request, step, out));
+    task_eval_request stoppable = *request;
+    stoppable.stop = r->options->stop_requested;
+    CM_TRY(run_session_evaluate(r->session, &stoppable, step, out));
+    if (out->stopped) {
+        progress_print(&r->progress, "step %lld  evaluation stopped by the signal",
+                       (long long)step);
+        return CM_OK;
+    }
     CM_TRY(metrics_write_record(&r->metrics, &out->record));
     out->record = metrics_record_scalars(&out->record);
     progress_print(&r->progress, "step %lld  %s", (long long)step, out->summary);
@@ -491,6 +498,7 @@ static cm_status maybe_evaluate(run_state *r, int64_t step) {
     if (step % train->eval_every != 0 && step != train->steps) return CM_OK;
     task_eval_plan plan = s->task->eval_plan(s->state);
     CM_TRY(evaluate(r, &plan.periodic, step, &r->result->periodic));
+    if (r->result->periodic.stopped) return CM_OK; /* the stop follows (agree_on_stop) */
     r->result->has_periodic = true;
     if (step == train->steps && !plan.final_differs) {
         r->result->final = r->result->periodic;
@@ -564,6 +572,13 @@ static cm_status finish(run_state *r, int64_t step) {
     if (!r->final_done) {
         task_eval_plan plan = s->task->eval_plan(s->state);
         CM_TRY(evaluate(r, &plan.final, step, &result->final));
+        if (result->final.stopped) { /* the last step's checkpoint is saved */
+            result->interrupted = true;
+            progress_print(&r->progress,
+                           "the final evaluation was stopped; `cmoe eval --ckpt` on the last "
+                           "checkpoint runs it");
+            return CM_OK;
+        }
         result->has_final = true;
     }
     progress_print(&r->progress, "%.3f s per step, %.0f %s/s overall", result->step_seconds,

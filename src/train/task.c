@@ -13,3 +13,12 @@ const task_vtable *task_for(cm_model_arch arch) {
               (int)arch);
     return tasks[arch];
 }
+
+cm_status task_eval_stopped(const task_eval_request *request, MPI_Comm world, bool *stopped) {
+    *stopped = false;
+    if (!request->stop) return CM_OK;
+    int64_t any = *request->stop != 0;
+    CM_TRY(comm_sum_int64(world, &any, 1));
+    *stopped = any > 0;
+    return CM_OK;
+}

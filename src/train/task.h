@@ -20,6 +20,7 @@
 #ifndef CMOE_TRAIN_TASK_H
 #define CMOE_TRAIN_TASK_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -61,6 +62,10 @@ typedef struct task_eval_request {
     cm_split split;
     int64_t max_batches; /* <= 0: the whole split */
     int k_override;      /* > 0: routers use this k (tasks with routers that take one) */
+    /* Set by a signal handler (may be NULL): checked before every batch, on
+     * every rank together (task_eval_stopped); once set the evaluation ends
+     * early with task_eval.stopped and no figures. */
+    volatile sig_atomic_t *stop;
 } task_eval_request;
 
 enum { TASK_EVAL_ARRAY_MAX = 64, TASK_EVAL_COUNTS_MAX = 1024 };
@@ -72,7 +77,12 @@ typedef struct task_eval {
     int64_t items;      /* tokens or images evaluated */
     char text[2048];    /* the figures, for "SPLIT split: TEXT" (cmoe eval) */
     char summary[2048]; /* the line printed during training */
+    bool stopped;       /* request.stop ended it early: nothing else is set */
 } task_eval;
+
+/* Whether request->stop is set on any rank of `world` (a collective when
+ * there are several: every rank calls it before each batch). */
+cm_status task_eval_stopped(const task_eval_request *request, MPI_Comm world, bool *stopped);
 
 /* How a task wants to be evaluated during and after training. */
 typedef struct task_eval_plan {

@@ -535,6 +535,7 @@ typedef struct cnn_eval_result {
     const int64_t *clean_per_expert, *attacked_per_expert;
     double max_share_clean, max_share_ra; /* the largest over the routers; ra: NAN */
     int collapsed_routers;                /* routers with a share above TASK_CNN_COLLAPSED_SHARE */
+    bool stopped;                         /* request->stop ended it: nothing else is set */
 } cnn_eval_result;
 
 /* counts summed over the ranks -> *eval. */
@@ -594,7 +595,9 @@ static cm_status finish_eval(cnn_task *t, adv_eval_counts *counts, bool robust,
 }
 
 /* Every rank takes its rows of each batch and the counts are summed. */
-static cm_status evaluate_counts(cnn_task *t, int64_t max_batches, cnn_eval_result *eval) {
+static cm_status evaluate_counts(cnn_task *t, const task_eval_request *request,
+                                 cnn_eval_result *eval) {
+    const int64_t max_batches = request->max_batches;
     const cm_recipe *recipe = t->env.recipe;
     const cm_adversarial_cfg *a = &recipe->adversarial;
     ag_ctx *ctx = t->env.ctx;
@@ -613,6 +616,9 @@ static cm_status evaluate_counts(cnn_task *t, int64_t max_batches, cnn_eval_resu
     const uint64_t pixels = (uint64_t)(t->height * t->width);
     cm_status status = CM_OK;
     for (;;) {
+        if ((status = task_eval_stopped(request, t->env.world, &eval->stopped)) != CM_OK ||
+            eval->stopped)
+            break;
         int rows = 0;
         int batch = idx_eval_next(&iter, t->images, t->labels, &rows);
         if (batch == 0) break;
@@ -630,6 +636,7 @@ static cm_status evaluate_counts(cnn_task *t, int64_t max_batches, cnn_eval_resu
     /* A rank's failure ends the whole job (cmoe train aborts), so the others
      * do not wait here for it. */
     CM_TRY(status);
+    if (eval->stopped) return CM_OK;
     return finish_eval(t, counts, robust, eval);
 }
 
@@ -687,7 +694,7 @@ static void describe_eval(const cm_recipe *recipe, const cnn_eval_result *eval, 
 
 static task_eval_plan cnn_eval_plan(void *state) {
     const cm_recipe *recipe = ((cnn_task *)state)->env.recipe;
-    task_eval_request test = {CM_SPLIT_TEST, recipe->train.eval_batches, 0};
+    task_eval_request test = {CM_SPLIT_TEST, recipe->train.eval_batches, 0, NULL};
     return (task_eval_plan){.periodic = test, .final = test, .final_differs = false};
 }
 
@@ -698,7 +705,11 @@ static cm_status cnn_evaluate(void *state, const task_eval_request *request, int
         return CM_ERR(CM_ERR_INVALID, "the image classifier's routers take no k");
     CM_TRY(open_test(t, request->split));
     cnn_eval_result eval = {0};
-    CM_TRY(evaluate_counts(t, request->max_batches, &eval));
+    CM_TRY(evaluate_counts(t, request, &eval));
+    if (eval.stopped) {
+        *out = (task_eval){.stopped = true};
+        return CM_OK;
+    }
     const cm_adversarial_cfg *a = &t->env.recipe->adversarial;
     *out = (task_eval){.headline = eval.sa, .items = eval.images};
     /* kind "test" for the training images too: the figures are the same kind */

@@ -498,7 +498,10 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     int64_t routed[LM_MAX_LAYERS + 1] = {0}; /* kept (token, expert) pairs per MoE layer; tokens */
     lm_moe_report report;
     cm_status status = CM_OK;
+    bool stopped = false;
     for (;;) {
+        if ((status = task_eval_stopped(request, t->env.world, &stopped)) != CM_OK || stopped)
+            break;
         int64_t batch_first = iter.next_window;
         int rows = 0, windows = text_eval_next(&iter, t->inputs, t->targets, &rows);
         if (windows == 0) break;
@@ -532,6 +535,10 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     ag_set_grad_enabled(ctx, previous);
     ag_ctx_reset(ctx);
     CM_TRY(status);
+    if (stopped) {
+        *out = (task_eval){.stopped = true};
+        return CM_OK;
+    }
     CM_TRY(comm_sum_doubles(t->env.world, sums, 2));
     if (t->moe_layers > 0) {
         CM_TRY(comm_sum_int64(t->env.world, routed, t->moe_layers + 1));

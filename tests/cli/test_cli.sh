@@ -126,6 +126,25 @@ expect_status "a directory as the data path" 1 "$cmoe" train "$work/tiny.yaml" \
     --set data.path="$work" --set train.out_dir="$work/dirdata"
 expect_text "directory message" "$work/err" "is not a regular file"
 
+# SIGINT during the final evaluation (a test split of 24 MB that takes
+# seconds) stops it: exit 130, the last step's checkpoint saved, no test line.
+for _ in 1 2 3 4 5 6 7 8; do cat "$work/corpus.txt"; done > "$work/big.txt"
+for _ in 1 2 3 4 5 6; do cat "$work/big.txt"; done > "$work/huge.txt"
+"$cmoe" train "$work/tiny.yaml" --set train.steps=3 --set data.test_path="$work/huge.txt" \
+    --set train.out_dir="$work/final" > "$work/final.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do
+    [ -e "$work/final/ckpt-00000003.h5" ] && break
+    sleep 0.05
+done
+kill -INT $pid
+wait $pid
+status=$?
+[ $status -eq 130 ] && grep -q "the final evaluation was stopped" "$work/final.out"
+check $? "SIGINT during the final evaluation stops it with 130 (got $status: $(tail -c 300 "$work/final.out"))"
+! grep -q '"kind": "test"' "$work/final/metrics.jsonl" && [ -e "$work/final/ckpt-00000003.h5" ]
+check $? "no test line is written; the last step's checkpoint stays"
+
 # A checkpoint's data reach the disk before its name does: fsync of the
 # temporary, rename, fsync of the directory (strace is in install-deps.sh).
 # LeakSanitizer cannot run under ptrace: leaks are checked by the other tests.
@@ -154,6 +173,27 @@ cp "$last" "$work/rank9.h5"
 check $? "h5py adds a rank-9 dataset"
 expect_status "inspect a checkpoint with a rank-9 dataset" 0 "$cmoe" inspect "$work/rank9.h5"
 expect_text "inspect shows the rank-9 shape" "$work/out" "[1,1,1,1,1,1,1,1,1]"
+
+# A parameter rewritten with another dtype (int32) is refused, not cast;
+# one rewritten with another rank names its real shape.
+rewrite() { # rewrite FILE PYTHON-EXPRESSION-OF-d (the float32 values)
+    /usr/bin/python3 -c 'import h5py, sys, numpy as np
+f = h5py.File(sys.argv[1], "a")
+name = "params/blocks.0.mlp.fc1.weight"
+d = f[name][...]
+del f[name]
+f[name] = eval(sys.argv[2])' "$1" "$2"
+}
+cp "$last" "$work/int32.h5"
+rewrite "$work/int32.h5" 'np.round(d * 1000).astype(np.int32)'
+check $? "h5py rewrites fc1 as int32"
+expect_status "int32 weights" 1 "$cmoe" eval --ckpt "$work/int32.h5" --max-batches 1
+expect_text "int32 message" "$work/err" "blocks.0.mlp.fc1.weight holds int32 values; a cmoe checkpoint stores float32"
+cp "$last" "$work/rank3.h5"
+rewrite "$work/rank3.h5" 'd.reshape(d.shape[0], 2, -1)'
+check $? "h5py rewrites fc1 with rank 3"
+expect_status "a parameter of another rank" 1 "$cmoe" eval --ckpt "$work/rank3.h5" --max-batches 1
+expect_text "its real shape is named" "$work/err" "has shape [64,2,16] in the checkpoint but [64,32]"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]

@@ -103,5 +103,29 @@ check $? "smoe-dropout recipe under mpirun -np 2 ($(tail -c 300 "$work/smoe.out"
 grep -q "2 ranks: 2 expert-parallel x 1 data-parallel" "$work/smoe.out"
 check $? "2 ranks reported"
 
+# Stopping a multi-rank run: SIGUSR1 to mpirun, which forwards it to every
+# rank (it answers SIGINT by killing the job): the ranks save and exit 130,
+# and so does mpirun; --resume auto continues.
+mpirun --allow-run-as-root --oversubscribe -np 2 -x OPENBLAS_NUM_THREADS=1 "$cmoe" train \
+    "$work/tiny.yaml" --set train.steps=1000000 --set train.out_dir="$work/usr1" \
+    > "$work/usr1.out" 2>&1 &
+pid=$!
+for _ in $(seq 1 200); do
+    grep -q "step " "$work/usr1.out" 2> /dev/null && break
+    sleep 0.1
+done
+sleep 1
+kill -USR1 $pid
+( sleep 60 && kill -KILL $pid 2> /dev/null ) &
+watchdog=$!
+wait $pid
+status=$?
+kill $watchdog 2> /dev/null
+[ $status -eq 130 ] && grep -q "stopped at step" "$work/usr1.out"
+check $? "SIGUSR1 to mpirun stops every rank: exit 130 (got $status: $(tail -c 300 "$work/usr1.out"))"
+usr1_ckpt=$(ls "$work"/usr1/ckpt-*.h5 2> /dev/null | tail -n 1)
+[ -n "$usr1_ckpt" ]
+check $? "the stop saved a checkpoint"
+
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
