@@ -7,6 +7,19 @@
 
 #include "train/checkpoint.h"
 
+int cli_usage(const char *command, const char *fmt, const char *arg) {
+    fprintf(stderr, "cmoe %s: ", command);
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, " (see cmoe %s --help)\n", command);
+    return 2;
+}
+
+bool cli_is_option(const char *arg, const char *const *options) {
+    for (; *options; options++)
+        if (strcmp(arg, *options) == 0) return true;
+    return false;
+}
+
 bool cli_parse_integer(const char *text, long long low, long long high, long long *out) {
     char *end;
     errno = 0;

@@ -10,6 +10,13 @@
 #include "common/status.h"
 #include "train/recipe.h"
 
+/* "cmoe COMMAND: " and fmt with arg (one %s), then " (see cmoe COMMAND
+ * --help)", on stderr; returns the usage exit status, 2. */
+int cli_usage(const char *command, const char *fmt, const char *arg);
+
+/* Whether arg is one of `options` (NULL-terminated). */
+bool cli_is_option(const char *arg, const char *const *options);
+
 /* A decimal integer in [low, high] filling all of `text`. */
 bool cli_parse_integer(const char *text, long long low, long long high, long long *out);
 

@@ -20,7 +20,7 @@
 #include "train/run.h"
 #include "train/task_cnn.h"
 
-enum { EXIT_USAGE = 2, MAX_OVERRIDES = 64 };
+enum { MAX_OVERRIDES = 64 };
 
 static const char route_help[] =
     "usage: cmoe route CKPT [--text FILE | --prompt TEXT] [--out DIR] [--recipe R]\n"
@@ -71,18 +71,14 @@ typedef struct route_args {
 } route_args;
 
 static int usage(const char *fmt, const char *arg) {
-    fputs("cmoe route: ", stderr);
-    fprintf(stderr, fmt, arg);
-    fputs(" (see cmoe route --help)\n", stderr);
-    return EXIT_USAGE;
+    return cli_usage("route", fmt, arg);
 }
 
 static bool takes_value(const char *arg) {
-    static const char *const options[] = {"--text", "--prompt", "--out", "--recipe",
-                                          "--set",  "--show",   "--top", "--max-batches"};
-    for (size_t i = 0; i < sizeof options / sizeof options[0]; i++)
-        if (strcmp(arg, options[i]) == 0) return true;
-    return false;
+    static const char *const options[] = {"--text",   "--prompt",      "--out",
+                                          "--recipe", "--set",         "--show",
+                                          "--top",    "--max-batches", NULL};
+    return cli_is_option(arg, options);
 }
 
 /* One option with its value; returns -1 when parsed, else the exit status. */

@@ -17,7 +17,7 @@
 #include "train/recipe.h"
 #include "train/run.h"
 
-enum { EXIT_USAGE = 2, MAX_OVERRIDES = 64, VOCAB_BYTES = 256 };
+enum { MAX_OVERRIDES = 64, VOCAB_BYTES = 256 };
 
 static const char sample_help[] =
     "usage: cmoe sample CKPT [--recipe R] [--set SECTION.KEY=VALUE]...\n"
@@ -67,18 +67,14 @@ typedef struct sample_args {
 } sample_args;
 
 static int usage(const char *fmt, const char *arg) {
-    fputs("cmoe sample: ", stderr);
-    fprintf(stderr, fmt, arg);
-    fputs(" (see cmoe sample --help)\n", stderr);
-    return EXIT_USAGE;
+    return cli_usage("sample", fmt, arg);
 }
 
 static bool takes_value(const char *arg) {
-    static const char *const options[] = {"--recipe", "--set",   "--prompt",      "--prompt-file",
-                                          "--bytes",  "--top-k", "--temperature", "--seed"};
-    for (size_t i = 0; i < sizeof options / sizeof options[0]; i++)
-        if (strcmp(arg, options[i]) == 0) return true;
-    return false;
+    static const char *const options[] = {"--recipe",      "--set",   "--prompt",
+                                          "--prompt-file", "--bytes", "--top-k",
+                                          "--temperature", "--seed",  NULL};
+    return cli_is_option(arg, options);
 }
 
 /* One option with its value at argv[*i + 1]; returns -1 when parsed, else

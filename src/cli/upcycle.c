@@ -5,11 +5,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "train/recipe.h"
 #include "train/upcycle.h"
 
-enum { EXIT_USAGE = 2, MAX_OVERRIDES = 64 };
+enum { MAX_OVERRIDES = 64 };
 
 static const char upcycle_help[] =
     "usage: cmoe upcycle DENSE.h5 --recipe MOE.yaml -o OUT.h5 [--set SECTION.KEY=VALUE]...\n"
@@ -49,10 +50,7 @@ typedef struct upcycle_args {
 } upcycle_args;
 
 static int usage(const char *fmt, const char *arg) {
-    fputs("cmoe upcycle: ", stderr);
-    fprintf(stderr, fmt, arg);
-    fputs(" (see cmoe upcycle --help)\n", stderr);
-    return EXIT_USAGE;
+    return cli_usage("upcycle", fmt, arg);
 }
 
 /* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
