@@ -478,6 +478,77 @@ static void add_routing_fields(lm_task *t, const int64_t *routed, task_eval *out
                        "%.4f");
 }
 
+/* What an evaluation adds up over its batches, on this rank. */
+typedef struct eval_sums {
+    double loss_tokens[2];             /* loss x tokens, tokens */
+    int64_t routed[LM_MAX_LAYERS + 1]; /* kept (token, expert) pairs per MoE layer; tokens */
+    bool stopped;                      /* request->stop ended it */
+} eval_sums;
+
+/* One batch of the evaluation: the forward, its loss and routing counts
+ * added to *sums. *done when the split has no batch left. */
+static cm_status eval_batch(lm_task *t, const task_eval_request *request, text_eval_iter *iter,
+                            eval_sums *sums, bool *done) {
+    const int T = t->env.recipe->data.seq_len;
+    ag_ctx *ctx = t->env.ctx;
+    int64_t batch_first = iter->next_window;
+    int rows = 0, windows = text_eval_next(iter, t->inputs, t->targets, &rows);
+    *done = windows == 0;
+    /* A rank with no rows of a short last batch still runs the MoE layers'
+     * exchanges with the others. */
+    if (*done || (rows == 0 && t->moe_layers == 0)) return CM_OK;
+    ag_ctx_reset(ctx);
+    lm_moe_report report;
+    lm_forward_args args = {
+        .ids = t->inputs,
+        .batch = rows,
+        .seq_len = T,
+        .seed = (uint64_t)t->env.recipe->train.seed,
+        .first_row = (uint64_t)(batch_first + shard_rows(windows, t->env.rank, t->env.ranks).begin),
+        .k_override = request->k_override,
+        .report = &report,
+        .group = t->env.world,
+        .global_tokens = (int64_t)windows * T};
+    ag_tensor *logits = lm_forward(ctx, &t->model, &args);
+    CM_TRY(ag_ctx_status(ctx));
+    add_loads(t, &report, t->eval_load);
+    for (int i = 0; i < report.n_layers; i++) sums->routed[i] += report.stats[i].slots;
+    if (report.n_layers > 0) sums->routed[t->moe_layers] += report.stats[0].tokens;
+    if (rows == 0) return CM_OK;
+    ag_tensor *loss = lm_loss(ctx, logits, t->targets);
+    CM_TRY(ag_ctx_status(ctx));
+    sums->loss_tokens[0] += (double)loss->data[0] * rows * T;
+    sums->loss_tokens[1] += (double)rows * T;
+    return CM_OK;
+}
+
+/* Every batch of the split (no-grad), then the sums over the ranks. */
+static cm_status eval_split(lm_task *t, const task_eval_request *request, text_dataset *dataset,
+                            eval_sums *sums) {
+    const cm_recipe *recipe = t->env.recipe;
+    text_eval_iter iter;
+    CM_TRY(text_eval_begin(&iter, dataset, recipe->data.batch_size, recipe->data.seq_len,
+                           t->env.rank, t->env.ranks, request->max_batches));
+    if (t->moe_layers > 0)
+        memset(t->eval_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
+    *sums = (eval_sums){0};
+    bool previous = ag_set_grad_enabled(t->env.ctx, false), done = false;
+    cm_status status = CM_OK;
+    while (status == CM_OK && !done) {
+        status = task_eval_stopped(request, t->env.world, &sums->stopped);
+        if (status == CM_OK && !sums->stopped) status = eval_batch(t, request, &iter, sums, &done);
+        done |= sums->stopped;
+    }
+    ag_set_grad_enabled(t->env.ctx, previous);
+    ag_ctx_reset(t->env.ctx);
+    CM_TRY(status);
+    if (sums->stopped) return CM_OK;
+    CM_TRY(comm_sum_doubles(t->env.world, sums->loss_tokens, 2));
+    if (t->moe_layers == 0) return CM_OK;
+    CM_TRY(comm_sum_int64(t->env.world, sums->routed, t->moe_layers + 1));
+    return comm_sum_int64(t->env.world, t->eval_load, t->moe_layers * t->num_experts);
+}
+
 /* Mean cross-entropy (nats) over a split, in no-grad mode (THOR draws its
  * inference experts from the run seed). */
 static cm_status lm_evaluate(void *state, const task_eval_request *request, int64_t step,
@@ -486,73 +557,22 @@ static cm_status lm_evaluate(void *state, const task_eval_request *request, int6
     CM_TRY(check_request(t, request));
     text_dataset *dataset = split_dataset(t, request->split);
     if (!dataset) return cm_error_wrap(CM_ERR_IO, "evaluation");
-    const cm_recipe *recipe = t->env.recipe;
-    const int B = recipe->data.batch_size, T = recipe->data.seq_len;
-    ag_ctx *ctx = t->env.ctx;
-    text_eval_iter iter;
-    CM_TRY(text_eval_begin(&iter, dataset, B, T, t->env.rank, t->env.ranks, request->max_batches));
-    if (t->moe_layers > 0)
-        memset(t->eval_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
-    bool previous = ag_set_grad_enabled(ctx, false);
-    double sums[2] = {0.0, 0.0};             /* loss x tokens, tokens */
-    int64_t routed[LM_MAX_LAYERS + 1] = {0}; /* kept (token, expert) pairs per MoE layer; tokens */
-    lm_moe_report report;
-    cm_status status = CM_OK;
-    bool stopped = false;
-    for (;;) {
-        if ((status = task_eval_stopped(request, t->env.world, &stopped)) != CM_OK || stopped)
-            break;
-        int64_t batch_first = iter.next_window;
-        int rows = 0, windows = text_eval_next(&iter, t->inputs, t->targets, &rows);
-        if (windows == 0) break;
-        /* A rank with no rows of a short last batch still runs the MoE
-         * layers' exchanges with the others. */
-        if (rows == 0 && t->moe_layers == 0) continue;
-        ag_ctx_reset(ctx);
-        lm_forward_args args = {
-            .ids = t->inputs,
-            .batch = rows,
-            .seq_len = T,
-            .seed = (uint64_t)recipe->train.seed,
-            .first_row =
-                (uint64_t)(batch_first + shard_rows(windows, t->env.rank, t->env.ranks).begin),
-            .k_override = request->k_override,
-            .report = &report,
-            .group = t->env.world,
-            .global_tokens = (int64_t)windows * T};
-        ag_tensor *logits = lm_forward(ctx, &t->model, &args);
-        if (ag_ctx_status(ctx) == CM_OK) add_loads(t, &report, t->eval_load);
-        for (int i = 0; i < report.n_layers; i++) routed[i] += report.stats[i].slots;
-        if (report.n_layers > 0) routed[t->moe_layers] += report.stats[0].tokens;
-        if (rows > 0) {
-            ag_tensor *loss = lm_loss(ctx, logits, t->targets);
-            if ((status = ag_ctx_status(ctx)) != CM_OK) break;
-            sums[0] += (double)loss->data[0] * rows * T;
-            sums[1] += (double)rows * T;
-        }
-        if ((status = ag_ctx_status(ctx)) != CM_OK) break;
-    }
-    ag_set_grad_enabled(ctx, previous);
-    ag_ctx_reset(ctx);
-    CM_TRY(status);
-    if (stopped) {
+    eval_sums sums;
+    CM_TRY(eval_split(t, request, dataset, &sums));
+    if (sums.stopped) {
         *out = (task_eval){.stopped = true};
         return CM_OK;
     }
-    CM_TRY(comm_sum_doubles(t->env.world, sums, 2));
-    if (t->moe_layers > 0) {
-        CM_TRY(comm_sum_int64(t->env.world, routed, t->moe_layers + 1));
-        CM_TRY(comm_sum_int64(t->env.world, t->eval_load, t->moe_layers * t->num_experts));
-    }
-    if (sums[1] == 0) return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
+    if (sums.loss_tokens[1] == 0)
+        return CM_ERR(CM_ERR_INVALID, "%s: too short to evaluate", dataset->path);
     static const char *const kinds[CM_SPLIT_COUNT] = {"valid", "test", "train"};
-    const double loss = sums[0] / sums[1];
-    *out = (task_eval){.headline = loss, .items = (int64_t)sums[1]};
+    const double loss = sums.loss_tokens[0] / sums.loss_tokens[1];
+    *out = (task_eval){.headline = loss, .items = (int64_t)sums.loss_tokens[1]};
     out->record = metrics_record_start(kinds[request->split], step);
     metrics_add_number(&out->record, "loss", loss, "%.6f");
     metrics_add_number(&out->record, "bpc", loss / LN2, "%.6f");
     if (request->split != CM_SPLIT_VALID) metrics_add_integer(&out->record, "tokens", out->items);
-    add_routing_fields(t, routed, out);
+    add_routing_fields(t, sums.routed, out);
     snprintf(out->text, sizeof out->text, "loss %.6f nats/byte, bpc %.6f over %lld bytes", loss,
              loss / LN2, (long long)out->items);
     if (request->split == CM_SPLIT_VALID)
