@@ -212,7 +212,9 @@ static bool label_text(unsigned char byte, char out[4]) {
 }
 
 static void write_script_head(FILE *gp, const route_lm_data *r, int rows, const char *title) {
-    const int panel = 40 + 16 * rows;
+    /* rows of 16 px, as many as the text or the key (a row an expert) needs */
+    const int key_rows = (r->experts < 32 ? r->experts : 32) + 2;
+    const int lines = rows > key_rows ? rows : key_rows, panel = 40 + 16 * lines;
     char safe[256], colour[8];
     gnuplot_sanitize(title, safe, sizeof safe);
     fprintf(gp,
@@ -223,7 +225,7 @@ static void write_script_head(FILE *gp, const route_lm_data *r, int rows, const 
             "unset xtics\nunset ytics\nunset border\n"
             "set lmargin 1\nset rmargin 14\nset key outside right top font ',8'\n"
             "set style fill solid 0.8 noborder\n",
-            panel * r->layers + 30, r->layers, safe, PICTURE_COLUMNS - 1, rows - 1);
+            panel * r->layers + 30, r->layers, safe, PICTURE_COLUMNS - 1, lines - 1);
     for (int e = 0; e < r->experts; e++) {
         expert_colour(e, colour);
         fprintf(gp, "set linetype %d lc rgb '%s'\n", e + 1, colour);
