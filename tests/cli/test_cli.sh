@@ -155,5 +155,16 @@ check $? "h5py adds a rank-9 dataset"
 expect_status "inspect a checkpoint with a rank-9 dataset" 0 "$cmoe" inspect "$work/rank9.h5"
 expect_text "inspect shows the rank-9 shape" "$work/out" "[1,1,1,1,1,1,1,1,1]"
 
+# A chunked 2^40 x 2^40 dataset with nothing written (a valid HDF5 file): its
+# element count does not fit 64 bits, and inspect says so instead of
+# overflowing a signed product (undefined behaviour; found by fuzz_inspect).
+cp "$last" "$work/huge.h5"
+/usr/bin/python3 -c 'import h5py, sys; h5py.File(sys.argv[1], "a")["params"].create_dataset("huge", shape=(2**40, 2**40), chunks=(1, 1), dtype="f4")' \
+    "$work/huge.h5"
+check $? "h5py adds a 2^40 x 2^40 dataset"
+expect_status "inspect a checkpoint with a 2^40 x 2^40 dataset" 0 "$cmoe" inspect "$work/huge.h5"
+expect_text "inspect shows the huge shape" "$work/out" "[1099511627776,1099511627776]     >=2^64"
+expect_text "inspect saturates the total" "$work/out" ">=2^64 parameters (>=2^64 trainable)"
+
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
