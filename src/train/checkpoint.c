@@ -679,9 +679,55 @@ static void count_str(uint64_t count, char *out, size_t size) {
         snprintf(out, size, "%llu", (unsigned long long)count);
 }
 
-static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info, void *user) {
+/* The names of a group's links, in HDF5's native order. */
+typedef struct name_list {
+    char **names;
+    size_t count, capacity;
+} name_list;
+
+static herr_t collect_name(hid_t group, const char *name, const H5L_info_t *info, void *user) {
+    (void)group;
     (void)info;
-    describe_state *state = user;
+    name_list *list = user;
+    if (list->count == list->capacity) {
+        size_t capacity = list->capacity ? 2 * list->capacity : 64;
+        char **grown = realloc(list->names, capacity * sizeof *grown);
+        if (!grown) return -1;
+        list->names = grown;
+        list->capacity = capacity;
+    }
+    char *copy = strdup(name);
+    if (!copy) return -1;
+    list->names[list->count++] = copy;
+    return 0;
+}
+
+static int compare_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The link names of `group` sorted by strcmp (HDF5's name order), or -1.
+ * They are listed in native order and sorted here: for H5_ITER_INC on a
+ * group with dense link storage (more than 8 links, as /params has) HDF5
+ * 1.10.8 first builds a sorted table, and when a damaged link fails to
+ * decode, the table's cleanup frees uninitialised pointers (a crash in
+ * H5G__link_release_table, found by fuzz_inspect; with glibc it segfaults
+ * under MALLOC_PERTURB_). The native order walks the B-tree without it. */
+static herr_t sorted_link_names(hid_t group, name_list *list) {
+    *list = (name_list){0};
+    herr_t walked = H5Literate(group, H5_INDEX_NAME, H5_ITER_NATIVE, NULL, collect_name, list);
+    if (walked >= 0 && list->count > 1)
+        qsort(list->names, list->count, sizeof *list->names, compare_names);
+    return walked;
+}
+
+static void free_names(name_list *list) {
+    for (size_t i = 0; i < list->count; i++) free(list->names[i]);
+    free(list->names);
+    *list = (name_list){0};
+}
+
+static herr_t describe_one(hid_t group, const char *name, describe_state *state) {
     hid_t dataset = H5Dopen2(group, name, H5P_DEFAULT);
     if (dataset < 0) return -1;
     hid_t space = H5Dget_space(dataset);
@@ -742,9 +788,11 @@ cm_status ckpt_describe(const char *path, FILE *out) {
     describe_origin(file, out);
     describe_state state = {out, 0, 0};
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
-    herr_t walked =
-        values < 0 ? -1
-                   : H5Literate(values, H5_INDEX_NAME, H5_ITER_INC, NULL, describe_one, &state);
+    name_list names = {0};
+    herr_t walked = values < 0 ? -1 : sorted_link_names(values, &names);
+    for (size_t i = 0; walked >= 0 && i < names.count; i++)
+        walked = describe_one(values, names.names[i], &state);
+    free_names(&names);
     if (values >= 0) H5Gclose(values);
     char *recipe = read_string_attr(file, "recipe");
     H5Fclose(file);

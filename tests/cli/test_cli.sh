@@ -155,6 +155,15 @@ check $? "h5py adds a rank-9 dataset"
 expect_status "inspect a checkpoint with a rank-9 dataset" 0 "$cmoe" inspect "$work/rank9.h5"
 expect_text "inspect shows the rank-9 shape" "$work/out" "[1,1,1,1,1,1,1,1,1]"
 
+# One bit flipped in the link B-tree of /params (a damaged checkpoint that
+# fuzz_inspect found): HDF5 1.10.8's sorted listing of a group with dense
+# link storage frees uninitialised pointers when a link fails to decode, and
+# inspect segfaulted whenever that memory was not zero (MALLOC_PERTURB_
+# makes it so every time). inspect now lists in native order and sorts itself.
+MALLOC_PERTURB_=165 expect_status "inspect a checkpoint with a damaged link" 1 \
+    "$cmoe" inspect "$src/fuzz/corpus/inspect/regression-link-table.h5"
+expect_text "damaged link message" "$work/err" "cannot list /params (corrupted checkpoint?)"
+
 # A chunked 2^40 x 2^40 dataset with nothing written (a valid HDF5 file): its
 # element count does not fit 64 bits, and inspect says so instead of
 # overflowing a signed product (undefined behaviour; found by fuzz_inspect).
