@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages cmoe needs (the list in shared/DESIGN.md, plus
-# strace for a checkpoint-durability test and python3-yaml for the PyTorch loader).
+# strace for a checkpoint-durability test, python3-yaml for the PyTorch loader,
+# and clang with its runtime libraries for the fuzz targets: libFuzzer is in
+# libclang-rt-dev, which clang only recommends).
 # Idempotent: packages already present are not fetched again, and
 # `apt-get update` runs only when something is missing. Needs root (or sudo).
 set -euo pipefail
 
 packages=(
-    build-essential cmake pkg-config clang-format
+    build-essential cmake pkg-config clang-format clang libclang-rt-dev
     libopenmpi-dev openmpi-bin
     libopenblas-dev
     libhdf5-openmpi-dev hdf5-tools

@@ -1,6 +1,7 @@
 /* HDF5 checkpoints: exact round trip, atomic naming, latest/prune, and clear
  * errors for missing, truncated, corrupted and mismatched files. */
 #include <check.h>
+#include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -261,6 +262,49 @@ START_TEST(test_negative_steps_refused) {
 }
 END_TEST
 
+/* Rewrites the "steps" attribute of /optim/m/NAME with `count` entries. */
+static void rewrite_steps(const char *path, const char *name, hsize_t count) {
+    hid_t file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    ck_assert_int_ge(file, 0);
+    char dataset_path[256];
+    snprintf(dataset_path, sizeof dataset_path, "optim/m/%s", name);
+    hid_t dataset = H5Dopen2(file, dataset_path, H5P_DEFAULT);
+    ck_assert_int_ge(dataset, 0);
+    ck_assert_int_ge(H5Adelete(dataset, "steps"), 0);
+    int64_t steps[8] = {4, 4, 4, 4, 4, 4, 4, 4};
+    hid_t space = H5Screate_simple(1, &count, NULL);
+    hid_t attr = H5Acreate2(dataset, "steps", H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    ck_assert_int_ge(attr, 0);
+    ck_assert_int_ge(H5Awrite(attr, H5T_NATIVE_INT64, steps), 0);
+    H5Aclose(attr);
+    H5Sclose(space);
+    H5Dclose(dataset);
+    H5Fclose(file);
+}
+
+/* An expert moment's "steps" attribute holds one count per expert of the
+ * model: more or fewer is a damaged file, refused before anything is
+ * allocated for it (a damaged dataspace may claim any size). */
+START_TEST(test_steps_attribute_checked) {
+    make_dir();
+    char path[512];
+    ckpt_path_for_step(dir, 4, path, sizeof path);
+    ag_params params = make_model(3, 1); /* moe.experts.w1 has 2 experts */
+    const hsize_t counts[] = {3, 1};
+    for (int i = 0; i < 2; i++) {
+        save_model(path, &params, 4);
+        rewrite_steps(path, "moe.experts.w1", counts[i]);
+        ag_params target = make_model(3, 2);
+        ck_assert_int_eq(ckpt_load(path, &target, NULL, true), CM_ERR_FORMAT);
+        ck_assert_msg(strstr(cm_error_message(), "bad steps attribute of /optim/m/moe.experts.w1"),
+                      "%s", cm_error_message());
+        ag_params_free(&target);
+    }
+    ag_params_free(&params);
+    remove_dir();
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("checkpoint");
     TCase *tc = tcase_create("checkpoint");
@@ -272,6 +316,7 @@ int main(void) {
     tcase_add_test(tc, test_corrupted_data_detected);
     tcase_add_test(tc, test_not_a_checkpoint);
     tcase_add_test(tc, test_negative_steps_refused);
+    tcase_add_test(tc, test_steps_attribute_checked);
     tcase_set_timeout(tc, 60);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);

@@ -295,6 +295,15 @@ START_TEST(test_bad_sizes_and_labels) {
     expect_error(bad_path, labels_path, CM_ERR_IO, bad_path,
                  REASONS("expected 455 bytes of pixels, found 400"));
     unlink(bad_path);
+    /* The largest header the bounds allow (2^58 bytes of pixels) on a file
+     * with 400: truncated, found by reading, not by asking for 2^58 bytes
+     * (fuzz/corpus/idx/huge-header; the sanitizers abort on that request). */
+    bytes = image_file(0x803, 1u << 30, 1u << 14, 1u << 14, 400, &size);
+    write_gz(bad_path, bytes, size);
+    free(bytes);
+    expect_error(bad_path, labels_path, CM_ERR_IO, bad_path,
+                 REASONS("expected 288230376151711744 bytes of pixels, found 400"));
+    unlink(bad_path);
     bytes = label_file(0x801, N, N - 1, &size);
     write_gz(bad_path, bytes, size);
     free(bytes);

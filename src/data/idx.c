@@ -99,6 +99,40 @@ static cm_status read_exact(idx_reader *reader, void *buffer, size_t size, const
     return CM_OK;
 }
 
+/* Reads exactly `size` bytes into a malloc'd *out (NULL on failure), growing
+ * the buffer as the data arrives: a damaged header that promises terabytes
+ * is reported as a truncated file after the bytes the file has, instead of
+ * asking for terabytes up front. */
+static cm_status read_growing(idx_reader *reader, size_t size, const char *what, uint8_t **out) {
+    *out = NULL;
+    uint8_t *buffer = NULL;
+    size_t capacity = 0, used = 0;
+    while (used < size) {
+        size_t next = capacity ? 2 * capacity : (size_t)1 << 20;
+        if (next > size) next = size;
+        uint8_t *grown = realloc(buffer, next);
+        if (!grown) {
+            free(buffer);
+            return CM_ERR(CM_ERR_NOMEM, "cannot allocate %zu bytes for the %s of '%s'", next, what,
+                          reader->path);
+        }
+        buffer = grown;
+        capacity = next;
+        size_t got;
+        cm_status status = reader_read(reader, buffer + used, capacity - used, &got);
+        used += got;
+        if (status == CM_OK && used < capacity)
+            status = CM_ERR(CM_ERR_IO, "'%s' is truncated: expected %zu bytes of %s, found %zu",
+                            reader->path, size, what, used);
+        if (status != CM_OK) {
+            free(buffer);
+            return status;
+        }
+    }
+    *out = buffer;
+    return CM_OK;
+}
+
 /* The data must end the file: trailing bytes mean the header is wrong. */
 static cm_status expect_end(idx_reader *reader) {
     unsigned char extra[4096];
@@ -150,15 +184,9 @@ static cm_status load_images(idx_dataset *dataset, const char *path) {
                    "'%s': implausible image dimensions [%u, %u, %u] (need 1..%d images of "
                    "1..%d x 1..%d pixels)",
                    path, dims[0], dims[1], dims[2], IDX_MAX_SAMPLES, IDX_MAX_SIDE, IDX_MAX_SIDE);
-    size_t num_pixels = 0;
-    if (status == CM_OK) {
-        num_pixels = (size_t)dims[0] * dims[1] * dims[2];
-        dataset->pixels = malloc(num_pixels);
-        if (!dataset->pixels)
-            status = CM_ERR(CM_ERR_NOMEM, "cannot allocate %zu bytes for the images of '%s'",
-                            num_pixels, path);
-    }
-    if (status == CM_OK) status = read_exact(&reader, dataset->pixels, num_pixels, "pixels");
+    if (status == CM_OK)
+        status =
+            read_growing(&reader, (size_t)dims[0] * dims[1] * dims[2], "pixels", &dataset->pixels);
     if (status == CM_OK) status = expect_end(&reader);
     reader_close(&reader);
     if (status != CM_OK) return status;

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 static const char FORMAT_NAME[] = "cmoe-ckpt";
+enum { MAX_STRING_ATTR_BYTES = 16 << 20 };
 
 /* HDF5 prints its error stack by default; cmoe reports errors itself. */
 static void silence_hdf5(void) {
@@ -57,7 +58,10 @@ static char *read_string_attr(hid_t obj, const char *name) {
     hid_t file_type = H5Aget_type(attr);
     size_t size = H5Tget_size(file_type);
     char *value = NULL;
-    if (H5Tget_class(file_type) == H5T_STRING && !H5Tis_variable_str(file_type)) {
+    /* A damaged file may claim a string of up to 4 GiB (the size field has
+     * 32 bits): refuse instead of allocating it. Recipes are a few KiB. */
+    if (size > 0 && size <= MAX_STRING_ATTR_BYTES && H5Tget_class(file_type) == H5T_STRING &&
+        !H5Tis_variable_str(file_type)) {
         hid_t mem_type = H5Tcopy(H5T_C_S1);
         H5Tset_size(mem_type, size + 1);
         value = calloc(1, size + 1);
@@ -573,7 +577,7 @@ static hsize_t count_links(hid_t group) {
  * "steps" attribute, or optimizer_step for every slice when the file has none
  * (written before per-expert counts: every expert was updated every step). */
 static cm_status read_steps_attr(const char *path, hid_t group, ag_param *param, int shard,
-                                 int64_t optimizer_step) {
+                                 int shards, int64_t optimizer_step) {
     for (int j = 0; j < param->slices; j++) param->slice_steps[j] = optimizer_step;
     hid_t dataset = H5Dopen2(group, param->name, H5P_DEFAULT);
     if (dataset < 0) return CM_ERR(CM_ERR_FORMAT, "%s: cannot open /optim/m/%s", path, param->name);
@@ -582,10 +586,12 @@ static cm_status read_steps_attr(const char *path, hid_t group, ag_param *param,
         hid_t attr = H5Aopen(dataset, "steps", H5P_DEFAULT);
         hid_t space = attr < 0 ? -1 : H5Aget_space(attr);
         hssize_t count = space < 0 ? -1 : H5Sget_simple_extent_npoints(space);
-        int64_t *all = count > 0 ? malloc((size_t)count * sizeof(int64_t)) : NULL;
+        /* One count per expert of the whole model, checked before the
+         * allocation: the file's dataspace may claim any size. */
+        bool expected = count == (hssize_t)shards * param->slices;
+        int64_t *all = expected ? malloc((size_t)count * sizeof(int64_t)) : NULL;
         int first = shard * param->slices;
-        if (!all || count < (hssize_t)first + param->slices ||
-            H5Aread(attr, H5T_NATIVE_INT64, all) < 0)
+        if (!all || H5Aread(attr, H5T_NATIVE_INT64, all) < 0)
             status =
                 CM_ERR(CM_ERR_FORMAT, "%s: bad steps attribute of /optim/m/%s", path, param->name);
         else
@@ -625,7 +631,7 @@ static cm_status load_groups(const char *path, hid_t file, ag_params *params, bo
         status = read_dataset(path, first, "optim/m", param, buffer->m + param->offset,
                               GROUP_SHARD(param));
         if (status == CM_OK && param->slice_steps)
-            status = read_steps_attr(path, first, param, shard, optimizer_step);
+            status = read_steps_attr(path, first, param, shard, shards, optimizer_step);
         if (status == CM_OK)
             status = read_dataset(path, second, "optim/v", param, buffer->v + param->offset,
                                   GROUP_SHARD(param));
@@ -673,14 +679,78 @@ cm_status ckpt_read_recipe(const char *path, char **recipe_text) {
     return CM_OK;
 }
 
+/* Element counts saturate at UINT64_MAX: HDF5 allows extents whose product
+ * does not fit 64 bits (a chunked 2^40 x 2^40 dataset with nothing written). */
 typedef struct describe_state {
     FILE *out;
-    long long total, trainable;
+    uint64_t total, trainable;
 } describe_state;
 
-static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info, void *user) {
+static uint64_t saturating_add(uint64_t a, uint64_t b) {
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+static uint64_t saturating_mul(uint64_t a, uint64_t b) {
+    if (a == 0 || b == 0) return 0;
+    return a > UINT64_MAX / b ? UINT64_MAX : a * b;
+}
+
+/* "123", or ">=2^64" for a saturated count. */
+static void count_str(uint64_t count, char *out, size_t size) {
+    if (count == UINT64_MAX)
+        snprintf(out, size, ">=2^64");
+    else
+        snprintf(out, size, "%llu", (unsigned long long)count);
+}
+
+/* The names of a group's links, in HDF5's native order. */
+typedef struct name_list {
+    char **names;
+    size_t count, capacity;
+} name_list;
+
+static herr_t collect_name(hid_t group, const char *name, const H5L_info_t *info, void *user) {
+    (void)group;
     (void)info;
-    describe_state *state = user;
+    name_list *list = user;
+    if (list->count == list->capacity) {
+        size_t capacity = list->capacity ? 2 * list->capacity : 64;
+        char **grown = realloc(list->names, capacity * sizeof *grown);
+        if (!grown) return -1;
+        list->names = grown;
+        list->capacity = capacity;
+    }
+    char *copy = strdup(name);
+    if (!copy) return -1;
+    list->names[list->count++] = copy;
+    return 0;
+}
+
+static int compare_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The link names of `group` sorted by strcmp (HDF5's name order), or -1.
+ * They are listed in native order and sorted here: for H5_ITER_INC on a
+ * group with dense link storage (more than 8 links, as /params has) HDF5
+ * 1.10.8 first builds a sorted table, and when a damaged link fails to
+ * decode, the table's cleanup frees uninitialised pointers (a crash in
+ * H5G__link_release_table, found by fuzz_inspect; with glibc it segfaults
+ * under MALLOC_PERTURB_). The native order walks the B-tree without it. */
+static herr_t sorted_link_names(hid_t group, name_list *list) {
+    *list = (name_list){0};
+    herr_t walked = H5Literate(group, H5_INDEX_NAME, H5_ITER_NATIVE, NULL, collect_name, list);
+    if (walked >= 0 && list->count > 1)
+        qsort(list->names, list->count, sizeof *list->names, compare_names);
+    return walked;
+}
+
+static void free_names(name_list *list) {
+    for (size_t i = 0; i < list->count; i++) free(list->names[i]);
+    free(list->names);
+    *list = (name_list){0};
+}
+
+static herr_t describe_one(hid_t group, const char *name, describe_state *state) {
     hid_t dataset = H5Dopen2(group, name, H5P_DEFAULT);
     if (dataset < 0) return -1;
     hid_t space = H5Dget_space(dataset);
@@ -689,10 +759,10 @@ static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info
     if (ndim < 0 || ndim > H5S_MAX_RANK || H5Sget_simple_extent_dims(space, dims, NULL) < 0)
         ndim = 0;
     H5Sclose(space);
-    long long count = 1;
+    uint64_t count = 1;
     char shape[160] = "[";
     for (int i = 0; i < ndim; i++) {
-        count *= (long long)dims[i];
+        count = saturating_mul(count, dims[i]);
         snprintf(shape + strlen(shape), sizeof shape - strlen(shape), i ? ",%llu" : "%llu",
                  (unsigned long long)dims[i]);
     }
@@ -702,10 +772,12 @@ static herr_t describe_one(hid_t group, const char *name, const H5L_info_t *info
     read_attr(dataset, "no_decay", H5T_NATIVE_INT, &no_decay);
     read_attr(dataset, "expert", H5T_NATIVE_INT, &expert);
     H5Dclose(dataset);
-    fprintf(state->out, "  %-40s %-16s %10lld%s%s%s\n", name, shape, count,
+    char count_text[32];
+    count_str(count, count_text, sizeof count_text);
+    fprintf(state->out, "  %-40s %-16s %10s%s%s%s\n", name, shape, count_text,
             expert ? "  expert" : "", frozen ? "  frozen" : "", no_decay ? "  no-decay" : "");
-    state->total += count;
-    if (!frozen) state->trainable += count;
+    state->total = saturating_add(state->total, count);
+    if (!frozen) state->trainable = saturating_add(state->trainable, count);
     return 0;
 }
 
@@ -739,9 +811,11 @@ cm_status ckpt_describe(const char *path, FILE *out) {
     describe_origin(file, out);
     describe_state state = {out, 0, 0};
     hid_t values = H5Gopen2(file, "params", H5P_DEFAULT);
-    herr_t walked =
-        values < 0 ? -1
-                   : H5Literate(values, H5_INDEX_NAME, H5_ITER_INC, NULL, describe_one, &state);
+    name_list names = {0};
+    herr_t walked = values < 0 ? -1 : sorted_link_names(values, &names);
+    for (size_t i = 0; walked >= 0 && i < names.count; i++)
+        walked = describe_one(values, names.names[i], &state);
+    free_names(&names);
     if (values >= 0) H5Gclose(values);
     char *recipe = read_string_attr(file, "recipe");
     H5Fclose(file);
@@ -749,7 +823,10 @@ cm_status ckpt_describe(const char *path, FILE *out) {
         free(recipe);
         return CM_ERR(CM_ERR_FORMAT, "%s: cannot list /params (corrupted checkpoint?)", path);
     }
-    fprintf(out, "  %lld parameters (%lld trainable)\n\nrecipe:\n%s", state.total, state.trainable,
+    char total[32], trainable[32];
+    count_str(state.total, total, sizeof total);
+    count_str(state.trainable, trainable, sizeof trainable);
+    fprintf(out, "  %s parameters (%s trainable)\n\nrecipe:\n%s", total, trainable,
             recipe ? recipe : "(none)\n");
     free(recipe);
     return CM_OK;

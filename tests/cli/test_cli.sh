@@ -195,5 +195,25 @@ check $? "h5py rewrites fc1 with rank 3"
 expect_status "a parameter of another rank" 1 "$cmoe" eval --ckpt "$work/rank3.h5" --max-batches 1
 expect_text "its real shape is named" "$work/err" "has shape [64,2,16] in the checkpoint but [64,32]"
 
+# One bit flipped in the link B-tree of /params (a damaged checkpoint that
+# fuzz_inspect found): HDF5 1.10.8's sorted listing of a group with dense
+# link storage frees uninitialised pointers when a link fails to decode, and
+# inspect segfaulted whenever that memory was not zero (MALLOC_PERTURB_
+# makes it so every time). inspect now lists in native order and sorts itself.
+MALLOC_PERTURB_=165 expect_status "inspect a checkpoint with a damaged link" 1 \
+    "$cmoe" inspect "$src/fuzz/corpus/inspect/regression-link-table.h5"
+expect_text "damaged link message" "$work/err" "cannot list /params (corrupted checkpoint?)"
+
+# A chunked 2^40 x 2^40 dataset with nothing written (a valid HDF5 file): its
+# element count does not fit 64 bits, and inspect says so instead of
+# overflowing a signed product (undefined behaviour; found by fuzz_inspect).
+cp "$last" "$work/huge.h5"
+/usr/bin/python3 -c 'import h5py, sys; h5py.File(sys.argv[1], "a")["params"].create_dataset("huge", shape=(2**40, 2**40), chunks=(1, 1), dtype="f4")' \
+    "$work/huge.h5"
+check $? "h5py adds a 2^40 x 2^40 dataset"
+expect_status "inspect a checkpoint with a 2^40 x 2^40 dataset" 0 "$cmoe" inspect "$work/huge.h5"
+expect_text "inspect shows the huge shape" "$work/out" "[1099511627776,1099511627776]     >=2^64"
+expect_text "inspect saturates the total" "$work/out" ">=2^64 parameters (>=2^64 trainable)"
+
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
