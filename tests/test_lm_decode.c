@@ -41,8 +41,8 @@ static const decode_case cases[] = {
                      "router: {type: rmoe, k: 2, gating: topk_softmax, rnn_hidden: 8}\n"},
     {"rmoe all layers", "moe: {enabled: true, num_experts: 4, activation: swiglu}\n"
                         "router: {type: rmoe, k: 2, rnn_hidden: 5, rnn_state: detach}\n"},
-    {"rmoe off", "moe: {enabled: true, num_experts: 4}\n"
-                 "router: {type: rmoe, k: 1, rnn_hidden: 6, rnn_state: off}\n"},
+    {"rmoe zero", "moe: {enabled: true, num_experts: 4}\n"
+                  "router: {type: rmoe, k: 1, rnn_hidden: 6, rnn_state: zero}\n"},
 };
 
 static cm_recipe tiny_recipe(const char *sections) {

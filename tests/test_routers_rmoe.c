@@ -220,7 +220,7 @@ START_TEST(test_states_and_gates_match_reference) {
             for (int i = 0; i < T * H; i++) ck_assert_double_eq_tol(states[l]->data[i], h[i], 1e-6);
             assert_routing(&out[l], logits);
             /* off: every layer starts again from zero */
-            if (mode != ROUTER_RNN_OFF) memcpy(h_prev, h, sizeof h);
+            if (mode != ROUTER_RNN_ZERO) memcpy(h_prev, h, sizeof h);
         }
         free_inputs(x);
         stack_free(&s);
@@ -255,7 +255,7 @@ START_TEST(test_recurrence_matters_and_reduces) {
     int32_t carry_e[LAYERS * T * K], off_e[LAYERS * T * K];
     float carry_g[LAYERS * T * K], off_g[LAYERS * T * K];
     route_mode(&s, x, ROUTER_RNN_CARRY, carry_e, carry_g);
-    route_mode(&s, x, ROUTER_RNN_OFF, off_e, off_g);
+    route_mode(&s, x, ROUTER_RNN_ZERO, off_e, off_g);
     /* layer 0 sees h = 0 either way; the later layers see the history */
     ck_assert(!memcmp(carry_g, off_g, T * K * sizeof(float)));
     ck_assert(memcmp(carry_g + T * K, off_g + T * K, 2 * T * K * sizeof(float)) != 0);
@@ -265,7 +265,7 @@ START_TEST(test_recurrence_matters_and_reduces) {
     for (int i = 0; i < T * D; i++) x[0]->data[i] *= -1.0f;
     route_mode(&s, x, ROUTER_RNN_CARRY, moved_e, moved_g);
     ck_assert(memcmp(moved_g + 2 * T * K, carry_g + 2 * T * K, T * K * sizeof(float)) != 0);
-    route_mode(&s, x, ROUTER_RNN_OFF, moved_e, moved_g);
+    route_mode(&s, x, ROUTER_RNN_ZERO, moved_e, moved_g);
     ck_assert(!memcmp(moved_g + 2 * T * K, off_g + 2 * T * K, T * K * sizeof(float)));
 
     /* 9.6.2: no recurrent weights and biases, and z = 0 (b_iz very negative
@@ -279,7 +279,7 @@ START_TEST(test_recurrence_matters_and_reduces) {
     memset(wih + H * H, 0, H * H * sizeof(float));
     for (int j = 0; j < H; j++) bih[H + j] = -200.0f;
     route_mode(&s, x, ROUTER_RNN_CARRY, carry_e, carry_g);
-    route_mode(&s, x, ROUTER_RNN_OFF, off_e, off_g);
+    route_mode(&s, x, ROUTER_RNN_ZERO, off_e, off_g);
     ck_assert(!memcmp(carry_e, off_e, sizeof carry_e));
     ck_assert(!memcmp(carry_g, off_g, sizeof carry_g));
     free_inputs(x);

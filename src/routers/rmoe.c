@@ -13,7 +13,7 @@
  * router_call.depth for the next MoE layer. With router.rnn_state carry
  * (the release) the state keeps its gradient, so every later layer's gates
  * reach the earlier layers' W1 and the GRU through the recurrence;
- * detach passes the values only, off passes zero (recurrence off).
+ * detach passes the values only, zero passes zero (recurrence off).
  *
  * Initialisation: every weight and bias, the GRU's included, normal(0,
  * router.init_std) (the release applies Megatron's init_method to every GRU
@@ -79,7 +79,7 @@ static ag_tensor *previous_state(ag_ctx *ctx, const router *r, const router_call
                                  int tokens) {
     const int shape[2] = {tokens, r->config.rnn_hidden};
     ag_tensor *h = call->depth ? call->depth->h : NULL;
-    if (!h || r->config.rnn_state == ROUTER_RNN_OFF) return ag_zeros(ctx, "rmoe_state", 2, shape);
+    if (!h || r->config.rnn_state == ROUTER_RNN_ZERO) return ag_zeros(ctx, "rmoe_state", 2, shape);
     CM_ASSERT(h->ndim == 2 && h->shape[0] == tokens && h->shape[1] == shape[1],
               "rmoe: the carried state has %d rows and %d columns, the layer needs [%d,%d]",
               h->shape[0], h->ndim > 1 ? h->shape[1] : 1, tokens, shape[1]);

@@ -16,7 +16,7 @@ const char *const router_drop_policy_names[] = {"probability", "position", NULL}
 const char *const router_noise_names[] = {"none", "fixed", "learned", NULL};
 const char *const router_aux_scope_names[] = {"global", "local", NULL};
 const char *const router_thor_level_names[] = {"per_token", "per_sequence", NULL};
-const char *const router_rnn_state_names[] = {"carry", "detach", "off", NULL};
+const char *const router_rnn_state_names[] = {"carry", "detach", "zero", NULL};
 static_assert(NAME_COUNT(router_gating_names) == ROUTER_GATING_COUNT, "router_gating_names");
 static_assert(NAME_COUNT(router_drop_policy_names) == ROUTER_DROP_POLICY_COUNT,
               "router_drop_policy_names");

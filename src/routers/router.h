@@ -109,7 +109,7 @@ typedef enum router_rnn_state {
     ROUTER_RNN_CARRY =
         0,             /* the state itself: gradients flow back through the depth (the release) */
     ROUTER_RNN_DETACH, /* its values without their gradient (no cross-layer terms) */
-    ROUTER_RNN_OFF,    /* zero at every layer: recurrence off, same parameters */
+    ROUTER_RNN_ZERO,   /* zero at every layer: recurrence off, same parameters */
     ROUTER_RNN_STATE_COUNT
 } router_rnn_state;
 

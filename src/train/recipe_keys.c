@@ -276,7 +276,8 @@ const recipe_key recipe_keys[] = {
     KEY_ENUM("router", "rnn_state", router.rnn_state, router_rnn_state, router_rnn_state_names,
              "carry",
              "rmoe: the previous MoE layer's state the GRU receives: carry (with its gradient, "
-             "the release), detach (values only) or off (zero: recurrence off)"),
+             "the release), detach (values only) or zero (recurrence off; not off, which YAML 1.1 "
+             "readers take for false)"),
 
     KEY_ENUM("data", "format", data.format, cm_data_format, data_format_names, "text",
              "data set format: text is a byte-level corpus (one token per byte); idx is gzip IDX "

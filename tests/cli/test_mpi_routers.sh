@@ -15,7 +15,7 @@
 #    (0 < mean_k < k);
 #  - rmoe: the loss falls, the checkpoint holds one shared GRU
 #    (router_gru.*) and each layer's proj_weight and weight with their
-#    shapes, and the state carried across layers matters (rnn_state off
+#    shapes, and the state carried across layers matters (rnn_state zero
 #    trains to other losses).
 # usage: test_mpi_routers.sh PATH/TO/cmoe SOURCE_DIR
 set -u
@@ -140,7 +140,7 @@ check $? "null-experts: test mean_k (true experts per token) in (0, 3): $(grep '
 grep -q '"load_max_over_mean"' "$work/null-experts-2/metrics.jsonl"
 check $? "load_max_over_mean is logged"
 
-# RMoE: it learns; the checkpoint's names and shapes; recurrence off differs.
+# RMoE: it learns; the checkpoint's names and shapes; recurrence off (zero) differs.
 awk 'NR == 1 { first = $2 } END { exit !(NR == 16 && $2 < first - 0.5) }' "$work/rmoe-1.txt"
 check $? "rmoe: the loss falls by more than 0.5 nats over 16 steps: $(head -n 1 "$work/rmoe-1.txt" | tr '\n' ' ') -> $(tail -n 1 "$work/rmoe-1.txt")"
 "$python" - "$work/rmoe-2/ckpt-00000016.h5" > "$work/rmoe-names.txt" <<'PY'
@@ -161,8 +161,8 @@ router_gru.weight_hh 192x64
 router_gru.weight_ih 192x64"
 [ "$(cat "$work/rmoe-names.txt")" = "$expected" ]
 check $? "rmoe: checkpoint router names and shapes: $(tr '\n' ',' < "$work/rmoe-names.txt")"
-train rmoe-off 1 rmoe --set router.rnn_state=off
-check $? "rmoe: rnn_state off ($(tail -c 300 "$work/rmoe-off.out"))"
+train rmoe-off 1 rmoe --set router.rnn_state=zero
+check $? "rmoe: rnn_state zero ($(tail -c 300 "$work/rmoe-off.out"))"
 losses "$work/rmoe-off" 1 > "$work/rmoe-off.txt"
 ! cmp -s "$work/rmoe-off.txt" "$work/rmoe-1.txt"
 check $? "rmoe: recurrence off trains to other losses than carry"
