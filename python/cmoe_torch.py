@@ -11,7 +11,7 @@ or from the shell, printing what `cmoe eval` prints:
     /usr/bin/python3 python/cmoe_torch.py CKPT [CKPT...] --text data/kjv/test.txt
 
 The model (dense, or MoE with any router cmoe has: topk, smoe_dropout,
-top_p, thor, expert_choice, null_experts, bias_balance) and its settings come from the recipe stored in
+top_p, thor, expert_choice, null_experts, bias_balance, rmoe) and its settings come from the recipe stored in
 the checkpoint; the parameter names of `model.state_dict()` are exactly the
 checkpoint's /params names. docs/model.md describes every computation; this
 file is meant to be read next to it. Inference only: no dropout, no router
@@ -178,7 +178,11 @@ class MoE(nn.Module):
         self.kind = router_cfg["type"]
         self.experts_count = moe_cfg["num_experts"]
         self.null_count = router_cfg.get("null_experts", 0) if self.kind == "null_experts" else 0
-        if self.kind != "thor":
+        if self.kind == "rmoe":  # logits read on the GRU state; a projection feeds the GRU
+            hidden_r = router_cfg["rnn_hidden"]
+            self.router = nn.Linear(hidden_r, self.experts_count, bias=False)
+            self.router.proj_weight = nn.Parameter(torch.zeros(hidden_r, d_model))
+        elif self.kind != "thor":
             self.router = nn.Linear(d_model, self.experts_count, bias=bool(router_cfg["bias"]))
             if router_cfg["noise"] == "learned":  # stored, unused at inference
                 self.router.noise_weight = nn.Parameter(torch.zeros(self.experts_count, d_model))
@@ -197,12 +201,24 @@ class MoE(nn.Module):
             return self.k_override
         return self.cfg["eval_k"] if self.cfg["eval_k"] > 0 else self.cfg["k"]
 
-    def route(self, x, seq_len, first_token):
+    def rmoe_logits(self, x, depth):
+        """RMoE (docs/model.md): x' = W1 x, h = GRU(x', previous state), logits = W2 h.
+        depth: {"gru": the shared nn.GRUCell, "h": the previous MoE layer's state or None}."""
+        previous = depth["h"]
+        if previous is None or self.cfg["rnn_state"] == "zero":
+            previous = x.new_zeros(x.shape[0], self.router.proj_weight.shape[0])
+        elif self.cfg["rnn_state"] == "detach":
+            previous = previous.detach()
+        state = depth["gru"](x @ self.router.proj_weight.T, previous)
+        depth["h"] = state
+        return self.router(state)
+
+    def route(self, x, seq_len, first_token, depth=None):
         """x [N,D] -> token [S], expert [S], gate [S] (token-major)."""
         n, experts = x.shape[0], self.experts_count
         if self.kind == "thor":
             return self.route_thor(x, seq_len, first_token)
-        logits = self.router(x)  # [N,E]
+        logits = self.rmoe_logits(x, depth) if self.kind == "rmoe" else self.router(x)  # [N,E]
         probs = logits.softmax(-1)
         if self.kind == "expert_choice":
             per_expert = ceil_count(n * as_float32(self.cfg["capacity_factor"]) / experts)
@@ -229,7 +245,7 @@ class MoE(nn.Module):
                 null_logits = null_logits + null_bias
             logits = torch.cat([logits, null_logits], dim=1)
             probs = logits.softmax(-1)
-        # topk, null_experts and bias_balance (gating from the recipe) and
+        # topk, null_experts, bias_balance and rmoe (gating from the recipe) and
         # smoe_dropout (always topk_softmax)
         k = self.eval_k()
         if self.kind == "bias_balance":
@@ -284,10 +300,10 @@ class MoE(nn.Module):
             keep[members[cap:]] = False
         return token[keep], expert[keep], gates[keep]
 
-    def forward(self, h, seq_len, first_token):
+    def forward(self, h, seq_len, first_token, depth=None):
         """h [B,T,D] -> [B,T,D]: out[t] = sum over t's slots of gate * expert(h[t])."""
         x = h.reshape(-1, h.shape[-1])
-        token, expert, gates = self.route(x, seq_len, first_token)
+        token, expert, gates = self.route(x, seq_len, first_token, depth)
         out = torch.zeros_like(x)
         for e in range(self.experts_count):
             slots = (expert == e).nonzero().flatten()
@@ -315,10 +331,11 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(d, model_cfg["d_ff"])
 
-    def forward(self, x, first_token):
+    def forward(self, x, first_token, depth=None):
+        """depth: RMoE's state carried across the MoE layers (dense layers pass it on)."""
         x = x + self.attn(self.ln1(x))
         h = self.ln2(x)
-        h = self.moe(h, x.shape[1], first_token) if self.is_moe else self.mlp(h)
+        h = self.moe(h, x.shape[1], first_token, depth) if self.is_moe else self.mlp(h)
         return x + h
 
 
@@ -342,6 +359,11 @@ class CmoeLM(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d, eps=float(m["layernorm_eps"]))
         self.head = nn.Linear(d, vocab, bias=False)  # not tied to wte
+        self.router_gru = None
+        if moe_cfg.get("enabled") and router_cfg.get("type") == "rmoe":
+            # RMoE's GRU, shared by every MoE layer: router_gru.{weight,bias}_{ih,hh},
+            # gates r, z, n (cmoe's ag_gru_cell is PyTorch's GRUCell)
+            self.router_gru = nn.GRUCell(router_cfg["rnn_hidden"], router_cfg["rnn_hidden"])
 
     def set_k(self, k):
         """Experts per token for topk / smoe_dropout (cmoe eval --set router.eval_k=K); 0: recipe."""
@@ -356,8 +378,9 @@ class CmoeLM(nn.Module):
         if seq > self.seq_len:
             raise ValueError("sequence length %d exceeds the model's %d" % (seq, self.seq_len))
         x = self.wte[ids] + self.wpe[:seq]
+        depth = {"gru": self.router_gru, "h": None}  # RMoE: h_0 = 0 at the first MoE layer
         for block in self.blocks:
-            x = block(x, first_row * seq)
+            x = block(x, first_row * seq, depth)
         return self.head(self.ln_f(x))
 
 

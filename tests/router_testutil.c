@@ -17,7 +17,8 @@ router_config make_config(router_kind kind, int experts, int k) {
                            .noise_std = 1.0f,
                            .top_p = 0.5f,
                            .k_schedule = {ROUTER_K_CONSTANT, k, k, 1},
-                           .thor_level = ROUTER_THOR_PER_SEQUENCE};
+                           .thor_level = ROUTER_THOR_PER_SEQUENCE,
+                           .rnn_hidden = 3};
 }
 
 void fixture_init(fixture *f, const router_config *config, int d_model) {

@@ -24,7 +24,8 @@ typedef struct fixture {
 } fixture;
 
 /* A config of `kind` with E experts and k; softmax-then-topK, init std 0.02,
- * noise std 1, top_p 0.5, a constant k schedule at k, THOR per sequence. */
+ * noise std 1, top_p 0.5, a constant k schedule at k, THOR per sequence,
+ * RMoE's H_r 3. */
 router_config make_config(router_kind kind, int experts, int k);
 /* Declares the router (layer 3, PREFIX "router") with d_model inputs,
  * finalizes the parameters and makes a 16 MiB arena. */

@@ -1,7 +1,8 @@
 /* The key/value-cache decoder (layers/lm_decode.h) against lm_forward: for a
  * tiny model of each router, with random weights, the logits of the
  * incremental path at every position equal those of one full no-grad
- * evaluation forward over the whole sequence. */
+ * evaluation forward over the whole sequence (RMoE: the router state
+ * carried across the MoE layers of each position). */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -35,6 +36,13 @@ static const decode_case cases[] = {
                           "router: {type: thor, thor_level: per_sequence}\n"},
     {"thor per_token", "moe: {enabled: true, num_experts: 4}\n"
                        "router: {type: thor, thor_level: per_token}\n"},
+    /* RMoE: the state crosses the MoE layers 0 and 2 over the dense layer 1 */
+    {"rmoe every 2", "moe: {enabled: true, num_experts: 4, every: 2}\n"
+                     "router: {type: rmoe, k: 2, gating: topk_softmax, rnn_hidden: 8}\n"},
+    {"rmoe all layers", "moe: {enabled: true, num_experts: 4, activation: swiglu}\n"
+                        "router: {type: rmoe, k: 2, rnn_hidden: 5, rnn_state: detach}\n"},
+    {"rmoe zero", "moe: {enabled: true, num_experts: 4}\n"
+                  "router: {type: rmoe, k: 1, rnn_hidden: 6, rnn_state: zero}\n"},
 };
 
 static cm_recipe tiny_recipe(const char *sections) {

@@ -408,7 +408,7 @@ START_TEST(test_yaml_shape_errors) {
         "type, k, gating, bias, init_std, noise, noise_std, aux_loss_coef, "
         "aux_loss_scope, z_loss_coef, top_p, entropy_coef, capacity_factor, drop_policy, "
         "k_schedule, k_min, k_max, k_span_steps, thor_alpha, thor_level, eval_k, null_experts, "
-        "bias_update_rate");
+        "bias_update_rate, rnn_hidden, rnn_state");
     expect_text_error("modle:\n  d_model: 8\n", CM_ERR_INVALID,
                       "inline.yaml:1:1: unknown section 'modle' (did you mean 'model'?)");
     expect_text_error("name: a\n\tmodel: 1\n", CM_ERR_FORMAT,
@@ -554,6 +554,8 @@ static const char *const every_key_overrides[] = {
     "router.thor_level=per_token",
     "router.null_experts=3",
     "router.bias_update_rate=0.01",
+    "router.rnn_hidden=16",
+    "router.rnn_state=detach",
     "router.eval_k=5",
     "data.format=idx",
     "data.path=with \"quotes\" and \\backslash\\: #hash",

@@ -297,7 +297,7 @@ START_TEST(test_consistency_messages) {
          "inline.yaml:2:20: router.capacity_factor = -1 is out of range [0, 1000]"},
         {"router:\n  type: switch\n",
          "inline.yaml:2:9: unknown value 'switch' for router.type; valid values: topk, "
-         "smoe_dropout, thor, top_p, expert_choice, null_experts, bias_balance"},
+         "smoe_dropout, thor, top_p, expert_choice, null_experts, bias_balance, rmoe"},
         {"router:\n  k_schedule: linear\n",
          "inline.yaml:2:15: unknown value 'linear' for router.k_schedule; valid values: "
          "constant, linear_increase, cosine_increase, exp_increase, multi_step_increase"},

@@ -35,15 +35,16 @@ START_TEST(test_registry_rows) {
         ck_assert(!m->pass_consistency || m->passes_per_step > 1);
 
         router_config config = make_config((router_kind)kind, experts, 2);
-        config.capacity_factor = 2.0f; /* expert choice needs one */
-        config.bias = true;
+        config.capacity_factor = 2.0f;     /* expert choice needs one */
+        config.bias = kind != ROUTER_RMOE; /* RMoE's projections have no bias */
         config.consistency_alpha = 0.75f;
         ck_assert_int_eq(router_passes_per_step(&config), m->passes_per_step);
         ck_assert_float_eq(router_pass_consistency(&config), m->pass_consistency ? 0.75f : 0.0f);
         fixture f;
         fixture_init(&f, &config, d);
         ck_assert_ptr_eq(f.r.method, m);
-        ck_assert_int_eq(f.r.weight != NULL, m->has_weights);
+        /* RMoE declares its own weight [E,H_r] (read on its state) */
+        ck_assert_int_eq(f.r.weight != NULL, m->has_weights || kind == ROUTER_RMOE);
         ck_assert_int_eq(f.r.bias != NULL, m->has_weights);
         if (m->has_weights) {
             ck_assert_int_eq(f.r.weight->frozen, m->frozen_weights);
@@ -131,7 +132,7 @@ START_TEST(test_declare_validation) {
          0.5f,
          0.0f,
          {ROUTER_K_CONSTANT, 1, 1, 1},
-         "unknown router kind 7"},
+         "unknown router kind 8"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         router_config config = make_config(cases[i].kind, 4, cases[i].k);

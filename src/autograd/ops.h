@@ -113,6 +113,16 @@ ag_tensor *ag_concat(ag_ctx *ctx, ag_tensor *const *xs, int n, int dim);
 /* x[..., start:start+length, ...] along `dim` (copies). */
 ag_tensor *ag_slice(ag_ctx *ctx, ag_tensor *x, int dim, int start, int length);
 
+/* ---- ops_rnn.c ------------------------------------------------------------ */
+
+/* One GRU step after its two projections (PyTorch's GRUCell; gate order
+ * r, z, n in blocks of H columns): gi = x W_ih^T + b_ih [N,3H],
+ * gh = h W_hh^T + b_hh [N,3H], h [N,H] -> h' [N,H] with
+ *   r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z),
+ *   n = tanh(gi_n + r * gh_n),  h' = (1 - z) * n + z * h.
+ * Gradients reach all three inputs (libm exp and tanh, not the fast forms). */
+ag_tensor *ag_gru_cell(ag_ctx *ctx, ag_tensor *gi, ag_tensor *gh, ag_tensor *h);
+
 /* ---- ops_moe.c ------------------------------------------------------------ */
 
 /* x [*] (any shape, read flat), index[s] in [0,numel) -> [s]: out[i] = x[index[i]] */

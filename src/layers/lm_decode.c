@@ -23,6 +23,10 @@ struct lm_decoder {
     float *hidden, *up, *y;   /* [max(F, H)], [H], [D] */
     ag_ctx router_ctx;
     bool router_ctx_ready;
+    /* RMoE: the token's router state after the last MoE layer [H_r] (the
+     * shared GRU fixes one H_r), valid once rnn_started in this step. */
+    float *rnn_state;
+    bool rnn_started;
 };
 
 static const float *weights(ag_param *param) {
@@ -81,6 +85,15 @@ static int widest_hidden(const lm_model *model) {
     return widest;
 }
 
+/* The largest router.rnn_hidden among the MoE layers (1 when none). */
+static int rnn_hidden(const lm_model *model) {
+    int widest = 1;
+    for (int l = 0; l < model->config.n_layer; l++)
+        if (model->blocks[l].is_moe && model->blocks[l].moe.router.config.rnn_hidden > widest)
+            widest = model->blocks[l].moe.router.config.rnn_hidden;
+    return widest;
+}
+
 cm_status lm_decoder_create(const lm_model *model, const lm_decode_options *options,
                             lm_decoder **out) {
     *out = NULL;
@@ -116,6 +129,11 @@ cm_status lm_decoder_create(const lm_model *model, const lm_decode_options *opti
         }
         d->router_ctx_ready = true;
         ag_set_grad_enabled(&d->router_ctx, false);
+        d->rnn_state = malloc((size_t)rnn_hidden(model) * sizeof(float));
+        if (!d->rnn_state) {
+            lm_decoder_free(d);
+            return CM_ERR(CM_ERR_NOMEM, "out of memory for the router state");
+        }
     }
     *out = d;
     return CM_OK;
@@ -128,6 +146,7 @@ void lm_decoder_free(lm_decoder *decoder) {
     free(decoder->values);
     free(decoder->x);
     free(decoder->window);
+    free(decoder->rnn_state);
     free(decoder);
 }
 
@@ -226,8 +245,18 @@ static cm_status moe_token(lm_decoder *d, const moe_layer *moe, int t) {
                         .k_override = d->options.k_override,
                         .seq_len = d->capacity,
                         .first_token = (uint64_t)t};
+    /* RMoE: the state the token's previous MoE layer left (none at the first). */
+    const int state_size = moe->router.config.rnn_hidden;
+    router_depth_state depth = {0};
+    if (d->rnn_started)
+        depth.h = ag_alias(ctx, "decode_state", d->rnn_state, 2, (int[]){1, state_size});
+    call.depth = &depth;
     router_output routed;
     CM_TRY(router_route(ctx, &moe->router, token, &call, &routed));
+    if (depth.h && moe->router.proj_weight) {
+        memcpy(d->rnn_state, depth.h->data, (size_t)state_size * sizeof(float));
+        d->rnn_started = true;
+    }
     for (int s = routed.offsets[0]; s < routed.offsets[1]; s++)
         add_expert(d, moe, routed.expert[s], routed.gates->data[s]);
     return CM_OK;
@@ -259,6 +288,7 @@ cm_status lm_decoder_step(lm_decoder *decoder, int32_t byte, float *logits) {
     const float *token = weights(model->wte) + (size_t)byte * D;
     const float *position = weights(model->wpe) + (size_t)t * D;
     for (int i = 0; i < D; i++) d->x[i] = token[i] + position[i];
+    d->rnn_started = false;
     for (int l = 0; l < c->n_layer; l++) {
         attention_block(d, l, t);
         CM_TRY(feed_forward_block(d, l, t));

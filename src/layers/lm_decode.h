@@ -20,7 +20,8 @@
  * the whole context; per token: one per position). Expert choice is refused:
  * its experts pick tokens from the whole batch, so it is not causal and a
  * token at a time cannot reproduce it. A router with a capacity factor is
- * decoded dropless (one token never overflows an expert).
+ * decoded dropless (one token never overflows an expert). RMoE carries the
+ * token's router state from one MoE layer to the next, as lm_forward does.
  * Owns: the caches, the window's bytes and scratch buffers (allocated at
  * create). */
 #ifndef CMOE_LAYERS_LM_DECODE_H

@@ -87,9 +87,11 @@ static ag_tensor *drop(ag_ctx *ctx, ag_tensor *x, const lm_forward_args *args, f
     return ag_dropout(ctx, x, p, key, args->first_row * per_row);
 }
 
-/* h [B,T,D] -> [B,T,D] through the block's MoE layer; reports to args->report. */
+/* h [B,T,D] -> [B,T,D] through the block's MoE layer; reports to
+ * args->report. depth: the routers' state carried across the pass's MoE
+ * layers (RMoE), read and replaced by the layer's router. */
 static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
-                            const lm_forward_args *args) {
+                            const lm_forward_args *args, router_depth_state *depth) {
     if (!h) return NULL;
     const int tokens = args->batch * args->seq_len, D = h->shape[2];
     router_call call = {.training = args->training,
@@ -101,7 +103,8 @@ static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
                         .seq_len = args->seq_len,
                         .first_token = args->first_row * (uint64_t)args->seq_len,
                         .group = args->group,
-                        .global_tokens = args->global_tokens};
+                        .global_tokens = args->global_tokens,
+                        .depth = depth};
     moe_result result;
     ag_tensor *flat = ag_reshape(ctx, h, 2, (int[]){tokens, D});
     if (moe_forward(ctx, &b->moe, flat, &call, &result) != CM_OK) return NULL;
@@ -133,6 +136,9 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
     ag_tensor *x = ag_add(ctx, ag_reshape(ctx, tokens, 3, bt_d), positions); /* [B,T,D] */
     x = drop(ctx, x, args, c->dropout, 0, DROP_EMBEDDING);
 
+    /* One state per pass, empty until the first MoE layer; dense layers
+     * leave it as it is (METHODS.md 15.6). */
+    router_depth_state depth = {0};
     for (int l = 0; l < c->n_layer; l++) {
         const lm_block *b = &model->blocks[l];
         ag_tensor *h = ag_layernorm(ctx, x, ag_param_tensor(b->ln1_weight),
@@ -145,7 +151,7 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
         h = ag_layernorm(ctx, x, ag_param_tensor(b->ln2_weight), ag_param_tensor(b->ln2_bias),
                          c->layernorm_eps);
         if (b->is_moe) {
-            h = moe_block(ctx, b, h, args);
+            h = moe_block(ctx, b, h, args, &depth);
         } else {
             h = ag_gelu(ctx, ag_linear(ctx, h, ag_param_tensor(b->fc1_weight),
                                        ag_param_tensor(b->fc1_bias)));

@@ -6,8 +6,9 @@
 #include "common/check.h"
 #include "routers/router_internal.h"
 
-const char *const router_kind_names[] = {"topk",          "smoe_dropout", "thor",         "top_p",
-                                         "expert_choice", "null_experts", "bias_balance", NULL};
+const char *const router_kind_names[] = {"topk",         "smoe_dropout",  "thor",
+                                         "top_p",        "expert_choice", "null_experts",
+                                         "bias_balance", "rmoe",          NULL};
 static_assert(sizeof router_kind_names / sizeof router_kind_names[0] == ROUTER_KIND_COUNT + 1,
               "router_kind_names out of sync with router_kind");
 
@@ -74,6 +75,15 @@ static const router_method methods[ROUTER_KIND_COUNT] = {
                              .declare = router_bias_balance_declare,
                              .update = router_bias_balance_update,
                              .route = router_bias_balance_route},
+    /* RMoE: a GRU shared by the MoE layers carries a per-token state along
+     * the depth; top-k on logits read from it (rmoe.c) */
+    [ROUTER_RMOE] = {.kind = ROUTER_RMOE,
+                     .name = "rmoe",
+                     .uses_k = true,
+                     .passes_per_step = 1,
+                     .validate = router_rmoe_validate,
+                     .declare = router_rmoe_declare,
+                     .route = router_rmoe_route},
 };
 
 const router_method *router_method_of(router_kind kind) {

@@ -16,6 +16,7 @@ const char *const router_drop_policy_names[] = {"probability", "position", NULL}
 const char *const router_noise_names[] = {"none", "fixed", "learned", NULL};
 const char *const router_aux_scope_names[] = {"global", "local", NULL};
 const char *const router_thor_level_names[] = {"per_token", "per_sequence", NULL};
+const char *const router_rnn_state_names[] = {"carry", "detach", "zero", NULL};
 static_assert(NAME_COUNT(router_gating_names) == ROUTER_GATING_COUNT, "router_gating_names");
 static_assert(NAME_COUNT(router_drop_policy_names) == ROUTER_DROP_POLICY_COUNT,
               "router_drop_policy_names");
@@ -24,6 +25,35 @@ static_assert(NAME_COUNT(router_aux_scope_names) == ROUTER_AUX_SCOPE_COUNT,
               "router_aux_scope_names");
 static_assert(NAME_COUNT(router_thor_level_names) == ROUTER_THOR_LEVEL_COUNT,
               "router_thor_level_names");
+static_assert(NAME_COUNT(router_rnn_state_names) == ROUTER_RNN_STATE_COUNT,
+              "router_rnn_state_names");
+
+/* PREFIX.weight [E,D] (+ bias, + learned noise weight), frozen when the
+ * method says so. */
+static cm_status declare_weights(router *r, int d_model, ag_params *params, const char *prefix) {
+    const router_config *c = &r->config;
+
+    char full[AG_PARAM_NAME_MAX];
+    snprintf(full, sizeof full, "%s.weight", prefix);
+    CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 2, (int[]){c->num_experts, d_model},
+                             (ag_init){AG_INIT_NORMAL, 0.0f, c->init_std}, &r->weight));
+    if (c->bias) {
+        snprintf(full, sizeof full, "%s.bias", prefix);
+        CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 1, (int[]){c->num_experts},
+                                 (ag_init){AG_INIT_ZERO, 0.0f, 0.0f}, &r->bias));
+    }
+    if (c->noise == ROUTER_NOISE_LEARNED) {
+        /* Shazeer et al. initialise W_noise to zero: noise std softplus(0) = ln 2. */
+        snprintf(full, sizeof full, "%s.noise_weight", prefix);
+        CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 2, (int[]){c->num_experts, d_model},
+                                 (ag_init){AG_INIT_ZERO, 0.0f, 0.0f}, &r->noise_weight));
+    }
+    if (r->method->frozen_weights) {
+        ag_param_set_frozen(r->weight, true);
+        if (r->bias) ag_param_set_frozen(r->bias, true);
+    }
+    return CM_OK;
+}
 
 cm_status router_declare(router *r, const router_config *config, int layer, int d_model,
                          ag_params *params, const char *prefix) {
@@ -58,27 +88,7 @@ cm_status router_declare_with(router *r, const router_method *method, const rout
                       "router.noise = learned needs a trained router network (%s has none)",
                       method->name);
     *r = (router){.config = *c, .method = method, .layer = layer};
-    if (!method->has_weights) return CM_OK;
-
-    char full[AG_PARAM_NAME_MAX];
-    snprintf(full, sizeof full, "%s.weight", prefix);
-    CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 2, (int[]){c->num_experts, d_model},
-                             (ag_init){AG_INIT_NORMAL, 0.0f, c->init_std}, &r->weight));
-    if (c->bias) {
-        snprintf(full, sizeof full, "%s.bias", prefix);
-        CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 1, (int[]){c->num_experts},
-                                 (ag_init){AG_INIT_ZERO, 0.0f, 0.0f}, &r->bias));
-    }
-    if (c->noise == ROUTER_NOISE_LEARNED) {
-        /* Shazeer et al. initialise W_noise to zero: noise std softplus(0) = ln 2. */
-        snprintf(full, sizeof full, "%s.noise_weight", prefix);
-        CM_TRY(ag_params_declare(params, full, AG_GROUP_DENSE, 2, (int[]){c->num_experts, d_model},
-                                 (ag_init){AG_INIT_ZERO, 0.0f, 0.0f}, &r->noise_weight));
-    }
-    if (method->frozen_weights) {
-        ag_param_set_frozen(r->weight, true);
-        if (r->bias) ag_param_set_frozen(r->bias, true);
-    }
+    if (method->has_weights) CM_TRY(declare_weights(r, d_model, params, prefix));
     return method->declare ? method->declare(r, d_model, params, prefix) : CM_OK;
 }
 

@@ -27,7 +27,11 @@
  * become slots, so a token uses 0..k true experts), and auxiliary-loss-free
  * balancing (top-k chosen on the probabilities plus a per-expert bias that
  * the trainer nudges once per optimizer step from the global expert loads,
- * router_update_expert_biases; the gates ignore the bias).
+ * router_update_expert_biases; the gates ignore the bias), and RMoE's
+ * layerwise recurrent router (a GRU shared by all MoE layers carries a
+ * per-token state along the depth; each layer's top-k logits are read from
+ * the new state, METHODS.md 9.2; the state crosses layers in
+ * router_call.depth).
  *
  * The registry (registry.c) holds one row per method (router_method): its
  * name, what it reads (k, a k schedule), how many forward passes a training
@@ -65,6 +69,7 @@ typedef enum router_kind {
     ROUTER_EXPERT_CHOICE,
     ROUTER_NULL_EXPERTS,
     ROUTER_BIAS_BALANCE,
+    ROUTER_RMOE,
     ROUTER_KIND_COUNT
 } router_kind;
 
@@ -98,6 +103,16 @@ typedef enum router_aux_scope {
     ROUTER_AUX_SCOPE_COUNT
 } router_aux_scope;
 
+/* What RMoE's GRU receives as the previous MoE layer's state h_{l-1}
+ * (router.rnn_state). */
+typedef enum router_rnn_state {
+    ROUTER_RNN_CARRY =
+        0,             /* the state itself: gradients flow back through the depth (the release) */
+    ROUTER_RNN_DETACH, /* its values without their gradient (no cross-layer terms) */
+    ROUTER_RNN_ZERO,   /* zero at every layer: recurrence off, same parameters */
+    ROUTER_RNN_STATE_COUNT
+} router_rnn_state;
+
 typedef enum router_thor_level {
     ROUTER_THOR_PER_TOKEN = 0,    /* inference_level 0 */
     ROUTER_THOR_PER_SEQUENCE = 1, /* inference_level 1, the released default */
@@ -106,13 +121,14 @@ typedef enum router_thor_level {
 
 /* The spellings recipes and logs use (router.type, router.gating,
  * router.drop_policy, router.noise, router.aux_loss_scope,
- * router.thor_level), in enum order, NULL-terminated. */
+ * router.thor_level, router.rnn_state), in enum order, NULL-terminated. */
 extern const char *const router_kind_names[ROUTER_KIND_COUNT + 1];
 extern const char *const router_gating_names[ROUTER_GATING_COUNT + 1];
 extern const char *const router_drop_policy_names[ROUTER_DROP_POLICY_COUNT + 1];
 extern const char *const router_noise_names[ROUTER_NOISE_COUNT + 1];
 extern const char *const router_aux_scope_names[ROUTER_AUX_SCOPE_COUNT + 1];
 extern const char *const router_thor_level_names[ROUTER_THOR_LEVEL_COUNT + 1];
+extern const char *const router_rnn_state_names[ROUTER_RNN_STATE_COUNT + 1];
 
 typedef struct router_config {
     router_kind kind;
@@ -134,9 +150,11 @@ typedef struct router_config {
     router_drop_policy drop_policy;
     router_k_schedule k_schedule; /* SMoE-Dropout: k during training */
     router_thor_level thor_level;
-    float consistency_alpha; /* THOR: weight of the consistency loss between its two passes */
-    int null_experts;        /* null experts: m, chosen among E + m, never slots (>= 0) */
-    float bias_update_rate;  /* bias balancing: u in b_i += u sign(mean load - load_i) */
+    float consistency_alpha;    /* THOR: weight of the consistency loss between its two passes */
+    int null_experts;           /* null experts: m, chosen among E + m, never slots (>= 0) */
+    float bias_update_rate;     /* bias balancing: u in b_i += u sign(mean load - load_i) */
+    int rnn_hidden;             /* RMoE: H_r, the GRU's input and state size (>= 1) */
+    router_rnn_state rnn_state; /* RMoE: what the GRU gets as the previous layer's state */
 } router_config;
 
 typedef struct router_method router_method;
@@ -152,7 +170,24 @@ typedef struct router {
     ag_param *null_bias;    /* [m] with config.bias and m > 0, else NULL */
     ag_param *expert_bias;  /* [E] bias balancing's selection bias: frozen (no gradient, no
                                optimizer state), saved in checkpoints, else NULL */
+    /* RMoE: PREFIX.proj_weight [H_r,D] (the release's weight1; this layer's),
+     * weight = PREFIX.weight [E,H_r] (weight2), and the GRU shared by every
+     * MoE layer of the model, router_gru.{weight_ih,weight_hh} [3H_r,H_r] and
+     * router_gru.{bias_ih,bias_hh} [3H_r] (PyTorch GRUCell's names and
+     * r, z, n block order); all NULL for the other methods. */
+    ag_param *proj_weight;
+    ag_param *gru_weight_ih, *gru_weight_hh, *gru_bias_ih, *gru_bias_hh;
 } router;
+
+/* The per-token state a depth-recurrent router (RMoE) hands from one MoE
+ * layer to the next within one forward pass: h [T,H_r] (arena, on the tape),
+ * NULL before the first MoE layer (the state then starts at zero). The
+ * owner of the forward pass (lm_forward, the decoder) keeps one per pass;
+ * a dense layer in between leaves it unchanged. Tokens are routed on their
+ * home rank, so with expert parallelism the state never leaves it. */
+typedef struct router_depth_state {
+    ag_tensor *h;
+} router_depth_state;
 
 /* Per-call context. */
 typedef struct router_call {
@@ -174,6 +209,9 @@ typedef struct router_call {
      * counts and tokens, weighted by its share of the global batch. */
     MPI_Comm group;
     int64_t global_tokens;
+    /* RMoE: the state carried across this forward pass's MoE layers, read
+     * and replaced by each layer (NULL: every layer starts from zero). */
+    router_depth_state *depth;
 } router_call;
 
 typedef struct router_stats {
@@ -209,7 +247,8 @@ struct router_method {
     int passes_per_step;   /* forward passes of the model per training step */
     bool pass_consistency; /* the passes are tied by a consistency loss weighted by
                               config.consistency_alpha (THOR) */
-    bool has_weights;      /* declares PREFIX.weight [E,D] (+ PREFIX.bias [E]) */
+    bool has_weights;      /* declares PREFIX.weight [E,D] (+ PREFIX.bias [E]); RMoE
+                              declares its own (method->declare) */
     bool frozen_weights;   /* ... and never trains them */
     bool null_experts;     /* chooses among E + config.null_experts (router_choices) */
     /* The method's own checks of the configuration, after the common ones

@@ -129,6 +129,10 @@ cm_status router_bias_balance_validate(const router_config *config);
 cm_status router_bias_balance_declare(router *r, int d_model, ag_params *params,
                                       const char *prefix);
 void router_bias_balance_update(const router *r, const int64_t *load);
+cm_status router_rmoe_validate(const router_config *config);
+cm_status router_rmoe_declare(router *r, int d_model, ag_params *params, const char *prefix);
+cm_status router_rmoe_route(ag_ctx *ctx, const router *r, ag_tensor *x, const router_call *call,
+                            router_output *out);
 cm_status router_bias_balance_route(ag_ctx *ctx, const router *r, ag_tensor *x,
                                     const router_call *call, router_output *out);
 

@@ -121,6 +121,8 @@ typedef struct cm_router_cfg {
     int eval_k;                   /* 0: k; else the k used at evaluation */
     int null_experts;             /* null_experts: m */
     double bias_update_rate;      /* bias_balance: u */
+    int rnn_hidden;               /* rmoe: H_r */
+    router_rnn_state rnn_state;   /* rmoe: carry, detach or off */
 } cm_router_cfg;
 
 typedef struct cm_data_cfg {
@@ -259,11 +261,11 @@ bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_p
                              size_t capacity);
 
 /* The keys that define the model (its parameters, or its function at
- * inference: model.*, moe.* and router.type, gating, bias, null_experts; not the routing
- * knobs an evaluation may vary, such as router.k, eval_k, top_p,
- * capacity_factor, thor_level, nor training-only keys such as dropout) on
- * which `given` differs from `stored`: their count, and "model.n_heads 8 (not
- * 4), ..." in out (given's value, then stored's; snprintf-truncated). */
+ * inference: model.*, moe.* and router.type, gating, bias, null_experts, rnn_hidden; not the
+ * routing knobs an evaluation may vary, such as router.k, eval_k, top_p, capacity_factor,
+ * thor_level, nor training-only keys such as dropout) on which `given` differs from `stored`: their
+ * count, and "model.n_heads 8 (not 4), ..." in out (given's value, then stored's;
+ * snprintf-truncated). */
 int recipe_model_differences(const cm_recipe *stored, const cm_recipe *given, char *out,
                              size_t capacity);
 

@@ -146,6 +146,14 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
                            "router.type", "moe.enabled", NULL);
         }
     }
+    if (rc->type == ROUTER_RMOE && (rc->bias || rc->noise == ROUTER_NOISE_LEARNED)) {
+        snprintf(why, why_capacity,
+                 "router.type rmoe has no router bias and no learned noise (its projections are "
+                 "bias-free, METHODS.md 9.2): set router.bias: false and router.noise: none or "
+                 "fixed");
+        return involve(involved, rc->bias ? "router.bias" : "router.noise", "router.type",
+                       "moe.enabled", NULL);
+    }
     if (rc->noise == ROUTER_NOISE_LEARNED && (!method->has_weights || method->frozen_weights)) {
         snprintf(why, why_capacity,
                  "router.noise learned needs a trained router network (router.type %s has none)",

@@ -38,7 +38,8 @@ static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == 
                   sizeof(router_drop_policy) == sizeof(int) &&
                   sizeof(router_noise) == sizeof(int) && sizeof(router_aux_scope) == sizeof(int) &&
                   sizeof(router_k_mode) == sizeof(int) &&
-                  sizeof(router_thor_level) == sizeof(int) && sizeof(optim_kind) == sizeof(int) &&
+                  sizeof(router_thor_level) == sizeof(int) &&
+                  sizeof(router_rnn_state) == sizeof(int) && sizeof(optim_kind) == sizeof(int) &&
                   sizeof(optim_lr_kind) == sizeof(int) && sizeof(adv_mode) == sizeof(int) &&
                   sizeof(adv_router_objective) == sizeof(int) &&
                   sizeof(upcycle_router) == sizeof(int) && sizeof(upcycle_scaling) == sizeof(int) &&
@@ -218,7 +219,7 @@ const recipe_key recipe_keys[] = {
                "standard deviation of the logit noise (with noise: fixed)"),
     KEY_DOUBLE(
         "router", "aux_loss_coef", router.aux_loss_coef, "0.01", COEF_RANGE,
-        "Switch load-balancing loss coefficient (topk, top_p, null_experts, bias_balance); 0 "
+        "Switch load-balancing loss coefficient (topk, top_p, null_experts, bias_balance, rmoe); 0 "
         "disables"),
     KEY_ENUM("router", "aux_loss_scope", router.aux_loss_scope, router_aux_scope,
              router_aux_scope_names, "global",
@@ -226,9 +227,10 @@ const recipe_key recipe_keys[] = {
              "ranks (Megatron's global_aux_loss; the losses do not depend on the rank count), "
              "local = each rank's own tokens, weighted by its share of the batch (Megatron's "
              "default)"),
-    KEY_DOUBLE("router", "z_loss_coef", router.z_loss_coef, "0", COEF_RANGE,
-               "router z-loss coefficient (topk, null_experts, bias_balance); ST-MoE uses 1e-3; 0 "
-               "disables"),
+    KEY_DOUBLE(
+        "router", "z_loss_coef", router.z_loss_coef, "0", COEF_RANGE,
+        "router z-loss coefficient (topk, null_experts, bias_balance, rmoe); ST-MoE uses 1e-3; 0 "
+        "disables"),
     KEY_DOUBLE("router", "top_p", router.top_p, "0.4", "(0, 1]",
                "top_p: each token takes the smallest set of most likely experts whose "
                "probability mass exceeds this"),
@@ -260,7 +262,7 @@ const recipe_key recipe_keys[] = {
              "thor at evaluation: one random expert per sequence or per token (training draws "
              "one per batch and pass)"),
     KEY_INT("router", "eval_k", router.eval_k, "0", "[0, 65536]",
-            "topk, smoe_dropout, null_experts, bias_balance: k used at evaluation; 0 means "
+            "topk, smoe_dropout, null_experts, bias_balance, rmoe: k used at evaluation; 0 means "
             "router.k"),
     KEY_INT("router", "null_experts", router.null_experts, "0", "[0, 65536]",
             "null_experts: m null experts (output zero, no compute) the router chooses among "
@@ -268,6 +270,14 @@ const recipe_key recipe_keys[] = {
     KEY_DOUBLE("router", "bias_update_rate", router.bias_update_rate, "0.001", "[0, 1]",
                "bias_balance: u, the step of each expert's selection bias per optimizer step "
                "(b_i += u sign(mean load - load_i)); DeepSeek-V3 and Megatron use 1e-3"),
+    KEY_INT("router", "rnn_hidden", router.rnn_hidden, "64", "[1, 65536]",
+            "rmoe: H_r, the input and state size of the GRU shared by the MoE layers (the "
+            "release's moe_router_rnn_hidden_size: 256; 64 at d_model 256, METHODS.md 9.3)"),
+    KEY_ENUM("router", "rnn_state", router.rnn_state, router_rnn_state, router_rnn_state_names,
+             "carry",
+             "rmoe: the previous MoE layer's state the GRU receives: carry (with its gradient, "
+             "the release), detach (values only) or zero (recurrence off; not off, which YAML 1.1 "
+             "readers take for false)"),
 
     KEY_ENUM("data", "format", data.format, cm_data_format, data_format_names, "text",
              "data set format: text is a byte-level corpus (one token per byte); idx is gzip IDX "
@@ -858,12 +868,12 @@ bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_p
  * routing knobs an evaluation may vary (router.k, eval_k, top_p,
  * capacity_factor, thor_level) and training-only keys are not among them. */
 static const char *const model_defining_keys[] = {
-    "model.arch",       "model.vocab_size",   "model.n_layers",      "model.d_model",
-    "model.n_heads",    "model.d_ff",         "model.layernorm_eps", "model.cnn_widths",
-    "model.cnn_blocks", "model.cnn_stem",     "model.cnn_ratio",     "moe.enabled",
-    "moe.num_experts",  "moe.every",          "moe.expert_hidden",   "moe.split_dense",
-    "moe.activation",   "moe.cnn_routing",    "router.type",         "router.gating",
-    "router.bias",      "router.null_experts"};
+    "model.arch",       "model.vocab_size",    "model.n_layers",      "model.d_model",
+    "model.n_heads",    "model.d_ff",          "model.layernorm_eps", "model.cnn_widths",
+    "model.cnn_blocks", "model.cnn_stem",      "model.cnn_ratio",     "moe.enabled",
+    "moe.num_experts",  "moe.every",           "moe.expert_hidden",   "moe.split_dense",
+    "moe.activation",   "moe.cnn_routing",     "router.type",         "router.gating",
+    "router.bias",      "router.null_experts", "router.rnn_hidden"};
 
 int recipe_model_differences(const cm_recipe *stored, const cm_recipe *given, char *out,
                              size_t capacity) {

@@ -39,6 +39,8 @@ void recipe_router_config(const cm_recipe *recipe, router_config *out) {
         .consistency_alpha = (float)r->thor_alpha,
         .null_experts = r->null_experts,
         .bias_update_rate = (float)r->bias_update_rate,
+        .rnn_hidden = r->rnn_hidden,
+        .rnn_state = r->rnn_state,
     };
 }
 

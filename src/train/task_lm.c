@@ -21,6 +21,7 @@
 #include "data/text.h"
 #include "layers/transformer.h"
 #include "train/recipe_moe.h"
+#include "train/routing_mi.h"
 #include "train/task.h"
 
 #define LN2 0.69314718055994530942
@@ -48,6 +49,9 @@ typedef struct lm_task {
     int64_t *step_load;
     const router *routers[LM_MAX_LAYERS];
     int64_t *eval_load; /* [moe_layers][E], an evaluation's kept tokens per expert */
+    /* [moe_layers-1][E][E]: an evaluation's top-1 pairs of consecutive MoE
+     * layers (routing_mi.h); NULL with fewer than two MoE layers. */
+    int64_t *eval_top1_pairs;
 } lm_task;
 
 static lm_config model_config(const task_env *env) {
@@ -76,12 +80,18 @@ static lm_config model_config(const task_env *env) {
     return config;
 }
 
+/* Entries of eval_top1_pairs. */
+static size_t top1_pair_count(const lm_task *t) {
+    return (size_t)(t->moe_layers - 1) * (size_t)t->num_experts * (size_t)t->num_experts;
+}
+
 static void lm_destroy(void *state) {
     lm_task *t = state;
     if (!t) return;
     free(t->window_load);
     free(t->step_load);
     free(t->eval_load);
+    free(t->eval_top1_pairs);
     free(t->inputs);
     free(t->targets);
     text_dataset_close(&t->train);
@@ -112,7 +122,8 @@ static cm_status lm_create_into(lm_task *t) {
         t->eval_load = calloc(loads, sizeof(int64_t));
         if (router_updates_per_step(&config.moe.router))
             t->step_load = calloc(loads, sizeof(int64_t));
-        if (!t->window_load || !t->eval_load ||
+        if (t->moe_layers > 1) t->eval_top1_pairs = calloc(top1_pair_count(t), sizeof(int64_t));
+        if (!t->window_load || !t->eval_load || (t->moe_layers > 1 && !t->eval_top1_pairs) ||
             (router_updates_per_step(&config.moe.router) && !t->step_load))
             return CM_ERR(CM_ERR_NOMEM, "out of memory");
         for (int l = 0, i = 0; l < config.n_layer; l++)
@@ -458,7 +469,8 @@ static text_dataset *split_dataset(lm_task *t, cm_split split) {
 /* An evaluation's experts per token: "mean_k" over the MoE layers and
  * "layer_mean_k" per MoE layer, from the kept (token, expert) pairs of every
  * rank (routed[moe_layers]: the tokens); and "layer_expert_tokens", the
- * kept pairs of each expert, layer-major (t->eval_load). */
+ * kept pairs of each expert, layer-major (t->eval_load); and with two MoE
+ * layers or more "layer_top1_mi" (routing_mi.h). */
 static void add_routing_fields(lm_task *t, const int64_t *routed, task_eval *out) {
     const int64_t tokens = routed[t->moe_layers];
     if (t->moe_layers == 0 || tokens == 0) return;
@@ -476,6 +488,11 @@ static void add_routing_fields(lm_task *t, const int64_t *routed, task_eval *out
     metrics_add_numbers(&out->record, "layer_mean_k", out->per_router, t->moe_layers, "%.4f");
     metrics_add_number(&out->record, "load_max_over_mean", mean_max_over_mean(t, t->eval_load),
                        "%.4f");
+    if (t->eval_top1_pairs)
+        metrics_add_number(
+            &out->record, "layer_top1_mi",
+            routing_top1_mutual_information(t->eval_top1_pairs, t->moe_layers - 1, t->num_experts),
+            "%.4f");
 }
 
 /* What an evaluation adds up over its batches, on this rank. */
@@ -512,6 +529,7 @@ static cm_status eval_batch(lm_task *t, const task_eval_request *request, text_e
     ag_tensor *logits = lm_forward(ctx, &t->model, &args);
     CM_TRY(ag_ctx_status(ctx));
     add_loads(t, &report, t->eval_load);
+    if (t->eval_top1_pairs) routing_count_top1_pairs(&report, t->num_experts, t->eval_top1_pairs);
     for (int i = 0; i < report.n_layers; i++) sums->routed[i] += report.stats[i].slots;
     if (report.n_layers > 0) sums->routed[t->moe_layers] += report.stats[0].tokens;
     if (rows == 0) return CM_OK;
@@ -531,6 +549,7 @@ static cm_status eval_split(lm_task *t, const task_eval_request *request, text_d
                            t->env.rank, t->env.ranks, request->max_batches));
     if (t->moe_layers > 0)
         memset(t->eval_load, 0, (size_t)t->moe_layers * (size_t)t->num_experts * sizeof(int64_t));
+    if (t->eval_top1_pairs) memset(t->eval_top1_pairs, 0, top1_pair_count(t) * sizeof(int64_t));
     *sums = (eval_sums){0};
     bool previous = ag_set_grad_enabled(t->env.ctx, false), done = false;
     cm_status status = CM_OK;
@@ -546,6 +565,8 @@ static cm_status eval_split(lm_task *t, const task_eval_request *request, text_d
     CM_TRY(comm_sum_doubles(t->env.world, sums->loss_tokens, 2));
     if (t->moe_layers == 0) return CM_OK;
     CM_TRY(comm_sum_int64(t->env.world, sums->routed, t->moe_layers + 1));
+    if (t->eval_top1_pairs)
+        CM_TRY(comm_sum_int64(t->env.world, t->eval_top1_pairs, (int)top1_pair_count(t)));
     return comm_sum_int64(t->env.world, t->eval_load, t->moe_layers * t->num_experts);
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Null experts and auxiliary-loss-free balancing end to end with mpirun
-# (recipes/lm/null-experts.yaml and bias-balance.yaml shrunk with --set):
+# Null experts, auxiliary-loss-free balancing and RMoE end to end with
+# mpirun (recipes/lm/null-experts.yaml, bias-balance.yaml and rmoe.yaml
+# shrunk with --set):
 #  - 2 ranks with expert parallelism give the losses of one process (1e-5
 #    relative), and the same selection biases;
 #  - a 2-rank run stopped at step 8 and resumed on 2 ranks continues bit for
@@ -11,7 +12,11 @@
 #    the biases of one batch of 8 (the loads of a step are summed before
 #    its single update);
 #  - null experts: the evaluation lines count true experts per token
-#    (0 < mean_k < k).
+#    (0 < mean_k < k);
+#  - rmoe: the loss falls, the checkpoint holds one shared GRU
+#    (router_gru.*) and each layer's proj_weight and weight with their
+#    shapes, and the state carried across layers matters (rnn_state zero
+#    trains to other losses).
 # usage: test_mpi_routers.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -78,7 +83,7 @@ train() { # train NAME RANKS RECIPE ARGS...: a run in $work/NAME
     fi
 }
 
-for recipe in null-experts bias-balance; do
+for recipe in null-experts bias-balance rmoe; do
     set_rate=()
     [ "$recipe" = bias-balance ] && set_rate=(--set router.bias_update_rate=0.01)
     train "$recipe-1" 1 "$recipe" "${set_rate[@]}"
@@ -134,6 +139,33 @@ grep '"kind": "test"' "$work/null-experts-2/metrics.jsonl" |
 check $? "null-experts: test mean_k (true experts per token) in (0, 3): $(grep '"kind": "test"' "$work/null-experts-2/metrics.jsonl")"
 grep -q '"load_max_over_mean"' "$work/null-experts-2/metrics.jsonl"
 check $? "load_max_over_mean is logged"
+
+# RMoE: it learns; the checkpoint's names and shapes; recurrence off (zero) differs.
+awk 'NR == 1 { first = $2 } END { exit !(NR == 16 && $2 < first - 0.5) }' "$work/rmoe-1.txt"
+check $? "rmoe: the loss falls by more than 0.5 nats over 16 steps: $(head -n 1 "$work/rmoe-1.txt" | tr '\n' ' ') -> $(tail -n 1 "$work/rmoe-1.txt")"
+"$python" - "$work/rmoe-2/ckpt-00000016.h5" > "$work/rmoe-names.txt" <<'PY'
+import sys
+import h5py
+with h5py.File(sys.argv[1], "r") as f:
+    for name in sorted(f["params"]):
+        if "router" in name:
+            print(name, "x".join(str(n) for n in f["params"][name].shape))
+PY
+expected="blocks.0.moe.router.proj_weight 64x32
+blocks.0.moe.router.weight 8x64
+blocks.1.moe.router.proj_weight 64x32
+blocks.1.moe.router.weight 8x64
+router_gru.bias_hh 192
+router_gru.bias_ih 192
+router_gru.weight_hh 192x64
+router_gru.weight_ih 192x64"
+[ "$(cat "$work/rmoe-names.txt")" = "$expected" ]
+check $? "rmoe: checkpoint router names and shapes: $(tr '\n' ',' < "$work/rmoe-names.txt")"
+train rmoe-off 1 rmoe --set router.rnn_state=zero
+check $? "rmoe: rnn_state zero ($(tail -c 300 "$work/rmoe-off.out"))"
+losses "$work/rmoe-off" 1 > "$work/rmoe-off.txt"
+! cmp -s "$work/rmoe-off.txt" "$work/rmoe-1.txt"
+check $? "rmoe: recurrence off trains to other losses than carry"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]

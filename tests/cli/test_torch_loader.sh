@@ -5,7 +5,8 @@
 # file; their losses must agree to 1e-5 relative. A copy of one checkpoint
 # with a single weight perturbed must then disagree (the check can fail), as
 # must THOR with another seed and bias balancing without its selection
-# biases (they decide the routing, so the loader must apply them).
+# biases (they decide the routing, so the loader must apply them), and RMoE
+# with its recurrence turned off (the state carried across layers counts).
 # usage: test_torch_loader.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -63,6 +64,8 @@ cases=(
     "null-experts-raw null-experts --set router.gating=softmax_topk"
     "bias-balance bias-balance --set router.bias_update_rate=0.01"
     "bias-balance-raw bias-balance --set router.bias_update_rate=0.01 --set router.gating=softmax_topk"
+    "rmoe rmoe --set router.rnn_hidden=8"
+    "rmoe-every2 rmoe --set model.n_layers=3 --set moe.every=2 --set router.rnn_hidden=6 --set router.gating=softmax_topk"
 )
 names=()
 ckpts=()
@@ -117,11 +120,24 @@ with h5py.File(sys.argv[1], 'r+') as f:
 " "$work/bias-zeroed.h5"
 check $? "zero the selection biases with h5py"
 
+# and a copy of the RMoE checkpoint whose stored recipe turns the recurrence
+# off (the same parameters, every layer starting from a zero state).
+cp "$work/rmoe/ckpt-00000040.h5" "$work/rmoe-off.h5"
+$python -c "
+import h5py, sys
+with h5py.File(sys.argv[1], 'r+') as f:
+    recipe = f.attrs['recipe']
+    recipe = recipe.decode() if isinstance(recipe, bytes) else recipe
+    assert 'rnn_state: carry' in recipe
+    f.attrs['recipe'] = recipe.replace('rnn_state: carry', 'rnn_state: zero')
+" "$work/rmoe-off.h5"
+check $? "turn the RMoE recipe's recurrence off with h5py"
+
 # One Python process for every checkpoint (importing torch takes seconds).
 $python "$src/python/cmoe_torch.py" "${ckpts[@]}" "$work/perturbed.h5" "$work/thor-reseeded.h5" \
-    "$work/bias-zeroed.h5" --text "$work/test.txt" > "$work/torch.out" 2>&1
+    "$work/bias-zeroed.h5" "$work/rmoe-off.h5" --text "$work/test.txt" > "$work/torch.out" 2>&1
 check $? "cmoe_torch.py ($(tail -c 300 "$work/torch.out"))"
-[ "$(grep -c "over 4000 bytes" "$work/torch.out")" -eq $((${#ckpts[@]} + 3)) ]
+[ "$(grep -c "over 4000 bytes" "$work/torch.out")" -eq $((${#ckpts[@]} + 4)) ]
 check $? "cmoe_torch.py scores 4000 bytes of every checkpoint"
 
 # compare NAME CMOE_LOSS TORCH_LOSS agree|differ
@@ -154,6 +170,10 @@ c=$(grep -o 'loss [0-9.]* nats/byte' "$work/bias-balance.eval" | awk '{print $2}
 t=$(torch_loss "$work/bias-zeroed.h5")
 compare "bias-zeroed" "$c" "$t" differ
 check $? "selection biases left out are noticed (cmoe $c, torch $t)"
+c=$(grep -o 'loss [0-9.]* nats/byte' "$work/rmoe.eval" | awk '{print $2}')
+t=$(torch_loss "$work/rmoe-off.h5")
+compare "rmoe-off" "$c" "$t" differ
+check $? "RMoE's state carried across layers is noticed (cmoe $c, torch $t off)"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]
