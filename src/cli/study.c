@@ -83,12 +83,17 @@ static int parse_args(int argc, char **argv, study_options *o, const char **path
 }
 
 /* "cmoe study ARGS...", as the report quotes it: the command that ran the
- * runs, so without --report-only. */
-static void command_line(int argc, char **argv, char *out, size_t size) {
+ * runs, so without --report-only, and with the preset named even when it was
+ * the default (a report made again later reads the same). */
+static void command_line(int argc, char **argv, const char *preset, char *out, size_t size) {
     size_t length = (size_t)snprintf(out, size, "cmoe study");
-    for (int i = 0; i < argc && length < size; i++)
+    bool named = false;
+    for (int i = 0; i < argc && length < size; i++) {
+        named |= strcmp(argv[i], "--preset") == 0;
         if (strcmp(argv[i], "--report-only") != 0)
             length += (size_t)snprintf(out + length, size - length, " %s", argv[i]);
+    }
+    if (!named && length < size) snprintf(out + length, size - length, " --preset %s", preset);
 }
 
 int command_study(int argc, char **argv) {
@@ -97,7 +102,7 @@ int command_study(int argc, char **argv) {
     int parsed = parse_args(argc, argv, &options, &path);
     if (parsed >= 0) return parsed;
     char command[1024];
-    command_line(argc, argv, command, sizeof command);
+    command_line(argc, argv, options.preset, command, sizeof command);
     options.command = command;
     if (comm_start(&argc, &argv) != CM_OK) {
         fprintf(stderr, "cmoe study: %s\n", cm_error_message());

@@ -112,6 +112,15 @@ grep -q "4/4 runs done (4 were done before)" "$work/again.out" &&
     [ "$before" = "$(md5sum "$work/runs/top2/seed-1/metrics.jsonl")" ]
 check $? "finished runs are skipped ($(tail -n 2 "$work/again.out"))"
 
+# --report-only writes the report again from the runs, quoting the command
+# that runs the study (without --report-only).
+(cd "$work" && "$cmoe" study mini.yaml --report-only --out runs --report report2 --preset smoke) \
+    > "$work/report-only.out" 2>&1
+check $? "--report-only succeeds"
+grep -qx 'cmoe study mini.yaml --out runs --report report2 --preset smoke' "$work/report2/mini.md" &&
+    cmp -s <(grep -v '^cmoe study' "$work/report/mini.md") <(grep -v '^cmoe study' "$work/report2/mini.md")
+check $? "--report-only gives the same report, quoting the running command"
+
 # ---- killed mid-run ------------------------------------------------------------------
 write_study kill 3000 20
 (cd "$work" && exec "$cmoe" study kill.yaml --preset smoke --out kill-runs --report kill-report) \
