@@ -31,7 +31,11 @@ bool metrics_is_kind(const char *line, const char *kind) {
     return strstr(line, pattern) != NULL;
 }
 
-/* Rewrites `path` keeping only lines whose step is <= last_step. */
+/* Rewrites `path` keeping only the whole lines whose step is <= last_step.
+ * A last line without its newline (the write that stopped the run, e.g. on a
+ * full disk) is dropped: appending after it would join two records. Lines of
+ * any length (getline): a fixed buffer would split a long line, and the parts
+ * without a step would be kept. */
 static cm_status truncate_after(const char *path, int64_t last_step) {
     FILE *in = fopen(path, "r");
     if (!in) return CM_OK; /* nothing to keep */
@@ -42,16 +46,37 @@ static cm_status truncate_after(const char *path, int64_t last_step) {
         fclose(in);
         return CM_ERR(CM_ERR_IO, "%s: cannot write: %s", temporary, strerror(errno));
     }
-    char line[LINE_CAPACITY];
-    while (fgets(line, sizeof line, in)) {
+    char *line = NULL;
+    size_t capacity = 0;
+    ssize_t length;
+    while ((length = getline(&line, &capacity, in)) > 0) {
         double step;
+        if (line[length - 1] != '\n') break; /* cut short: the last line */
         if (metrics_find_number(line, "step", &step) && step > (double)last_step) continue;
         fputs(line, out);
     }
+    free(line);
     fclose(in);
     if (fclose(out) != 0 || rename(temporary, path) != 0)
         return CM_ERR(CM_ERR_IO, "%s: cannot rewrite: %s", path, strerror(errno));
     return CM_OK;
+}
+
+bool metrics_has_line(const cm_metrics *metrics, const char *kind, int64_t step) {
+    FILE *in = metrics->file ? fopen(metrics->path, "r") : NULL;
+    if (!in) return false;
+    char *line = NULL;
+    size_t capacity = 0;
+    ssize_t length;
+    bool found = false;
+    while (!found && (length = getline(&line, &capacity, in)) > 0) {
+        double at;
+        found = line[length - 1] == '\n' && metrics_is_kind(line, kind) &&
+                metrics_find_number(line, "step", &at) && at == (double)step;
+    }
+    free(line);
+    fclose(in);
+    return found;
 }
 
 cm_status metrics_open(cm_metrics *metrics, const char *run_dir, int64_t resume_step) {

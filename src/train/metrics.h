@@ -71,6 +71,9 @@ cm_status metrics_write_record(cm_metrics *metrics, const metrics_record *record
 /* Writes a record as one JSON object, without a newline (for any stream). */
 int metrics_format_record(FILE *out, const metrics_record *record);
 void metrics_close(cm_metrics *metrics);
+/* True when the file the metrics write to holds a whole `kind` line of
+ * `step` (false on a rank that does not write). */
+bool metrics_has_line(const cm_metrics *metrics, const char *kind, int64_t step);
 
 /* The number after "key": in a metrics line; false if absent. */
 bool metrics_find_number(const char *line, const char *key, double *value);

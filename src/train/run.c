@@ -557,6 +557,24 @@ static cm_status loop(run_state *r, int64_t *step) {
     return CM_OK;
 }
 
+/* A run resumed at its last step trains nothing; its final evaluation is run
+ * when metrics.jsonl lacks it (it was stopped by a signal or a full disk),
+ * else the run says it is done. Rank 0 reads the file and the ranks agree.
+ * The line's kind is its split's name (the CNN calls an evaluation on the
+ * training images "test" too: such a final evaluation is run again). */
+static cm_status final_missing(run_state *r, int64_t step, bool *missing) {
+    static const char *const kinds[CM_SPLIT_COUNT] = {"valid", "test", "train"};
+    const cm_split split = r->session->task->eval_plan(r->session->state).final.split;
+    int64_t found = r->leader && metrics_has_line(&r->metrics, kinds[split], step);
+    if (r->session->env.ranks > 1) CM_TRY(comm_sum_int64(r->session->env.world, &found, 1));
+    *missing = found == 0;
+    progress_print(&r->progress,
+                   *missing ? "step %lld: the final evaluation is missing; running it"
+                            : "step %lld: the run is finished (raise train.steps to continue it)",
+                   (long long)step);
+    return CM_OK;
+}
+
 /* After the loop: throughput, the final evaluation, plots. */
 static cm_status finish(run_state *r, int64_t step) {
     run_session *s = r->session;
@@ -568,7 +586,10 @@ static cm_status finish(run_state *r, int64_t step) {
         result->items_per_second =
             (double)s->task->items_per_step(s->state) * (double)(step - r->start) / seconds;
     }
-    if (result->interrupted || step <= r->start) return CM_OK;
+    if (result->interrupted) return CM_OK;
+    bool resumed_at_end = step <= r->start;
+    if (resumed_at_end) CM_TRY(final_missing(r, step, &resumed_at_end));
+    if (step <= r->start && !resumed_at_end) return CM_OK;
     if (!r->final_done) {
         task_eval_plan plan = s->task->eval_plan(s->state);
         CM_TRY(evaluate(r, &plan.final, step, &result->final));
@@ -581,8 +602,9 @@ static cm_status finish(run_state *r, int64_t step) {
         }
         result->has_final = true;
     }
-    progress_print(&r->progress, "%.3f s per step, %.0f %s/s overall", result->step_seconds,
-                   result->items_per_second, s->task->item_name);
+    if (step > r->start)
+        progress_print(&r->progress, "%.3f s per step, %.0f %s/s overall", result->step_seconds,
+                       result->items_per_second, s->task->item_name);
     return CM_OK;
 }
 

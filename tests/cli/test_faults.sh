@@ -90,6 +90,29 @@ status=$?
 check $? "metrics.jsonl out of space mid-run: exit 1 (got $status)"
 grep -q "metrics.jsonl: .*No space left on device" "$work/err"
 check $? "the message names metrics.jsonl and the error ($(head -c 300 "$work/err"))"
+# The disk fills during the last line (the test line, after the last
+# checkpoint): resuming must not append to the cut line (two records joined
+# on one line was the result before): every line is whole JSON again and the
+# test line is the uninterrupted run's.
+faulty FAULTFS_FULL="metrics.jsonl:$((metrics_size - 10))" -- --set train.out_dir="$work/metrics-end"
+status=$?
+[ $status -eq 1 ] && [ -n "$(tail -c 1 "$work/metrics-end/metrics.jsonl")" ]
+check $? "the disk fills in the last metrics line: exit 1, the line is cut (got $status)"
+"$cmoe" train "$work/tiny.yaml" --quiet --set train.out_dir="$work/metrics-end" --resume auto \
+    > "$work/resume-end.out" 2>&1
+check $? "--resume auto after the cut line ($(tail -c 300 "$work/resume-end.out"))"
+/usr/bin/python3 -c 'import json, sys
+for line in open(sys.argv[1]): json.loads(line)' "$work/metrics-end/metrics.jsonl"
+check $? "every line of metrics.jsonl is whole JSON after the resume"
+[ "$(test_line "$work/whole")" = "$(test_line "$work/metrics-end")" ]
+check $? "the resumed run's test line is the uninterrupted run's"
+# Resumed once more, the finished run says so and evaluates nothing again.
+"$cmoe" train "$work/tiny.yaml" --set train.out_dir="$work/metrics-end" --resume auto \
+    > "$work/resume-done.out" 2>&1
+check $? "--resume auto on a finished run"
+grep -q "step 6: the run is finished (raise train.steps to continue it)" "$work/resume-done.out" &&
+    [ "$(grep -c '"kind": "test"' "$work/metrics-end/metrics.jsonl")" -eq 1 ]
+check $? "a finished run is not evaluated again ($(tail -c 300 "$work/resume-done.out"))"
 
 # ---- a read-only directory ------------------------------------------------------
 mkdir -p "$work/ro"
