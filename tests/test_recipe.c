@@ -532,6 +532,7 @@ static const char *const every_key_overrides[] = {
     "moe.activation=silu",
     "moe.expert_dropout=0.25",
     "moe.cnn_routing=per_layer",
+    "moe.merged=true",
     "router.type=smoe_dropout",
     "router.k=3",
     "router.gating=topk_softmax",

@@ -80,6 +80,10 @@ static void init_values(const ag_param *param, uint64_t seed, float *data) {
     case AG_INIT_UNIFORM:
         cm_rng_fill_uniform(key, param->init_index_offset, n, param->init.a, param->init.b, data);
         break;
+    case AG_INIT_INDEX:
+        for (int64_t i = 0; i < n; i++)
+            data[i] = param->init.a + (float)(param->init_index_offset + (uint64_t)i);
+        break;
     }
 }
 

@@ -27,6 +27,7 @@ typedef enum ag_init_kind {
     AG_INIT_CONSTANT, /* every element = a */
     AG_INIT_NORMAL,   /* mean a, std b */
     AG_INIT_UNIFORM,  /* in [a, b) */
+    AG_INIT_INDEX,    /* element i = a + i (an identity table, e.g. an MoE layer's group_of) */
 } ag_init_kind;
 
 typedef struct ag_init {

@@ -17,6 +17,8 @@ int command_sample(int argc, char **argv);
 int command_route(int argc, char **argv);
 /* `cmoe upcycle DENSE.h5 --recipe MOE.yaml -o OUT.h5` (upcycle.c), likewise. */
 int command_upcycle(int argc, char **argv);
+/* `cmoe merge CKPT -o OUT.h5 ...` (merge.c): MC-SMoE's merge, likewise. */
+int command_merge(int argc, char **argv);
 
 /* Makes SIGINT and SIGTERM set the returned flag (a second signal ends the
  * process at once); the run loop saves a checkpoint and stops on it. */

@@ -36,6 +36,8 @@ static const char usage_text[] =
     "  sample CKPT     generate text from a language-model checkpoint (key/value cache)\n"
     "  route CKPT      which experts a model's MoE layers send each byte (or image) to\n"
     "  upcycle CKPT    turn a dense language-model checkpoint into an MoE checkpoint\n"
+    "  merge CKPT      merge the experts of an MoE language model into fewer groups\n"
+    "                  (MC-SMoE)\n"
     "\n"
     "Run `cmoe COMMAND --help` for the options of each command.\n"
     "Recipes: recipes/lm/*.yaml (language models), recipes/cnn/*.yaml (image\n"
@@ -414,6 +416,7 @@ int main(int argc, char **argv) {
     if (strcmp(command, "sample") == 0) return command_sample(argc - 2, argv + 2);
     if (strcmp(command, "route") == 0) return command_route(argc - 2, argv + 2);
     if (strcmp(command, "upcycle") == 0) return command_upcycle(argc - 2, argv + 2);
+    if (strcmp(command, "merge") == 0) return command_merge(argc - 2, argv + 2);
     fprintf(stderr, "cmoe: unknown command '%s'\n\n%s", command, usage_text);
     return EXIT_USAGE;
 }

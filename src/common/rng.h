@@ -22,6 +22,7 @@ typedef enum cm_rng_purpose {
     CM_RNG_EXPERT_DROPOUT, /* the MoE experts' hidden units (layers/moe.c) */
     CM_RNG_SAMPLE,         /* bytes drawn by cmoe sample, indexed by output position */
     CM_RNG_UPCYCLE,        /* Drop-Upcycling's unit sets and re-drawn weights (train/upcycle.c) */
+    CM_RNG_MERGE,          /* cmoe merge's random groups (train/merge_plan.c) */
 } cm_rng_purpose;
 
 typedef struct cm_rng_key {

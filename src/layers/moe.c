@@ -7,6 +7,17 @@
 #include <stdio.h>
 #include <string.h>
 
+/* PREFIX.group_of [E]: frozen, the identity until a checkpoint says otherwise. */
+static cm_status declare_group_table(moe_layer *moe, ag_params *params, const char *prefix) {
+    char name[AG_PARAM_NAME_MAX];
+    snprintf(name, sizeof name, "%s.group_of", prefix);
+    CM_TRY(ag_params_declare(params, name, AG_GROUP_DENSE, 1,
+                             (int[]){moe->config.router.num_experts},
+                             (ag_init){AG_INIT_INDEX, 0.0f, 0.0f}, &moe->group_of));
+    ag_param_set_frozen(moe->group_of, true);
+    return CM_OK;
+}
+
 cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,
                       const char *prefix) {
     const moe_config *c = config;
@@ -60,7 +71,7 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
         (*tensors[i].out)->init_index_offset =
             (uint64_t)moe->first_expert * (uint64_t)(t->numel / L);
     }
-    return CM_OK;
+    return c->merged ? declare_group_table(moe, params, prefix) : CM_OK;
 }
 
 /* Who sends how many rows to whom, for one layer call. With a single rank
@@ -243,6 +254,7 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     const int T = x->shape[0], E = moe->config.router.num_experts;
     router_output routed;
     CM_TRY(router_route(ctx, &moe->router, x, call, &routed));
+    CM_TRY(moe_apply_groups(ctx, moe, &routed));
     const int S = routed.n_slots;
 
     /* Dispatch: stable counting sort of the slots by expert. sorted_slot[j]
@@ -303,5 +315,6 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     result->offsets = routed.offsets;
     result->expert = routed.expert;
     result->gates = routed.gates ? routed.gates->data : NULL;
+    result->logits = routed.logits;
     return ag_ctx_status(ctx);
 }

@@ -31,6 +31,20 @@
  * CM_RNG_EXPERT_DROPOUT): the same whatever the split of tokens over ranks
  * or their order by expert (with expert parallelism each row's global token
  * index travels with it).
+ * Merged experts (MC-SMoE, METHODS.md 10.8; config.merged): the layer
+ * also has PREFIX.group_of [E] (dense group, frozen, float32 holding
+ * expert indices; initialised to the identity), which maps every expert to
+ * the lowest-index member of its group, the one that holds the group's
+ * weights. After routing, each slot's expert goes through the table, and
+ * the slots of one token that land on the same group become one slot whose
+ * gate is the sum of theirs (on the tape, so the router still gets its
+ * gradients): the same output as calling the merged expert once per
+ * selection, computed once. The router and its decisions are unchanged; the
+ * statistics' tokens_per_expert count the groups' slots (0 for the other
+ * members), routed_per_expert (the balance loss's counts) the router's own
+ * choices. The other members' weight slots stay allocated but get no rows,
+ * hence no gradient and no update. A table that is the identity changes
+ * nothing, bit for bit.
  * Owns: parameter handles; all per-step buffers come from the arena. */
 #ifndef CMOE_LAYERS_MOE_H
 #define CMOE_LAYERS_MOE_H
@@ -47,6 +61,7 @@ typedef struct moe_config {
     float init_std;           /* w1 init std */
     float out_std;            /* w2 init std (residual projection) */
     float expert_dropout;     /* dropout on the hidden units in training, [0, 1) */
+    bool merged;              /* declare the group table PREFIX.group_of (MC-SMoE) */
     router_config router;     /* router.num_experts = E */
     /* Expert parallelism: this rank holds experts
      * [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges tokens with
@@ -63,6 +78,7 @@ typedef struct moe_layer {
     int first_expert, local_experts; /* the experts held here */
     ag_param *w1, *b1, *w2, *b2;     /* [local_experts, ...] */
     ag_param *w3, *b3;               /* swiglu's up projection; NULL otherwise */
+    ag_param *group_of;              /* [E] with config.merged, else NULL */
 } moe_layer;
 
 typedef struct moe_result {
@@ -75,6 +91,7 @@ typedef struct moe_result {
      * gate, capacity drops removed. */
     const int32_t *offsets, *expert; /* [T+1], [n_slots] */
     const float *gates;              /* [n_slots] */
+    const float *logits;             /* [T,E] router logits (router_output.logits) or NULL */
 } moe_result;
 
 cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,
@@ -83,5 +100,19 @@ cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_pa
 /* Runs the layer on x [T,D]; returns the context status. */
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
                       moe_result *result);
+
+/* ---- merged experts (moe_groups.c) ---- */
+
+/* Reads a group table [E] into `group_of` (ints): CM_ERR_FORMAT naming the
+ * entry unless every entry is a whole number in [0, E), every expert's
+ * group expert is its own group expert and not above it (the lowest index
+ * of the group). *identity: whether no expert is mapped elsewhere. */
+cm_status moe_read_groups(const float *table, int experts, int32_t *group_of, bool *identity);
+
+/* Maps the routing through the layer's group table and merges the slots of
+ * a token that land on the same group (their gates summed, in the order of
+ * the first): rewrites routed's slots, gates and tokens_per_expert. No
+ * table, or the identity: nothing changes. */
+cm_status moe_apply_groups(ag_ctx *ctx, const moe_layer *moe, router_output *routed);
 
 #endif

@@ -118,6 +118,7 @@ static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
         report->offsets[report->n_layers] = result.offsets;
         report->expert[report->n_layers] = result.expert;
         report->gates[report->n_layers] = result.gates;
+        report->logits[report->n_layers] = result.logits;
         report->n_layers++;
     }
     return ag_reshape(ctx, result.out, 3, h->shape);

@@ -75,6 +75,7 @@ typedef struct lm_moe_report {
      * position): moe_result's offsets, expert and gates (arena). */
     const int32_t *offsets[LM_MAX_LAYERS], *expert[LM_MAX_LAYERS];
     const float *gates[LM_MAX_LAYERS];
+    const float *logits[LM_MAX_LAYERS]; /* [B*T,E] router logits (moe_result.logits) or NULL */
 } lm_moe_report;
 
 typedef struct lm_forward_args {

@@ -232,6 +232,10 @@ typedef struct router_output {
     ag_tensor *gates;    /* [S] */
     ag_tensor *aux_loss; /* [1], coefficients applied; NULL if none */
     router_stats stats;
+    /* The router logits [T,E] (arena) of the methods that choose top-k
+     * over E experts (topk, smoe_dropout, bias_balance, rmoe); NULL for
+     * the others. cmoe merge's similarities read them. */
+    const float *logits;
 } router_output;
 
 /* ---- the registry ---------------------------------------------------------- */

@@ -143,7 +143,8 @@ cm_status router_topk_select(ag_ctx *ctx, const router *r, ag_tensor *x, const r
     const router_config *config = &r->config;
     int experts = config->num_experts, k = router_effective_k(r, call);
     ag_tensor *logits = router_logits(ctx, r, x, call); /* [T,E] */
-    if (logits && args->null_logits)                    /* [T,E+m] */
+    const float *expert_logits = logits && !args->null_logits ? logits->data : NULL;
+    if (logits && args->null_logits) /* [T,E+m] */
         logits = ag_concat(ctx, (ag_tensor *[]){logits, args->null_logits}, 2, 1);
     if (!logits) return ag_ctx_status(ctx);
     int tokens = (int)ag_rows(logits), choices = ag_last_dim(logits);
@@ -188,6 +189,7 @@ cm_status router_topk_select(ag_ctx *ctx, const router *r, ag_tensor *x, const r
     out->aux_loss = router_add_losses(ctx, aux, router_z_loss(ctx, logits, args->z_coef, call));
     out->stats.entropy = router_mean_entropy(probs);
     out->stats.k = k;
+    out->logits = expert_logits;
     return ag_ctx_status(ctx);
 }
 

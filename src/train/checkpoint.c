@@ -199,9 +199,10 @@ static herr_t write_steps_attr(hid_t group, const char *name, const int64_t *ste
     return status;
 }
 
-/* The /upcycled_from group. */
+/* The /upcycled_from (or /merged_from) group. */
 static herr_t write_origin(hid_t file, const ckpt_origin *origin) {
-    hid_t group = H5Gcreate2(file, "upcycled_from", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    const char *name = origin->group ? origin->group : "upcycled_from";
+    hid_t group = H5Gcreate2(file, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     if (group < 0) return -1;
     herr_t failed = 0;
     failed |= write_string_attr(group, "path", origin->path ? origin->path : "") < 0;
@@ -781,18 +782,21 @@ static herr_t describe_one(hid_t group, const char *name, describe_state *state)
     return 0;
 }
 
-/* "upcycled from PATH (step S, seed N): METHOD", when the file has the group. */
+/* "upcycled from PATH (step S, seed N): METHOD" (or "merged from ..."),
+ * when the file has the group. */
 static void describe_origin(hid_t file, FILE *out) {
-    if (H5Lexists(file, "upcycled_from", H5P_DEFAULT) <= 0) return;
-    hid_t group = H5Gopen2(file, "upcycled_from", H5P_DEFAULT);
+    const bool merged = H5Lexists(file, "merged_from", H5P_DEFAULT) > 0;
+    if (!merged && H5Lexists(file, "upcycled_from", H5P_DEFAULT) <= 0) return;
+    hid_t group = H5Gopen2(file, merged ? "merged_from" : "upcycled_from", H5P_DEFAULT);
     if (group < 0) return;
     int64_t step = -1;
     uint64_t seed = 0;
     read_attr(group, "step", H5T_NATIVE_INT64, &step);
     read_attr(group, "seed", H5T_NATIVE_UINT64, &seed);
     char *source = read_string_attr(group, "path"), *method = read_string_attr(group, "method");
-    fprintf(out, "  upcycled from %s (step %lld, seed %llu): %s\n", source ? source : "?",
-            (long long)step, (unsigned long long)seed, method ? method : "?");
+    fprintf(out, "  %s from %s (step %lld, seed %llu): %s\n", merged ? "merged" : "upcycled",
+            source ? source : "?", (long long)step, (unsigned long long)seed,
+            method ? method : "?");
     free(source);
     free(method);
     H5Gclose(group);

@@ -11,6 +11,7 @@
  *   /upcycled_from    optional (cmoe upcycle): attributes path, step, seed,
  *                     recipe of the checkpoint this one was made from, and
  *                     method (what was done, one line)
+ *   /merged_from      the same, written by cmoe merge
  * Every dataset carries a Fletcher-32 checksum, and the file uses the
  * HDF5 1.10 format with metadata checksums, so truncation and corruption are
  * reported as errors on load. A checkpoint is written to PATH.tmp and renamed
@@ -43,16 +44,18 @@ typedef struct ckpt_meta {
 cm_status ckpt_save(const char *path, const ag_params *params, const ckpt_meta *meta,
                     const char *recipe_text);
 
-/* Where a checkpoint made from another one (cmoe upcycle) comes from. */
+/* Where a checkpoint made from another one (cmoe upcycle, cmoe merge)
+ * comes from. */
 typedef struct ckpt_origin {
     const char *path;   /* the source checkpoint */
     int64_t step;       /* its step */
     uint64_t seed;      /* its train.seed */
     const char *recipe; /* its recipe text */
     const char *method; /* what was done to it, one line */
+    const char *group;  /* the group's name: NULL "upcycled_from", or "merged_from" */
 } ckpt_origin;
 
-/* ckpt_save with the /upcycled_from group. */
+/* ckpt_save with the origin's group (/upcycled_from or /merged_from). */
 cm_status ckpt_save_with_origin(const char *path, const ag_params *params, const ckpt_meta *meta,
                                 const char *recipe_text, const ckpt_origin *origin);
 

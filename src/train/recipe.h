@@ -96,6 +96,7 @@ typedef struct cm_moe_cfg {
     ag_activation activation;
     double expert_dropout;       /* dropout on the experts' hidden units in training */
     moe_cnn_routing cnn_routing; /* arch resnet */
+    bool merged;                 /* MC-SMoE: each layer has a group table (cmoe merge) */
 } cm_moe_cfg;
 
 typedef struct cm_router_cfg {
@@ -245,6 +246,9 @@ cm_status recipe_load_text(const char *text, const char *label, const char *cons
  * `recipe_format(r, NULL, 0) + 1` is the size to allocate. This text is the
  * provenance checkpoints store. */
 size_t recipe_format(const cm_recipe *recipe, char *buffer, size_t capacity);
+
+/* recipe_format's text, malloc'd (the caller frees); NULL when out of memory. */
+char *recipe_format_text(const cm_recipe *recipe);
 
 /* Writes recipe_format's text to `out` (CM_ERR_IO if writing fails). */
 cm_status recipe_print(const cm_recipe *recipe, FILE *out);

@@ -109,6 +109,10 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
         return involve(involved, "moe.expert_hidden", "moe.split_dense", "model.d_ff",
                        "moe.num_experts", "moe.enabled", NULL);
     }
+    if (moe->merged && recipe->model.arch != CM_ARCH_TRANSFORMER_LM) {
+        snprintf(why, why_capacity, "moe.merged (group tables) is for model.arch transformer_lm");
+        return involve(involved, "moe.merged", "model.arch", "moe.enabled", NULL);
+    }
     /* The method's registry row says which router keys it reads. */
     const router_method *method = router_method_of(rc->type);
     CM_ASSERT(method, "router.type holds %d, not a router kind", (int)rc->type);

@@ -198,6 +198,10 @@ const recipe_key recipe_keys[] = {
     KEY_ENUM("moe", "cnn_routing", moe.cnn_routing, moe_cnn_routing, moe_cnn_routing_names, "image",
              "resnet: one router reading the image whose choice every MoE conv uses (image, the "
              "AdvMoE release) or one router per MoE conv reading its input (per_layer)"),
+    KEY_BOOL("moe", "merged", moe.merged, "false",
+             "transformer_lm: each MoE layer has a group table blocks.L.moe.group_of [E] (a "
+             "frozen parameter) mapping every expert to its group's expert, as `cmoe merge` "
+             "writes it (MC-SMoE); false: no table"),
 
     KEY_ENUM("router", "type", router.type, router_kind, router_kind_names, "topk",
              "routing method; docs/recipes.md lists the keys each one reads"),
@@ -824,6 +828,13 @@ size_t recipe_format(const cm_recipe *recipe, char *buffer, size_t capacity) {
     return sink.length;
 }
 
+char *recipe_format_text(const cm_recipe *recipe) {
+    size_t length = recipe_format(recipe, NULL, 0);
+    char *text = malloc(length + 1);
+    if (text) recipe_format(recipe, text, length + 1);
+    return text;
+}
+
 cm_status recipe_print(const cm_recipe *recipe, FILE *out) {
     size_t length = recipe_format(recipe, NULL, 0);
     char *text = malloc(length + 1);
@@ -868,12 +879,12 @@ bool recipe_first_difference(const cm_recipe *a, const cm_recipe *b, char *key_p
  * routing knobs an evaluation may vary (router.k, eval_k, top_p,
  * capacity_factor, thor_level) and training-only keys are not among them. */
 static const char *const model_defining_keys[] = {
-    "model.arch",       "model.vocab_size",    "model.n_layers",      "model.d_model",
-    "model.n_heads",    "model.d_ff",          "model.layernorm_eps", "model.cnn_widths",
-    "model.cnn_blocks", "model.cnn_stem",      "model.cnn_ratio",     "moe.enabled",
-    "moe.num_experts",  "moe.every",           "moe.expert_hidden",   "moe.split_dense",
-    "moe.activation",   "moe.cnn_routing",     "router.type",         "router.gating",
-    "router.bias",      "router.null_experts", "router.rnn_hidden"};
+    "model.arch",       "model.vocab_size", "model.n_layers",      "model.d_model",
+    "model.n_heads",    "model.d_ff",       "model.layernorm_eps", "model.cnn_widths",
+    "model.cnn_blocks", "model.cnn_stem",   "model.cnn_ratio",     "moe.enabled",
+    "moe.num_experts",  "moe.every",        "moe.expert_hidden",   "moe.split_dense",
+    "moe.activation",   "moe.cnn_routing",  "moe.merged",          "router.type",
+    "router.gating",    "router.bias",      "router.null_experts", "router.rnn_hidden"};
 
 int recipe_model_differences(const cm_recipe *stored, const cm_recipe *given, char *out,
                              size_t capacity) {

@@ -288,6 +288,17 @@ typedef struct run_state {
     bool initialised; /* the parameters came from options->init */
 } run_state;
 
+/* Whether `recipe` lacks the group tables of the merged model in `path`
+ * (cmoe merge): the likely reason its parameters do not fit. */
+static bool misses_merged(const cm_recipe *recipe, const char *path) {
+    char *text = NULL;
+    cm_recipe stored;
+    bool merged = !recipe->moe.merged && ckpt_read_recipe(path, &text) == CM_OK &&
+                  recipe_load_text(text, path, NULL, 0, &stored) == CM_OK && stored.moe.merged;
+    free(text);
+    return merged;
+}
+
 /* A run that starts at step 0: the parameters of options->init, if set
  * (its moments, step and seed are not read: the optimizer starts fresh). */
 static cm_status start_from_init(run_state *r) {
@@ -296,6 +307,12 @@ static cm_status start_from_init(run_state *r) {
     ckpt_meta meta;
     cm_status status =
         ckpt_load_sharded(init, &r->session->params, &meta, false, r->session->env.comm);
+    if (status != CM_OK && misses_merged(r->session->recipe, init))
+        return cm_error_wrap(status,
+                             "--init %s is a merged model (cmoe merge: moe.merged true, group "
+                             "tables blocks.L.moe.group_of); set moe.merged: true in the recipe "
+                             "(--set moe.merged=true)",
+                             init);
     if (status != CM_OK) return cm_error_wrap(status, "--init %s", init);
     r->initialised = true;
     return CM_OK;

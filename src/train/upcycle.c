@@ -381,14 +381,6 @@ static cm_status read_dense_recipe(const char *path, cm_recipe *dense) {
     return CM_OK;
 }
 
-/* The recipe's resolved text (malloc'd). */
-static char *format_recipe(const cm_recipe *recipe) {
-    size_t length = recipe_format(recipe, NULL, 0);
-    char *text = malloc(length + 1);
-    if (text) recipe_format(recipe, text, length + 1);
-    return text;
-}
-
 static void describe_plan(const cm_recipe *moe, const upcycle_plan *plan, char *out, size_t size) {
     snprintf(out, size,
              "%s, moe.every %d, gating %s, router %s, scaling %s (A %g, fc1 x%g, fc2 x%g, fc2 "
@@ -408,15 +400,15 @@ static cm_status convert(const char *dense_path, run_session *dense, const ckpt_
     CM_TRY(run_session_open(moe_recipe, NULL, false, &moe));
     cm_status status =
         upcycle_params(run_session_params(dense), run_session_params(moe), moe_recipe, plan);
-    char *moe_text = format_recipe(moe_recipe), *dense_text = format_recipe(dense_recipe);
+    char *moe_text = recipe_format_text(moe_recipe), *dense_text = recipe_format_text(dense_recipe);
     char method[512];
     describe_plan(moe_recipe, plan, method, sizeof method);
     if (status == CM_OK && (!moe_text || !dense_text))
         status = CM_ERR(CM_ERR_NOMEM, "out of memory");
     if (status == CM_OK) {
         const ckpt_meta meta = {0, (uint64_t)moe_recipe->train.seed, 0};
-        const ckpt_origin origin = {dense_path, dense_meta->step, dense_meta->seed, dense_text,
-                                    method};
+        const ckpt_origin origin = {dense_path, dense_meta->step, dense_meta->seed,
+                                    dense_text, method,           "upcycled_from"};
         status = ckpt_save_with_origin(out_path, run_session_params(moe), &meta, moe_text, &origin);
     }
     free(moe_text);
