@@ -436,8 +436,10 @@ static cm_status lm_write_window(void *state, cm_metrics *metrics, cm_progress *
 static task_eval_plan lm_eval_plan(void *state) {
     const cm_recipe *recipe = ((lm_task *)state)->env.recipe;
     return (task_eval_plan){
-        .periodic = {CM_SPLIT_VALID, recipe->train.eval_batches, recipe->router.eval_k},
-        .final = {CM_SPLIT_TEST, 0, recipe->router.eval_k},
+        .periodic = {.split = CM_SPLIT_VALID,
+                     .max_batches = recipe->train.eval_batches,
+                     .k_override = recipe->router.eval_k},
+        .final = {.split = CM_SPLIT_TEST, .max_batches = 0, .k_override = recipe->router.eval_k},
         .final_differs = true};
 }
 
