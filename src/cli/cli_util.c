@@ -20,6 +20,29 @@ bool cli_is_option(const char *arg, const char *const *options) {
     return false;
 }
 
+int cli_parse(const cli_spec *spec, int argc, char **argv, void *args, const char **positional) {
+    for (int i = 0; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            fputs(spec->help, stdout);
+            return 0;
+        }
+        int status = CLI_UNKNOWN;
+        if (cli_is_option(arg, spec->with_value)) {
+            if (i + 1 == argc) return cli_usage(spec->command, "%s needs a value", arg);
+            status = spec->option(arg, argv[++i], args);
+        } else if (arg[0] == '-') {
+            status = spec->option(arg, NULL, args);
+        } else if (!*positional) {
+            *positional = arg;
+            continue;
+        }
+        if (status == CLI_UNKNOWN) return cli_usage(spec->command, "unexpected argument '%s'", arg);
+        if (status >= 0) return status;
+    }
+    return -1;
+}
+
 bool cli_parse_integer(const char *text, long long low, long long high, long long *out) {
     char *end;
     errno = 0;

@@ -17,6 +17,23 @@ int cli_usage(const char *command, const char *fmt, const char *arg);
 /* Whether arg is one of `options` (NULL-terminated). */
 bool cli_is_option(const char *arg, const char *const *options);
 
+/* A command's arguments: options with a value (`with_value`, NULL-
+ * terminated), flags, and one positional argument. `option` gets each option
+ * with its value, and each other argument starting with '-' with value NULL;
+ * it returns -1 when it took it, CLI_UNKNOWN for a flag it does not know, or
+ * an exit status (after a usage message: cli_usage). */
+enum { CLI_UNKNOWN = -2 };
+typedef struct cli_spec {
+    const char *command; /* "route": for the messages */
+    const char *help;    /* --help and -h print it */
+    const char *const *with_value;
+    int (*option)(const char *name, const char *value, void *args);
+} cli_spec;
+
+/* Parses argv into args (through spec->option) and *positional; returns -1
+ * when parsed, else the exit status (0 after --help, 2 for bad usage). */
+int cli_parse(const cli_spec *spec, int argc, char **argv, void *args, const char **positional);
+
 /* A decimal integer in [low, high] filling all of `text`. */
 bool cli_parse_integer(const char *text, long long low, long long high, long long *out);
 

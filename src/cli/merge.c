@@ -79,13 +79,10 @@ static int usage(const char *fmt, const char *arg) {
     return cli_usage("merge", fmt, arg);
 }
 
-static bool takes_value(const char *arg) {
-    static const char *const options[] = {"-o",       "--out",           "--recipe",  "--set",
-                                          "--groups", "--calib-windows", "--seed",    "--grouping",
-                                          "--align",  "--mode",          "--weights", "--layers",
-                                          NULL};
-    return cli_is_option(arg, options);
-}
+static const char *const merge_value_options[] = {
+    "-o",     "--out",      "--recipe", "--set",  "--groups",  "--calib-windows",
+    "--seed", "--grouping", "--align",  "--mode", "--weights", "--layers",
+    NULL};
 
 /* The index of `value` in names (NULL-terminated), or -1. */
 static int name_index(const char *value, const char *const *names) {
@@ -113,7 +110,13 @@ static int parse_choice(const char *name, const char *value, merge_options *o) {
 }
 
 /* One option with its value; -1 when parsed, else the exit status. */
-static int parse_option(const char *name, const char *value, merge_args *args) {
+static int parse_option(const char *name, const char *value, void *data) {
+    merge_args *args = data;
+    if (!value) {
+        if (strcmp(name, "--quiet") != 0) return CLI_UNKNOWN;
+        args->options.quiet = true;
+        return -1;
+    }
     if (strcmp(name, "-o") == 0 || strcmp(name, "--out") == 0) {
         args->out_path = value;
     } else if (strcmp(name, "--recipe") == 0) {
@@ -140,24 +143,9 @@ static int parse_option(const char *name, const char *value, merge_args *args) {
 
 /* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
 static int parse_merge_args(int argc, char **argv, merge_args *args) {
-    for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(merge_help, stdout);
-            return 0;
-        }
-        if (takes_value(argv[i]) && i + 1 == argc) return usage("%s needs a value", argv[i]);
-        if (takes_value(argv[i])) {
-            int status = parse_option(argv[i], argv[i + 1], args);
-            i++;
-            if (status >= 0) return status;
-        } else if (strcmp(argv[i], "--quiet") == 0) {
-            args->options.quiet = true;
-        } else if (argv[i][0] == '-' || args->checkpoint) {
-            return usage("unexpected argument '%s'", argv[i]);
-        } else {
-            args->checkpoint = argv[i];
-        }
-    }
+    const cli_spec spec = {"merge", merge_help, merge_value_options, parse_option};
+    int status = cli_parse(&spec, argc, argv, args, &args->checkpoint);
+    if (status >= 0) return status;
     if (!args->checkpoint || !args->out_path) return usage("needs CKPT and -o OUT.h5%s", "");
     if (strcmp(args->checkpoint, args->out_path) == 0)
         return usage("-o %s would overwrite the checkpoint", args->out_path);

@@ -74,15 +74,14 @@ static int usage(const char *fmt, const char *arg) {
     return cli_usage("route", fmt, arg);
 }
 
-static bool takes_value(const char *arg) {
-    static const char *const options[] = {"--text",   "--prompt",      "--out",
-                                          "--recipe", "--set",         "--show",
-                                          "--top",    "--max-batches", NULL};
-    return cli_is_option(arg, options);
-}
+static const char *const route_options[] = {
+    "--text", "--prompt", "--out", "--recipe", "--set", "--show", "--top", "--max-batches", NULL};
 
-/* One option with its value; returns -1 when parsed, else the exit status. */
-static int parse_option(const char *name, const char *value, route_args *args) {
+/* One option with its value (cli_spec.option); returns -1 when parsed, else
+ * the exit status. */
+static int parse_option(const char *name, const char *value, void *data) {
+    route_args *args = data;
+    if (!value) return CLI_UNKNOWN; /* route has no flags */
     if (strcmp(name, "--text") == 0) {
         args->text_path = value;
     } else if (strcmp(name, "--prompt") == 0) {
@@ -110,22 +109,9 @@ static int parse_option(const char *name, const char *value, route_args *args) {
 /* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
 static int parse_route_args(int argc, char **argv, route_args *args) {
     *args = (route_args){.show = 512, .top = 8};
-    for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(route_help, stdout);
-            return 0;
-        }
-        if (takes_value(argv[i]) && i + 1 == argc) return usage("%s needs a value", argv[i]);
-        if (takes_value(argv[i])) {
-            int status = parse_option(argv[i], argv[i + 1], args);
-            i++;
-            if (status >= 0) return status;
-        } else if (argv[i][0] == '-' || args->checkpoint) {
-            return usage("unexpected argument '%s'", argv[i]);
-        } else {
-            args->checkpoint = argv[i];
-        }
-    }
+    const cli_spec spec = {"route", route_help, route_options, parse_option};
+    int status = cli_parse(&spec, argc, argv, args, &args->checkpoint);
+    if (status >= 0) return status;
     if (!args->checkpoint) return usage("missing CKPT%s", "");
     if (args->prompt && args->text_path) return usage("give --text or --prompt, not both%s", "");
     return -1;

@@ -70,18 +70,15 @@ static int usage(const char *fmt, const char *arg) {
     return cli_usage("sample", fmt, arg);
 }
 
-static bool takes_value(const char *arg) {
-    static const char *const options[] = {"--recipe",      "--set",   "--prompt",
-                                          "--prompt-file", "--bytes", "--top-k",
-                                          "--temperature", "--seed",  NULL};
-    return cli_is_option(arg, options);
-}
+static const char *const sample_options[] = {"--recipe",      "--set",   "--prompt",
+                                             "--prompt-file", "--bytes", "--top-k",
+                                             "--temperature", "--seed",  NULL};
 
 /* One option with its value at argv[*i + 1]; returns -1 when parsed, else
  * the exit status. */
-static int parse_option(char **argv, int *i, sample_args *args) {
-    const char *name = argv[*i], *value = argv[*i + 1];
-    (*i)++;
+static int parse_option(const char *name, const char *value, void *data) {
+    sample_args *args = data;
+    if (!value) return CLI_UNKNOWN; /* sample has no flags */
     if (strcmp(name, "--recipe") == 0) {
         args->recipe_path = value;
     } else if (strcmp(name, "--set") == 0) {
@@ -113,21 +110,9 @@ static int parse_option(char **argv, int *i, sample_args *args) {
 /* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
 static int parse_sample_args(int argc, char **argv, sample_args *args) {
     *args = (sample_args){.bytes = 256, .seed = 1, .temperature = 1.0};
-    for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(sample_help, stdout);
-            return 0;
-        }
-        if (takes_value(argv[i]) && i + 1 == argc) return usage("%s needs a value", argv[i]);
-        if (takes_value(argv[i])) {
-            int status = parse_option(argv, &i, args);
-            if (status >= 0) return status;
-        } else if (argv[i][0] == '-' || args->checkpoint) {
-            return usage("unexpected argument '%s'", argv[i]);
-        } else {
-            args->checkpoint = argv[i];
-        }
-    }
+    const cli_spec spec = {"sample", sample_help, sample_options, parse_option};
+    int status = cli_parse(&spec, argc, argv, args, &args->checkpoint);
+    if (status >= 0) return status;
     if (!args->checkpoint) return usage("missing CKPT%s", "");
     if (args->prompt && args->prompt_file)
         return usage("give --prompt or --prompt-file, not both%s", "");

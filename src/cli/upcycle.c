@@ -54,26 +54,28 @@ static int usage(const char *fmt, const char *arg) {
 }
 
 /* Fills *args; returns -1 when parsed, else the exit status (help: 0). */
-static int parse_upcycle_args(int argc, char **argv, upcycle_args *args) {
-    for (int i = 0; i < argc; i++) {
-        const char *arg = argv[i];
-        const bool has_value = i + 1 < argc;
-        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
-            fputs(upcycle_help, stdout);
-            return 0;
-        } else if (strcmp(arg, "--recipe") == 0 && has_value) {
-            args->recipe_path = argv[++i];
-        } else if ((strcmp(arg, "-o") == 0 || strcmp(arg, "--out") == 0) && has_value) {
-            args->out_path = argv[++i];
-        } else if (strcmp(arg, "--set") == 0 && has_value) {
-            if (args->n_overrides == MAX_OVERRIDES) return usage("too many --set%s", "");
-            args->overrides[args->n_overrides++] = argv[++i];
-        } else if (arg[0] == '-' || args->checkpoint) {
-            return usage("unexpected argument '%s'", arg);
-        } else {
-            args->checkpoint = arg;
-        }
+static const char *const upcycle_options[] = {"--recipe", "-o", "--out", "--set", NULL};
+
+/* One option with its value (cli_spec.option); returns -1 when parsed, else
+ * the exit status. */
+static int parse_option(const char *name, const char *value, void *data) {
+    upcycle_args *args = data;
+    if (!value) return CLI_UNKNOWN; /* upcycle has no flags */
+    if (strcmp(name, "--recipe") == 0) {
+        args->recipe_path = value;
+    } else if (strcmp(name, "--set") == 0) {
+        if (args->n_overrides == MAX_OVERRIDES) return usage("too many --set%s", "");
+        args->overrides[args->n_overrides++] = value;
+    } else { /* -o, --out */
+        args->out_path = value;
     }
+    return -1;
+}
+
+static int parse_upcycle_args(int argc, char **argv, upcycle_args *args) {
+    const cli_spec spec = {"upcycle", upcycle_help, upcycle_options, parse_option};
+    int status = cli_parse(&spec, argc, argv, args, &args->checkpoint);
+    if (status >= 0) return status;
     if (!args->checkpoint || !args->recipe_path || !args->out_path)
         return usage("needs DENSE.h5, --recipe MOE.yaml and -o OUT.h5%s", "");
     if (strcmp(args->checkpoint, args->out_path) == 0)
