@@ -4,11 +4,17 @@
  *
  * A study file is a YAML mapping (docs/studies.md has the reference):
  *   name, paper, summary       text
- *   arms:        [{name, recipe, set: [KEY=VALUE...], from: ARM, upcycle: bool}]
+ *   arms:        [{name, recipe, set: [KEY=VALUE...], from: ARM, upcycle: bool,
+ *                    merge: {groups, grouping, align, weights, mode,
+ *                            calib_windows, seed}, evaluate_only: bool}]
  *                  from: the arm starts at step 0 from the final checkpoint
  *                  of an earlier arm's run with the same seed (cmoe train
  *                  --init); with upcycle: true that checkpoint is first
- *                  upcycled with this arm's recipe (train/upcycle.h)
+ *                  upcycled with this arm's recipe (train/upcycle.h); with
+ *                  merge: its experts are first merged (train/merge.h, with
+ *                  the source arm's recipe) and the arm's recipe gets
+ *                  moe.merged=true; evaluate_only: true trains nothing, the
+ *                  starting point is evaluated as it is (needs from)
  *   presets:     {smoke|small|full: {seeds, set: [...], arm_set: {ARM: [...]},
  *                  note}}  arm_set: overrides for one arm, after the arm's own
  *   evaluations: [{name, key, values: [...], split, arms: [...]}]
@@ -34,6 +40,8 @@
 
 #include "common/status.h"
 
+struct merge_options;
+
 enum {
     STUDY_NAME_CAP = 64,
     STUDY_TEXT_CAP = 1024,
@@ -49,7 +57,8 @@ enum {
     STUDY_MAX_TESTS = 8,
     STUDY_MAX_SWEEPS = 4,
     STUDY_MAX_SEEDS = 16,
-    STUDY_MAX_OVERRIDES = 3 * STUDY_MAX_SETS, /* preset + arm + the preset's arm_set */
+    /* preset + arm + the preset's arm_set, and moe.merged=true for a merge arm */
+    STUDY_MAX_OVERRIDES = 3 * STUDY_MAX_SETS + 1,
 };
 
 typedef struct study_sets {
@@ -57,12 +66,23 @@ typedef struct study_sets {
     int count;
 } study_sets;
 
+/* An arm's merge: the options of cmoe merge (train/merge.h), the enums as
+ * ints (merge_grouping, merge_weighting, merge_mode). */
+typedef struct study_merge {
+    int groups, calib_windows, seed;
+    int grouping, weights, mode;
+    bool align;
+} study_merge;
+
 typedef struct study_arm {
     char name[STUDY_NAME_CAP];
     char recipe[STUDY_PATH_CAP]; /* resolved against the study file's directory's parent */
     study_sets set;
     int from;     /* -1, or the (earlier) arm whose final checkpoint this one starts from */
     bool upcycle; /* with from: upcycle that checkpoint with this arm's recipe first */
+    bool merge;   /* with from: merge that checkpoint's experts first (cmoe merge) */
+    study_merge merge_settings; /* of the merge */
+    bool evaluate_only;         /* with from: no training, the starting point is evaluated */
 } study_arm;
 
 typedef struct study_preset {
@@ -150,9 +170,13 @@ cm_status study_load(const char *path, study *out);
 bool study_parse_number(const char *text, double *value);
 
 /* The overrides of arm `arm` under preset `preset`, in order: the preset's
- * set, the arm's set, the preset's arm_set for this arm. Fills sets[0..n)
+ * set, the arm's set, the preset's arm_set for this arm, and moe.merged=true
+ * for an arm that merges (its model has the group tables). Fills sets[0..n)
  * (at most STUDY_MAX_OVERRIDES pointers into *s) and returns n. */
 int study_arm_overrides(const study *s, int arm, int preset, const char **sets);
+
+/* The merge_options of arm `arm`'s merge (quiet: the study prints its own lines). */
+void study_merge_options(const study *s, int arm, struct merge_options *out);
 
 int study_find_arm(const study *s, const char *name);        /* -1: none */
 int study_find_preset(const study *s, const char *name);     /* -1: none */

@@ -9,6 +9,7 @@
 #include <yaml.h>
 
 #include "study/study.h"
+#include "train/merge.h"
 #include "train/recipe.h"
 #include "train/upcycle.h"
 
@@ -151,9 +152,70 @@ static cm_status parse_sets(const reader *r, const yaml_node_t *list, const char
 
 /* ---- arms, presets, evaluations ------------------------------------------------- */
 
-/* from: an earlier arm; upcycle: true or false (needs from). */
-static cm_status parse_start(const reader *r, yaml_node_t *from, yaml_node_t *upcycle,
-                             study_arm *arm) {
+/* A scalar that is true or false. */
+static cm_status bool_of(const reader *r, const yaml_node_t *node, const char *what, bool *value) {
+    char text[16];
+    CM_TRY(text_of(r, node, what, text, sizeof text));
+    if (strcmp(text, "true") != 0 && strcmp(text, "false") != 0)
+        return fail_at(r, node, "%s is true or false, not '%s'", what, text);
+    *value = strcmp(text, "true") == 0;
+    return CM_OK;
+}
+
+/* A scalar that is one of names (NULL-terminated): its index. */
+static cm_status choice_of(const reader *r, const yaml_node_t *node, const char *what,
+                           const char *const *names, int *index) {
+    char text[32], known[128] = "";
+    CM_TRY(text_of(r, node, what, text, sizeof text));
+    for (int i = 0; names[i]; i++) {
+        if (strcmp(text, names[i]) == 0) {
+            *index = i;
+            return CM_OK;
+        }
+        snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", i ? " or " : "",
+                 names[i]);
+    }
+    return fail_at(r, node, "%s is %s, not '%s'", what, known, text);
+}
+
+/* merge: {groups, grouping, align, weights, mode, calib_windows, seed}: the
+ * options of cmoe merge, with its defaults (train/merge.h). */
+static cm_status parse_merge(const reader *r, const yaml_node_t *node, study_merge *m) {
+    static const char *const keys[] = {"groups", "grouping",      "align", "weights",
+                                       "mode",   "calib_windows", "seed",  NULL};
+    static const char *const on_off[] = {"off", "on", NULL};
+    yaml_node_t *v[7];
+    CM_TRY(take_keys(r, node, "merge", keys, v));
+    CM_TRY(require(r, node, v[0], "groups", "merge"));
+    *m = (study_merge){.calib_windows = 256, .seed = 2333, .align = true};
+    int align = 1;
+    CM_TRY(int_of(r, v[0], "merge groups", 1, 1 << 20, &m->groups));
+    if (v[1]) CM_TRY(choice_of(r, v[1], "merge grouping", merge_grouping_names, &m->grouping));
+    if (v[2]) CM_TRY(choice_of(r, v[2], "merge align", on_off, &align));
+    if (v[3]) CM_TRY(choice_of(r, v[3], "merge weights", merge_weighting_names, &m->weights));
+    if (v[4]) CM_TRY(choice_of(r, v[4], "merge mode", merge_mode_names, &m->mode));
+    if (v[5]) CM_TRY(int_of(r, v[5], "merge calib_windows", 1, 1 << 24, &m->calib_windows));
+    if (v[6]) CM_TRY(int_of(r, v[6], "merge seed", 0, 1 << 30, &m->seed));
+    m->align = align == 1;
+    return CM_OK;
+}
+
+void study_merge_options(const study *s, int arm, merge_options *out) {
+    const study_merge *m = &s->arms[arm].merge_settings;
+    *out = (merge_options){.groups = m->groups,
+                           .calib_windows = m->calib_windows,
+                           .seed = (uint64_t)m->seed,
+                           .grouping = (merge_grouping)m->grouping,
+                           .align = m->align,
+                           .weights = (merge_weighting)m->weights,
+                           .mode = (merge_mode)m->mode,
+                           .quiet = true};
+}
+
+/* from: an earlier arm (not one that trains nothing); upcycle: true or
+ * merge: {...} (one of them, each needing from); evaluate_only (needs from). */
+static cm_status parse_start(const reader *r, yaml_node_t *const *v, study_arm *arm) {
+    yaml_node_t *from = v[0], *upcycle = v[1], *merge = v[2], *evaluate_only = v[3];
     arm->from = -1;
     if (from) {
         char name[STUDY_NAME_CAP];
@@ -161,22 +223,29 @@ static cm_status parse_start(const reader *r, yaml_node_t *from, yaml_node_t *up
         arm->from = study_find_arm(r->out, name);
         if (arm->from < 0)
             return fail_at(r, from, "from: '%s' is not an arm before this one", name);
+        if (r->out->arms[arm->from].evaluate_only)
+            return fail_at(
+                r, from, "from: '%s' trains nothing (evaluate_only): start from its source", name);
     }
-    if (upcycle) {
-        char text[16];
-        CM_TRY(text_of(r, upcycle, "an arm's upcycle", text, sizeof text));
-        if (strcmp(text, "true") != 0 && strcmp(text, "false") != 0)
-            return fail_at(r, upcycle, "upcycle is true or false, not '%s'", text);
-        arm->upcycle = strcmp(text, "true") == 0;
-        if (arm->upcycle && !from)
-            return fail_at(r, upcycle, "upcycle: true needs from: ARM (the dense run to upcycle)");
-    }
+    if (upcycle) CM_TRY(bool_of(r, upcycle, "upcycle", &arm->upcycle));
+    if (arm->upcycle && !from)
+        return fail_at(r, upcycle, "upcycle: true needs from: ARM (the dense run to upcycle)");
+    if (merge && !from) return fail_at(r, merge, "merge: needs from: ARM (the MoE run to merge)");
+    if (merge && arm->upcycle)
+        return fail_at(r, merge, "an arm either upcycles or merges its source, not both");
+    if (merge) CM_TRY(parse_merge(r, merge, &arm->merge_settings));
+    arm->merge = merge != NULL;
+    if (evaluate_only) CM_TRY(bool_of(r, evaluate_only, "evaluate_only", &arm->evaluate_only));
+    if (arm->evaluate_only && !from)
+        return fail_at(r, evaluate_only,
+                       "evaluate_only: true needs from: ARM (the model to evaluate starts there)");
     return CM_OK;
 }
 
 static cm_status parse_arm(const reader *r, const yaml_node_t *node, study_arm *arm) {
-    static const char *const keys[] = {"name", "recipe", "set", "from", "upcycle", NULL};
-    yaml_node_t *v[5];
+    static const char *const keys[] = {"name",    "recipe", "set",           "from",
+                                       "upcycle", "merge",  "evaluate_only", NULL};
+    yaml_node_t *v[7];
     CM_TRY(take_keys(r, node, "an arm", keys, v));
     CM_TRY(require(r, node, v[0], "name", "an arm"));
     CM_TRY(require(r, node, v[1], "recipe", "an arm"));
@@ -200,7 +269,7 @@ static cm_status parse_arm(const reader *r, const yaml_node_t *node, study_arm *
         snprintf(arm->recipe, sizeof arm->recipe, "%s", relative);
     else
         snprintf(arm->recipe, sizeof arm->recipe, "%.*s/%s", dir_length, r->path, relative);
-    CM_TRY(parse_start(r, v[3], v[4], arm));
+    CM_TRY(parse_start(r, &v[3], arm));
     return parse_sets(r, v[2], "an arm's set", &arm->set);
 }
 
@@ -561,6 +630,7 @@ int study_arm_overrides(const study *s, int arm, int preset, const char **sets) 
     for (int i = 0; i < a->set.count; i++) sets[n++] = a->set.items[i];
     for (int i = 0; i < p->arm_sets.count; i++)
         if (p->arm_set_arm[i] == arm) sets[n++] = p->arm_sets.items[i];
+    if (a->merge) sets[n++] = "moe.merged=true";
     return n;
 }
 
@@ -580,24 +650,54 @@ static cm_status load_arm_recipe(const reader *r, const yaml_node_t *at, int arm
     return CM_OK;
 }
 
+/* The error of a check of arm `arm`'s start under preset `preset`: "arm A
+ * cannot VERB arm S with preset P: WHY". */
+static cm_status start_failure(const reader *r, const yaml_node_t *at, int arm, int preset,
+                               const char *verb, const char *message) {
+    char why[2048];
+    snprintf(why, sizeof why, "%s", message);
+    const study_arm *a = &r->out->arms[arm];
+    return fail_at(r, at, "arm '%s' cannot %s arm '%s' with preset '%s': %s", a->name, verb,
+                   r->out->arms[a->from].name, r->out->presets[preset].name, why);
+}
+
+/* A merge arm: the source's model must be one cmoe merge takes with the
+ * arm's settings, and the arm's model the source's with moe.merged=true
+ * (train --init loads the merged checkpoint into it). */
+static cm_status check_merge(const reader *r, const yaml_node_t *at, int arm, int preset,
+                             const cm_recipe *recipe) {
+    const study_arm *a = &r->out->arms[arm];
+    cm_recipe source, merged;
+    CM_TRY(load_arm_recipe(r, at, a->from, preset, NULL, &source));
+    merge_options options;
+    study_merge_options(r->out, arm, &options);
+    if (merge_check(&source, &options, "its final checkpoint") != CM_OK)
+        return start_failure(r, at, arm, preset, "merge", cm_error_message());
+    CM_TRY(load_arm_recipe(r, at, a->from, preset, "moe.merged=true", &merged));
+    char keys[1024], why[1100];
+    if (recipe_model_differences(&merged, recipe, keys, sizeof keys) > 0) {
+        snprintf(why, sizeof why, "its model differs from the source's: %s", keys);
+        return start_failure(r, at, arm, preset, "merge", why);
+    }
+    return CM_OK;
+}
+
 /* Every arm's recipe must load with each preset's and the arm's overrides,
  * and with each value of each evaluation it gets; an arm that upcycles
- * another's checkpoint must be an MoE that arm's dense model can become:
- * all before any run starts. */
+ * another's checkpoint must be an MoE that arm's dense model can become,
+ * and one that merges another's must be able to: all before any run starts. */
 static cm_status check_recipe(const reader *r, const yaml_node_t *at, int arm, int preset,
                               const char *extra) {
     cm_recipe recipe, source;
     CM_TRY(load_arm_recipe(r, at, arm, preset, extra, &recipe));
     const study_arm *a = &r->out->arms[arm];
-    if (extra || !a->upcycle) return CM_OK;
+    if (extra) return CM_OK;
+    if (a->merge) return check_merge(r, at, arm, preset, &recipe);
+    if (!a->upcycle) return CM_OK;
     CM_TRY(load_arm_recipe(r, at, a->from, preset, NULL, &source));
     upcycle_plan plan;
-    if (upcycle_plan_make(&source, &recipe, &plan) != CM_OK) {
-        char why[2048];
-        snprintf(why, sizeof why, "%s", cm_error_message());
-        return fail_at(r, at, "arm '%s' cannot upcycle arm '%s' with preset '%s': %s", a->name,
-                       r->out->arms[a->from].name, r->out->presets[preset].name, why);
-    }
+    if (upcycle_plan_make(&source, &recipe, &plan) != CM_OK)
+        return start_failure(r, at, arm, preset, "upcycle", cm_error_message());
     return CM_OK;
 }
 

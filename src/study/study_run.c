@@ -16,6 +16,7 @@
 #include "parallel/comm.h"
 #include "study/report.h"
 #include "train/checkpoint.h"
+#include "train/merge.h"
 #include "train/metrics.h"
 #include "train/recipe.h"
 #include "train/run.h"
@@ -145,8 +146,18 @@ static void plan_run(const study_ctx *c, int arm, int seed, run_plan *p) {
         length += snprintf(p->config + length, sizeof p->config - (size_t)length, " --set %s",
                            p->sets[i]);
     if (a->from >= 0 && length < (int)sizeof p->config)
-        snprintf(p->config + length, sizeof p->config - (size_t)length, " --from %s%s",
-                 c->s->arms[a->from].name, a->upcycle ? " --upcycle" : "");
+        length += snprintf(p->config + length, sizeof p->config - (size_t)length, " --from %s%s",
+                           c->s->arms[a->from].name, a->upcycle ? " --upcycle" : "");
+    const study_merge *m = &a->merge_settings;
+    if (a->merge && length < (int)sizeof p->config)
+        length += snprintf(p->config + length, sizeof p->config - (size_t)length,
+                           " --merge groups=%d,grouping=%s,align=%s,weights=%s,mode=%s,"
+                           "calib_windows=%d,seed=%d",
+                           m->groups, merge_grouping_names[m->grouping], m->align ? "on" : "off",
+                           merge_weighting_names[m->weights], merge_mode_names[m->mode],
+                           m->calib_windows, m->seed);
+    if (a->evaluate_only && length < (int)sizeof p->config)
+        snprintf(p->config + length, sizeof p->config - (size_t)length, " --evaluate-only");
 }
 
 /* 0: run it, 1: done already; an error when the directory holds another
@@ -215,10 +226,51 @@ static cm_status evaluate_run(const study_ctx *c, const run_plan *p, const char 
     return CM_OK;
 }
 
+/* Merges the source checkpoint `init` into `path` with the source arm's
+ * recipe (the model it was trained as) and this arm's merge settings. */
+static cm_status merge_source(const study_ctx *c, const run_plan *p, const char *init,
+                              const char *path) {
+    const int from = c->s->arms[p->arm].from;
+    run_plan source;
+    plan_run(c, from, p->seed, &source);
+    cm_recipe recipe;
+    CM_TRY(recipe_load(c->s->arms[from].recipe, source.sets, source.n_sets, &recipe));
+    merge_options options;
+    study_merge_options(c->s, p->arm, &options);
+    CM_TRY(merge_checkpoint(init, &recipe, &options, path, NULL));
+    if (!c->o->quiet) printf("[study]   merged %s -> %s\n", init, path);
+    return CM_OK;
+}
+
+/* With upcycle or merge: turns the source checkpoint `init` into
+ * RUN/upcycled.h5 or RUN/merged.h5 and points init at it. Rank 0 writes it
+ * once: a file that exists is complete (both writers rename a finished
+ * temporary), so a resumed run does not upcycle or merge again. */
+static cm_status derive_start(const study_ctx *c, const run_plan *p, const cm_recipe *recipe,
+                              char *init) {
+    const study_arm *a = &c->s->arms[p->arm];
+    if (!a->upcycle && !a->merge) return CM_OK;
+    char path[PATH_CAP];
+    snprintf(path, sizeof path, "%s/%s", p->dir, a->merge ? "merged.h5" : "upcycled.h5");
+    int code = CM_OK;
+    FILE *existing = c->leader ? fopen(path, "rb") : NULL;
+    if (existing)
+        fclose(existing);
+    else if (c->leader)
+        code = (int)(a->merge ? merge_source(c, p, init, path)
+                              : upcycle_checkpoint(init, recipe, path, NULL));
+    MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    if (code != CM_OK)
+        return c->leader ? (cm_status)code
+                         : CM_ERR((cm_status)code, "rank 0 could not %s %s",
+                                  a->merge ? "merge" : "upcycle", init);
+    snprintf(init, PATH_CAP, "%s", path);
+    return CM_OK;
+}
+
 /* The checkpoint an arm with `from` starts from (into init, PATH_CAP): the
- * final checkpoint of the source arm's run with the same seed, or with
- * `upcycle` that checkpoint upcycled with this run's recipe into
- * RUN/upcycled.h5 (once; rank 0 writes it). */
+ * final checkpoint of the source arm's run with the same seed, upcycled or
+ * merged when the arm says so (derive_start). */
 static cm_status starting_point(const study_ctx *c, const run_plan *p, const cm_recipe *recipe,
                                 char *init) {
     const study_arm *a = &c->s->arms[p->arm], *source = &c->s->arms[a->from];
@@ -231,23 +283,32 @@ static cm_status starting_point(const study_ctx *c, const run_plan *p, const cm_
                       "(the study runs the arms in file order)",
                       a->name, source->name, dir, source->name);
     CM_TRY(ckpt_find_latest(dir, init, PATH_CAP));
-    if (!a->upcycle) return CM_OK;
-    snprintf(path, sizeof path, "%s/upcycled.h5", p->dir);
-    int code = CM_OK;
-    FILE *existing = c->leader ? fopen(path, "rb") : NULL;
-    if (existing)
-        fclose(existing);
-    else if (c->leader)
-        code = (int)upcycle_checkpoint(init, recipe, path, NULL);
-    MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
-    if (code != CM_OK)
-        return c->leader ? (cm_status)code
-                         : CM_ERR((cm_status)code, "rank 0 could not upcycle %s", init);
-    snprintf(init, PATH_CAP, "%s", path);
-    return CM_OK;
+    return derive_start(c, p, recipe, init);
 }
 
-/* Trains (or resumes) the run, evaluates it, marks it done. */
+/* Trains (or resumes) the run from `init` (NULL: the recipe's init) and
+ * finds its final checkpoint; *has_final: the run's own final evaluation is
+ * in metrics.jsonl (not when it was resumed at its last step). */
+static cm_status train_run(const study_ctx *c, const cm_recipe *recipe, const char *init,
+                           const cm_comm *comm, char *checkpoint, bool *has_final,
+                           bool *interrupted) {
+    run_options options = {.resume = "auto",
+                           .init = init,
+                           .stop_requested = c->o->stop_requested,
+                           .quiet = c->o->quiet,
+                           .comm = comm};
+    run_result result;
+    CM_TRY(run_train(recipe, &options, &result));
+    *interrupted = result.interrupted;
+    *has_final = result.has_final;
+    if (result.interrupted) return CM_OK;
+    char dir[PATH_CAP];
+    CM_TRY(recipe_checkpoint_dir(recipe, dir, sizeof dir));
+    return ckpt_find_latest(dir, checkpoint, PATH_CAP);
+}
+
+/* Trains (or resumes) the run, evaluates it, marks it done. An
+ * evaluate_only arm trains nothing: its starting point is the final model. */
 static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recipe,
                          const cm_comm *comm, bool *interrupted) {
     const double start = cm_now();
@@ -261,25 +322,22 @@ static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recip
         snprintf(path, sizeof path, "%s/study-evals.jsonl", p->dir);
         remove(path);
     }
-    char init[PATH_CAP];
-    if (c->s->arms[p->arm].from >= 0) CM_TRY(starting_point(c, p, recipe, init));
-    run_options options = {.resume = "auto",
-                           .init = c->s->arms[p->arm].from >= 0 ? init : NULL,
-                           .stop_requested = c->o->stop_requested,
-                           .quiet = c->o->quiet,
-                           .comm = comm};
-    run_result result;
-    CM_TRY(run_train(recipe, &options, &result));
-    if (result.interrupted) {
-        *interrupted = true;
+    const study_arm *a = &c->s->arms[p->arm];
+    char init[PATH_CAP], checkpoint[PATH_CAP];
+    if (a->from >= 0) CM_TRY(starting_point(c, p, recipe, init));
+    bool has_final = false;
+    if (a->evaluate_only)
+        snprintf(checkpoint, sizeof checkpoint, "%s", init);
+    else
+        CM_TRY(train_run(c, recipe, a->from >= 0 ? init : NULL, comm, checkpoint, &has_final,
+                         interrupted));
+    if (*interrupted)
         return c->leader ? write_state(p->dir, p->config, false, before + cm_now() - start) : CM_OK;
-    }
-    char checkpoint[PATH_CAP];
-    CM_TRY(ckpt_find_latest(p->dir, checkpoint, sizeof checkpoint));
-    if (!result.has_final) { /* resumed at the last step: its final evaluation never ran */
+    if (!has_final) { /* evaluate_only, or resumed at the last step: no final evaluation yet */
         task_eval eval;
         CM_TRY(run_evaluate(recipe, checkpoint, NULL, comm, &eval));
         CM_TRY(append_eval(c, p->dir, &eval.record));
+        if (c->leader && !c->o->quiet) printf("[study]   %s\n", eval.text);
     }
     CM_TRY(evaluate_run(c, p, checkpoint, comm));
     const double seconds = cm_now() - start;

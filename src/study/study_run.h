@@ -13,7 +13,12 @@
  * preset: pass another OUT). The evaluations' records go to
  * study-evals.jsonl, kind NAME=VALUE (and "test" again when the run's own
  * final evaluation is missing: a run killed between its last checkpoint and
- * that evaluation). Under mpirun every rank runs every run (each on all
+ * that evaluation). An arm with `from` starts at step 0 (train --init) from
+ * its source's final checkpoint of the same seed, first upcycled into
+ * RUN/upcycled.h5 or merged into RUN/merged.h5 when it says so (once: an
+ * existing file is complete); an evaluate_only arm trains nothing and
+ * evaluates that starting point (its "test" record in study-evals.jsonl).
+ * Under mpirun every rank runs every run (each on all
  * ranks); rank 0 decides what to skip, prints and writes the files.
  * Owns: nothing after the call. */
 #ifndef CMOE_STUDY_STUDY_RUN_H

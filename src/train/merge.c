@@ -323,11 +323,15 @@ static cm_status merge_loaded(const char *source, const cm_recipe *recipe,
     return status;
 }
 
+cm_status merge_check(const cm_recipe *recipe, const merge_options *options, const char *source) {
+    CM_TRY(check_model(recipe, source));
+    return check_options(recipe, options);
+}
+
 cm_status merge_checkpoint(const char *source, const cm_recipe *recipe,
                            const merge_options *options, const char *out_path,
                            merge_result *result) {
-    CM_TRY(check_model(recipe, source));
-    CM_TRY(check_options(recipe, options));
+    CM_TRY(merge_check(recipe, options, source));
     merge_result r;
     CM_TRY(result_alloc(&r, recipe));
     cm_status status = merge_loaded(source, recipe, options, out_path, &r);

@@ -157,6 +157,14 @@ typedef struct merge_result {
 
 void merge_result_free(merge_result *result);
 
+/* Whether merge_checkpoint can merge a checkpoint of `recipe`'s model (a
+ * transformer_lm MoE, not already merged) with `options` (groups in [1, N],
+ * calibration windows >= 1, MoE blocks in merge_layer); `source` names the
+ * checkpoint in the message. The study runner checks a study's merges with
+ * it before any run. */
+cm_status merge_check(const struct cm_recipe *recipe, const merge_options *options,
+                      const char *source);
+
 /* The whole merge: reads `source` (a transformer_lm MoE checkpoint, not
  * already merged) into the model of `recipe`, calibrates, plans, aligns,
  * merges and writes `out_path` atomically; *result (may be NULL) gets the

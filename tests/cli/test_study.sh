@@ -2,9 +2,11 @@
 # cmoe study end to end: a smoke study on synthetic text (2 seeds, a few
 # steps) and its report checked against a hand computation from the runs'
 # own metrics; a study killed (SIGKILL) mid-run resumes without redoing the
-# finished runs; bad study files fail before any run with file:line:col; every
-# studies/*.yaml passes --dry-run under every preset; the real path (a study
-# of studies/ on the KJV corpus) and the same study under mpirun.
+# finished runs; bad study files fail before any run with file:line:col (bad
+# merge: and evaluate_only arms too); every studies/*.yaml passes --dry-run
+# under every preset; the real path (studies of studies/ on the KJV corpus:
+# gating, upcycling, merge with a merge arm stopped after its merge and run
+# again) and a study under mpirun.
 # usage: test_study.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -184,6 +186,56 @@ sed 's/^    set: \[moe.num_experts=4/    from: dense\n    upcycle: true\n    set
     "$work/mini.yaml" > "$work/bad-upcycle.yaml"
 bad bad-upcycle 7:5 "arm 'top2' cannot upcycle arm 'dense' with preset 'smoke': .*router.k = 2 is not a multiple of the granularity G = 4"
 
+# merge: needs from, its known keys and values, a source cmoe merge takes and the
+# source's model (8 experts here against top2's 4); evaluate_only needs from,
+# and an arm that trains nothing cannot be a source.
+with_arms() { # NAME TEXT: mini.yaml with TEXT (arms) before presets:, as NAME.yaml
+    TEXT="$2" awk '/^presets:/ { print ENVIRON["TEXT"] } { print }' "$work/mini.yaml" \
+        > "$work/$1.yaml"
+}
+arm="  - name: merged
+    recipe: $src/recipes/lm/moe-top2.yaml"
+with_arms merge-no-from "$arm
+    set: [moe.num_experts=4]
+    merge: {groups: 2}"
+bad merge-no-from 13:12 "merge: needs from: ARM"
+with_arms merge-unknown-key "$arm
+    set: [moe.num_experts=4]
+    from: top2
+    merge: {groups: 2, mix: 3}"
+bad merge-unknown-key 14:24 "unknown key 'mix' in merge (known: groups, grouping, align, weights, mode, calib_windows, seed)"
+with_arms merge-bad-value "$arm
+    set: [moe.num_experts=4]
+    from: top2
+    merge: {groups: 2, grouping: kmeans}"
+bad merge-bad-value 14:34 "merge grouping is msmoe or random, not 'kmeans'"
+with_arms merge-groups "$arm
+    set: [moe.num_experts=4]
+    from: top2
+    merge: {groups: 9}"
+bad merge-groups 10:5 "arm 'merged' cannot merge arm 'top2' with preset 'smoke': --groups 9 is not in \[1, 4\]"
+with_arms merge-dense "$arm
+    from: dense
+    merge: {groups: 2}"
+bad merge-dense 10:5 "arm 'merged' cannot merge arm 'dense' with preset 'smoke': .*is a dense model"
+with_arms merge-model "$arm
+    from: top2
+    merge: {groups: 2}"
+bad merge-model 10:5 "cannot merge arm 'top2' with preset 'smoke': its model differs from the source's: moe.num_experts"
+with_arms eval-no-from "$arm
+    set: [moe.num_experts=4]
+    evaluate_only: true"
+bad eval-no-from 13:20 "evaluate_only: true needs from: ARM"
+with_arms from-eval-only "$arm
+    set: [moe.num_experts=4]
+    from: top2
+    merge: {groups: 2}
+    evaluate_only: true
+  - name: after
+    recipe: $src/recipes/lm/moe-top2.yaml
+    from: merged"
+bad from-eval-only 18:11 "from: 'merged' trains nothing (evaluate_only): start from its source"
+
 # ---- the studies of studies/ ---------------------------------------------------------
 for file in "$src"/studies/*.yaml; do
     for preset in smoke small full; do
@@ -218,6 +270,55 @@ check $? "the dense continuation starts from the source as is and trains its own
 grep -q -E "^upcycling	beats-dense	.*	(reproduced|contradicted|inconclusive)	" \
     "$work/real/report/upcycling.claims.tsv"
 check $? "the upcycling claims have verdicts"
+
+# studies/merge.yaml: arms that merge their seed's base (cmoe merge with the
+# arm's settings), evaluated as they are (evaluate_only: the merged checkpoint
+# and its evaluation, no training) or fine-tuned from it (train --init).
+(cd "$work/real" && "$cmoe" study "$src/studies/merge.yaml" --preset smoke --out merge-runs \
+    --report report --quiet) > "$work/merge.out" 2>&1
+check $? "studies/merge.yaml --preset smoke on KJV ($(tail -c 400 "$work/merge.out"))"
+runs=$work/real/merge-runs
+settings() { "$cmoe" inspect "$runs/$1/seed-$2/merged.h5" 2>&1 | grep "merged from"; }
+settings naive 2 | grep -q "merged from merge-runs/base/seed-2/ckpt-00000006.h5 (step 6, seed 2): MC-SMoE merge: groups 4 (average), 256 calibration windows (seed 2333), grouping random, align off, weights uniform, mode merge"
+check $? "naive merges its seed's base with its settings ($(settings naive 2))"
+settings msmoe-unaligned-ft 1 | grep -q "base/seed-1/.*grouping msmoe, align off, weights frequency, mode merge" &&
+    settings prune 1 | grep -q "grouping msmoe, align on, weights frequency, mode prune"
+check $? "the other arms merge with theirs ($(settings prune 1))"
+last_bpc() { grep '"kind": "test"' "$1" | tail -n 1 | sed 's/.*"bpc": \([0-9.]*\).*/\1/'; }
+ls "$runs"/msmoe/seed-1/ckpt-*.h5 > /dev/null 2>&1 || [ -e "$runs/msmoe/seed-1/metrics.jsonl" ]
+[ $? -ne 0 ] && [ "$(grep -c '"kind": "test"' "$runs/msmoe/seed-1/study-evals.jsonl")" = 1 ]
+check $? "an evaluate_only arm trains nothing and holds one test evaluation"
+zero_shot=$(last_bpc "$runs/msmoe/seed-1/study-evals.jsonl")
+by_hand=$(cd "$work/real" && "$cmoe" eval --ckpt merge-runs/msmoe/seed-1/merged.h5 --split test 2>&1 |
+    sed -n 's/.*bpc \([0-9.]*\) over.*/\1/p')
+[ -n "$zero_shot" ] && [ "$zero_shot" = "$by_hand" ]
+check $? "its evaluation is the merged checkpoint's test bpc ($zero_shot, cmoe eval: $by_hand)"
+"$cmoe" inspect "$runs/msmoe-ft/seed-1/ckpt-00000002.h5" 2>&1 | grep -q "^  blocks.1.moe.group_of "
+check $? "the fine-tuned arm trains its 2 steps as a merged model (group tables)"
+grep -q -E "^merge	msmoe-beats-naive	.*	(reproduced|contradicted|inconclusive)	" \
+    "$work/real/report/merge.claims.tsv"
+check $? "the merge claims have verdicts"
+
+# A run stopped after its merge (status started, no checkpoint of its own;
+# the evaluate_only arm: its evaluation not recorded done) runs again alone
+# and does not merge again: the same merged.h5 (inode and time), the same result.
+stamp() { stat -c '%i %y' "$runs/$1/seed-1/merged.h5"; }
+ft_stamp=$(stamp msmoe-ft) zs_stamp=$(stamp msmoe) ft_bpc=$(last_bpc "$runs/msmoe-ft/seed-1/metrics.jsonl")
+rm -f "$runs"/msmoe-ft/seed-1/ckpt-*.h5 "$runs/msmoe-ft/seed-1/metrics.jsonl"
+sed -i 's/^status	done/status	started/' "$runs/msmoe-ft/seed-1/study-run.txt" \
+    "$runs/msmoe/seed-1/study-run.txt"
+(cd "$work/real" && "$cmoe" study "$src/studies/merge.yaml" --preset smoke --out merge-runs \
+    --report merge-report --seeds 1 --quiet) > "$work/merge-resume.out" 2>&1
+check $? "the stopped merge arms run again ($(tail -c 300 "$work/merge-resume.out"))"
+grep "runs done" "$work/merge-resume.out" | tail -n 1 | grep -q "10/12 runs done (8 were done before)" &&
+    grep -q "^status	done" "$runs/msmoe-ft/seed-1/study-run.txt" &&
+    grep -q "^status	done" "$runs/msmoe/seed-1/study-run.txt"
+check $? "only they ran, and they are done ($(tail -n 2 "$work/merge-resume.out"))"
+[ "$ft_stamp" = "$(stamp msmoe-ft)" ] && [ "$zs_stamp" = "$(stamp msmoe)" ]
+check $? "their merged checkpoints were not made again ($ft_stamp, $(stamp msmoe-ft))"
+[ "$ft_bpc" = "$(last_bpc "$runs/msmoe-ft/seed-1/metrics.jsonl")" ] &&
+    [ "$zero_shot" = "$(last_bpc "$runs/msmoe/seed-1/study-evals.jsonl")" ]
+check $? "and give the same test bpc ($ft_bpc, $zero_shot)"
 
 # Under mpirun: 2 ranks run every run together and get the 1-process numbers.
 (cd "$work" && mpi 2 study mini.yaml --preset smoke --out mpi-runs --report mpi-report --quiet) \
