@@ -161,6 +161,11 @@ static void toy_study(study *s) {
     snprintf(s->arms[DENSE].name, sizeof s->arms[DENSE].name, "dense");
     snprintf(s->arms[MOE].name, sizeof s->arms[MOE].name, "moe");
     s->n_arms = 2;
+    snprintf(s->presets[0].name, sizeof s->presets[0].name, "full");
+    snprintf(s->presets[0].note, sizeof s->presets[0].note, "the paper's budget");
+    snprintf(s->presets[1].name, sizeof s->presets[1].name, "smoke");
+    snprintf(s->presets[1].note, sizeof s->presets[1].note, "a few steps, 40 s a seed");
+    s->n_presets = 2;
     add_metric(s, "test.bpc", "test", "bpc", -1);
     add_metric(s, "valid.bpc", "valid", "bpc", -1);
     add_metric(s, "k=1.bpc", "k=1", "bpc", -1);
@@ -367,6 +372,8 @@ START_TEST(test_report_files) {
     ck_assert_ptr_nonnull(strstr(md, "Toy et al., MoE everywhere (2024)"));
     ck_assert_ptr_nonnull(strstr(md, "cmoe study studies/toy.yaml --preset smoke"));
     ck_assert_ptr_nonnull(strstr(md, "3 seeds, wall time 1:02:05 on 2 cores, Linux."));
+    ck_assert_ptr_nonnull(strstr(md, "Preset note: a few steps, 40 s a seed\n")); /* its preset's */
+    ck_assert_ptr_null(strstr(md, "the paper's budget"));
     ck_assert_ptr_nonnull(strstr(md, "**reproduced**"));
     ck_assert_ptr_nonnull(strstr(md, "**contradicted**"));
     ck_assert_ptr_nonnull(strstr(md, "**inconclusive**"));

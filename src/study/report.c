@@ -545,6 +545,9 @@ static void write_how_it_was_run(FILE *out, const study_results *r) {
     fprintf(out, "Preset `%s`, %d seed%s, wall time %ld:%02ld:%02ld", r->preset ? r->preset : "–",
             r->n_seeds, r->n_seeds == 1 ? "" : "s", total / 3600, total / 60 % 60, total % 60);
     fprintf(out, r->machine[0] ? " on %s.\n\n" : ".\n\n", r->machine);
+    for (int i = 0; r->preset && i < r->s->n_presets; i++)
+        if (strcmp(r->s->presets[i].name, r->preset) == 0 && r->s->presets[i].note[0])
+            fprintf(out, "Preset note: %s\n\n", r->s->presets[i].note);
 }
 
 /* Each claim's analysis from the study file (what was checked about our
