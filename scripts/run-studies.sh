@@ -3,7 +3,7 @@
 # each writing its report into docs/studies/. Resumable: run it again after a
 # stop and finished runs are skipped. Meant for the background:
 #   nohup nice bash scripts/run-studies.sh > runs/studies.log 2>&1 &
-# usage: scripts/run-studies.sh [--preset P] [--build DIR] [STUDY...]
+# usage: scripts/run-studies.sh [--preset P] [--build DIR] [STUDY...] (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 preset=small
@@ -18,7 +18,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 studies=("$@")
-[ ${#studies[@]} -gt 0 ] || studies=(gating smoe-dropout advmoe top-p thor)
+if [ ${#studies[@]} -eq 0 ]; then # every study of studies/
+    for file in studies/*.yaml; do studies+=("$(basename "$file" .yaml)"); done
+fi
 [ -x "$build/cmoe" ] || { echo "run-studies.sh: $build/cmoe not built (see README)" >&2; exit 1; }
 [ -s data/kjv/train.txt ] || bash data/prepare_kjv.sh
 [ -s data/fmnist/train-images-idx3-ubyte.gz ] || bash data/prepare_fmnist.sh
