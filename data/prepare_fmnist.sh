@@ -91,7 +91,10 @@ for file in "${files[@]}"; do
         fi
         continue
     fi
-    ln -sfn "$package_dir/$file" "$link"
+    # Made under another name and renamed: a reader (another test running at
+    # the same time) never finds the link missing.
+    ln -sfn "$package_dir/$file" "$link.tmp.$$"
+    mv -Tf "$link.tmp.$$" "$link"
     changed=1
 done
 if [ $changed -eq 0 ]; then
