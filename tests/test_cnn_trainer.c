@@ -509,7 +509,7 @@ START_TEST(test_robustness_metrics) {
         /* The checkpoint evaluated again gives the same numbers. */
         task_eval_request request = {CM_SPLIT_TEST, recipe.train.eval_batches, 0, NULL};
         task_eval again;
-        status = run_evaluate(&recipe, result.last_checkpoint, &request, NULL, &again);
+        status = run_evaluate(&recipe, result.last_checkpoint, &request, NULL, NULL, &again);
         ck_assert_msg(status == CM_OK, "%s", cm_error_message());
         ck_assert(figure(&again, "images") == figure(e, "images"));
         ck_assert_int_eq(again.items, e->items);
@@ -530,7 +530,7 @@ START_TEST(test_robustness_metrics) {
         task_eval weighted;
         for (int w = 0; w < 2; w++) {
             recipe.adversarial.eval_router_weight = w ? 1000 : 0;
-            ck_assert_int_eq(run_evaluate(&recipe, result.last_checkpoint, &request, NULL,
+            ck_assert_int_eq(run_evaluate(&recipe, result.last_checkpoint, &request, NULL, NULL,
                                           w ? &weighted : &again),
                              CM_OK);
         }

@@ -511,7 +511,7 @@ static double checkpoint_loss(const char *path) {
     free(text);
     task_eval_request request = {CM_SPLIT_VALID, 4, 0, NULL};
     task_eval eval;
-    ck_assert_msg(run_evaluate(&recipe, path, &request, NULL, &eval) == CM_OK, "%s",
+    ck_assert_msg(run_evaluate(&recipe, path, &request, NULL, NULL, &eval) == CM_OK, "%s",
                   cm_error_message());
     return eval.headline;
 }

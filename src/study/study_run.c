@@ -197,9 +197,10 @@ static cm_status append_eval(const study_ctx *c, const char *dir, const metrics_
 }
 
 /* The study's evaluations of the run's final checkpoint, each value with
- * its own recipe override. */
+ * its own recipe override. A signal stops them (*interrupted): the run is
+ * not done, and its evaluations are made again when the study resumes. */
 static cm_status evaluate_run(const study_ctx *c, const run_plan *p, const char *checkpoint,
-                              const cm_comm *comm) {
+                              const cm_comm *comm, bool *interrupted) {
     static const char *const splits[] = {"valid", "test", "train"};
     for (int e = 0; e < c->s->n_evaluations; e++) {
         const study_evaluation *ev = &c->s->evaluations[e];
@@ -216,7 +217,8 @@ static cm_status evaluate_run(const study_ctx *c, const run_plan *p, const char 
             for (int s = 0; s < 3; s++)
                 if (strcmp(ev->split, splits[s]) == 0) request.split = (cm_split)s;
             task_eval eval;
-            CM_TRY(run_evaluate(&recipe, checkpoint, &request, comm, &eval));
+            CM_TRY(run_evaluate(&recipe, checkpoint, &request, c->o->stop_requested, comm, &eval));
+            if ((*interrupted = eval.stopped)) return CM_OK;
             snprintf(kind, sizeof kind, "%s=%s", ev->name, ev->values[v]);
             eval.record.kind = kind;
             CM_TRY(append_eval(c, p->dir, &eval.record));
@@ -331,15 +333,16 @@ static cm_status execute(study_ctx *c, const run_plan *p, const cm_recipe *recip
     else
         CM_TRY(train_run(c, recipe, a->from >= 0 ? init : NULL, comm, checkpoint, &has_final,
                          interrupted));
+    if (!*interrupted && !has_final) { /* evaluate_only, or resumed at the last step */
+        task_eval eval;
+        CM_TRY(run_evaluate(recipe, checkpoint, NULL, c->o->stop_requested, comm, &eval));
+        *interrupted = eval.stopped;
+        if (!eval.stopped) CM_TRY(append_eval(c, p->dir, &eval.record));
+        if (!eval.stopped && c->leader && !c->o->quiet) printf("[study]   %s\n", eval.text);
+    }
+    if (!*interrupted) CM_TRY(evaluate_run(c, p, checkpoint, comm, interrupted));
     if (*interrupted)
         return c->leader ? write_state(p->dir, p->config, false, before + cm_now() - start) : CM_OK;
-    if (!has_final) { /* evaluate_only, or resumed at the last step: no final evaluation yet */
-        task_eval eval;
-        CM_TRY(run_evaluate(recipe, checkpoint, NULL, comm, &eval));
-        CM_TRY(append_eval(c, p->dir, &eval.record));
-        if (c->leader && !c->o->quiet) printf("[study]   %s\n", eval.text);
-    }
-    CM_TRY(evaluate_run(c, p, checkpoint, comm));
     const double seconds = cm_now() - start;
     c->run_seconds_here += seconds;
     if (c->leader) CM_TRY(write_state(p->dir, p->config, true, before + seconds));

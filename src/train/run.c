@@ -254,14 +254,18 @@ cm_status run_session_evaluate(run_session *s, const task_eval_request *request,
 }
 
 cm_status run_evaluate(const cm_recipe *recipe, const char *checkpoint,
-                       const task_eval_request *request, const cm_comm *comm, task_eval *out) {
+                       const task_eval_request *request, volatile sig_atomic_t *stop,
+                       const cm_comm *comm, task_eval *out) {
     run_session *s;
     CM_TRY(run_session_open(recipe, comm, false, &s));
     ckpt_meta meta = {0};
     cm_status status = ckpt_load_sharded(checkpoint, &s->params, &meta, false, comm);
     task_eval_plan plan = s->task->eval_plan(s->state);
-    if (!request) request = plan.final_differs ? &plan.final : &plan.periodic;
-    if (status == CM_OK) status = run_session_evaluate(s, request, meta.step, out);
+    task_eval_request stoppable = request              ? *request
+                                  : plan.final_differs ? plan.final
+                                                       : plan.periodic;
+    if (stop) stoppable.stop = stop;
+    if (status == CM_OK) status = run_session_evaluate(s, &stoppable, meta.step, out);
     run_session_close(s);
     return status;
 }

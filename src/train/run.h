@@ -72,9 +72,11 @@ cm_status run_train(const cm_recipe *recipe, const run_options *options, run_res
 /* Loads the model of `recipe` with the weights of `checkpoint` and evaluates
  * it as the request says (NULL: the evaluation run_train ends with); every
  * rank of comm (NULL: one process) calls it. The record's step is the
- * checkpoint's. */
+ * checkpoint's. `stop` (may be NULL), set by a signal handler, ends the
+ * evaluation early with out->stopped and no figures. */
 cm_status run_evaluate(const cm_recipe *recipe, const char *checkpoint,
-                       const task_eval_request *request, const cm_comm *comm, task_eval *out);
+                       const task_eval_request *request, volatile sig_atomic_t *stop,
+                       const cm_comm *comm, task_eval *out);
 
 /* ---- sessions: the model, its task and optimizer without the loop's files,
  * for cmoe bench and for tests ---------------------------------------------- */

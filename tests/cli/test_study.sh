@@ -154,6 +154,40 @@ check $? "the killed run resumes from its checkpoint"
 grep -q "^status	done" "$work/kill-runs/top2/seed-1/study-run.txt"
 check $? "the resumed run finishes"
 
+# ---- Ctrl-C during the study's evaluations ---------------------------------------
+# The k sweep of a finished training run, on a test split 8 times the size so
+# each evaluation takes a while: SIGINT after the first sweep record stops the
+# sweep (exit 130), the run stays unfinished, and the resumed study makes the
+# whole sweep again (one record per value) without training again.
+write_study evalstop 8 4
+for _ in 1 2 3 4 5 6 7 8; do cat "$work/text.txt"; done > "$work/big.txt"
+sed -i "s|data.test_path=$work/text.txt|data.test_path=$work/big.txt|" "$work/evalstop.yaml"
+evals="$work/evalstop-runs/top2/seed-1/study-evals.jsonl"
+(cd "$work" && exec "$cmoe" study evalstop.yaml --preset smoke --out evalstop-runs \
+    --report evalstop-report --seeds 1 --only top2) > "$work/evalstop.out" 2>&1 &
+study_pid=$!
+caught=1
+for _ in $(seq 1 1200); do
+    if [ "$(cat "$evals" 2>/dev/null | wc -l)" -ge 1 ]; then
+        kill -INT $study_pid
+        caught=0
+        break
+    fi
+    sleep 0.05
+done
+wait $study_pid
+status=$?
+check $caught "interrupted the study during its k sweep"
+[ $status -eq 130 ] && [ "$(wc -l < "$evals")" -lt 3 ] &&
+    grep -q "^status	started" "$work/evalstop-runs/top2/seed-1/study-run.txt"
+check $? "the sweep stops: exit 130, the run not done ($status, $(wc -l < "$evals") records)"
+(cd "$work" && "$cmoe" study evalstop.yaml --preset smoke --out evalstop-runs \
+    --report evalstop-report --seeds 1 --only top2) > "$work/evalstop2.out" 2>&1
+check $? "the study continues after the stop ($(tail -c 300 "$work/evalstop2.out"))"
+[ "$(grep -c '"kind": "k=' "$evals")" -eq 3 ] && grep -q "the run is finished" "$work/evalstop2.out" &&
+    grep -q "^status	done" "$work/evalstop-runs/top2/seed-1/study-run.txt"
+check $? "the resumed run makes the sweep once more, without training ($(grep -c '"kind"' "$evals") records)"
+
 # A directory holding another configuration is refused.
 (cd "$work" && "$cmoe" study mini.yaml --preset smoke --out kill-runs --quiet) \
     > "$work/other.out" 2>&1
