@@ -47,6 +47,7 @@ typedef struct moe_config {
     float init_std;           /* w1 init std */
     float out_std;            /* w2 init std (residual projection) */
     float expert_dropout;     /* dropout on the hidden units in training, [0, 1) */
+    bool recompute_experts;   /* the hidden layer (h, up, mask) made again in backward */
     router_config router;     /* router.num_experts = E */
     /* Expert parallelism: this rank holds experts
      * [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges tokens with

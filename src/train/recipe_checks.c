@@ -169,6 +169,26 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
     return true;
 }
 
+/* train.recompute: what this build can make again in backward. */
+static bool check_recompute(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
+                            size_t why_capacity) {
+    if (recipe->train.recompute == CM_RECOMPUTE_ALL) {
+        snprintf(why, why_capacity,
+                 "train.recompute all (every block's activations made again in backward) is not "
+                 "implemented yet; experts recomputes the experts' hidden layers");
+        return involve(involved, "train.recompute", NULL);
+    }
+    /* (model.arch resnet ignores it, like the LM's other keys) */
+    if (recipe->train.recompute == CM_RECOMPUTE_EXPERTS &&
+        recipe->model.arch == CM_ARCH_TRANSFORMER_LM && !recipe->moe.enabled) {
+        snprintf(why, why_capacity,
+                 "train.recompute experts needs moe.enabled: true (a dense model has no expert "
+                 "layer to recompute)");
+        return involve(involved, "train.recompute", "moe.enabled", NULL);
+    }
+    return true;
+}
+
 /* The image classifier: its data format, and what adversarial.mode needs. */
 static bool check_resnet(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                          size_t why_capacity) {
@@ -195,6 +215,7 @@ bool recipe_check_consistency(const cm_recipe *recipe, int involved[RECIPE_MAX_I
                               size_t why_capacity) {
     for (int i = 0; i < RECIPE_MAX_INVOLVED; i++) involved[i] = -1;
     if (!check_base(recipe, involved, why, why_capacity)) return false;
+    if (!check_recompute(recipe, involved, why, why_capacity)) return false;
     if (recipe->model.arch == CM_ARCH_RESNET)
         return check_resnet(recipe, involved, why, why_capacity);
     if (recipe->data.format != CM_DATA_TEXT) {
