@@ -1,5 +1,7 @@
 /* Ops for routing and expert computation: element gather, segment softmax,
- * row sums, and the per-expert (grouped) linear layer. */
+ * row sums, the per-expert (grouped) linear layer, the experts' hidden layer
+ * fused into their second product, and the whole expert FFN with its hidden
+ * layer recomputed in backward (grouped_ffn, train.recompute: experts). */
 #include <assert.h>
 #include <math.h>
 #include <string.h>

@@ -31,6 +31,10 @@
  * CM_RNG_EXPERT_DROPOUT): the same whatever the split of tokens over ranks
  * or their order by expert (with expert parallelism each row's global token
  * index travels with it).
+ * Recomputation (recompute_experts, train.recompute: experts): the experts
+ * run as one ag_grouped_ffn, which keeps only their input rows; backward
+ * makes h, up, the mask (drawn again from the same key and indices) and a
+ * again, so the results are those of keeping them, bit for bit.
  * Owns: parameter handles; all per-step buffers come from the arena. */
 #ifndef CMOE_LAYERS_MOE_H
 #define CMOE_LAYERS_MOE_H
