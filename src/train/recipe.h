@@ -71,7 +71,7 @@ typedef enum cm_split {
 typedef enum cm_recompute {
     CM_RECOMPUTE_NONE = 0,
     CM_RECOMPUTE_EXPERTS, /* the experts' hidden layers (moe_config.recompute_experts) */
-    CM_RECOMPUTE_ALL,     /* also every block's activations: refused, not built yet */
+    CM_RECOMPUTE_ALL,     /* also the blocks' halves (lm_config.checkpoint_blocks) */
     CM_RECOMPUTE_COUNT
 } cm_recompute;
 

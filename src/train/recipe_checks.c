@@ -172,13 +172,8 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
 /* train.recompute: what this build can make again in backward. */
 static bool check_recompute(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                             size_t why_capacity) {
-    if (recipe->train.recompute == CM_RECOMPUTE_ALL) {
-        snprintf(why, why_capacity,
-                 "train.recompute all (every block's activations made again in backward) is not "
-                 "implemented yet; experts recomputes the experts' hidden layers");
-        return involve(involved, "train.recompute", NULL);
-    }
-    /* (model.arch resnet ignores it, like the LM's other keys) */
+    /* (model.arch resnet ignores it, like the LM's other keys; all needs no
+     * MoE layer: it checkpoints the dense blocks too) */
     if (recipe->train.recompute == CM_RECOMPUTE_EXPERTS &&
         recipe->model.arch == CM_ARCH_TRANSFORMER_LM && !recipe->moe.enabled) {
         snprintf(why, why_capacity,

@@ -357,9 +357,9 @@ const recipe_key recipe_keys[] = {
     KEY_INT("train", "threads", train.threads, "0", "[0, 1024]",
             "BLAS threads per rank; 0 keeps the library default"),
     KEY_ENUM("train", "recompute", train.recompute, cm_recompute, recompute_names, "none",
-             "none, or experts (MoE LM): backward makes the experts' hidden layers again instead "
-             "of keeping them (less memory, the same results bit for bit); all is refused (not "
-             "built yet)"),
+             "what backward makes again instead of keeping it (less memory, the same results bit "
+             "for bit): none; experts, the experts' hidden layers (needs moe.enabled); all, also "
+             "every block's attention half and dense MLP half"),
     KEY_STRING("train", "out_dir", train.out_dir, "",
                "run directory (metrics, plots); empty means runs/NAME", NULL),
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # train.recompute end to end (recipes/lm/moe-top2.yaml shrunk with --set):
-#  - experts trains to the results of none, bit for bit: every metrics line
-#    (losses, bpc, grad_norm, aux loss, routing; the throughput removed) and
-#    every parameter of the final checkpoint (so every gradient of every
-#    step agreed), for gelu, gelu with expert dropout and swiglu with expert
-#    dropout, in one process with two threads and on 2 ranks with expert
-#    parallelism;
-#  - experts needs a smaller step arena than none (the high-water mark the
-#    run prints);
+#  - experts and all train to the results of none, bit for bit: every
+#    metrics line (losses, bpc, grad_norm, aux loss, routing; the throughput
+#    removed) and every parameter of the final checkpoint (so every gradient
+#    of every step agreed), for gelu, gelu with expert dropout and swiglu
+#    with expert dropout (residual dropout 0.1 throughout), in one process
+#    with two threads and on 2 ranks with expert parallelism; and all on the
+#    dense model (every half of every block checkpointed), 1 and 2 ranks;
+#  - experts needs a smaller step arena than none, all a smaller one still
+#    (the high-water mark the run prints);
 #  - the key is not model-defining: a run stopped at step 5 with none and
 #    resumed with experts continues as the uninterrupted run, bit for bit;
-#  - all is refused (not built yet), and so is experts without MoE layers.
+#  - experts without MoE layers is refused.
 # usage: test_recompute.sh PATH/TO/cmoe SOURCE_DIR
 set -u
 cmoe=$1
@@ -30,7 +31,7 @@ head -c 8193 "$work/corpus.txt" > "$work/test.txt"
 # experts of 96 hidden units (not d_ff / 8), so h is the layer's largest tensor
 tiny=(--set data.path="$work/corpus.txt" --set data.valid_path="$work/test.txt"
     --set data.test_path="$work/test.txt" --set model.n_layers=2 --set model.d_model=32
-    --set model.n_heads=2 --set model.d_ff=64 --set moe.split_dense=false
+    --set model.n_heads=2 --set model.d_ff=64 --set model.dropout=0.1 --set moe.split_dense=false
     --set moe.expert_hidden=96 --set data.seq_len=32 --set data.batch_size=8
     --set train.steps=10 --set train.log_every=1 --set train.eval_every=5
     --set train.eval_batches=2 --set schedule.warmup_steps=2 --set optim.lr=3e-3
@@ -51,16 +52,28 @@ PY
 }
 # arena OUT: the step arena's high-water mark (MiB) the run printed
 arena() { sed -n 's/.*step arena: \([0-9.]*\) MiB used.*/\1/p' "$1" | head -n 1; }
-train() { # train NAME RANKS ARGS...: a run in $work/NAME
+recipe=moe-top2
+train() { # train NAME RANKS ARGS...: a run of $recipe in $work/NAME
     local name=$1 ranks=$2
     shift 2
     if [ "$ranks" = 1 ]; then
-        "$cmoe" train "$src/recipes/lm/moe-top2.yaml" "${tiny[@]}" --set train.threads=2 \
+        "$cmoe" train "$src/recipes/lm/$recipe.yaml" "${tiny[@]}" --set train.threads=2 \
             --set train.out_dir="$work/$name" "$@" > "$work/$name.out" 2>&1
     else
-        mpi "$ranks" train "$src/recipes/lm/moe-top2.yaml" "${tiny[@]}" --set train.threads=1 \
+        mpi "$ranks" train "$src/recipes/lm/$recipe.yaml" "${tiny[@]}" --set train.threads=1 \
             --set train.out_dir="$work/$name" "$@" > "$work/$name.out" 2>&1
     fi
+}
+# same_as_none NAME RANKS MODE: the MODE run logged and ended as the none run
+same_as_none() {
+    local none=$work/$1-$2-none other=$work/$1-$2-$3
+    [ "$(grep -c '"kind": "train"' "$none/metrics.jsonl")" = 10 ] &&
+        grep -q '"kind": "test"' "$none/metrics.jsonl"
+    check $? "$1, $2 ranks: 10 train lines and a test line"
+    cmp -s <(logged "$none") <(logged "$other")
+    check $? "$1, $2 ranks: recompute $3 logs what none logs, bit for bit: $(diff <(logged "$none") <(logged "$other") | head -n 4)"
+    [ "$(params "$none")" = "$(params "$other")" ] && [ -n "$(params "$none")" ]
+    check $? "$1, $2 ranks: recompute $3 ends with the parameters of none, every bit"
 }
 
 variants=("gelu" "gelu-dropout" "swiglu-dropout")
@@ -74,23 +87,19 @@ variant_args() {
 for variant in "${variants[@]}"; do
     read -r -a extra <<< "$(variant_args "$variant")"
     for ranks in 1 2; do
-        for mode in none experts; do
+        for mode in none experts all; do
             train "$variant-$ranks-$mode" "$ranks" "${extra[@]}" --set train.recompute=$mode
             check $? "$variant, $ranks ranks, recompute $mode ($(tail -c 300 "$work/$variant-$ranks-$mode.out"))"
         done
-        none=$work/$variant-$ranks-none
-        experts=$work/$variant-$ranks-experts
-        [ "$(grep -c '"kind": "train"' "$none/metrics.jsonl")" = 10 ] &&
-            grep -q '"kind": "test"' "$none/metrics.jsonl"
-        check $? "$variant, $ranks ranks: 10 train lines and a test line"
-        cmp -s <(logged "$none") <(logged "$experts")
-        check $? "$variant, $ranks ranks: recompute experts logs what none logs, bit for bit: $(diff <(logged "$none") <(logged "$experts") | head -n 4)"
-        [ "$(params "$none")" = "$(params "$experts")" ] && [ -n "$(params "$none")" ]
-        check $? "$variant, $ranks ranks: recompute experts ends with the parameters of none, every bit"
+        same_as_none "$variant" "$ranks" experts
+        same_as_none "$variant" "$ranks" all
     done
-    awk -v none="$(arena "$work/$variant-1-none.out")" -v experts="$(arena "$work/$variant-1-experts.out")" \
-        'BEGIN { exit !(experts > 0 && experts < none) }'
-    check $? "$variant: a smaller step arena with recompute experts: $(arena "$work/$variant-1-experts.out") MiB, none $(arena "$work/$variant-1-none.out") MiB"
+    none=$(arena "$work/$variant-1-none.out")
+    experts=$(arena "$work/$variant-1-experts.out")
+    all=$(arena "$work/$variant-1-all.out")
+    awk -v none="$none" -v experts="$experts" -v all="$all" \
+        'BEGIN { exit !(all > 0 && all < experts && experts < none) }'
+    check $? "$variant: step arena none > experts > all: $none, $experts, $all MiB"
 done
 # (the swiglu runs differ from the gelu ones, and dropout changes the losses:
 # the variants test different paths)
@@ -111,15 +120,22 @@ check $? "resumed with experts = uninterrupted none from step 6, bit for bit: $(
 [ "$(params "$work/half")" = "$(params "$work/swiglu-dropout-1-none")" ]
 check $? "resumed with experts ends with the parameters of none, every bit"
 
-train all 1 --set train.recompute=all
+# all on the dense model: both halves of every block are checkpointed
+recipe=dense
+for ranks in 1 2; do
+    for mode in none all; do
+        train "dense-$ranks-$mode" "$ranks" --set train.recompute=$mode
+        check $? "dense, $ranks ranks, recompute $mode ($(tail -c 300 "$work/dense-$ranks-$mode.out"))"
+    done
+    same_as_none dense "$ranks" all
+done
+awk -v none="$(arena "$work/dense-1-none.out")" -v all="$(arena "$work/dense-1-all.out")" \
+    'BEGIN { exit !(all > 0 && all < none) }'
+check $? "dense: a smaller step arena with recompute all: $(arena "$work/dense-1-all.out") MiB, none $(arena "$work/dense-1-none.out") MiB"
+train dense-experts 1 --set train.recompute=experts
 status=$?
-[ $status -ne 0 ] && grep -q "train.recompute all .* is not implemented" "$work/all.out"
-check $? "train.recompute all is refused with a message: $(tail -c 300 "$work/all.out")"
-"$cmoe" train "$src/recipes/lm/dense.yaml" "${tiny[@]}" --set train.recompute=experts \
-    --set train.out_dir="$work/dense" > "$work/dense.out" 2>&1
-status=$?
-[ $status -ne 0 ] && grep -q "train.recompute experts needs moe.enabled: true" "$work/dense.out"
-check $? "train.recompute experts without MoE layers is refused: $(tail -c 300 "$work/dense.out")"
+[ $status -ne 0 ] && grep -q "train.recompute experts needs moe.enabled: true" "$work/dense-experts.out"
+check $? "train.recompute experts without MoE layers is refused: $(tail -c 300 "$work/dense-experts.out")"
 
 echo "$passes passed, $failures failed"
 [ $failures -eq 0 ]

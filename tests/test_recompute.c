@@ -1,4 +1,6 @@
-/* ag_grouped_ffn, the experts' FFN that recomputes its hidden layer in
+/* Recomputation (train.recompute), the two ops it rests on.
+ *
+ * ag_grouped_ffn, the experts' FFN that recomputes its hidden layer in
  * backward (train.recompute: experts), against the composition it replaces
  * in moe_forward (ag_grouped_linear for h and up, then
  * ag_grouped_linear_hidden): the output and the gradients of x and of every
@@ -6,7 +8,12 @@
  * without a dropout mask, with empty experts and with one expert taking every
  * row, at a size where the sgemms and the pointwise loops split over the two
  * threads. A mask that differs in backward must change the gradients (the
- * comparison can fail). Plus a finite-difference check of the op. */
+ * comparison can fail). Plus a finite-difference check of the op.
+ *
+ * ag_checkpoint (train.recompute: all): two residual regions in a row, with
+ * dropout inside, checkpointed or not, give the same output and gradients
+ * (of the input and every parameter) bit for bit, and keep less in the
+ * arena; a region that computes something else in backward is caught. */
 #include <check.h>
 #include <stdlib.h>
 #include <string.h>
@@ -191,13 +198,101 @@ START_TEST(test_grouped_ffn_grad) {
 }
 END_TEST
 
+/* ---- ag_checkpoint ---------------------------------------------------------------- */
+
+typedef struct region_params {
+    ag_tensor *w1, *b1, *w2, *b2; /* [64,32], [64], [32,64], [32] */
+    int index;                    /* of the region: its dropout stream */
+    int backward_shift;           /* > 0: backward's dropout key differs (a broken region) */
+} region_params;
+
+static int region_calls; /* forward calls of the region: 1, then 2 in backward */
+
+/* x + dropout(fc2(gelu(fc1(x)))) */
+static ag_tensor *region(ag_ctx *ctx, ag_tensor *x, const void *user) {
+    const region_params *r = user;
+    region_calls++;
+    ag_tensor *h = ag_gelu(ctx, ag_linear(ctx, x, r->w1, r->b1));
+    h = ag_linear(ctx, h, r->w2, r->b2);
+    uint32_t stream = (uint32_t)r->index + (region_calls > 1 ? (uint32_t)r->backward_shift : 0);
+    return ag_add(ctx, x, ag_dropout(ctx, h, 0.25f, (cm_rng_key){5, 1, stream, CM_RNG_TEST}, 0));
+}
+
+enum { REGION_TENSORS = 9 }; /* x, then w1, b1, w2, b2 of each region */
+
+/* Two regions in a row on x [48,32], backward from a fixed dout; returns
+ * the output and every gradient (malloc'd, *count floats) and the arena
+ * in use after the forward. */
+static float *run_regions(bool checkpoint, int backward_shift, size_t *count, size_t *kept) {
+    ag_ctx ctx;
+    ck_assert_int_eq(ag_ctx_init(&ctx, 16 << 20), CM_OK);
+    ag_tensor *t[REGION_TENSORS];
+    t[0] = gc_tensor_new(2, (int[]){48, 32}, -1, 1, 81, true);
+    for (int i = 0; i < 2; i++) {
+        t[1 + 4 * i] = gc_tensor_new(2, (int[]){64, 32}, -0.3f, 0.3f, 82 + 4 * i, true);
+        t[2 + 4 * i] = gc_tensor_new(1, (int[]){64}, -0.3f, 0.3f, 83 + 4 * i, true);
+        t[3 + 4 * i] = gc_tensor_new(2, (int[]){32, 64}, -0.3f, 0.3f, 84 + 4 * i, true);
+        t[4 + 4 * i] = gc_tensor_new(1, (int[]){32}, -0.3f, 0.3f, 85 + 4 * i, true);
+    }
+    ag_tensor *y = t[0];
+    for (int i = 0; i < 2; i++) {
+        region_params r = {t[1 + 4 * i],  t[2 + 4 * i], t[3 + 4 * i], t[4 + 4 * i], i,
+                           backward_shift};
+        region_calls = 0;
+        y = checkpoint ? ag_checkpoint(&ctx, region, y, &r, sizeof r) : region(&ctx, y, &r);
+    }
+    ck_assert_ptr_nonnull(y);
+    *kept = ctx.arena.used;
+    float dout[48 * 32];
+    for (int i = 0; i < 48 * 32; i++) dout[i] = (float)((i * 5) % 13) / 13.0f - 0.5f;
+    region_calls = 1; /* from here on, every region call is a backward one */
+    ck_assert_int_eq(ag_backward_from(&ctx, y, dout), CM_OK);
+    *count = 48 * 32;
+    for (int i = 0; i < REGION_TENSORS; i++) *count += (size_t)t[i]->numel;
+    float *values = malloc(*count * sizeof(float)), *at = values;
+    memcpy(at, y->data, 48 * 32 * sizeof(float));
+    at += 48 * 32;
+    for (int i = 0; i < REGION_TENSORS; i++) {
+        memcpy(at, t[i]->grad, (size_t)t[i]->numel * sizeof(float));
+        at += t[i]->numel;
+        gc_tensor_free(t[i]);
+    }
+    ag_ctx_free(&ctx);
+    return values;
+}
+
+START_TEST(test_checkpoint_bit_identical) {
+    size_t count_plain, count_checkpoint, kept_plain, kept_checkpoint;
+    float *plain = run_regions(false, 0, &count_plain, &kept_plain);
+    float *checkpointed = run_regions(true, 0, &count_checkpoint, &kept_checkpoint);
+    ck_assert_uint_eq(count_plain, count_checkpoint);
+    for (size_t i = 0; i < count_plain; i++)
+        ck_assert_msg(memcmp(&plain[i], &checkpointed[i], sizeof(float)) == 0,
+                      "value %zu of %zu: %a without checkpoint, %a with", i, count_plain,
+                      (double)plain[i], (double)checkpointed[i]);
+    /* the regions' hidden [48,64] layers and masks are not kept */
+    ck_assert_msg(kept_checkpoint + 2 * 48 * 64 * sizeof(float) < kept_plain,
+                  "arena after forward: %zu bytes with checkpoints, %zu without", kept_checkpoint,
+                  kept_plain);
+    /* a region whose backward run draws another dropout mask is caught */
+    size_t count_broken, kept_broken;
+    float *broken = run_regions(true, 7, &count_broken, &kept_broken);
+    ck_assert_int_eq(memcmp(plain, broken, 48 * 32 * sizeof(float)), 0);
+    ck_assert_int_ne(memcmp(plain, broken, count_plain * sizeof(float)), 0);
+    free(plain);
+    free(checkpointed);
+    free(broken);
+}
+END_TEST
+
 int main(void) {
-    Suite *suite = suite_create("ops_ffn_recompute");
+    Suite *suite = suite_create("recompute");
     TCase *tc = tcase_create("grouped_ffn");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_grouped_ffn_bit_identical);
     tcase_add_test(tc, test_grouped_ffn_wrong_mask_differs);
     tcase_add_test(tc, test_grouped_ffn_grad);
+    tcase_add_test(tc, test_checkpoint_bit_identical);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);
