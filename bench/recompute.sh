@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# train.recompute on lm-moe: none against experts, side by side in one run.
+# train.recompute on lm-moe: none, experts and all, side by side in one run.
 #
 #   bash bench/recompute.sh [--runs N] [--steps N] [--skip K] [--threads T]
 #                           [--torch] [--build DIR]
 #
-# N runs of A = `cmoe bench bench/lm-moe.yaml --set train.recompute=none` and
-# B = the same with experts, in turn, A B A B (with --torch, C = the PyTorch
-# anchor, bench/torch_ref.py lm-moe with OMP_WAIT_POLICY=PASSIVE, after each
-# pair). Prints a markdown table: per setting the median (min-max) over the
+# N runs of A = `cmoe bench bench/lm-moe.yaml --set train.recompute=none`,
+# B = the same with experts and C = with all, in turn, A B C A B C (with
+# --torch, D = the PyTorch anchor, bench/torch_ref.py lm-moe with
+# OMP_WAIT_POLICY=PASSIVE, after each triple). Prints a markdown table: per setting the median (min-max) over the
 # runs of each run's median tokens/s, median step time and peak RSS
 # (getrusage), the CPU seconds (user + system, /usr/bin/time) of the whole
-# run, and the ratios experts / none taken per pair (so the noise of the
+# run, and the ratios experts / none and all / none taken per run (so the noise of the
 # shared machine hits both alike; CPU time is the steadier measure when other
 # jobs take the cores: a descheduled thread costs wall time, not CPU time).
 # The raw RESULT lines go to stderr.
@@ -50,7 +50,7 @@ measure() { # TAG COMMAND...: appends "TAG CPU-SECONDS RESULT-JSON" of the comma
     echo "$tag $(awk '{ print $1 + $2 }' "$cpu") ${last#RESULT }" | tee -a "$results" >&2
 }
 for run in $(seq 1 "$RUNS"); do
-    for mode in none experts; do
+    for mode in none experts all; do
         measure "$mode" "$BUILD/cmoe" bench bench/lm-moe.yaml --steps "$STEPS" --skip "$SKIP" \
             --threads "$THREADS" --set train.recompute=$mode
     done
@@ -75,16 +75,18 @@ for tag, rows in runs.items():
           cell([r["step_ms_median"] for r in rows], "%.0f"),
           cell([r["cpu_s"] for r in rows], "%.1f"),
           cell([r["peak_rss_mib"] for r in rows], "%.0f")))
-pairs = list(zip(runs["none"], runs["experts"]))
 print()
-print("experts / none, per pair (median, min-max): step time %s, CPU time %s, peak RSS %s" % (
-    cell([b["step_ms_median"] / a["step_ms_median"] for a, b in pairs], "%.3f"),
-    cell([b["cpu_s"] / a["cpu_s"] for a, b in pairs], "%.3f"),
-    cell([b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in pairs], "%.3f")))
-if "torch" in runs:
-    trip = list(zip(runs["none"], runs["experts"], runs["torch"]))
-    for i, tag in ((0, "none"), (1, "experts")):
-        print("%s / PyTorch (tuned), per run: tok/s %s, peak RSS %s" % (tag,
-              cell([t[i]["tok_s_median"] / t[2]["tok_s_median"] for t in trip], "%.2f"),
-              cell([t[i]["peak_rss_mib"] / t[2]["peak_rss_mib"] for t in trip], "%.2f")))
+for tag in ("experts", "all"):
+    pairs = list(zip(runs["none"], runs[tag]))
+    print("%s / none, per run (median, min-max): step time %s, CPU time %s, peak RSS %s" % (tag,
+          cell([b["step_ms_median"] / a["step_ms_median"] for a, b in pairs], "%.3f"),
+          cell([b["cpu_s"] / a["cpu_s"] for a, b in pairs], "%.3f"),
+          cell([b["peak_rss_mib"] / a["peak_rss_mib"] for a, b in pairs], "%.3f")))
+for tag in ("none", "experts", "all"):
+    if "torch" not in runs:
+        break
+    pairs = list(zip(runs[tag], runs["torch"]))
+    print("%s / PyTorch (tuned), per run: tok/s %s, peak RSS %s" % (tag,
+          cell([a["tok_s_median"] / t["tok_s_median"] for a, t in pairs], "%.2f"),
+          cell([a["peak_rss_mib"] / t["peak_rss_mib"] for a, t in pairs], "%.2f")))
 PY
