@@ -130,9 +130,10 @@ cm_status ag_backward_from(ag_ctx *ctx, ag_tensor *out, const float *dout);
  * in the order of the uncheckpointed tape, so gradients are bit-identical.
  * fn must compute the same values every time (counter-based randomness),
  * leave nothing behind that outlives it, and read only x, *user (copied:
- * user_bytes of it are kept until backward) and parameters. A parameter's
- * gradient reaches it only through x: x must require a gradient in
- * training. Without grad mode it is just fn. */
+ * user_bytes of it are kept until backward) and parameters. Without grad
+ * mode, or when x needs no gradient (nothing to hang the region's node on),
+ * it is just fn, recorded as usual. With keep_grads the gradients inside a
+ * region are not kept (they live in its backward's scratch). */
 typedef ag_tensor *(*ag_region_fn)(ag_ctx *ctx, ag_tensor *x, const void *user);
 ag_tensor *ag_checkpoint(ag_ctx *ctx, ag_region_fn fn, ag_tensor *x, const void *user,
                          size_t user_bytes);
