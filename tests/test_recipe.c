@@ -594,6 +594,7 @@ static const char *const every_key_overrides[] = {
     "train.eval_batches=2",
     "train.arena_mib=64",
     "train.threads=2",
+    "train.recompute=experts", /* resnet ignores it */
     "train.out_dir=out",
     "checkpoint.dir=ckpt dir",
     "checkpoint.every=0",

@@ -180,4 +180,31 @@ typedef struct ag_hidden_layer {
 ag_tensor *ag_grouped_linear_hidden(ag_ctx *ctx, ag_tensor *h, const ag_hidden_layer *hidden,
                                     ag_tensor *w, ag_tensor *bias, const int32_t *offsets);
 
+/* Fills keep [rows, H] (1 = kept) for rows [first_row, first_row + rows) of
+ * ag_grouped_ffn's x; called again in backward, so it must be a pure
+ * function of its arguments (a counter-based draw). */
+typedef void (*ag_mask_fn)(const void *context, int64_t first_row, int rows, uint8_t *keep);
+/* The experts' whole FFN for ag_grouped_ffn, per expert e:
+ *   h = x w1_e^T + b1_e, up = x w3_e^T + b3_e (AG_ACT_SWIGLU only),
+ *   a as ag_hidden_layer with the mask from keep_fn, y = a w2_e^T + b2_e.
+ * The biases may be NULL; keep_fn NULL: no dropout. keep_context must stay
+ * valid and unchanged until backward (from the arena). */
+typedef struct ag_expert_ffn {
+    ag_tensor *w1, *b1; /* [E,H,IN], [E,H] */
+    ag_tensor *w3, *b3; /* [E,H,IN], [E,H]: swiglu's up projection, else NULL */
+    ag_tensor *w2, *b2; /* [E,OUT,H], [E,OUT] */
+    ag_activation activation;
+    ag_mask_fn keep_fn;
+    const void *keep_context;
+    float keep_scale; /* 1/(1-p) */
+} ag_expert_ffn;
+/* ag_grouped_linear_hidden over h = ag_grouped_linear(x, w1, b1) (and up)
+ * as one op that stores nothing per row but x: h, up, the mask and a are
+ * made one expert at a time in scratch, in forward and again in backward
+ * (train.recompute: experts). The sgemms and loops are those of the
+ * composition, in the same order, so outputs and gradients are
+ * bit-identical to it. x [S,IN] -> [S,OUT]. */
+ag_tensor *ag_grouped_ffn(ag_ctx *ctx, ag_tensor *x, const ag_expert_ffn *ffn,
+                          const int32_t *offsets);
+
 #endif

@@ -1,5 +1,7 @@
 /* Ops for routing and expert computation: element gather, segment softmax,
- * row sums, and the per-expert (grouped) linear layer. */
+ * row sums, the per-expert (grouped) linear layer, the experts' hidden layer
+ * fused into their second product, and the whole expert FFN with its hidden
+ * layer recomputed in backward (grouped_ffn, train.recompute: experts). */
 #include <assert.h>
 #include <math.h>
 #include <string.h>
@@ -280,6 +282,25 @@ static void act_backward_range(void *context, int64_t begin, int64_t end) {
     }
 }
 
+/* The rows of the largest group. */
+static int most_rows(const int32_t *offsets, int experts) {
+    int most = 0;
+    for (int e = 0; e < experts; e++)
+        if (offsets[e + 1] - offsets[e] > most) most = offsets[e + 1] - offsets[e];
+    return most;
+}
+
+/* Expert e's part of t [E,...] (weight, bias and gradient) as a one-group
+ * tensor [1,...] in *slice; NULL when t is. */
+static ag_tensor *expert_slice(const ag_tensor *t, int e, ag_tensor *slice) {
+    if (!t) return NULL;
+    const int64_t size = t->numel / t->shape[0], at = (int64_t)e * size;
+    int shape[3] = {1, t->shape[1], t->ndim == 3 ? t->shape[2] : 0};
+    *slice = ag_tensor_wrap(t->data + at, t->grad ? t->grad + at : NULL, t->ndim, shape,
+                            t->requires_grad);
+    return slice;
+}
+
 /* One expert at a time, so the scratch (a again, and its gradient) is the
  * size of the largest expert's rows, not of all of h. */
 static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
@@ -289,12 +310,10 @@ static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
     ag_tensor *h = node->in[0], *w = node->in[1], *bias = saved->has_bias ? node->in[2] : NULL;
     ag_tensor *up = hidden->up;
     const int experts = w->shape[0], out_features = w->shape[1], in_features = w->shape[2];
-    int most_rows = 0;
-    for (int e = 0; e < experts; e++)
-        if (offsets[e + 1] - offsets[e] > most_rows) most_rows = offsets[e + 1] - offsets[e];
-    if (most_rows == 0) return;
+    const int largest = most_rows(offsets, experts);
+    if (largest == 0) return;
     const bool h_grad = ag_wants_grad(h), up_grad = up && ag_wants_grad(up);
-    const int64_t scratch_size = (int64_t)most_rows * in_features;
+    const int64_t scratch_size = (int64_t)largest * in_features;
     float *a = ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward");
     float *da = h_grad || up_grad
                     ? ag_alloc_floats(ctx, scratch_size, "grouped_linear_act backward")
@@ -305,15 +324,7 @@ static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
         int rows = offsets[e + 1] - offsets[e];
         if (rows == 0) continue;
         int64_t first = offsets[e], count = (int64_t)rows * in_features;
-        /* expert e alone: its weight, bias and gradient rows as one group */
-        int64_t w_offset = (int64_t)e * out_features * in_features;
-        ag_tensor w_e = ag_tensor_wrap(w->data + w_offset, w->grad ? w->grad + w_offset : NULL, 3,
-                                       (int[]){1, out_features, in_features}, w->requires_grad);
-        ag_tensor b_e;
-        if (bias)
-            b_e = ag_tensor_wrap(bias->data + (int64_t)e * out_features,
-                                 bias->grad ? bias->grad + (int64_t)e * out_features : NULL, 2,
-                                 (int[]){1, out_features}, bias->requires_grad);
+        ag_tensor w_e, b_e;
         const int64_t at = first * in_features;
         act_job job = {.activation = hidden->activation,
                        .h = h->data + at,
@@ -324,7 +335,8 @@ static void grouped_linear_act_backward(ag_ctx *ctx, ag_node *node) {
         cm_pool_for(count, ACT_GRAIN, act_forward_range, &job);
         if (da) memset(da, 0, (size_t)count * sizeof(float));
         one_group[1] = rows;
-        grouped_backward_products(one_group, a, da, &w_e, bias ? &b_e : NULL,
+        grouped_backward_products(one_group, a, da, expert_slice(w, e, &w_e),
+                                  expert_slice(bias, e, &b_e),
                                   node->out->grad + first * out_features);
         if (!da) continue;
         job.da = da;
@@ -390,4 +402,146 @@ ag_tensor *ag_grouped_linear_hidden(ag_ctx *ctx, ag_tensor *h, const ag_hidden_l
     AG_OP_BEGIN(ctx, h, w);
     if (hidden->activation == AG_ACT_SWIGLU && !hidden->up) return NULL; /* a failed input */
     return grouped_hidden(ctx, "grouped_linear_hidden", h, hidden, w, bias, offsets);
+}
+
+/* ---- grouped_ffn: x [S,IN] -> [S,OUT], the hidden layer recomputed --------------- */
+
+typedef struct grouped_ffn_saved {
+    const int32_t *offsets;
+    ag_expert_ffn ffn;
+} grouped_ffn_saved;
+
+/* Per-expert buffers, each the size of the largest expert's [rows,H]. */
+typedef struct ffn_scratch {
+    float *h, *up, *a, *da, *dup; /* up, dup: swiglu; da, dup: backward */
+    uint8_t *keep;                /* dropout only */
+} ffn_scratch;
+
+static bool ffn_scratch_alloc(ag_ctx *ctx, const ag_expert_ffn *ffn, int64_t size, bool backward,
+                              ffn_scratch *s) {
+    const char *op = "grouped_ffn";
+    const bool swiglu = ffn->activation == AG_ACT_SWIGLU;
+    *s = (ffn_scratch){.h = ag_alloc_floats(ctx, size, op), .a = ag_alloc_floats(ctx, size, op)};
+    if (swiglu) s->up = ag_alloc_floats(ctx, size, op);
+    if (backward) s->da = ag_alloc_floats(ctx, size, op);
+    if (backward && swiglu) s->dup = ag_alloc_floats(ctx, size, op);
+    if (ffn->keep_fn) s->keep = ag_alloc(ctx, (size_t)size, op);
+    return !ag_failed(ctx);
+}
+
+/* h, up, the mask and a of expert e, rows [first, first+rows) of x, into s:
+ * the products of ag_grouped_linear and the loop of grouped_hidden. */
+static act_job ffn_hidden(const ag_expert_ffn *ffn, const float *x, int e, int first, int rows,
+                          const ffn_scratch *s) {
+    const int in_features = ffn->w1->shape[2], hidden = ffn->w1->shape[1];
+    const float *x_e = x + (int64_t)first * in_features;
+    const int32_t one_group[2] = {0, rows};
+    ag_tensor w_e, b_e;
+    grouped_forward_products(one_group, x_e, expert_slice(ffn->w1, e, &w_e),
+                             expert_slice(ffn->b1, e, &b_e), s->h);
+    if (ffn->w3)
+        grouped_forward_products(one_group, x_e, expert_slice(ffn->w3, e, &w_e),
+                                 expert_slice(ffn->b3, e, &b_e), s->up);
+    if (ffn->keep_fn) ffn->keep_fn(ffn->keep_context, first, rows, s->keep);
+    act_job job = {.activation = ffn->activation,
+                   .h = s->h,
+                   .up = s->up,
+                   .keep = s->keep,
+                   .keep_scale = ffn->keep_scale,
+                   .a = s->a};
+    cm_pool_for((int64_t)rows * hidden, ACT_GRAIN, act_forward_range, &job);
+    return job;
+}
+
+/* Expert by expert, in the composition's order: dW2, db2 and da (through
+ * the mask and the activation: dh, dup), then w3's products, then w1's. */
+static void grouped_ffn_backward(ag_ctx *ctx, ag_node *node) {
+    const grouped_ffn_saved *saved = node->saved;
+    const ag_expert_ffn *ffn = &saved->ffn;
+    const int32_t *offsets = saved->offsets;
+    ag_tensor *x = node->in[0];
+    const int experts = ffn->w1->shape[0], hidden = ffn->w1->shape[1];
+    const int in_features = x->shape[1], out_features = ffn->w2->shape[1];
+    const int largest = most_rows(offsets, experts);
+    ffn_scratch s;
+    if (largest == 0 || !ffn_scratch_alloc(ctx, ffn, (int64_t)largest * hidden, true, &s)) return;
+    for (int e = 0; e < experts; e++) {
+        const int first = offsets[e], rows = offsets[e + 1] - first;
+        if (rows == 0) continue;
+        const size_t bytes = (size_t)rows * (size_t)hidden * sizeof(float);
+        const int32_t one_group[2] = {0, rows};
+        ag_tensor w_e, b_e;
+        act_job job = ffn_hidden(ffn, x->data, e, first, rows, &s);
+        memset(s.da, 0, bytes);
+        grouped_backward_products(one_group, s.a, s.da, expert_slice(ffn->w2, e, &w_e),
+                                  expert_slice(ffn->b2, e, &b_e),
+                                  node->out->grad + (int64_t)first * out_features);
+        memset(s.a, 0, bytes); /* a is spent: it holds dh now */
+        if (s.dup) memset(s.dup, 0, bytes);
+        job.da = s.da;
+        job.dh = s.a;
+        job.dup = s.dup;
+        cm_pool_for((int64_t)rows * hidden, ACT_GRAIN, act_backward_range, &job);
+        const float *x_e = x->data + (int64_t)first * in_features;
+        float *dx_e = ag_wants_grad(x) ? x->grad + (int64_t)first * in_features : NULL;
+        if (ffn->w3)
+            grouped_backward_products(one_group, x_e, dx_e, expert_slice(ffn->w3, e, &w_e),
+                                      expert_slice(ffn->b3, e, &b_e), s.dup);
+        grouped_backward_products(one_group, x_e, dx_e, expert_slice(ffn->w1, e, &w_e),
+                                  expert_slice(ffn->b1, e, &b_e), s.a);
+    }
+}
+
+static void check_ffn(const ag_tensor *x, const ag_expert_ffn *ffn, const int32_t *offsets) {
+    const char *op = "grouped_ffn";
+    check_grouped(op, x, ffn->w1, ffn->b1, offsets);
+    const bool swiglu = ffn->activation == AG_ACT_SWIGLU;
+    CM_ASSERT(ffn->activation >= 0 && ffn->activation < AG_ACT_COUNT && swiglu == (ffn->w3 != NULL),
+              "%s: activation %d with%s an up projection", op, (int)ffn->activation,
+              ffn->w3 ? "" : "out");
+    if (swiglu) AG_CHECK_SHAPES(ag_same_shape(ffn->w1, ffn->w3), op, ffn->w1, ffn->w3);
+    AG_CHECK_SHAPES(ffn->w2->ndim == 3 && ffn->w2->shape[0] == ffn->w1->shape[0] &&
+                        ffn->w2->shape[2] == ffn->w1->shape[1],
+                    op, ffn->w1, ffn->w2);
+    if (ffn->b2)
+        AG_CHECK_SHAPES(ffn->b2->ndim == 2 && ffn->b2->shape[0] == ffn->w2->shape[0] &&
+                            ffn->b2->shape[1] == ffn->w2->shape[1],
+                        op, ffn->w2, ffn->b2);
+    CM_ASSERT(!ffn->keep_fn || ffn->keep_scale >= 1.0f,
+              "%s: dropout keep_scale %g is not 1/(1-p) of a p in [0,1)", op,
+              (double)ffn->keep_scale);
+}
+
+ag_tensor *ag_grouped_ffn(ag_ctx *ctx, ag_tensor *x, const ag_expert_ffn *ffn,
+                          const int32_t *offsets) {
+    AG_OP_BEGIN(ctx, x, ffn->w1, ffn->w2);
+    check_ffn(x, ffn, offsets);
+    const int experts = ffn->w1->shape[0], hidden = ffn->w1->shape[1];
+    ag_tensor *out = ag_empty(ctx, "grouped_ffn", 2, (int[]){x->shape[0], ffn->w2->shape[1]});
+    if (!out) return NULL;
+    ag_tensor *inputs[7] = {x};
+    int n_in = 1;
+    ag_tensor *const params[6] = {ffn->w1, ffn->b1, ffn->w3, ffn->b3, ffn->w2, ffn->b2};
+    for (int i = 0; i < 6; i++)
+        if (params[i]) inputs[n_in++] = params[i];
+    ag_node *node = ag_record(ctx, "grouped_ffn", grouped_ffn_backward, out, n_in, inputs,
+                              sizeof(grouped_ffn_saved));
+    if (ag_failed(ctx)) return NULL;
+    if (node) *(grouped_ffn_saved *)node->saved = (grouped_ffn_saved){offsets, *ffn};
+    const int largest = most_rows(offsets, experts);
+    size_t mark = ag_scratch_mark(ctx);
+    ffn_scratch s;
+    if (largest > 0 && !ffn_scratch_alloc(ctx, ffn, (int64_t)largest * hidden, false, &s))
+        return NULL;
+    for (int e = 0; e < experts && largest > 0; e++) {
+        const int first = offsets[e], rows = offsets[e + 1] - first;
+        if (rows == 0) continue;
+        ffn_hidden(ffn, x->data, e, first, rows, &s);
+        ag_tensor w_e, b_e;
+        grouped_forward_products((const int32_t[]){0, rows}, s.a, expert_slice(ffn->w2, e, &w_e),
+                                 expert_slice(ffn->b2, e, &b_e),
+                                 out->data + (int64_t)first * ffn->w2->shape[1]);
+    }
+    ag_scratch_release(ctx, mark);
+    return out;
 }

@@ -211,3 +211,66 @@ void ag_tape_dump(const ag_ctx *ctx, FILE *stream) {
                 sqrt(norm));
     }
 }
+
+/* ---- checkpoint ----------------------------------------------------------------- */
+
+typedef struct checkpoint_saved {
+    ag_region_fn fn;
+    void *user; /* a copy, in the arena */
+} checkpoint_saved;
+
+/* Drops from the free list the gradient blocks at or past arena offset
+ * `mark`: the caller is about to release that part of the arena. */
+static void forget_grad_blocks_after(ag_ctx *ctx, size_t mark) {
+    const unsigned char *limit = ctx->arena.base + mark;
+    for (ag_grad_block **link = &ctx->grad_free; *link;) {
+        if ((const unsigned char *)*link >= limit)
+            *link = (*link)->next;
+        else
+            link = &(*link)->next;
+    }
+}
+
+/* fn again on a tape of its own, then backward through it; what it
+ * allocated is scratch (the driver releases it after this returns). */
+static void checkpoint_backward(ag_ctx *ctx, ag_node *node) {
+    const checkpoint_saved *saved = node->saved;
+    ag_node *outer_tail = ctx->tape_tail;
+    const int64_t outer_length = ctx->tape_length;
+    const size_t mark = ag_scratch_mark(ctx);
+    ctx->tape_tail = NULL;
+    ctx->tape_length = 0;
+    ag_tensor *out = saved->fn(ctx, node->in[0], saved->user);
+    if (out && ctx->status == CM_OK) {
+        CM_ASSERT(out->numel == node->out->numel, "checkpoint: the region's output changed size");
+        ag_backward_from(ctx, out, node->out->grad);
+    } else if (ctx->status == CM_OK) {
+        ctx->status = CM_ERR(CM_ERR_INTERNAL, "checkpoint: the region failed in backward");
+    }
+    ctx->tape_tail = outer_tail;
+    ctx->tape_length = outer_length;
+    forget_grad_blocks_after(ctx, mark);
+}
+
+ag_tensor *ag_checkpoint(ag_ctx *ctx, ag_region_fn fn, ag_tensor *x, const void *user,
+                         size_t user_bytes) {
+    if (ctx->status != CM_OK || !x) return NULL;
+    if (!ctx->grad_enabled || !x->requires_grad) return fn(ctx, x, user); /* as it is */
+    ag_tensor *out = ag_empty(ctx, "checkpoint", x->ndim, x->shape);
+    if (!out) return NULL;
+    ag_node *node =
+        ag_record(ctx, "checkpoint", checkpoint_backward, out, 1, &x, sizeof(checkpoint_saved));
+    void *copy = ag_alloc(ctx, user_bytes ? user_bytes : 1, "checkpoint");
+    if (!node || !copy) return NULL;
+    memcpy(copy, user, user_bytes);
+    *(checkpoint_saved *)node->saved = (checkpoint_saved){fn, copy};
+    const size_t mark = ag_scratch_mark(ctx);
+    ctx->grad_enabled = false;
+    ag_tensor *region_out = fn(ctx, x, copy);
+    ctx->grad_enabled = true;
+    if (!region_out) return NULL;
+    CM_ASSERT(region_out->numel == x->numel, "checkpoint: the region's output is not x's shape");
+    memcpy(out->data, region_out->data, (size_t)out->numel * sizeof(float));
+    ag_scratch_release(ctx, mark);
+    return out;
+}

@@ -122,6 +122,22 @@ static inline bool ag_wants_grad(const ag_tensor *t) {
 cm_status ag_backward(ag_ctx *ctx, ag_tensor *loss);
 cm_status ag_backward_from(ag_ctx *ctx, ag_tensor *out, const float *dout);
 
+/* Activation checkpointing (train.recompute: all): out = fn(ctx, x, user)
+ * for a region whose output has x's shape (a transformer sub-block). Forward
+ * runs fn without recording and keeps only out: everything fn allocated is
+ * freed at once. Backward runs fn again, recording, on a tape of its own,
+ * and backpropagates out's gradient through it into x and the parameters,
+ * in the order of the uncheckpointed tape, so gradients are bit-identical.
+ * fn must compute the same values every time (counter-based randomness),
+ * leave nothing behind that outlives it, and read only x, *user (copied:
+ * user_bytes of it are kept until backward) and parameters. Without grad
+ * mode, or when x needs no gradient (nothing to hang the region's node on),
+ * it is just fn, recorded as usual. With keep_grads the gradients inside a
+ * region are not kept (they live in its backward's scratch). */
+typedef ag_tensor *(*ag_region_fn)(ag_ctx *ctx, ag_tensor *x, const void *user);
+ag_tensor *ag_checkpoint(ag_ctx *ctx, ag_region_fn fn, ag_tensor *x, const void *user,
+                         size_t user_bytes);
+
 /* One line per node, newest first: op, output shape, output-gradient L2 norm. */
 void ag_tape_dump(const ag_ctx *ctx, FILE *stream);
 

@@ -198,17 +198,19 @@ typedef struct dropout_job {
     const int32_t *row_expert; /* [R] global expert */
     int hidden, experts;
     float p;
-    uint8_t *keep; /* [R,H] */
+    int64_t first_row; /* of keep's first row, among the R */
+    uint8_t *keep;     /* [rows,H] */
 } dropout_job;
 
-/* keep for rows [begin, end): unit u of row r uses the draw at index
- * (token E + expert) H + u. */
+/* keep for rows [begin, end) of the job: unit u of row r uses the draw at
+ * index (token E + expert) H + u. */
 static void dropout_rows(void *context, int64_t begin, int64_t end) {
     const dropout_job *j = context;
     enum { CHUNK = 64 };
     float uniform[CHUNK];
     for (int64_t r = begin; r < end; r++) {
-        uint64_t base = (j->row_token[r] * (uint64_t)j->experts + (uint64_t)j->row_expert[r]) *
+        const int64_t row = j->first_row + r;
+        uint64_t base = (j->row_token[row] * (uint64_t)j->experts + (uint64_t)j->row_expert[row]) *
                         (uint64_t)j->hidden;
         uint8_t *keep = j->keep + r * j->hidden;
         for (int u = 0; u < j->hidden; u += CHUNK) {
@@ -219,32 +221,91 @@ static void dropout_rows(void *context, int64_t begin, int64_t end) {
     }
 }
 
-/* The experts' dropout mask [R,H] for this call (moe.h); only the mask
- * outlives it (backward reads it). */
-static uint8_t *expert_dropout_mask(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
-                                    const int32_t *sorted_token, int S, const exchange_plan *plan) {
+/* What the experts' dropout mask of this call is drawn from (moe.h): the
+ * key and each of the R rows' global token and expert (arena). */
+static dropout_job *expert_dropout_draws(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                         const int32_t *sorted_token, int S,
+                                         const exchange_plan *plan) {
     const moe_config *c = &moe->config;
-    const int R = plan->received, H = c->hidden;
-    uint8_t *keep = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)H, "moe dropout");
-    size_t scratch = ag_scratch_mark(ctx);
+    const int R = plan->received;
+    dropout_job *job = ag_alloc(ctx, sizeof *job, "moe dropout");
     uint64_t *row_token = expert_row_tokens(ctx, moe, call, sorted_token, S, plan);
     int32_t *row_expert = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe dropout");
-    if (!row_token || !row_expert || !keep) return NULL;
+    if (!job || !row_token || !row_expert) return NULL;
     for (int j = 0; j < moe->local_experts; j++)
         for (int r = plan->local_offsets[j]; r < plan->local_offsets[j + 1]; r++)
             row_expert[r] = moe->first_expert + j;
     /* THOR's second pass draws its own masks */
     uint32_t stream = ((uint32_t)call->pass << 24) + (uint32_t)moe->layer;
-    dropout_job job = {.key = {call->seed, call->step, stream, CM_RNG_EXPERT_DROPOUT},
-                       .row_token = row_token,
-                       .row_expert = row_expert,
-                       .hidden = H,
-                       .experts = c->router.num_experts,
-                       .p = c->expert_dropout,
-                       .keep = keep};
-    cm_pool_for(R, 1 + 4096 / H, dropout_rows, &job);
+    *job = (dropout_job){.key = {call->seed, call->step, stream, CM_RNG_EXPERT_DROPOUT},
+                         .row_token = row_token,
+                         .row_expert = row_expert,
+                         .hidden = c->hidden,
+                         .experts = c->router.num_experts,
+                         .p = c->expert_dropout};
+    return job;
+}
+
+/* ag_mask_fn over an expert_dropout_draws job: rows [first_row,
+ * first_row + rows) of the mask, the same bits every time. */
+static void dropout_fill(const void *context, int64_t first_row, int rows, uint8_t *keep) {
+    dropout_job job = *(const dropout_job *)context;
+    job.first_row = first_row;
+    job.keep = keep;
+    cm_pool_for(rows, 1 + 4096 / job.hidden, dropout_rows, &job);
+}
+
+/* The experts' dropout mask [R,H] for this call; only the mask outlives it
+ * (backward reads it). */
+static uint8_t *expert_dropout_mask(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                    const int32_t *sorted_token, int S, const exchange_plan *plan) {
+    const int R = plan->received;
+    uint8_t *keep =
+        ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)moe->config.hidden, "moe dropout");
+    size_t scratch = ag_scratch_mark(ctx);
+    const dropout_job *job = expert_dropout_draws(ctx, moe, call, sorted_token, S, plan);
+    if (!job || !keep) return NULL;
+    dropout_fill(job, 0, R, keep);
     ag_scratch_release(ctx, scratch);
     return keep;
+}
+
+/* The experts' FFN on their rows mine [R,D] -> [R,D] (moe.h). The
+ * activation (and dropout) is fused into the second product, so a is never
+ * kept; h (and up, and the mask) are, unless recompute_experts: then only
+ * mine is, and backward makes the rest again, the mask from its draws. */
+static ag_tensor *run_experts(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                              ag_tensor *mine, const int32_t *sorted_token, int S,
+                              const exchange_plan *plan) {
+    const moe_config *c = &moe->config;
+    const bool dropout = call->training && c->expert_dropout > 0.0f;
+    const bool swiglu = c->activation == AG_ACT_SWIGLU;
+    const float keep_scale = 1.0f / (1.0f - c->expert_dropout);
+    ag_tensor *w1 = ag_param_tensor(moe->w1), *b1 = ag_param_tensor(moe->b1);
+    ag_tensor *w3 = swiglu ? ag_param_tensor(moe->w3) : NULL;
+    ag_tensor *b3 = swiglu ? ag_param_tensor(moe->b3) : NULL;
+    ag_tensor *w2 = ag_param_tensor(moe->w2), *b2 = ag_param_tensor(moe->b2);
+    if (c->recompute_experts) {
+        ag_expert_ffn ffn = {w1, b1, w3, b3, w2, b2, .activation = c->activation};
+        if (dropout) {
+            ffn.keep_context = expert_dropout_draws(ctx, moe, call, sorted_token, S, plan);
+            if (!ffn.keep_context) return NULL;
+            ffn.keep_fn = dropout_fill;
+            ffn.keep_scale = keep_scale;
+        }
+        return ag_grouped_ffn(ctx, mine, &ffn, plan->local_offsets);
+    }
+    ag_tensor *h = ag_grouped_linear(ctx, mine, w1, b1, plan->local_offsets);
+    if (!swiglu && !dropout)
+        return ag_grouped_linear_act(ctx, h, c->activation, w2, b2, plan->local_offsets);
+    ag_hidden_layer hidden = {.activation = c->activation};
+    if (swiglu) hidden.up = ag_grouped_linear(ctx, mine, w3, b3, plan->local_offsets);
+    if (dropout) {
+        hidden.keep = expert_dropout_mask(ctx, moe, call, sorted_token, S, plan);
+        if (!hidden.keep) return NULL;
+        hidden.keep_scale = keep_scale;
+    }
+    return ag_grouped_linear_hidden(ctx, h, &hidden, w2, b2, plan->local_offsets);
 }
 
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
@@ -277,35 +338,14 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
             sorted_token[position] = t;
         }
 
-    const moe_config *c = &moe->config;
     ag_tensor *xs = ag_gather_rows(ctx, x, sorted_token, S);
     exchange_plan plan = {0};
     CM_TRY(plan_exchange(ctx, moe, expert_offsets, &plan));
     mark_used_experts(moe, &plan);
     /* Rows for the experts here, expert-major: [R,D]. */
     ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
-    ag_tensor *h = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
-                                     plan.local_offsets);
-    /* the activation (and dropout) is fused into the second product: the
-     * hidden activations a are not kept */
-    ag_tensor *y;
-    const bool dropout = call->training && c->expert_dropout > 0.0f;
-    if (c->activation != AG_ACT_SWIGLU && !dropout) {
-        y = ag_grouped_linear_act(ctx, h, c->activation, ag_param_tensor(moe->w2),
-                                  ag_param_tensor(moe->b2), plan.local_offsets);
-    } else {
-        ag_hidden_layer hidden = {.activation = c->activation};
-        if (c->activation == AG_ACT_SWIGLU)
-            hidden.up = ag_grouped_linear(ctx, mine, ag_param_tensor(moe->w3),
-                                          ag_param_tensor(moe->b3), plan.local_offsets);
-        if (dropout) {
-            hidden.keep = expert_dropout_mask(ctx, moe, call, sorted_token, S, &plan);
-            if (!hidden.keep) return ag_ctx_status(ctx);
-            hidden.keep_scale = 1.0f / (1.0f - c->expert_dropout);
-        }
-        y = ag_grouped_linear_hidden(ctx, h, &hidden, ag_param_tensor(moe->w2),
-                                     ag_param_tensor(moe->b2), plan.local_offsets);
-    }
+    ag_tensor *y = run_experts(ctx, moe, call, mine, sorted_token, S, &plan);
+    if (!y) return ag_failed(ctx) ? ag_ctx_status(ctx) : CM_ERR_INTERNAL;
     y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
     result->out = ag_scatter_add_rows_scaled(ctx, y, gates, sorted_token, T);

@@ -45,6 +45,10 @@
  * choices. The other members' weight slots stay allocated but get no rows,
  * hence no gradient and no update. A table that is the identity changes
  * nothing, bit for bit.
+ * Recomputation (recompute_experts, train.recompute: experts): the experts
+ * run as one ag_grouped_ffn, which keeps only their input rows; backward
+ * makes h, up, the mask (drawn again from the same key and indices) and a
+ * again, so the results are those of keeping them, bit for bit.
  * Owns: parameter handles; all per-step buffers come from the arena. */
 #ifndef CMOE_LAYERS_MOE_H
 #define CMOE_LAYERS_MOE_H
@@ -62,6 +66,7 @@ typedef struct moe_config {
     float out_std;            /* w2 init std (residual projection) */
     float expert_dropout;     /* dropout on the hidden units in training, [0, 1) */
     bool merged;              /* declare the group table PREFIX.group_of (MC-SMoE) */
+    bool recompute_experts;   /* the hidden layer (h, up, mask) made again in backward */
     router_config router;     /* router.num_experts = E */
     /* Expert parallelism: this rank holds experts
      * [ep_rank E/ep_size, (ep_rank+1) E/ep_size) and exchanges tokens with

@@ -124,6 +124,46 @@ static ag_tensor *moe_block(ag_ctx *ctx, const lm_block *b, ag_tensor *h,
     return ag_reshape(ctx, result.out, 3, h->shape);
 }
 
+/* What a block's half reads besides its input x [B,T,D] (ag_checkpoint
+ * keeps a copy until backward). */
+typedef struct block_half {
+    const lm_model *model;
+    int layer;
+    lm_forward_args args;
+} block_half;
+
+/* x + drop(proj(attention(qkv(ln1(x))))) */
+static ag_tensor *attention_half(ag_ctx *ctx, ag_tensor *x, const void *user) {
+    const block_half *half = user;
+    const lm_config *c = &half->model->config;
+    const lm_block *b = &half->model->blocks[half->layer];
+    ag_tensor *h = ag_layernorm(ctx, x, ag_param_tensor(b->ln1_weight),
+                                ag_param_tensor(b->ln1_bias), c->layernorm_eps);
+    h = ag_linear(ctx, h, ag_param_tensor(b->qkv_weight), ag_param_tensor(b->qkv_bias));
+    h = ag_causal_attention(ctx, h, c->n_head);
+    h = ag_linear(ctx, h, ag_param_tensor(b->proj_weight), ag_param_tensor(b->proj_bias));
+    return ag_add(ctx, x, drop(ctx, h, &half->args, c->dropout, half->layer + 1, DROP_ATTENTION));
+}
+
+/* x + drop(fc2(gelu(fc1(ln2(x))))): a dense block's second half */
+static ag_tensor *mlp_half(ag_ctx *ctx, ag_tensor *x, const void *user) {
+    const block_half *half = user;
+    const lm_config *c = &half->model->config;
+    const lm_block *b = &half->model->blocks[half->layer];
+    ag_tensor *h = ag_layernorm(ctx, x, ag_param_tensor(b->ln2_weight),
+                                ag_param_tensor(b->ln2_bias), c->layernorm_eps);
+    h = ag_gelu(ctx,
+                ag_linear(ctx, h, ag_param_tensor(b->fc1_weight), ag_param_tensor(b->fc1_bias)));
+    h = ag_linear(ctx, h, ag_param_tensor(b->fc2_weight), ag_param_tensor(b->fc2_bias));
+    return ag_add(ctx, x, drop(ctx, h, &half->args, c->dropout, half->layer + 1, DROP_MLP));
+}
+
+/* A half, as a checkpoint region with config.checkpoint_blocks. */
+static ag_tensor *run_half(ag_ctx *ctx, ag_region_fn fn, ag_tensor *x, const block_half *half) {
+    if (half->model->config.checkpoint_blocks) return ag_checkpoint(ctx, fn, x, half, sizeof *half);
+    return fn(ctx, x, half);
+}
+
 ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args *args) {
     if (args->report) *args->report = (lm_moe_report){0};
     const lm_config *c = &model->config;
@@ -142,22 +182,15 @@ ag_tensor *lm_forward(ag_ctx *ctx, const lm_model *model, const lm_forward_args 
     router_depth_state depth = {0};
     for (int l = 0; l < c->n_layer; l++) {
         const lm_block *b = &model->blocks[l];
-        ag_tensor *h = ag_layernorm(ctx, x, ag_param_tensor(b->ln1_weight),
-                                    ag_param_tensor(b->ln1_bias), c->layernorm_eps);
-        h = ag_linear(ctx, h, ag_param_tensor(b->qkv_weight), ag_param_tensor(b->qkv_bias));
-        h = ag_causal_attention(ctx, h, c->n_head);
-        h = ag_linear(ctx, h, ag_param_tensor(b->proj_weight), ag_param_tensor(b->proj_bias));
-        x = ag_add(ctx, x, drop(ctx, h, args, c->dropout, l + 1, DROP_ATTENTION));
-
-        h = ag_layernorm(ctx, x, ag_param_tensor(b->ln2_weight), ag_param_tensor(b->ln2_bias),
-                         c->layernorm_eps);
-        if (b->is_moe) {
-            h = moe_block(ctx, b, h, args, &depth);
-        } else {
-            h = ag_gelu(ctx, ag_linear(ctx, h, ag_param_tensor(b->fc1_weight),
-                                       ag_param_tensor(b->fc1_bias)));
-            h = ag_linear(ctx, h, ag_param_tensor(b->fc2_weight), ag_param_tensor(b->fc2_bias));
+        const block_half half = {model, l, *args};
+        x = run_half(ctx, attention_half, x, &half);
+        if (!b->is_moe) {
+            x = run_half(ctx, mlp_half, x, &half);
+            continue;
         }
+        ag_tensor *h = ag_layernorm(ctx, x, ag_param_tensor(b->ln2_weight),
+                                    ag_param_tensor(b->ln2_bias), c->layernorm_eps);
+        h = moe_block(ctx, b, h, args, &depth);
         x = ag_add(ctx, x, drop(ctx, h, args, c->dropout, l + 1, DROP_MLP));
     }
     x = ag_layernorm(ctx, x, ag_param_tensor(model->lnf_weight), ag_param_tensor(model->lnf_bias),

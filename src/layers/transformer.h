@@ -36,6 +36,12 @@ typedef struct lm_config {
     float init_std;           /* std of the normal init of every weight matrix (GPT-2: 0.02) */
     bool scale_residual_init; /* residual projections use init_std / sqrt(2 n_layer) */
     float layernorm_eps;
+    /* train.recompute: all. Each block's attention half (ln1 .. residual
+     * add) and, in a dense block, its MLP half run as ag_checkpoint regions:
+     * backward makes their activations again. An MoE half is not one (its
+     * router reports, carries state and draws outside the block): its
+     * experts recompute with moe.recompute_experts. */
+    bool checkpoint_blocks;
     /* MoE: when moe_every > 0, the MLP of every layer l with l % moe_every == 0
      * is an MoE layer (moe.d_model, init_std and out_std are filled in by
      * lm_declare). */

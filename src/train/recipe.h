@@ -48,7 +48,7 @@ enum {
 
 /* Enum fields hold the values of the module that uses them (router_kind,
  * ag_activation, optim_kind, ...), whose name tables give the spellings a
- * recipe uses. The three enums below belong to the recipe layer; their names
+ * recipe uses. The four enums below belong to the recipe layer; their names
  * are in recipe_keys.c. A *_COUNT member guards each list with a static_assert. */
 typedef enum cm_model_arch {
     CM_ARCH_TRANSFORMER_LM = 0,
@@ -66,6 +66,14 @@ typedef enum cm_split {
     CM_SPLIT_TRAIN,
     CM_SPLIT_COUNT
 } cm_split;
+/* train.recompute: what backward makes again instead of keeping it from
+ * forward. */
+typedef enum cm_recompute {
+    CM_RECOMPUTE_NONE = 0,
+    CM_RECOMPUTE_EXPERTS, /* the experts' hidden layers (moe_config.recompute_experts) */
+    CM_RECOMPUTE_ALL,     /* also the blocks' halves (lm_config.checkpoint_blocks) */
+    CM_RECOMPUTE_COUNT
+} cm_recompute;
 
 /* The meaning, default and range of every field are in recipe_keys.c and
  * docs/recipes.md; the comments here are only reminders. */
@@ -169,6 +177,7 @@ typedef struct cm_train_cfg {
     int eval_batches;
     int arena_mib;                    /* per-step activation arena */
     int threads;                      /* BLAS threads per rank; 0: library default */
+    cm_recompute recompute;           /* memory for time; results bit-identical */
     char out_dir[CM_RECIPE_PATH_CAP]; /* "": runs/<name>; see recipe_run_dir */
 } cm_train_cfg;
 

@@ -173,6 +173,21 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
     return true;
 }
 
+/* train.recompute: what this build can make again in backward. */
+static bool check_recompute(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
+                            size_t why_capacity) {
+    /* (model.arch resnet ignores it, like the LM's other keys; all needs no
+     * MoE layer: it checkpoints the dense blocks too) */
+    if (recipe->train.recompute == CM_RECOMPUTE_EXPERTS &&
+        recipe->model.arch == CM_ARCH_TRANSFORMER_LM && !recipe->moe.enabled) {
+        snprintf(why, why_capacity,
+                 "train.recompute experts needs moe.enabled: true (a dense model has no expert "
+                 "layer to recompute)");
+        return involve(involved, "train.recompute", "moe.enabled", NULL);
+    }
+    return true;
+}
+
 /* The image classifier: its data format, and what adversarial.mode needs. */
 static bool check_resnet(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                          size_t why_capacity) {
@@ -199,6 +214,7 @@ bool recipe_check_consistency(const cm_recipe *recipe, int involved[RECIPE_MAX_I
                               size_t why_capacity) {
     for (int i = 0; i < RECIPE_MAX_INVOLVED; i++) involved[i] = -1;
     if (!check_base(recipe, involved, why, why_capacity)) return false;
+    if (!check_recompute(recipe, involved, why, why_capacity)) return false;
     if (recipe->model.arch == CM_ARCH_RESNET)
         return check_resnet(recipe, involved, why, why_capacity);
     if (recipe->data.format != CM_DATA_TEXT) {

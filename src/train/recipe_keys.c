@@ -25,16 +25,18 @@
 static const char *const arch_names[] = {"transformer_lm", "resnet", NULL};
 static const char *const data_format_names[] = {"text", "idx", NULL};
 static const char *const split_names[] = {"valid", "test", "train", NULL};
+static const char *const recompute_names[] = {"none", "experts", "all", NULL};
 
 #define NAME_COUNT(names) ((int)(sizeof names / sizeof names[0]) - 1)
 static_assert(NAME_COUNT(arch_names) == CM_ARCH_COUNT, "arch_names out of sync");
 static_assert(NAME_COUNT(data_format_names) == CM_DATA_FORMAT_COUNT, "data_format_names");
 static_assert(NAME_COUNT(split_names) == CM_SPLIT_COUNT, "split_names out of sync");
+static_assert(NAME_COUNT(recompute_names) == CM_RECOMPUTE_COUNT, "recompute_names out of sync");
 /* Enum fields are read and written as int. */
 static_assert(sizeof(cm_model_arch) == sizeof(int) && sizeof(cm_data_format) == sizeof(int) &&
-                  sizeof(cm_split) == sizeof(int) && sizeof(ag_activation) == sizeof(int) &&
-                  sizeof(moe_cnn_routing) == sizeof(int) && sizeof(router_kind) == sizeof(int) &&
-                  sizeof(router_gating) == sizeof(int) &&
+                  sizeof(cm_split) == sizeof(int) && sizeof(cm_recompute) == sizeof(int) &&
+                  sizeof(ag_activation) == sizeof(int) && sizeof(moe_cnn_routing) == sizeof(int) &&
+                  sizeof(router_kind) == sizeof(int) && sizeof(router_gating) == sizeof(int) &&
                   sizeof(router_drop_policy) == sizeof(int) &&
                   sizeof(router_noise) == sizeof(int) && sizeof(router_aux_scope) == sizeof(int) &&
                   sizeof(router_k_mode) == sizeof(int) &&
@@ -358,6 +360,10 @@ const recipe_key recipe_keys[] = {
             "size of the per-step activation arena in MiB"),
     KEY_INT("train", "threads", train.threads, "0", "[0, 1024]",
             "BLAS threads per rank; 0 keeps the library default"),
+    KEY_ENUM("train", "recompute", train.recompute, cm_recompute, recompute_names, "none",
+             "what backward makes again instead of keeping it (less memory, the same results bit "
+             "for bit): none; experts, the experts' hidden layers (needs moe.enabled); all, also "
+             "every block's attention half and dense MLP half"),
     KEY_STRING("train", "out_dir", train.out_dir, "",
                "run directory (metrics, plots); empty means runs/NAME", NULL),
 

@@ -53,6 +53,7 @@ void recipe_moe_config(const cm_recipe *recipe, moe_config *out) {
         .activation = recipe->moe.activation,
         .expert_dropout = (float)recipe->moe.expert_dropout,
         .merged = recipe->moe.merged,
+        .recompute_experts = recipe->train.recompute != CM_RECOMPUTE_NONE,
         .init_std = init_std,
         .out_std =
             model->scale_residual_init ? init_std / sqrtf(2.0f * (float)model->n_layers) : init_std,

@@ -41,7 +41,7 @@ void recipe_router_config(const cm_recipe *recipe, router_config *out);
  * init_std = model.init_std for the experts' first matrix, and for the
  * second (a residual projection, like mlp.fc2) init_std / sqrt(2 n_layers)
  * with model.scale_residual_init, as the dense blocks do; router from
- * recipe_router_config. */
+ * recipe_router_config; recompute_experts from train.recompute. */
 void recipe_moe_config(const cm_recipe *recipe, moe_config *out);
 
 #endif

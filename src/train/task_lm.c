@@ -66,7 +66,8 @@ static lm_config model_config(const task_env *env) {
                         .dropout = (float)m->dropout,
                         .init_std = (float)m->init_std,
                         .scale_residual_init = m->scale_residual_init,
-                        .layernorm_eps = (float)m->layernorm_eps};
+                        .layernorm_eps = (float)m->layernorm_eps,
+                        .checkpoint_blocks = recipe->train.recompute == CM_RECOMPUTE_ALL};
     if (recipe->moe.enabled) {
         config.moe_every = recipe->moe.every;
         recipe_moe_config(recipe, &config.moe);
