@@ -30,6 +30,12 @@ typedef struct dispatch_timing {
     bool separate_wait;
 } dispatch_timing;
 
+/* Times one collective into `timing` (NULL: nothing): start returns the
+ * start time, after the barrier (counted as wait) when timing->separate_wait;
+ * stop adds the time since start to exchange_seconds. */
+double dispatch_timer_start(MPI_Comm group, dispatch_timing *timing);
+void dispatch_timer_stop(double start, dispatch_timing *timing);
+
 /* send[p * per_rank + j] rows go to rank p for its j-th local expert;
  * recv[p * per_rank + j] rows arrive from rank p for this rank's j-th expert. */
 cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t *recv, int per_rank,
