@@ -52,6 +52,7 @@
 #include "autograd/ops.h"
 #include "autograd/params.h"
 #include "parallel/dispatch.h"
+#include "parallel/shadow.h"
 #include "routers/router.h"
 
 typedef struct moe_config {
@@ -69,6 +70,9 @@ typedef struct moe_config {
     MPI_Comm ep_group;
     int ep_rank, ep_size;
     dispatch_timing *timing; /* exchange time counters (cmoe bench); NULL: not timed */
+    /* Dynamic shadowing of hot experts (parallel/shadow.h): off, auto (the
+     * cost model decides per call), force (communication counted free). */
+    shadow_mode shadow;
 } moe_config;
 
 typedef struct moe_layer {
@@ -92,6 +96,7 @@ typedef struct moe_result {
     const int32_t *offsets, *expert; /* [T+1], [n_slots] */
     const float *gates;              /* [n_slots] */
     const float *logits;             /* [T,E] router logits (router_output.logits) or NULL */
+    int shadowed_experts;            /* experts computed where their tokens are (shadow.h) */
 } moe_result;
 
 cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,
