@@ -182,9 +182,19 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
                allocations_most, allocations_total);
     else
         printf("  heap allocations: not counted in a sanitizer build\n");
-    if (comm->world_size > 1)
+    const dispatch_timing *exchange = t->exchange;
+    const double shadowed_per_call =
+        exchange->shadow_decisions
+            ? (double)exchange->shadowed_experts / (double)exchange->shadow_decisions
+            : 0.0;
+    if (comm->world_size > 1) {
         printf("  all-to-all %.2f ms median per step (%.1f%% of the step)\n", 1e3 * exchange_median,
                100.0 * exchange_median / step_median);
+        printf("  wait for the slowest rank %.2f ms median per step (%.1f%% of the step)\n",
+               1e3 * wait_median, 100.0 * wait_median / step_median);
+        printf("  shadowed experts %.2f per MoE layer call (parallel.shadow_experts: %s)\n",
+               shadowed_per_call, shadow_mode_names[recipe->parallel.shadow_experts]);
+    }
     printf("RESULT {\"model\": \"%s\", \"tok_s_median\": %.1f, \"tok_s_min\": %.1f, "
            "\"tok_s_max\": %.1f, \"achieved_gflops\": %.2f, \"peak_rss_mib\": %.1f, "
            "\"step_ms_median\": %.2f, \"ranks\": %d, \"threads\": %d, \"steps\": %lld, "
@@ -195,8 +205,8 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
            alloc_count_available() ? allocations_most : -1.0);
     if (comm->world_size > 1)
         printf(", \"peak_rss_mib_sum\": %.1f, \"alltoall_ms_median\": %.3f, "
-               "\"imbalance_wait_ms_median\": %.3f",
-               rss_sum, 1e3 * exchange_median, 1e3 * wait_median);
+               "\"imbalance_wait_ms_median\": %.3f, \"shadowed_per_call\": %.3f",
+               rss_sum, 1e3 * exchange_median, 1e3 * wait_median, shadowed_per_call);
     printf("}\n");
     fflush(stdout);
 }

@@ -96,6 +96,7 @@ cm_status moe_plan_shadow(ag_ctx *ctx, const moe_layer *moe, const int32_t *expe
     plan->all_counts = all_counts;
     const shadow_problem problem = layer_problem(moe, ranks);
     const int count = shadow_decide(&problem, all_counts, rank_cost, shadowed);
+    if (c->timing) c->timing->shadow_decisions++, c->timing->shadowed_experts += count;
     if (count == 0) return CM_OK;
     CM_TRY(make_set(ctx, moe, ranks, shadowed, count, all_counts, &plan->set));
     return split_positions(ctx, expert_offsets, sorted_token, S, E, shadowed, plan);

@@ -28,6 +28,9 @@ typedef struct dispatch_timing {
     double exchange_seconds; /* counts and rows, forward and backward */
     double wait_seconds;
     bool separate_wait;
+    /* Shadowing (parallel/shadow.h): MoE layer calls that decided, and the
+     * experts they shadowed in all. */
+    int64_t shadow_decisions, shadowed_experts;
 } dispatch_timing;
 
 /* Times one collective into `timing` (NULL: nothing): start returns the
