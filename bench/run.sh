@@ -18,7 +18,8 @@
 # 4. --ranks R: lm-moe as R ranks x 1 thread (mpirun) against 1 rank x T
 #    threads, A B A B, with the all-to-all share of the step. --shadow
 #    MODES: the R-rank run once per parallel.shadow_experts mode, in turn
-#    within each repeat (A1 A2 B A1 A2 B), one table row per mode.
+#    within each repeat (A1 A2 B A1 A2 B), one table row per mode;
+#    --models "" --ranks R measures only this.
 # Prints a markdown table (per-run medians: median and min-max over the runs)
 # on stdout, progress on stderr, and keeps every raw RESULT / SGEMM line in
 # OUT/results-DATE.txt (default OUT: the build dir's bench-results/) with
@@ -27,7 +28,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-2}"
 }
 
@@ -56,7 +57,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS=${2:?--steps needs a value}; shift 2 ;;
     --skip) SKIP=${2:?--skip needs a value}; shift 2 ;;
     --threads) THREADS=${2:?--threads needs a value}; shift 2 ;;
-    --models) MODELS=${2:?--models needs a value}; shift 2 ;;
+    --models) MODELS=${2?--models needs a value}; shift 2 ;;
     --ranks) RANKS=${2:?--ranks needs a value}; shift 2 ;;
     --shadow) SHADOW=${2:?--shadow needs a value}; shift 2 ;;
     --build) BUILD=${2:?--build needs a value}; shift 2 ;;
@@ -243,20 +244,21 @@ print(f"sgemm peak 1024³, {threads} threads: {peak:.1f} GFLOP/s "
 print(f"{n_runs} run(s) per side, A B A B; figures are per-run medians over the timed steps, "
       "shown as median (min–max) over the runs; torch with OMP_WAIT_POLICY=PASSIVE.")
 print()
-print("| model | cmoe tok/s | torch tok/s | cmoe / torch | cmoe GFLOP/s (share of sgemm peak) "
-      "| torch GFLOP/s (share) | peak RSS MiB cmoe / torch (ratio) | cmoe allocations / step |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for model in models:
-    cmoe, torch = results[("cmoe", model)], results[("torch", model)]
-    ratio = median(cmoe, "tok_s_median") / median(torch, "tok_s_median")
-    cmoe_gf, torch_gf = median(cmoe, "achieved_gflops"), median(torch, "achieved_gflops")
-    cmoe_rss, torch_rss = median(cmoe, "peak_rss_mib"), median(torch, "peak_rss_mib")
-    unit = "" if model.startswith("lm-") else " (img/s)"
-    print(f"| {model}{unit} | {spread(cmoe, 'tok_s_median')} | {spread(torch, 'tok_s_median')} "
-          f"| {ratio:.2f}× | {cmoe_gf:.1f} ({100 * cmoe_gf / peak:.0f}%) "
-          f"| {torch_gf:.1f} ({100 * torch_gf / peak:.0f}%) "
-          f"| {cmoe_rss:,.0f} / {torch_rss:,.0f} ({cmoe_rss / torch_rss:.2f}×) "
-          f"| {allocations(cmoe)} |")
+if models:
+    print("| model | cmoe tok/s | torch tok/s | cmoe / torch | cmoe GFLOP/s (share of sgemm peak) "
+          "| torch GFLOP/s (share) | peak RSS MiB cmoe / torch (ratio) | cmoe allocations / step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model in models:
+        cmoe, torch = results[("cmoe", model)], results[("torch", model)]
+        ratio = median(cmoe, "tok_s_median") / median(torch, "tok_s_median")
+        cmoe_gf, torch_gf = median(cmoe, "achieved_gflops"), median(torch, "achieved_gflops")
+        cmoe_rss, torch_rss = median(cmoe, "peak_rss_mib"), median(torch, "peak_rss_mib")
+        unit = "" if model.startswith("lm-") else " (img/s)"
+        print(f"| {model}{unit} | {spread(cmoe, 'tok_s_median')} | {spread(torch, 'tok_s_median')} "
+              f"| {ratio:.2f}× | {cmoe_gf:.1f} ({100 * cmoe_gf / peak:.0f}%) "
+              f"| {torch_gf:.1f} ({100 * torch_gf / peak:.0f}%) "
+              f"| {cmoe_rss:,.0f} / {torch_rss:,.0f} ({cmoe_rss / torch_rss:.2f}×) "
+              f"| {allocations(cmoe)} |")
 
 if ranks > 0:
     single = results[("single", "lm-moe")]
