@@ -4,7 +4,10 @@
  *           -> dispatch: a stable counting sort of the slots by expert, so each
  *              expert's rows are contiguous; xs = x[token of slot] [S,D];
  *              with expert parallelism the rows travel to the ranks that own
- *              their experts (parallel/dispatch.h) and come back after
+ *              their experts (parallel/dispatch.h) and come back after, but
+ *              the rows of experts shadowed in this call (config.shadow,
+ *              parallel/shadow.h) stay and run through copies of their
+ *              experts' weights; both come back in dispatch order
  *           -> experts: per expert e, a = act(xs_e W1_e^T + b1_e) [S_e,H],
  *              or with swiglu (LLaMA's MLP: W1 gate_proj, W3 up_proj, W2
  *              down_proj) a = silu(xs_e W1_e^T + b1_e) * (xs_e W3_e^T + b3_e);

@@ -34,7 +34,7 @@ cm_status moe_plan_shadow(ag_ctx *ctx, const moe_layer *moe, const int32_t *expe
 /* Marks the shadowed experts held here as used in this step. */
 void moe_mark_shadowed(const moe_layer *moe, const moe_shadow_plan *plan);
 
-/* The shadowed experts' weights from their owners (ag_shadow_slices). */
+/* The shadowed experts' weights from their owners (ag_shadow_pack), as views. */
 void moe_shadow_weights(ag_ctx *ctx, const moe_layer *moe, const moe_shadow_plan *plan,
                         moe_expert_weights *weights);
 

@@ -114,16 +114,20 @@ void moe_mark_shadowed(const moe_layer *moe, const moe_shadow_plan *plan) {
 
 void moe_shadow_weights(ag_ctx *ctx, const moe_layer *moe, const moe_shadow_plan *plan,
                         moe_expert_weights *weights) {
-    const shadow_set *set = &plan->set;
-    *weights = (moe_expert_weights){
-        .w1 = ag_shadow_slices(ctx, ag_param_tensor(moe->w1), set),
-        .b1 = ag_shadow_slices(ctx, ag_param_tensor(moe->b1), set),
-        .w2 = ag_shadow_slices(ctx, ag_param_tensor(moe->w2), set),
-        .b2 = ag_shadow_slices(ctx, ag_param_tensor(moe->b2), set),
-    };
-    if (moe->w3) {
-        weights->w3 = ag_shadow_slices(ctx, ag_param_tensor(moe->w3), set);
-        weights->b3 = ag_shadow_slices(ctx, ag_param_tensor(moe->b3), set);
+    ag_param *params[] = {moe->w1, moe->b1, moe->w2, moe->b2, moe->w3, moe->b3};
+    ag_tensor **views[] = {&weights->w1, &weights->b1, &weights->w2,
+                           &weights->b2, &weights->w3, &weights->b3};
+    const int n = moe->w3 ? 6 : 4, count = plan->set.count;
+    ag_tensor *tensors[6];
+    for (int i = 0; i < n; i++) tensors[i] = ag_param_tensor(params[i]);
+    *weights = (moe_expert_weights){0};
+    ag_tensor *packed = ag_shadow_pack(ctx, tensors, n, &plan->set);
+    int64_t offset = 0;
+    for (int i = 0; i < n && packed; i++) {
+        int shape[AG_MAX_DIMS] = {count};
+        for (int d = 1; d < tensors[i]->ndim; d++) shape[d] = tensors[i]->shape[d];
+        *views[i] = ag_shadow_view(ctx, packed, offset, tensors[i]->ndim, shape);
+        offset += count * (tensors[i]->numel / tensors[i]->shape[0]);
     }
 }
 

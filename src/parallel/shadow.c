@@ -122,7 +122,7 @@ cm_status shadow_gather_counts(MPI_Comm group, const int32_t *mine, int32_t *all
 
 /* ---- the weights out, the gradients back ------------------------------------- */
 
-enum { MAX_RANKS = 1024 };
+enum { MAX_RANKS = 1024, MAX_TENSORS = 8 };
 
 static int group_rank(MPI_Comm group) {
     int rank = 0;
@@ -130,97 +130,169 @@ static int group_rank(MPI_Comm group) {
     return rank;
 }
 
-/* counts[p], displacements[p] (floats) of rank p's slices within [count, slice]. */
-static void owner_layout(const shadow_set *set, int ranks, int64_t slice, int *counts,
-                         int *displacements) {
-    for (int p = 0; p < ranks; p++) counts[p] = 0;
-    for (int k = 0; k < set->count; k++) counts[set->experts[k] / set->per_rank] += (int)slice;
-    for (int p = 0, at = 0; p < ranks; p++) {
-        displacements[p] = at;
-        at += counts[p];
+/* Where everything sits. The packed output is tensor-major: tensor i's
+ * slices of experts 0..count-1 from count * before[i]. On the wire, rank p
+ * sends its own experts (the consecutive first[p] .. first[p] + owned[p] - 1
+ * of the set) tensor by tensor: block[p] floats from at[p], its tensor i from
+ * at[p] + owned[p] * before[i]. Either way one (rank, tensor) pair is one
+ * contiguous run of owned[p] * slice[i] floats. */
+typedef struct pack_layout {
+    int ranks, rank, tensors;
+    int64_t slice[MAX_TENSORS], before[MAX_TENSORS], total; /* floats per expert */
+    int first[MAX_RANKS], owned[MAX_RANKS];
+    int block[MAX_RANKS], at[MAX_RANKS];
+} pack_layout;
+
+static void make_layout(ag_tensor *const *params, int n, const shadow_set *set, pack_layout *l) {
+    l->ranks = comm_size(set->group);
+    l->rank = group_rank(set->group);
+    l->tensors = n;
+    l->total = 0;
+    for (int i = 0; i < n; i++) {
+        l->slice[i] = params[i]->numel / params[i]->shape[0];
+        l->before[i] = l->total;
+        l->total += l->slice[i];
     }
+    for (int p = 0; p < l->ranks; p++) l->owned[p] = 0, l->first[p] = set->count;
+    for (int k = set->count - 1; k >= 0; k--) {
+        const int owner = set->experts[k] / set->per_rank;
+        l->owned[owner]++;
+        l->first[owner] = k;
+    }
+    for (int p = 0, at = 0; p < l->ranks; p++) {
+        l->block[p] = (int)(l->owned[p] * l->total);
+        l->at[p] = at;
+        at += l->block[p];
+    }
+}
+
+/* Copies between the packed layout and the wire layout, one run per
+ * (rank, tensor); to_wire chooses the direction. */
+static void convert(const pack_layout *l, int count, float *packed, float *wire, bool to_wire) {
+    for (int p = 0; p < l->ranks; p++)
+        for (int i = 0; i < l->tensors; i++) {
+            float *in_packed = packed + count * l->before[i] + l->first[p] * l->slice[i];
+            float *in_wire = wire + l->at[p] + l->owned[p] * l->before[i];
+            const size_t bytes = (size_t)(l->owned[p] * l->slice[i]) * sizeof(float);
+            if (bytes == 0) continue;
+            memcpy(to_wire ? in_wire : in_packed, to_wire ? in_packed : in_wire, bytes);
+        }
+}
+
+/* This rank's own slices of params, or of their gradients, <-> `own` (its
+ * block of the wire layout); add: own is added into the gradients. */
+static void own_slices(ag_tensor *const *params, const shadow_set *set, const pack_layout *l,
+                       float *own, bool add) {
+    for (int i = 0; i < l->tensors; i++)
+        for (int j = 0; j < l->owned[l->rank]; j++) {
+            const int64_t local = set->experts[l->first[l->rank] + j] % set->per_rank;
+            float *wire = own + l->owned[l->rank] * l->before[i] + j * l->slice[i];
+            if (add) {
+                float *grad = params[i]->grad + local * l->slice[i];
+                for (int64_t u = 0; u < l->slice[i]; u++) grad[u] += wire[u];
+            } else {
+                memcpy(wire, params[i]->data + local * l->slice[i],
+                       (size_t)l->slice[i] * sizeof(float));
+            }
+        }
 }
 
 typedef struct shadow_saved {
     shadow_set set;
 } shadow_saved;
 
-/* The slices' gradients [count, slice] -> their owners; this rank sums what it
- * receives for its own slices in rank order and adds it to param's gradient. */
-static void shadow_slices_backward(ag_ctx *ctx, ag_node *node) {
+/* Every rank's gradient of the owners' slices goes to the owner
+ * (MPI_Alltoallv), which sums them in rank order 0..P-1 and adds the sum to
+ * its parameters' gradients. */
+static void shadow_pack_backward(ag_ctx *ctx, ag_node *node) {
     const shadow_set *set = &((const shadow_saved *)node->saved)->set;
-    ag_tensor *param = node->in[0];
-    const int ranks = comm_size(set->group), rank = group_rank(set->group);
-    const int64_t slice = param->numel / param->shape[0];
-    int send_counts[MAX_RANKS], send_displacements[MAX_RANKS];
-    int recv_counts[MAX_RANKS], recv_displacements[MAX_RANKS];
-    owner_layout(set, ranks, slice, send_counts, send_displacements);
-    const int mine = send_counts[rank]; /* floats of this rank's own slices */
-    float *received = node->out->grad;
-    if (ranks > 1) {
-        received = ag_alloc_floats(ctx, (int64_t)ranks * mine + 1, "shadow_slices backward");
-        if (!received) return;
-        for (int q = 0; q < ranks; q++) recv_counts[q] = mine, recv_displacements[q] = q * mine;
+    pack_layout l;
+    make_layout(node->in, node->n_in, set, &l);
+    const int mine = l.block[l.rank];
+    float *wire = ag_alloc_floats(ctx, node->out->numel + 1, "shadow backward");
+    float *received = ag_alloc_floats(ctx, (int64_t)l.ranks * mine + 1, "shadow backward");
+    if (!wire || !received) return;
+    convert(&l, set->count, node->out->grad, wire, true);
+    if (l.ranks > 1) {
+        int recv_counts[MAX_RANKS], recv_at[MAX_RANKS];
+        for (int q = 0; q < l.ranks; q++) recv_counts[q] = mine, recv_at[q] = q * mine;
         double start = dispatch_timer_start(set->group, set->timing);
-        int code = MPI_Alltoallv(node->out->grad, send_counts, send_displacements, MPI_FLOAT,
-                                 received, recv_counts, recv_displacements, MPI_FLOAT, set->group);
+        int code = MPI_Alltoallv(wire, l.block, l.at, MPI_FLOAT, received, recv_counts, recv_at,
+                                 MPI_FLOAT, set->group);
         dispatch_timer_stop(start, set->timing);
         if (code != MPI_SUCCESS) {
             ctx->status = CM_ERR(CM_ERR_MPI, "MPI_Alltoallv of shadow gradients failed");
             return;
         }
-        for (int q = 1; q < ranks; q++) /* rank order: the same sum on every run */
-            for (int i = 0; i < mine; i++) received[i] += received[(int64_t)q * mine + i];
+        for (int q = 1; q < l.ranks; q++) /* rank order: the same sum on every run */
+            for (int u = 0; u < mine; u++) received[u] += received[(int64_t)q * mine + u];
+    } else {
+        memcpy(received, wire, (size_t)mine * sizeof(float));
     }
-    if (!ag_wants_grad(param)) return;
-    for (int k = 0, own = 0; k < set->count; k++) {
-        if (set->experts[k] / set->per_rank != rank) continue;
-        float *grad = param->grad + (set->experts[k] % set->per_rank) * slice;
-        const float *sum = received + (int64_t)own++ * slice;
-        for (int64_t i = 0; i < slice; i++) grad[i] += sum[i];
-    }
+    own_slices(node->in, set, &l, received, true);
 }
 
-/* out [count, slice]: this rank's slices packed at its displacement. */
-static void pack_own_slices(const ag_tensor *param, const shadow_set *set, int rank, int64_t slice,
-                            float *out) {
-    for (int k = 0; k < set->count; k++)
-        if (set->experts[k] / set->per_rank == rank)
-            memcpy(out + k * slice, param->data + (set->experts[k] % set->per_rank) * slice,
-                   (size_t)slice * sizeof(float));
-}
-
-ag_tensor *ag_shadow_slices(ag_ctx *ctx, ag_tensor *param, const shadow_set *set) {
-    AG_OP_BEGIN(ctx, param);
-    const int ranks = comm_size(set->group), rank = group_rank(set->group);
-    CM_ASSERT(param->ndim >= 1 && param->ndim <= 4 && param->shape[0] == set->per_rank &&
-                  ranks <= MAX_RANKS,
-              "shadow_slices: parameter '%s' has %d leading slices, %d per rank, %d ranks",
-              param->name ? param->name : "?", param->ndim ? param->shape[0] : 0, set->per_rank,
-              ranks);
-    const int64_t slice = param->numel / param->shape[0];
-    CM_ASSERT((int64_t)set->count * slice < INT_MAX, "shadow_slices: %d slices of %lld floats",
-              set->count, (long long)slice);
-    int shape[4] = {set->count};
-    for (int i = 1; i < param->ndim; i++) shape[i] = param->shape[i];
-    ag_tensor *out = ag_empty(ctx, "shadow_slices", param->ndim, shape);
+ag_tensor *ag_shadow_pack(ag_ctx *ctx, ag_tensor *const *params, int n, const shadow_set *set) {
+    if (ag_failed(ctx)) return NULL;
+    CM_ASSERT(n >= 1 && n <= MAX_TENSORS && comm_size(set->group) <= MAX_RANKS,
+              "shadow_pack: %d tensors (at most %d), %d ranks (at most %d)", n, MAX_TENSORS,
+              comm_size(set->group), MAX_RANKS);
+    for (int i = 0; i < n; i++) {
+        if (!params[i]) return NULL;
+        CM_ASSERT(params[i]->ndim >= 1 && params[i]->shape[0] == set->per_rank,
+                  "shadow_pack: '%s' does not hold %d experts", params[i]->name, set->per_rank);
+    }
+    pack_layout l;
+    make_layout(params, n, set, &l);
+    CM_ASSERT(set->count * l.total < INT_MAX, "shadow_pack: %d experts of %lld floats", set->count,
+              (long long)l.total);
+    ag_tensor *out = ag_empty(ctx, "shadow_pack", 1, (int[]){(int)(set->count * l.total)});
     if (!out) return NULL;
-    pack_own_slices(param, set, rank, slice, out->data);
-    if (ranks > 1) {
-        int counts[MAX_RANKS], displacements[MAX_RANKS];
-        owner_layout(set, ranks, slice, counts, displacements);
+    size_t scratch = ag_scratch_mark(ctx); /* the wire buffer lives only here */
+    float *wire = ag_alloc_floats(ctx, out->numel + 1, "shadow_pack");
+    if (!wire) return NULL;
+    own_slices(params, set, &l, wire + l.at[l.rank], false);
+    if (l.ranks > 1) {
         double start = dispatch_timer_start(set->group, set->timing);
-        int code = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, out->data, counts, displacements,
-                                  MPI_FLOAT, set->group);
+        int code =
+            MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, wire, l.block, l.at, MPI_FLOAT, set->group);
         dispatch_timer_stop(start, set->timing);
         if (code != MPI_SUCCESS) {
             ctx->status = CM_ERR(CM_ERR_MPI, "MPI_Allgatherv of shadowed expert weights failed");
             return NULL;
         }
     }
-    ag_node *node = ag_record(ctx, "shadow_slices", shadow_slices_backward, out, 1, &param,
-                              sizeof(shadow_saved));
+    convert(&l, set->count, out->data, wire, false);
+    ag_scratch_release(ctx, scratch);
+    ag_node *node =
+        ag_record(ctx, "shadow_pack", shadow_pack_backward, out, n, params, sizeof(shadow_saved));
     if (ag_failed(ctx)) return NULL;
     if (node) ((shadow_saved *)node->saved)->set = *set;
+    return out;
+}
+
+/* packed [*] -> its floats from `offset`, shaped `shape` (no copy). */
+static void shadow_view_backward(ag_ctx *ctx, ag_node *node) {
+    (void)ctx;
+    const int64_t offset = *(const int64_t *)node->saved;
+    float *restrict grad = node->in[0]->grad + offset;
+    const float *restrict dout = node->out->grad;
+    for (int64_t u = 0; u < node->out->numel; u++) grad[u] += dout[u];
+}
+
+ag_tensor *ag_shadow_view(ag_ctx *ctx, ag_tensor *packed, int64_t offset, int ndim,
+                          const int *shape) {
+    AG_OP_BEGIN(ctx, packed);
+    int64_t numel = 1;
+    for (int d = 0; d < ndim; d++) numel *= shape[d];
+    CM_ASSERT(offset >= 0 && offset + numel <= packed->numel,
+              "shadow_view: floats [%lld, %lld) of a packed tensor of %lld", (long long)offset,
+              (long long)(offset + numel), (long long)packed->numel);
+    ag_tensor *out = ag_alias(ctx, "shadow_view", packed->data + offset, ndim, shape);
+    if (!out) return NULL;
+    ag_node *node =
+        ag_record(ctx, "shadow_view", shadow_view_backward, out, 1, &packed, sizeof(int64_t));
+    if (ag_failed(ctx)) return NULL;
+    if (node) *(int64_t *)node->saved = offset;
     return out;
 }

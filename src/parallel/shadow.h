@@ -7,7 +7,7 @@
  * rank routes to each expert (one MPI_Allgather of E int32s per rank), and
  * from these counts alone decides the same set of "shadowed" experts:
  *   forward   the owners send those experts' current weights to every rank
- *             (ag_shadow_slices: one MPI_Allgatherv per parameter tensor);
+ *             (ag_shadow_pack: one MPI_Allgatherv per layer call);
  *             every rank computes its own rows for them where they are, and
  *             those rows never travel;
  *   backward  every rank sends its gradient of the copies to the owner
@@ -85,11 +85,19 @@ typedef struct shadow_set {
     dispatch_timing *timing; /* may be NULL */
 } shadow_set;
 
-/* param [L, ...]: this rank's experts' slices of one expert parameter ->
- * [count, ...]: the shadowed experts' slices, from their owners, on every
- * rank. Backward: each slice's gradient, summed over the ranks in rank
- * order, is added to the owner's param gradient. Every rank of the group
- * must call it with the same set, at the same point of its tape. */
-ag_tensor *ag_shadow_slices(ag_ctx *ctx, ag_tensor *param, const shadow_set *set);
+/* params[i] [L, ...] (i < n, n <= 8): this rank's experts' slices of a
+ * layer's expert parameters -> packed [count * (slice_0 + ... + slice_n-1)]:
+ * the shadowed experts' slices from their owners, tensor by tensor (tensor i
+ * as [count, ...] at offset count * (slice_0 + ... + slice_i-1)), on every
+ * rank, in one MPI_Allgatherv. Backward: one MPI_Alltoallv takes each copy's
+ * gradient to its owner, which sums them in rank order 0..P-1 and adds the
+ * sum to its parameters' gradients. Every rank of the group must call it
+ * with the same set, at the same point of its tape. */
+ag_tensor *ag_shadow_pack(ag_ctx *ctx, ag_tensor *const *params, int n, const shadow_set *set);
+
+/* The floats [offset, offset + numel(shape)) of packed as a tensor (no copy;
+ * backward adds its gradient into packed's). */
+ag_tensor *ag_shadow_view(ag_ctx *ctx, ag_tensor *packed, int64_t offset, int ndim,
+                          const int *shape);
 
 #endif

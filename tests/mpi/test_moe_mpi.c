@@ -142,9 +142,13 @@ static void close_enough(const char *what, const float *got, const float *want, 
         max_diff = fmax(max_diff, fabs((double)got[i] - want[i]));
         max_ref = fmax(max_ref, fabs((double)want[i]));
     }
-    ck_assert_msg(max_diff <= 1e-5 * fmax(max_ref, 1e-3),
-                  "rank %d of %d: %s differs by %.3g (max %.3g)", comm.world_rank, comm.world_size,
-                  what, max_diff, max_ref);
+    /* Every rank fails at the same check, so no rank leaves the test while
+     * the others wait in a collective (a hang instead of a failure). */
+    int here_ok = max_diff <= 1e-5 * fmax(max_ref, 1e-3), all_ok = here_ok;
+    MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    ck_assert_msg(all_ok, "rank %d of %d: %s differs by %.3g (max %.3g)%s", comm.world_rank,
+                  comm.world_size, what, max_diff, max_ref,
+                  here_ok ? " here, but too much on another rank" : "");
 }
 
 /* Returns how many experts the sharded run shadowed. */
