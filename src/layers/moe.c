@@ -298,9 +298,13 @@ static ag_tensor *expert_products(ag_ctx *ctx, const moe_config *c, ag_tensor *r
 }
 
 static moe_expert_weights own_weights(const moe_layer *moe) {
-    return (moe_expert_weights){ag_param_tensor(moe->w1), ag_param_tensor(moe->b1),
-                                ag_param_tensor(moe->w2), ag_param_tensor(moe->b2),
-                                ag_param_tensor(moe->w3), ag_param_tensor(moe->b3)};
+    moe_expert_weights weights = {.w1 = ag_param_tensor(moe->w1),
+                                  .b1 = ag_param_tensor(moe->b1),
+                                  .w2 = ag_param_tensor(moe->w2),
+                                  .b2 = ag_param_tensor(moe->b2)};
+    if (moe->w3) /* swiglu's up projection */
+        weights.w3 = ag_param_tensor(moe->w3), weights.b3 = ag_param_tensor(moe->b3);
+    return weights;
 }
 
 /* y_exchanged [exchanged,D] -> y [S,D] in dispatch order, with the shadowed
