@@ -3,7 +3,7 @@
 #
 #   bash bench/run.sh [--runs N] [--steps N] [--skip K] [--threads T]
 #                     [--models "lm-dense lm-moe cnn-moe cnn-advmoe"] [--ranks 2]
-#                     [--build DIR] [--out DIR]
+#                     [--shadow "off auto"] [--build DIR] [--out DIR]
 #
 # 1. Builds cmoe (Release) in build-bench/, unless --build DIR names an
 #    existing build to use as it is; makes the data sets that are missing
@@ -16,7 +16,10 @@
 #    both alike; each run is --steps steps of which the first --skip are
 #    warm-up (defaults 22 and 2).
 # 4. --ranks R: lm-moe as R ranks x 1 thread (mpirun) against 1 rank x T
-#    threads, A B A B, with the all-to-all share of the step.
+#    threads, A B A B, with the all-to-all share of the step. --shadow
+#    MODES: the R-rank run once per parallel.shadow_experts mode, in turn
+#    within each repeat (A1 A2 B A1 A2 B), one table row per mode;
+#    --models "" --ranks R measures only this.
 # Prints a markdown table (per-run medians: median and min-max over the runs)
 # on stdout, progress on stderr, and keeps every raw RESULT / SGEMM line in
 # OUT/results-DATE.txt (default OUT: the build dir's bench-results/) with
@@ -25,7 +28,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-2}"
 }
 
@@ -43,6 +46,7 @@ SKIP=2
 THREADS=2
 MODELS="lm-dense lm-moe cnn-moe cnn-advmoe"
 RANKS=0
+SHADOW=""
 BUILD=""
 OUT=""
 PYTHON=/usr/bin/python3 # Debian's python3-torch lives there, not in the PATH's python3
@@ -53,8 +57,9 @@ while [ $# -gt 0 ]; do
     --steps) STEPS=${2:?--steps needs a value}; shift 2 ;;
     --skip) SKIP=${2:?--skip needs a value}; shift 2 ;;
     --threads) THREADS=${2:?--threads needs a value}; shift 2 ;;
-    --models) MODELS=${2:?--models needs a value}; shift 2 ;;
+    --models) MODELS=${2?--models needs a value}; shift 2 ;;
     --ranks) RANKS=${2:?--ranks needs a value}; shift 2 ;;
+    --shadow) SHADOW=${2:?--shadow needs a value}; shift 2 ;;
     --build) BUILD=${2:?--build needs a value}; shift 2 ;;
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
     -h | --help) usage 0 ;;
@@ -171,10 +176,18 @@ done
 if [ "$RANKS" -gt 0 ]; then
     command -v mpirun >/dev/null || die "--ranks needs mpirun"
     for run in $(seq 1 "$RUNS"); do
-        progress "run $run/$RUNS  lm-moe  cmoe $RANKS ranks x 1 thread"
-        run_one "mpi:lm-moe:$run" RESULT mpirun --allow-run-as-root --oversubscribe -np "$RANKS" \
-            -x OPENBLAS_NUM_THREADS=1 "$CMOE" bench bench/lm-moe.yaml --steps "$STEPS" \
-            --skip "$SKIP" --threads 1
+        for mode in ${SHADOW:-default}; do
+            side=mpi
+            shadow_set=()
+            if [ "$mode" != default ]; then
+                side="mpi-$mode"
+                shadow_set=(--set "parallel.shadow_experts=$mode")
+            fi
+            progress "run $run/$RUNS  lm-moe  cmoe $RANKS ranks x 1 thread ($side)"
+            run_one "$side:lm-moe:$run" RESULT mpirun --allow-run-as-root --oversubscribe \
+                -np "$RANKS" -x OPENBLAS_NUM_THREADS=1 "$CMOE" bench bench/lm-moe.yaml \
+                --steps "$STEPS" --skip "$SKIP" --threads 1 "${shadow_set[@]}"
+        done
         progress "run $run/$RUNS  lm-moe  cmoe 1 rank x $THREADS threads"
         run_one "single:lm-moe:$run" RESULT "$CMOE" bench bench/lm-moe.yaml --steps "$STEPS" \
             --skip "$SKIP" --threads "$THREADS"
@@ -231,42 +244,46 @@ print(f"sgemm peak 1024³, {threads} threads: {peak:.1f} GFLOP/s "
 print(f"{n_runs} run(s) per side, A B A B; figures are per-run medians over the timed steps, "
       "shown as median (min–max) over the runs; torch with OMP_WAIT_POLICY=PASSIVE.")
 print()
-print("| model | cmoe tok/s | torch tok/s | cmoe / torch | cmoe GFLOP/s (share of sgemm peak) "
-      "| torch GFLOP/s (share) | peak RSS MiB cmoe / torch (ratio) | cmoe allocations / step |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for model in models:
-    cmoe, torch = results[("cmoe", model)], results[("torch", model)]
-    ratio = median(cmoe, "tok_s_median") / median(torch, "tok_s_median")
-    cmoe_gf, torch_gf = median(cmoe, "achieved_gflops"), median(torch, "achieved_gflops")
-    cmoe_rss, torch_rss = median(cmoe, "peak_rss_mib"), median(torch, "peak_rss_mib")
-    unit = "" if model.startswith("lm-") else " (img/s)"
-    print(f"| {model}{unit} | {spread(cmoe, 'tok_s_median')} | {spread(torch, 'tok_s_median')} "
-          f"| {ratio:.2f}× | {cmoe_gf:.1f} ({100 * cmoe_gf / peak:.0f}%) "
-          f"| {torch_gf:.1f} ({100 * torch_gf / peak:.0f}%) "
-          f"| {cmoe_rss:,.0f} / {torch_rss:,.0f} ({cmoe_rss / torch_rss:.2f}×) "
-          f"| {allocations(cmoe)} |")
+if models:
+    print("| model | cmoe tok/s | torch tok/s | cmoe / torch | cmoe GFLOP/s (share of sgemm peak) "
+          "| torch GFLOP/s (share) | peak RSS MiB cmoe / torch (ratio) | cmoe allocations / step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model in models:
+        cmoe, torch = results[("cmoe", model)], results[("torch", model)]
+        ratio = median(cmoe, "tok_s_median") / median(torch, "tok_s_median")
+        cmoe_gf, torch_gf = median(cmoe, "achieved_gflops"), median(torch, "achieved_gflops")
+        cmoe_rss, torch_rss = median(cmoe, "peak_rss_mib"), median(torch, "peak_rss_mib")
+        unit = "" if model.startswith("lm-") else " (img/s)"
+        print(f"| {model}{unit} | {spread(cmoe, 'tok_s_median')} | {spread(torch, 'tok_s_median')} "
+              f"| {ratio:.2f}× | {cmoe_gf:.1f} ({100 * cmoe_gf / peak:.0f}%) "
+              f"| {torch_gf:.1f} ({100 * torch_gf / peak:.0f}%) "
+              f"| {cmoe_rss:,.0f} / {torch_rss:,.0f} ({cmoe_rss / torch_rss:.2f}×) "
+              f"| {allocations(cmoe)} |")
 
 if ranks > 0:
-    mpi, single = results[("mpi", "lm-moe")], results[("single", "lm-moe")]
-    ratio = median(mpi, "tok_s_median") / median(single, "tok_s_median")
-    shares = [r["alltoall_ms_median"] / r["step_ms_median"] for r in mpi
-              if "alltoall_ms_median" in r]
-    if shares:
-        alltoall = (f"{median(mpi, 'alltoall_ms_median'):.1f} ms, "
-                    f"{100 * statistics.median(shares):.1f}% of the step")
-    else:
-        alltoall = "n/a"
+    single = results[("single", "lm-moe")]
     print()
-    waits = [r["imbalance_wait_ms_median"] / r["step_ms_median"] for r in mpi
-             if "imbalance_wait_ms_median" in r]
-    wait = (f"{median(mpi, 'imbalance_wait_ms_median'):.0f} ms, "
-            f"{100 * statistics.median(waits):.0f}% of the step") if waits else "n/a"
     print(f"| lm-moe | {ranks} ranks × 1 thread tok/s | 1 rank × {threads} threads tok/s "
           "| ratio | all-to-all per step | wait for the slowest rank per step "
+          "| shadowed experts per layer call "
           "| peak RSS MiB, all ranks / 1 rank | allocations / step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| cmoe | {spread(mpi, 'tok_s_median')} | {spread(single, 'tok_s_median')} "
-          f"| {ratio:.2f}× | {alltoall} | {wait} "
-          f"| {median(mpi, 'peak_rss_mib_sum'):,.0f} / {median(single, 'peak_rss_mib'):,.0f} "
-          f"| {allocations(mpi)} / {allocations(single)} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for side in sorted(s for s, m in results if m == "lm-moe" and s.startswith("mpi")):
+        mpi = results[(side, "lm-moe")]
+        ratio = median(mpi, "tok_s_median") / median(single, "tok_s_median")
+        shares = [r["alltoall_ms_median"] / r["step_ms_median"] for r in mpi
+                  if "alltoall_ms_median" in r]
+        alltoall = (f"{median(mpi, 'alltoall_ms_median'):.1f} ms, "
+                    f"{100 * statistics.median(shares):.1f}% of the step") if shares else "n/a"
+        waits = [r["imbalance_wait_ms_median"] / r["step_ms_median"] for r in mpi
+                 if "imbalance_wait_ms_median" in r]
+        wait = (f"{median(mpi, 'imbalance_wait_ms_median'):.0f} ms, "
+                f"{100 * statistics.median(waits):.1f}% of the step") if waits else "n/a"
+        shadowed = spread(mpi, "shadowed_per_call", "{:.2f}") if all(
+            "shadowed_per_call" in r for r in mpi) else "n/a"
+        label = "cmoe" if side == "mpi" else f"cmoe, shadow_experts {side[4:]}"
+        print(f"| {label} | {spread(mpi, 'tok_s_median')} | {spread(single, 'tok_s_median')} "
+              f"| {ratio:.2f}× | {alltoall} | {wait} | {shadowed} "
+              f"| {median(mpi, 'peak_rss_mib_sum'):,.0f} / {median(single, 'peak_rss_mib'):,.0f} "
+              f"| {allocations(mpi)} / {allocations(single)} |")
 PY

@@ -601,6 +601,7 @@ static const char *const every_key_overrides[] = {
     "checkpoint.keep_last=0",
     "eval.split=test",
     "parallel.expert_parallel=2",
+    "parallel.shadow_experts=auto",
     "adversarial.mode=advmoe",
     "adversarial.eps=0.3",
     "adversarial.step_size=0.05",

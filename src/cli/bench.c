@@ -138,6 +138,23 @@ static double sum_over_ranks(const cm_comm *comm, double value) {
     return value;
 }
 
+/* Experts shadowed per MoE layer call over the whole run (parallel/shadow.h). */
+static double shadowed_experts_per_call(const dispatch_timing *exchange) {
+    if (!exchange || exchange->shadow_decisions == 0) return 0.0;
+    return (double)exchange->shadowed_experts / (double)exchange->shadow_decisions;
+}
+
+/* The expert exchange's lines of the report (more than one rank). */
+static void print_exchange(const cm_recipe *recipe, double exchange_median, double wait_median,
+                           double step_median, double shadowed_per_call) {
+    printf("  all-to-all %.2f ms median per step (%.1f%% of the step)\n", 1e3 * exchange_median,
+           100.0 * exchange_median / step_median);
+    printf("  wait for the slowest rank %.2f ms median per step (%.1f%% of the step)\n",
+           1e3 * wait_median, 100.0 * wait_median / step_median);
+    printf("  shadowed experts %.2f per MoE layer call (parallel.shadow_experts: %s)\n",
+           shadowed_per_call, shadow_mode_names[recipe->parallel.shadow_experts]);
+}
+
 /* Prints the figures of the timed steps [skip, steps) and the RESULT line. */
 static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_timer *t, int64_t skip,
                    double flops_per_step, const char *item_name, int threads) {
@@ -182,9 +199,9 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
                allocations_most, allocations_total);
     else
         printf("  heap allocations: not counted in a sanitizer build\n");
+    const double shadowed_per_call = shadowed_experts_per_call(t->exchange);
     if (comm->world_size > 1)
-        printf("  all-to-all %.2f ms median per step (%.1f%% of the step)\n", 1e3 * exchange_median,
-               100.0 * exchange_median / step_median);
+        print_exchange(recipe, exchange_median, wait_median, step_median, shadowed_per_call);
     printf("RESULT {\"model\": \"%s\", \"tok_s_median\": %.1f, \"tok_s_min\": %.1f, "
            "\"tok_s_max\": %.1f, \"achieved_gflops\": %.2f, \"peak_rss_mib\": %.1f, "
            "\"step_ms_median\": %.2f, \"ranks\": %d, \"threads\": %d, \"steps\": %lld, "
@@ -195,8 +212,8 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
            alloc_count_available() ? allocations_most : -1.0);
     if (comm->world_size > 1)
         printf(", \"peak_rss_mib_sum\": %.1f, \"alltoall_ms_median\": %.3f, "
-               "\"imbalance_wait_ms_median\": %.3f",
-               rss_sum, 1e3 * exchange_median, 1e3 * wait_median);
+               "\"imbalance_wait_ms_median\": %.3f, \"shadowed_per_call\": %.3f",
+               rss_sum, 1e3 * exchange_median, 1e3 * wait_median, shadowed_per_call);
     printf("}\n");
     fflush(stdout);
 }

@@ -1,4 +1,4 @@
-#include "layers/moe.h"
+#include "layers/moe_internal.h"
 
 #include "common/pool.h"
 #include "parallel/comm.h"
@@ -85,8 +85,10 @@ typedef struct exchange_plan {
     int received;
 } exchange_plan;
 
+/* all_counts [P][E]: the rows every rank sends to every expert, when the
+ * shadow plan gathered them already (then no MPI_Alltoall); else NULL. */
 static cm_status plan_exchange(ag_ctx *ctx, const moe_layer *moe, const int32_t *expert_offsets,
-                               exchange_plan *plan) {
+                               const int32_t *all_counts, exchange_plan *plan) {
     const moe_config *c = &moe->config;
     const int ranks = c->ep_size > 1 ? c->ep_size : 1, L = moe->local_experts;
     const int E = c->router.num_experts;
@@ -100,7 +102,12 @@ static cm_status plan_exchange(ag_ctx *ctx, const moe_layer *moe, const int32_t 
         !plan->local_offsets)
         return ag_ctx_status(ctx);
     for (int e = 0; e < E; e++) send_counts[e] = expert_offsets[e + 1] - expert_offsets[e];
-    CM_TRY(dispatch_exchange_counts(c->ep_group, send_counts, recv_counts, L, c->timing));
+    if (all_counts)
+        for (int p = 0; p < ranks; p++)
+            for (int j = 0; j < L; j++)
+                recv_counts[p * L + j] = all_counts[(int64_t)p * E + moe->first_expert + j];
+    else
+        CM_TRY(dispatch_exchange_counts(c->ep_group, send_counts, recv_counts, L, c->timing));
     plan->received = 0;
     for (int p = 0; p < ranks; p++) {
         plan->send_rows[p] = expert_offsets[(p + 1) * L] - expert_offsets[p * L];
@@ -221,20 +228,14 @@ static void dropout_rows(void *context, int64_t begin, int64_t end) {
     }
 }
 
-/* What the experts' dropout mask of this call is drawn from (moe.h): the
- * key and each of the R rows' global token and expert (arena). */
-static dropout_job *expert_dropout_draws(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
-                                         const int32_t *sorted_token, int S,
-                                         const exchange_plan *plan) {
+/* The dropout draws of R rows whose global token and expert are row_token
+ * [R] and row_expert [R] (moe.h), in the arena: kept while backward may draw
+ * them again (train.recompute). */
+static dropout_job *dropout_draws(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                  const uint64_t *row_token, const int32_t *row_expert) {
     const moe_config *c = &moe->config;
-    const int R = plan->received;
     dropout_job *job = ag_alloc(ctx, sizeof *job, "moe dropout");
-    uint64_t *row_token = expert_row_tokens(ctx, moe, call, sorted_token, S, plan);
-    int32_t *row_expert = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe dropout");
     if (!job || !row_token || !row_expert) return NULL;
-    for (int j = 0; j < moe->local_experts; j++)
-        for (int r = plan->local_offsets[j]; r < plan->local_offsets[j + 1]; r++)
-            row_expert[r] = moe->first_expert + j;
     /* THOR's second pass draws its own masks */
     uint32_t stream = ((uint32_t)call->pass << 24) + (uint32_t)moe->layer;
     *job = (dropout_job){.key = {call->seed, call->step, stream, CM_RNG_EXPERT_DROPOUT},
@@ -246,8 +247,33 @@ static dropout_job *expert_dropout_draws(ag_ctx *ctx, const moe_layer *moe, cons
     return job;
 }
 
-/* ag_mask_fn over an expert_dropout_draws job: rows [first_row,
- * first_row + rows) of the mask, the same bits every time. */
+/* The draws of this call's exchanged rows, those of the experts here. */
+static dropout_job *expert_dropout_draws(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                         const int32_t *sorted_token, int S,
+                                         const exchange_plan *plan) {
+    const int R = plan->received;
+    uint64_t *row_token = expert_row_tokens(ctx, moe, call, sorted_token, S, plan);
+    int32_t *row_expert = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe dropout");
+    if (!row_token || !row_expert) return NULL;
+    for (int j = 0; j < moe->local_experts; j++)
+        for (int r = plan->local_offsets[j]; r < plan->local_offsets[j + 1]; r++)
+            row_expert[r] = moe->first_expert + j;
+    return dropout_draws(ctx, moe, call, row_token, row_expert);
+}
+
+/* The draws of the shadowed experts' rows, computed here. */
+static dropout_job *shadow_dropout_draws(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                         const moe_shadow_plan *shadow) {
+    const int R = shadow->shadowed;
+    uint64_t *row_token = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * sizeof(uint64_t), "moe dropout");
+    int32_t *row_expert = ag_alloc_ints(ctx, R > 0 ? R : 1, "moe dropout");
+    if (!row_token || !row_expert) return NULL;
+    moe_shadow_rows(shadow, call->first_token, row_token, row_expert);
+    return dropout_draws(ctx, moe, call, row_token, row_expert);
+}
+
+/* ag_mask_fn over a dropout_draws job: rows [first_row, first_row + rows)
+ * of the mask, the same bits every time. */
 static void dropout_fill(const void *context, int64_t first_row, int rows, uint8_t *keep) {
     dropout_job job = *(const dropout_job *)context;
     job.first_row = first_row;
@@ -255,57 +281,138 @@ static void dropout_fill(const void *context, int64_t first_row, int rows, uint8
     cm_pool_for(rows, 1 + 4096 / job.hidden, dropout_rows, &job);
 }
 
-/* The experts' dropout mask [R,H] for this call; only the mask outlives it
- * (backward reads it). */
-static uint8_t *expert_dropout_mask(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
-                                    const int32_t *sorted_token, int S, const exchange_plan *plan) {
-    const int R = plan->received;
-    uint8_t *keep =
-        ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)moe->config.hidden, "moe dropout");
-    size_t scratch = ag_scratch_mark(ctx);
-    const dropout_job *job = expert_dropout_draws(ctx, moe, call, sorted_token, S, plan);
-    if (!job || !keep) return NULL;
-    dropout_fill(job, 0, R, keep);
-    ag_scratch_release(ctx, scratch);
-    return keep;
-}
-
-/* The experts' FFN on their rows mine [R,D] -> [R,D] (moe.h). The
+/* y [R,D] = the experts' FFN of rows [R,D] (expert-major by offsets, through
+ * `weights`); draws: the rows' dropout draws in training, else NULL. The
  * activation (and dropout) is fused into the second product, so a is never
  * kept; h (and up, and the mask) are, unless recompute_experts: then only
- * mine is, and backward makes the rest again, the mask from its draws. */
-static ag_tensor *run_experts(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
-                              ag_tensor *mine, const int32_t *sorted_token, int S,
-                              const exchange_plan *plan) {
-    const moe_config *c = &moe->config;
-    const bool dropout = call->training && c->expert_dropout > 0.0f;
-    const bool swiglu = c->activation == AG_ACT_SWIGLU;
+ * the rows are, and backward makes the rest again, the mask from its draws
+ * (moe.h). */
+static ag_tensor *expert_products(ag_ctx *ctx, const moe_config *c, ag_tensor *rows,
+                                  const moe_expert_weights *weights, const int32_t *offsets,
+                                  const dropout_job *draws) {
     const float keep_scale = 1.0f / (1.0f - c->expert_dropout);
-    ag_tensor *w1 = ag_param_tensor(moe->w1), *b1 = ag_param_tensor(moe->b1);
-    ag_tensor *w3 = swiglu ? ag_param_tensor(moe->w3) : NULL;
-    ag_tensor *b3 = swiglu ? ag_param_tensor(moe->b3) : NULL;
-    ag_tensor *w2 = ag_param_tensor(moe->w2), *b2 = ag_param_tensor(moe->b2);
     if (c->recompute_experts) {
-        ag_expert_ffn ffn = {w1, b1, w3, b3, w2, b2, .activation = c->activation};
-        if (dropout) {
-            ffn.keep_context = expert_dropout_draws(ctx, moe, call, sorted_token, S, plan);
-            if (!ffn.keep_context) return NULL;
+        ag_expert_ffn ffn = {weights->w1,
+                             weights->b1,
+                             weights->w3,
+                             weights->b3,
+                             weights->w2,
+                             weights->b2,
+                             .activation = c->activation};
+        if (draws) {
+            ffn.keep_context = draws;
             ffn.keep_fn = dropout_fill;
             ffn.keep_scale = keep_scale;
         }
-        return ag_grouped_ffn(ctx, mine, &ffn, plan->local_offsets);
+        return ag_grouped_ffn(ctx, rows, &ffn, offsets);
     }
-    ag_tensor *h = ag_grouped_linear(ctx, mine, w1, b1, plan->local_offsets);
-    if (!swiglu && !dropout)
-        return ag_grouped_linear_act(ctx, h, c->activation, w2, b2, plan->local_offsets);
+    ag_tensor *h = ag_grouped_linear(ctx, rows, weights->w1, weights->b1, offsets);
+    if (c->activation != AG_ACT_SWIGLU && !draws)
+        return ag_grouped_linear_act(ctx, h, c->activation, weights->w2, weights->b2, offsets);
     ag_hidden_layer hidden = {.activation = c->activation};
-    if (swiglu) hidden.up = ag_grouped_linear(ctx, mine, w3, b3, plan->local_offsets);
-    if (dropout) {
-        hidden.keep = expert_dropout_mask(ctx, moe, call, sorted_token, S, plan);
-        if (!hidden.keep) return NULL;
+    if (c->activation == AG_ACT_SWIGLU)
+        hidden.up = ag_grouped_linear(ctx, rows, weights->w3, weights->b3, offsets);
+    if (draws && rows) { /* the mask [R,H], kept for backward */
+        const int R = (int)ag_rows(rows);
+        uint8_t *keep = ag_alloc(ctx, (size_t)(R > 0 ? R : 1) * (size_t)c->hidden, "moe dropout");
+        if (!keep) return NULL;
+        dropout_fill(draws, 0, R, keep);
+        hidden.keep = keep;
         hidden.keep_scale = keep_scale;
     }
-    return ag_grouped_linear_hidden(ctx, h, &hidden, w2, b2, plan->local_offsets);
+    return ag_grouped_linear_hidden(ctx, h, &hidden, weights->w2, weights->b2, offsets);
+}
+
+static moe_expert_weights own_weights(const moe_layer *moe) {
+    moe_expert_weights weights = {.w1 = ag_param_tensor(moe->w1),
+                                  .b1 = ag_param_tensor(moe->b1),
+                                  .w2 = ag_param_tensor(moe->w2),
+                                  .b2 = ag_param_tensor(moe->b2)};
+    if (moe->w3) /* swiglu's up projection */
+        weights.w3 = ag_param_tensor(moe->w3), weights.b3 = ag_param_tensor(moe->b3);
+    return weights;
+}
+
+/* y_exchanged [exchanged,D] -> y [S,D] in dispatch order, with the shadowed
+ * experts' rows computed here from x [T,D] and copies of their weights. */
+static ag_tensor *add_shadow_rows(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                                  ag_tensor *x, ag_tensor *y_exchanged,
+                                  const moe_shadow_plan *shadow, int S) {
+    const moe_config *c = &moe->config;
+    moe_expert_weights weights;
+    moe_shadow_weights(ctx, moe, shadow, &weights);
+    const dropout_job *draws = NULL;
+    if (call->training && c->expert_dropout > 0.0f) {
+        draws = shadow_dropout_draws(ctx, moe, call, shadow);
+        if (!draws) return NULL;
+    }
+    ag_tensor *xs = ag_gather_rows(ctx, x, shadow->shadow_token, shadow->shadowed);
+    ag_tensor *y_shadow = expert_products(ctx, c, xs, &weights, shadow->shadow_offsets, draws);
+    ag_tensor *both = ag_concat(ctx, (ag_tensor *[]){y_exchanged, y_shadow}, 2, 0);
+    return ag_gather_rows(ctx, both, shadow->merge, S);
+}
+
+/* Dispatch: stable counting sort of the slots by expert. sorted_slot[j]
+ * is the slot at position j; expert e owns positions
+ * [expert_offsets[e], expert_offsets[e+1]). */
+static cm_status sort_slots(ag_ctx *ctx, const router_output *routed, int T, int E,
+                            int32_t **expert_offsets_out, int32_t **sorted_slot_out,
+                            int32_t **sorted_token_out) {
+    const int S = routed->n_slots;
+    int32_t *expert_offsets = ag_alloc_ints(ctx, E + 1, "moe dispatch");
+    int32_t *sorted_slot = ag_alloc_ints(ctx, S > 0 ? S : 1, "moe dispatch");
+    int32_t *sorted_token = ag_alloc_ints(ctx, S > 0 ? S : 1, "moe dispatch");
+    int32_t *next = ag_alloc_ints(ctx, E, "moe dispatch");
+    if (!expert_offsets || !sorted_slot || !sorted_token || !next) return ag_ctx_status(ctx);
+    memset(expert_offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
+    for (int s = 0; s < S; s++) expert_offsets[routed->expert[s] + 1]++;
+    for (int e = 0; e < E; e++) expert_offsets[e + 1] += expert_offsets[e];
+    memcpy(next, expert_offsets, (size_t)E * sizeof(int32_t));
+    for (int t = 0; t < T; t++)
+        for (int s = routed->offsets[t]; s < routed->offsets[t + 1]; s++) {
+            int position = next[routed->expert[s]]++;
+            sorted_slot[position] = s;
+            sorted_token[position] = t;
+        }
+    *expert_offsets_out = expert_offsets;
+    *sorted_slot_out = sorted_slot;
+    *sorted_token_out = sorted_token;
+    return CM_OK;
+}
+
+/* The slots' rows through their experts: [S,D] in dispatch order. The
+ * exchanged ones travel to their experts' ranks and back; the shadowed ones
+ * (parallel/shadow.h) stay here. */
+static ag_tensor *run_experts(ag_ctx *ctx, const moe_layer *moe, const router_call *call,
+                              ag_tensor *x, const int32_t *expert_offsets,
+                              const int32_t *sorted_token, int S, int *shadowed_experts) {
+    const moe_config *c = &moe->config;
+    moe_shadow_plan shadow;
+    exchange_plan plan = {0};
+    cm_status status = moe_plan_shadow(ctx, moe, expert_offsets, sorted_token, S, &shadow);
+    if (status == CM_OK)
+        status = plan_exchange(ctx, moe, shadow.exchange_offsets, shadow.all_counts, &plan);
+    if (status != CM_OK) {
+        ctx->status = status;
+        return NULL;
+    }
+    mark_used_experts(moe, &plan);
+    moe_mark_shadowed(moe, &shadow);
+    *shadowed_experts = shadow.set.count;
+    const dropout_job *draws = NULL;
+    if (call->training && c->expert_dropout > 0.0f) {
+        draws =
+            expert_dropout_draws(ctx, moe, call, shadow.exchange_token, shadow.exchanged, &plan);
+        if (!draws) return NULL;
+    }
+    ag_tensor *xs = ag_gather_rows(ctx, x, shadow.exchange_token, shadow.exchanged);
+    /* Rows for the experts here, expert-major: [R,D]. */
+    ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
+    moe_expert_weights weights = own_weights(moe);
+    ag_tensor *y = expert_products(ctx, c, mine, &weights, plan.local_offsets, draws);
+    y = from_experts(ctx, moe, y, &plan); /* back home, in dispatch order */
+    if (shadow.set.count == 0) return y;
+    return add_shadow_rows(ctx, moe, call, x, y, &shadow, S);
 }
 
 cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const router_call *call,
@@ -317,36 +424,11 @@ cm_status moe_forward(ag_ctx *ctx, const moe_layer *moe, ag_tensor *x, const rou
     CM_TRY(router_route(ctx, &moe->router, x, call, &routed));
     CM_TRY(moe_apply_groups(ctx, moe, &routed));
     const int S = routed.n_slots;
-
-    /* Dispatch: stable counting sort of the slots by expert. sorted_slot[j]
-     * is the slot at position j; expert e owns positions
-     * [expert_offsets[e], expert_offsets[e+1]). */
-    int32_t *expert_offsets = ag_alloc_ints(ctx, E + 1, "moe dispatch");
-    int32_t *sorted_slot = ag_alloc_ints(ctx, S > 0 ? S : 1, "moe dispatch");
-    int32_t *sorted_token = ag_alloc_ints(ctx, S > 0 ? S : 1, "moe dispatch");
-    if (!expert_offsets || !sorted_slot || !sorted_token) return ag_ctx_status(ctx);
-    memset(expert_offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
-    for (int s = 0; s < S; s++) expert_offsets[routed.expert[s] + 1]++;
-    for (int e = 0; e < E; e++) expert_offsets[e + 1] += expert_offsets[e];
-    int32_t *next = ag_alloc_ints(ctx, E, "moe dispatch");
-    if (!next) return ag_ctx_status(ctx);
-    memcpy(next, expert_offsets, (size_t)E * sizeof(int32_t));
-    for (int t = 0; t < T; t++)
-        for (int s = routed.offsets[t]; s < routed.offsets[t + 1]; s++) {
-            int position = next[routed.expert[s]]++;
-            sorted_slot[position] = s;
-            sorted_token[position] = t;
-        }
-
-    ag_tensor *xs = ag_gather_rows(ctx, x, sorted_token, S);
-    exchange_plan plan = {0};
-    CM_TRY(plan_exchange(ctx, moe, expert_offsets, &plan));
-    mark_used_experts(moe, &plan);
-    /* Rows for the experts here, expert-major: [R,D]. */
-    ag_tensor *mine = to_experts(ctx, moe, xs, &plan);
-    ag_tensor *y = run_experts(ctx, moe, call, mine, sorted_token, S, &plan);
+    int32_t *expert_offsets = NULL, *sorted_slot = NULL, *sorted_token = NULL;
+    CM_TRY(sort_slots(ctx, &routed, T, E, &expert_offsets, &sorted_slot, &sorted_token));
+    ag_tensor *y =
+        run_experts(ctx, moe, call, x, expert_offsets, sorted_token, S, &result->shadowed_experts);
     if (!y) return ag_failed(ctx) ? ag_ctx_status(ctx) : CM_ERR_INTERNAL;
-    y = from_experts(ctx, moe, y, &plan); /* back home: [S,D] in dispatch order */
     ag_tensor *gates = ag_gather_elements(ctx, routed.gates, sorted_slot, S);
     result->out = ag_scatter_add_rows_scaled(ctx, y, gates, sorted_token, T);
     result->aux_loss = routed.aux_loss;

@@ -4,7 +4,10 @@
  *           -> dispatch: a stable counting sort of the slots by expert, so each
  *              expert's rows are contiguous; xs = x[token of slot] [S,D];
  *              with expert parallelism the rows travel to the ranks that own
- *              their experts (parallel/dispatch.h) and come back after
+ *              their experts (parallel/dispatch.h) and come back after, but
+ *              the rows of experts shadowed in this call (config.shadow,
+ *              parallel/shadow.h) stay and run through copies of their
+ *              experts' weights; both come back in dispatch order
  *           -> experts: per expert e, a = act(xs_e W1_e^T + b1_e) [S_e,H],
  *              or with swiglu (LLaMA's MLP: W1 gate_proj, W3 up_proj, W2
  *              down_proj) a = silu(xs_e W1_e^T + b1_e) * (xs_e W3_e^T + b3_e);
@@ -56,6 +59,7 @@
 #include "autograd/ops.h"
 #include "autograd/params.h"
 #include "parallel/dispatch.h"
+#include "parallel/shadow.h"
 #include "routers/router.h"
 
 typedef struct moe_config {
@@ -74,6 +78,9 @@ typedef struct moe_config {
     MPI_Comm ep_group;
     int ep_rank, ep_size;
     dispatch_timing *timing; /* exchange time counters (cmoe bench); NULL: not timed */
+    /* Dynamic shadowing of hot experts (parallel/shadow.h): off, auto (the
+     * cost model decides per call), force (communication counted free). */
+    shadow_mode shadow;
 } moe_config;
 
 typedef struct moe_layer {
@@ -97,6 +104,7 @@ typedef struct moe_result {
     const int32_t *offsets, *expert; /* [T+1], [n_slots] */
     const float *gates;              /* [n_slots] */
     const float *logits;             /* [T,E] router logits (router_output.logits) or NULL */
+    int shadowed_experts;            /* experts computed where their tokens are (shadow.h) */
 } moe_result;
 
 cm_status moe_declare(moe_layer *moe, const moe_config *config, int layer, ag_params *params,

@@ -5,8 +5,7 @@
 #include "autograd/op_write.h"
 #include "parallel/comm.h"
 
-/* Starts timing one exchange: after the barrier when timing->separate_wait. */
-static double exchange_start(MPI_Comm group, dispatch_timing *timing) {
+double dispatch_timer_start(MPI_Comm group, dispatch_timing *timing) {
     double start = MPI_Wtime();
     if (!timing || !timing->separate_wait) return start;
     MPI_Barrier(group);
@@ -15,7 +14,7 @@ static double exchange_start(MPI_Comm group, dispatch_timing *timing) {
     return now;
 }
 
-static void exchange_end(double start, dispatch_timing *timing) {
+void dispatch_timer_stop(double start, dispatch_timing *timing) {
     if (timing) timing->exchange_seconds += MPI_Wtime() - start;
 }
 
@@ -26,9 +25,9 @@ cm_status dispatch_exchange_counts(MPI_Comm group, const int32_t *send, int32_t 
         memcpy(recv, send, (size_t)per_rank * sizeof(int32_t));
         return CM_OK;
     }
-    double start = exchange_start(group, timing);
+    double start = dispatch_timer_start(group, timing);
     int code = MPI_Alltoall(send, per_rank, MPI_INT32_T, recv, per_rank, MPI_INT32_T, group);
-    exchange_end(start, timing);
+    dispatch_timer_stop(start, timing);
     if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoall of expert counts failed");
     return CM_OK;
 }
@@ -57,10 +56,10 @@ static cm_status exchange(MPI_Comm group, const float *in, const int32_t *send_r
         return CM_ERR(CM_ERR_INVALID, "expert-parallel groups of more than %d ranks", MAX_RANKS);
     layout(send_rows, ranks, d, send_counts, send_displacements);
     layout(recv_rows, ranks, d, recv_counts, recv_displacements);
-    double start = exchange_start(group, timing);
+    double start = dispatch_timer_start(group, timing);
     int code = MPI_Alltoallv(in, send_counts, send_displacements, MPI_FLOAT, out, recv_counts,
                              recv_displacements, MPI_FLOAT, group);
-    exchange_end(start, timing);
+    dispatch_timer_stop(start, timing);
     if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoallv of token rows failed");
     return CM_OK;
 }
@@ -126,10 +125,10 @@ cm_status dispatch_exchange_ids(MPI_Comm group, const uint64_t *send, const int3
         return CM_ERR(CM_ERR_INVALID, "expert-parallel groups of more than %d ranks", MAX_RANKS);
     layout(send_rows, ranks, 1, send_counts, send_displacements);
     layout(recv_rows, ranks, 1, recv_counts, recv_displacements);
-    double start = exchange_start(group, timing);
+    double start = dispatch_timer_start(group, timing);
     int code = MPI_Alltoallv(send, send_counts, send_displacements, MPI_UINT64_T, recv, recv_counts,
                              recv_displacements, MPI_UINT64_T, group);
-    exchange_end(start, timing);
+    dispatch_timer_stop(start, timing);
     if (code != MPI_SUCCESS) return CM_ERR(CM_ERR_MPI, "MPI_Alltoallv of row ids failed");
     return CM_OK;
 }

@@ -28,7 +28,16 @@ typedef struct dispatch_timing {
     double exchange_seconds; /* counts and rows, forward and backward */
     double wait_seconds;
     bool separate_wait;
+    /* Shadowing (parallel/shadow.h): MoE layer calls that decided, and the
+     * experts they shadowed in all. */
+    int64_t shadow_decisions, shadowed_experts;
 } dispatch_timing;
+
+/* Times one collective into `timing` (NULL: nothing): start returns the
+ * start time, after the barrier (counted as wait) when timing->separate_wait;
+ * stop adds the time since start to exchange_seconds. */
+double dispatch_timer_start(MPI_Comm group, dispatch_timing *timing);
+void dispatch_timer_stop(double start, dispatch_timing *timing);
 
 /* send[p * per_rank + j] rows go to rank p for its j-th local expert;
  * recv[p * per_rank + j] rows arrive from rank p for this rank's j-th expert. */

@@ -37,6 +37,7 @@
 #include "common/status.h"
 #include "layers/moe_conv.h"
 #include "optim/optim.h"
+#include "parallel/shadow.h"
 #include "routers/router.h"
 #include "train/adversarial.h"
 #include "train/upcycle.h"
@@ -192,7 +193,8 @@ typedef struct cm_eval_cfg {
 } cm_eval_cfg;
 
 typedef struct cm_parallel_cfg {
-    int expert_parallel; /* ranks per expert-parallel group; 0: all ranks */
+    int expert_parallel;        /* ranks per expert-parallel group; 0: all ranks */
+    shadow_mode shadow_experts; /* dynamic shadowing of hot experts (parallel/shadow.h) */
 } cm_parallel_cfg;
 
 /* Adversarial training and robust evaluation of the resnet (METHODS.md 4). */

@@ -379,6 +379,12 @@ const recipe_key recipe_keys[] = {
     KEY_INT("parallel", "expert_parallel", parallel.expert_parallel, "0", "[0, 65536]",
             "ranks that share one copy of the experts (EP); 0 means all ranks; the rest of the "
             "world is data parallel (DP = ranks / EP)"),
+    KEY_ENUM("parallel", "shadow_experts", parallel.shadow_experts, shadow_mode, shadow_mode_names,
+             "off",
+             "per MoE layer and step, compute the hot experts' tokens where they are with "
+             "copies of the experts' weights, chosen from the global row counts by a cost model "
+             "(auto), or whenever it evens out the rows computed (force); exact, the same "
+             "decision on every rank (docs/performance.md)"),
 
     KEY_ENUM("adversarial", "mode", adversarial.mode, adv_mode, adv_mode_names, "standard",
              "standard (clean CE), pgd_at (CE on PGD examples), trades (TRADES loss), advmoe "

@@ -76,6 +76,7 @@ static lm_config model_config(const task_env *env) {
             config.moe.ep_group = env->comm->ep;
             config.moe.ep_rank = env->comm->ep_rank;
             config.moe.ep_size = env->comm->ep_size;
+            config.moe.shadow = recipe->parallel.shadow_experts;
         }
     }
     return config;

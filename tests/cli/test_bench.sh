@@ -68,7 +68,7 @@ check $? "lm-moe: BENCH.md's 143.5 GFLOP per step ($(json model_gflop_per_step "
 mpi 2 bench bench/lm-moe.yaml --steps 3 --skip 1 --threads 1 --set model.n_layers=2 \
     --set data.batch_size=4 > "$work/mpi.out" 2> "$work/mpi.err"
 check $? "cmoe bench under mpirun -np 2 ($(tail -c 300 "$work/mpi.err"))"
-tail -n 1 "$work/mpi.out" | grep -q '"ranks": 2, "threads": 1, .*"peak_rss_mib_sum": [0-9.]*, "alltoall_ms_median": [0-9.]*, "imbalance_wait_ms_median": [0-9.]*}$'
+tail -n 1 "$work/mpi.out" | grep -q '"ranks": 2, "threads": 1, .*"peak_rss_mib_sum": [0-9.]*, "alltoall_ms_median": [0-9.]*, "imbalance_wait_ms_median": [0-9.]*, "shadowed_per_call": [0-9.]*}$'
 check $? "2-rank RESULT line with the all-to-all ($(tail -n 1 "$work/mpi.out"))"
 grep -q "all-to-all .* ms median per step" "$work/mpi.out"
 check $? "2-rank all-to-all share printed"

@@ -35,6 +35,7 @@ typedef struct outcome {
     float drouter[E * D];
     float dw1[E * H * D], dw2[E * D * H], db1[E * H], db2[E * D];
     float dw3[E * H * D], db3[E * H]; /* SwiGLU */
+    int shadowed;                     /* experts shadowed on this rank's call */
 } outcome;
 
 /* The experts' activation and dropout; signed_inputs: x in [-1, 1] instead
@@ -45,6 +46,7 @@ typedef struct expert_kind {
     ag_activation activation;
     float dropout;
     bool signed_inputs;
+    shadow_mode shadow; /* parallel.shadow_experts of the sharded run */
 } expert_kind;
 
 static router_config make_router(router_kind kind) {
@@ -75,7 +77,8 @@ static void run(router_config router_cfg, bool skew, expert_kind experts, MPI_Co
                          .router = router_cfg,
                          .ep_group = group,
                          .ep_rank = rank,
-                         .ep_size = ranks};
+                         .ep_size = ranks,
+                         .shadow = experts.shadow};
     ag_params params;
     ag_params_init(&params);
     moe_layer layer;
@@ -112,6 +115,7 @@ static void run(router_config router_cfg, bool skew, expert_kind experts, MPI_Co
     ck_assert_int_eq(comm_sum_doubles(call.group, &local_loss, 1), CM_OK);
     result->loss = local_loss;
     result->dropped = moe.stats.dropped;
+    result->shadowed = moe.shadowed_experts;
     ck_assert_int_eq(comm_sum_int64(call.group, &result->dropped, 1), CM_OK);
     memcpy(result->out + first * D, moe.out->data, (size_t)count * D * sizeof(float));
     memcpy(result->dx + first * D, grad + first * D, (size_t)count * D * sizeof(float));
@@ -138,12 +142,17 @@ static void close_enough(const char *what, const float *got, const float *want, 
         max_diff = fmax(max_diff, fabs((double)got[i] - want[i]));
         max_ref = fmax(max_ref, fabs((double)want[i]));
     }
-    ck_assert_msg(max_diff <= 1e-5 * fmax(max_ref, 1e-3),
-                  "rank %d of %d: %s differs by %.3g (max %.3g)", comm.world_rank, comm.world_size,
-                  what, max_diff, max_ref);
+    /* Every rank fails at the same check, so no rank leaves the test while
+     * the others wait in a collective (a hang instead of a failure). */
+    int here_ok = max_diff <= 1e-5 * fmax(max_ref, 1e-3), all_ok = here_ok;
+    MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    ck_assert_msg(all_ok, "rank %d of %d: %s differs by %.3g (max %.3g)%s", comm.world_rank,
+                  comm.world_size, what, max_diff, max_ref,
+                  here_ok ? " here, but too much on another rank" : "");
 }
 
-static void check_config(router_config router_cfg, bool skew, expert_kind experts) {
+/* Returns how many experts the sharded run shadowed. */
+static int check_config(router_config router_cfg, bool skew, expert_kind experts) {
     static outcome reference, parallel;
     memset(&reference, 0, sizeof reference);
     memset(&parallel, 0, sizeof parallel);
@@ -172,14 +181,16 @@ static void check_config(router_config router_cfg, bool skew, expert_kind expert
     close_enough("b3 gradient", parallel.db3 + f * H, reference.db3 + f * H, n * H);
     ck_assert_int_eq(parallel.dropped, 0); /* every case here is dropless */
     ck_assert_int_eq(reference.dropped, 0);
+    ck_assert_int_eq(reference.shadowed, 0); /* one rank: nothing to even out */
+    return parallel.shadowed;
 }
 
-static void check_experts(router_kind kind, bool skew, expert_kind experts) {
-    check_config(make_router(kind), skew, experts);
+static int check_experts(router_kind kind, bool skew, expert_kind experts) {
+    return check_config(make_router(kind), skew, experts);
 }
 
 static void check(router_kind kind, bool skew) {
-    check_experts(kind, skew, (expert_kind){AG_ACT_GELU, 0.0f, false});
+    check_experts(kind, skew, (expert_kind){AG_ACT_GELU, 0.0f, false, SHADOW_OFF});
 }
 
 START_TEST(test_topk) {
@@ -207,13 +218,49 @@ START_TEST(test_top_p_skewed) {
 }
 END_TEST
 START_TEST(test_topk_expert_dropout) {
-    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, true});
-    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, false});
+    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, true, SHADOW_OFF});
+    check_experts(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, false, SHADOW_OFF});
 }
 END_TEST
 START_TEST(test_top_p_swiglu_expert_dropout) {
-    check_experts(ROUTER_TOP_P, false, (expert_kind){AG_ACT_SWIGLU, 0.4f, true});
-    check_experts(ROUTER_TOPK, true, (expert_kind){AG_ACT_SWIGLU, 0.0f, false});
+    check_experts(ROUTER_TOP_P, false, (expert_kind){AG_ACT_SWIGLU, 0.4f, true, SHADOW_OFF});
+    check_experts(ROUTER_TOPK, true, (expert_kind){AG_ACT_SWIGLU, 0.0f, false, SHADOW_OFF});
+}
+END_TEST
+
+/* Shadowing (parallel/shadow.h) changes where the rows are computed, not
+ * what: forced (communication counted free), skewed routing shadows the hot
+ * experts 0 and 1 whenever there are two EP ranks, and the sharded run still
+ * equals one process, for GELU, SwiGLU, expert dropout (the shadowed rows'
+ * masks are keyed by global token too) and top-p; the same decision on every
+ * rank (the decision is checked alone in tests/test_shadow.c). */
+static void check_shadowed(router_kind kind, bool skew, expert_kind experts, bool expect_some) {
+    int shadowed = check_experts(kind, skew, experts);
+    int least = shadowed, most = shadowed;
+    if (comm.ep_size > 1) { /* each EP group decides from its own counts */
+        MPI_Allreduce(MPI_IN_PLACE, &least, 1, MPI_INT, MPI_MIN, comm.ep);
+        MPI_Allreduce(MPI_IN_PLACE, &most, 1, MPI_INT, MPI_MAX, comm.ep);
+    }
+    ck_assert_msg(least == most, "ranks shadowed between %d and %d experts", least, most);
+    if (comm.ep_size == 1) ck_assert_int_eq(shadowed, 0);
+    if (comm.ep_size > 1 && expect_some)
+        ck_assert_msg(shadowed > 0, "%d EP ranks: skewed routing shadowed nothing", comm.ep_size);
+}
+
+START_TEST(test_shadow_forced_skewed) {
+    check_shadowed(ROUTER_TOPK, true, (expert_kind){AG_ACT_GELU, 0.0f, false, SHADOW_FORCE}, true);
+    check_shadowed(ROUTER_TOPK, true, (expert_kind){AG_ACT_SWIGLU, 0.4f, false, SHADOW_FORCE},
+                   true);
+    check_shadowed(ROUTER_TOP_P, true, (expert_kind){AG_ACT_GELU, 0.4f, false, SHADOW_FORCE}, true);
+}
+END_TEST
+
+/* Spread routing: whatever the decision, the result is the one process's. */
+START_TEST(test_shadow_auto_spread) {
+    check_shadowed(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.0f, true, SHADOW_AUTO}, false);
+    check_shadowed(ROUTER_TOPK, false, (expert_kind){AG_ACT_GELU, 0.4f, true, SHADOW_FORCE}, false);
+    check_shadowed(ROUTER_THOR, false, (expert_kind){AG_ACT_SWIGLU, 0.0f, true, SHADOW_AUTO},
+                   false);
 }
 END_TEST
 
@@ -224,10 +271,10 @@ END_TEST
 START_TEST(test_capacity_without_drops) {
     router_config topk = make_router(ROUTER_TOPK);
     topk.capacity_factor = (float)E / topk.k;
-    check_config(topk, true, (expert_kind){AG_ACT_GELU, 0.0f, false});
+    check_config(topk, true, (expert_kind){AG_ACT_GELU, 0.0f, false, SHADOW_OFF});
     router_config expert_choice = make_router(ROUTER_EXPERT_CHOICE);
     expert_choice.capacity_factor = (float)E;
-    check_config(expert_choice, false, (expert_kind){AG_ACT_GELU, 0.0f, false});
+    check_config(expert_choice, false, (expert_kind){AG_ACT_GELU, 0.0f, false, SHADOW_OFF});
 }
 END_TEST
 
@@ -436,6 +483,8 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, test_aux_loss_scopes);
     tcase_add_test(tc, test_topk_expert_dropout);
     tcase_add_test(tc, test_top_p_swiglu_expert_dropout);
+    tcase_add_test(tc, test_shadow_forced_skewed);
+    tcase_add_test(tc, test_shadow_auto_spread);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_set_fork_status(runner, CK_NOFORK); /* no fork() under MPI */
