@@ -23,3 +23,11 @@ mpi() {
     timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$ranks" -x OPENBLAS_NUM_THREADS=1 \
         "$cmoe" "$@"
 }
+
+# synthetic_corpus FILE: 60,000 words drawn from a fixed 8-word vocabulary, a
+# sentence every 9 words; seeded, so the same bytes every time.
+synthetic_corpus() {
+    awk 'BEGIN { srand(11); split("and the lord said unto moses behold of", w, " ");
+                for (i = 0; i < 60000; i++)
+                    printf "%s%s", w[int(rand() * 8) + 1], (i % 9 == 8 ? ".\n" : " ") }' > "$1"
+}

@@ -17,10 +17,7 @@ trap 'rm -rf "$work"' EXIT
 source "$(dirname "$0")/lib.sh"
 export OPENBLAS_NUM_THREADS=1
 
-awk 'BEGIN { srand(11); split("and the lord said unto moses behold of", w, " ");
-            for (i = 0; i < 60000; i++)
-                printf "%s%s", w[int(rand() * 8) + 1], (i % 9 == 8 ? ".\n" : " ") }' \
-    > "$work/corpus.txt"
+synthetic_corpus "$work/corpus.txt"
 head -c 8192 "$work/corpus.txt" > "$work/test.txt"
 cat > "$work/moe.yaml" <<YAML
 name: moe
