@@ -585,7 +585,8 @@ static cm_status loop(run_state *r, int64_t *step) {
  * training images "test" too: such a final evaluation is run again). */
 static cm_status final_missing(run_state *r, int64_t step, bool *missing) {
     static const char *const kinds[CM_SPLIT_COUNT] = {"valid", "test", "train"};
-    const cm_split split = r->session->task->eval_plan(r->session->state).final.split;
+    const task_eval_plan plan = r->session->task->eval_plan(r->session->state);
+    const cm_split split = plan.final_differs ? plan.final.split : plan.periodic.split;
     int64_t found = r->leader && metrics_has_line(&r->metrics, kinds[split], step);
     if (r->session->env.ranks > 1) CM_TRY(comm_sum_int64(r->session->env.world, &found, 1));
     *missing = found == 0;
