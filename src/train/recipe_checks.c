@@ -89,6 +89,35 @@ static bool check_null_experts(const cm_recipe *recipe, int involved[RECIPE_MAX_
 
 /* Only called with moe.enabled, so moe.enabled takes part in every rule: a
  * recipe that turns MoE on last is blamed for the contradiction it exposes. */
+/* SMoE-Dropout's k schedule: k_min <= k_max <= num_experts (k_max 0: all). */
+static bool check_k_schedule(const cm_recipe *recipe, const router_method *method,
+                             int involved[RECIPE_MAX_INVOLVED], char *why, size_t why_capacity) {
+    const cm_router_cfg *rc = &recipe->router;
+    const int experts = recipe->moe.num_experts;
+    if (rc->k_max > experts) {
+        snprintf(why, why_capacity,
+                 "router.k_max = %d exceeds moe.num_experts = %d (router.type %s)", rc->k_max,
+                 experts, method->name);
+        return involve(involved, "router.k_max", "moe.num_experts", "router.type", "moe.enabled",
+                       NULL);
+    }
+    int k_max = rc->k_max > 0 ? rc->k_max : experts;
+    if (rc->k_min > k_max) {
+        if (rc->k_max > 0)
+            snprintf(why, why_capacity,
+                     "router.k_min = %d is above router.k_max = %d (router.type %s)", rc->k_min,
+                     rc->k_max, method->name);
+        else
+            snprintf(why, why_capacity,
+                     "router.k_min = %d is above router.k_max (0: moe.num_experts = %d; "
+                     "router.type %s)",
+                     rc->k_min, experts, method->name);
+        return involve(involved, "router.k_min", "router.k_max", "moe.num_experts", "router.type",
+                       "moe.enabled", NULL);
+    }
+    return true;
+}
+
 static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED], char *why,
                       size_t why_capacity) {
     const cm_moe_cfg *moe = &recipe->moe;
@@ -127,29 +156,8 @@ static bool check_moe(const cm_recipe *recipe, int involved[RECIPE_MAX_INVOLVED]
                  experts);
         return involve(involved, "router.eval_k", "moe.num_experts", "moe.enabled", NULL);
     }
-    if (method->k_scheduled) {
-        if (rc->k_max > experts) {
-            snprintf(why, why_capacity,
-                     "router.k_max = %d exceeds moe.num_experts = %d (router.type %s)", rc->k_max,
-                     experts, method->name);
-            return involve(involved, "router.k_max", "moe.num_experts", "router.type",
-                           "moe.enabled", NULL);
-        }
-        int k_max = rc->k_max > 0 ? rc->k_max : experts;
-        if (rc->k_min > k_max) {
-            if (rc->k_max > 0)
-                snprintf(why, why_capacity,
-                         "router.k_min = %d is above router.k_max = %d (router.type %s)", rc->k_min,
-                         rc->k_max, method->name);
-            else
-                snprintf(why, why_capacity,
-                         "router.k_min = %d is above router.k_max (0: moe.num_experts = %d; "
-                         "router.type %s)",
-                         rc->k_min, experts, method->name);
-            return involve(involved, "router.k_min", "router.k_max", "moe.num_experts",
-                           "router.type", "moe.enabled", NULL);
-        }
-    }
+    if (method->k_scheduled && !check_k_schedule(recipe, method, involved, why, why_capacity))
+        return false;
     if (rc->type == ROUTER_RMOE && (rc->bias || rc->noise == ROUTER_NOISE_LEARNED)) {
         snprintf(why, why_capacity,
                  "router.type rmoe has no router bias and no learned noise (its projections are "
