@@ -33,7 +33,7 @@
  * kernel, OPENBLAS_CORETYPE=Haswell, gives a row of an sgemm different bits
  * depending on how many rows the call has, so the pieces of C > L fail the
  * check there; its SkylakeX kernel, the default here, gives the same bits
- * for row counts that are multiples of 8, as these are.) "chunked blocking" splits the
+ * for the row counts used here, 512 and 1024.) "chunked blocking" splits the
  * same way without overlap (the cost of chunking alone), "experts alone"
  * skips the exchanges (what they cost the layer).
  *
