@@ -13,8 +13,8 @@
 #       --mca btl_vader_single_copy_mechanism M DIR/bench_overlap --reps R
 # with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (the kernel a user's
 # machine picks, shared/BENCH.md). Defaults: 3 rounds of 40 repetitions, the
-# build in /tmp/b-overlap (built there when missing). Every run's output is
-# kept in OUT (default: a new /tmp/cmoe-overlap-XXXXXX); the script prints
+# build in build-bench/ (as bench/run.sh; built there when missing).
+# Every run's output is kept in OUT (default: a new /tmp/cmoe-overlap-XXXXXX); the script prints
 # /proc/loadavg before and after, and two markdown tables of the per-run
 # medians (median and min-max over the runs): the probe per rank and for the
 # slowest rank, and the pipelined layer against the blocking one. A run that
@@ -22,7 +22,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RANKS="2 4" COPIES="cma none" ROUNDS=3 REPS=40 BUILD=/tmp/b-overlap OUT=""
+RANKS="2 4" COPIES="cma none" ROUNDS=3 REPS=40 BUILD="$ROOT/build-bench" OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --ranks) RANKS=${2:?}; shift 2 ;;
@@ -31,7 +31,8 @@ while [ $# -gt 0 ]; do
     --reps) REPS=${2:?}; shift 2 ;;
     --build) BUILD=${2:?}; shift 2 ;;
     --out) OUT=${2:?}; shift 2 ;;
-    *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "overlap.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 if [ ! -x "$BUILD/bench_overlap" ]; then
