@@ -127,20 +127,25 @@ static void print_result(const layer_data *l, double exchange, double experts) {
            l->ranks, l->received, exchange, experts, flops / experts / 1e6);
 }
 
-int main(int argc, char **argv) {
-    int reps = 20, tokens = 4096;
+/* --reps and --tokens; exits with a message on anything else. */
+static void parse_args(int argc, char **argv, int *reps, int *tokens) {
     for (int i = 1; i < argc; i++) {
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(argv[i], "--reps") == 0)
-            reps = bench_parse_positive("bench_moe_mpi", argv[i], value), i++;
+            *reps = bench_parse_positive("bench_moe_mpi", argv[i], value), i++;
         else if (strcmp(argv[i], "--tokens") == 0)
-            tokens = bench_parse_positive("bench_moe_mpi", argv[i], value), i++;
+            *tokens = bench_parse_positive("bench_moe_mpi", argv[i], value), i++;
         else {
             fprintf(stderr, "usage: bench_moe_mpi [--reps N (1..%d)] [--tokens N]\n", MAX_REPS);
-            return 1;
+            exit(1);
         }
     }
-    if (reps > MAX_REPS) reps = MAX_REPS;
+    if (*reps > MAX_REPS) *reps = MAX_REPS;
+}
+
+int main(int argc, char **argv) {
+    int reps = 20, tokens = 4096;
+    parse_args(argc, argv, &reps, &tokens);
     if (comm_start(&argc, &argv) != CM_OK) return 1;
     cm_comm comm;
     if (comm_init(&comm, 0) != CM_OK || E % comm.ep_size != 0 ||
