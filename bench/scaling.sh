@@ -14,14 +14,14 @@
 #    the dense parameter count from its metrics.jsonl.
 # 3. N repeats (default 3), each in turn: bench_alltoall at 2, 3 and 4 ranks;
 #    bench_moe_mpi at 2 and 4 ranks (how the experts' rate per rank falls
-#    when 4 ranks share the 2 cores); `cmoe bench --threads 1` of lm-moe and,
-#    at the same time on the other core, of lm-moe with experts of half the
-#    width (the one-rank step, and the experts' time in it: twice the
-#    difference); then lm-moe with cmoe bench at each --check-ranks R (R
-#    ranks x 1 thread) with shadowing off, then auto. Each run is --steps
+#    when 4 ranks share the 2 cores); `cmoe bench --threads 1` of lm-moe,
+#    two at once so both cores are busy (the one-rank step), then the same
+#    with experts of half the width (the experts' time in the step: twice
+#    the difference); then lm-moe with cmoe bench at each --check-ranks R
+#    (R ranks x 1 thread) with shadowing off, then auto. Each run is --steps
 #    steps (default 12) of which the first --skip (default 2) are warm-up.
-#    The model's experts' rate: twins (default), from those two one-rank
-#    runs; moe-bench: bench_moe_mpi's at 2 ranks (the experts alone).
+#    The model's experts' rate: twins (default), from the one-rank runs;
+#    moe-bench: bench_moe_mpi's at 2 ranks (the experts alone).
 # 4. scaling_model: the check (strong scaling: the recipe's batch over R
 #    ranks, the collectives fitted at R ranks, compute shared by the C
 #    cores, default 2) against the measured medians, then the predictions
@@ -141,24 +141,23 @@ bench_lm_moe() { # tag ranks mode
         --steps "$STEPS" --skip "$SKIP" --threads 1 --set "parallel.shadow_experts=$3"
 }
 
-# Two one-rank x one-thread runs at once, so both cores are busy as in the
-# 2-rank runs: lm-moe, and lm-moe with experts of half the hidden width. The
-# experts' time of a step is twice the difference (their products, GELU and
-# hidden rows scale with the width; the rest of the step does not).
-one_rank_twins() { # run
-    local pids=() pid status=0 half=$((EXPERT_HIDDEN / 2))
-    run_one "one-full-$1" RESULT env OPENBLAS_NUM_THREADS=1 "$BUILD/cmoe" bench \
-        bench/lm-moe.yaml --steps "$STEPS" --skip "$SKIP" --threads 1 &
-    pids+=($!)
-    run_one "one-half-$1" RESULT env OPENBLAS_NUM_THREADS=1 "$BUILD/cmoe" bench \
-        bench/lm-moe.yaml --steps "$STEPS" --skip "$SKIP" --threads 1 \
-        --set moe.expert_hidden="$half" &
-    pids+=($!)
+# The one-rank x one-thread step of lm-moe (width full) or of lm-moe with
+# experts of half the hidden width (half), two identical runs at once so
+# that both cores are busy, as in the 2-rank runs, and the pair ends
+# together. The experts' time of a step is twice the difference between the
+# two widths (their products, GELU and hidden rows scale with the width, the
+# rest of the step does not).
+one_rank_pair() { # run full|half
+    local pids=() pid status=0 width=()
+    [ "$2" = half ] && width=(--set moe.expert_hidden=$((EXPERT_HIDDEN / 2)))
+    for twin in a b; do
+        run_one "one-$2-$1$twin" RESULT env OPENBLAS_NUM_THREADS=1 "$BUILD/cmoe" bench \
+            bench/lm-moe.yaml --steps "$STEPS" --skip "$SKIP" --threads 1 "${width[@]}" &
+        pids+=($!)
+    done
     for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
     [ "$status" -eq 0 ] || die "a one-rank run failed (see $OUT/logs)"
 }
-
-# ---- routing -------------------------------------------------------------------------------
 
 EXPERT_HIDDEN=$(sed -n 's/^  expert_hidden: *\([0-9]*\).*/\1/p' bench/lm-moe.yaml)
 [[ "$EXPERT_HIDDEN" =~ ^[0-9]+$ ]] && [ "$EXPERT_HIDDEN" -ge 2 ] ||
@@ -194,8 +193,10 @@ for run in $(seq 1 "$RUNS"); do
         progress "run $run/$RUNS  bench_moe_mpi, $ranks ranks"
         run_one "moe-$ranks-$run" MOE "${MPI[@]}" -np "$ranks" "$BUILD/bench_moe_mpi" --reps 5
     done
-    progress "run $run/$RUNS  lm-moe, 1 rank x 1 thread, beside its half-width twin"
-    one_rank_twins "$run"
+    for width in full half; do
+        progress "run $run/$RUNS  lm-moe, 1 rank x 1 thread, experts of $width width, two at once"
+        one_rank_pair "$run" "$width"
+    done
     for ranks in $CHECK_RANKS; do
         for mode in off auto; do
             progress "run $run/$RUNS  lm-moe, $ranks ranks x 1 thread, shadowing $mode"
@@ -219,13 +220,14 @@ for line in open(sys.argv[1]):
     tag, kind, payload = line.split(" ", 2)
     record = json.loads(payload)
     for name, into in (("one-full-", full), ("one-half-", half)):
-        if tag.startswith(name):
-            into[tag[len(name):]] = record["step_ms_median"]
+        if tag.startswith(name):  # one-full-3a: run 3, twin a
+            into.setdefault(tag[len(name):-1], []).append(record["step_ms_median"])
     if tag.startswith("moe-2-"):
         moe.append(record["expert_gflops"])
 # lm-moe: 4 MoE layers, 4096 tokens x top-2, D 256, GELU (2 matrices)
 flops = 4 * 4096 * 2 * 6 * 2 * 256 * int(sys.argv[2])
-experts_ms = statistics.median(2 * (full[run] - half[run]) for run in full)
+experts_ms = statistics.median(
+    2 * (statistics.median(full[run]) - statistics.median(half[run])) for run in full)
 if sys.argv[3] == "moe-bench":
     gflops = statistics.median(moe)
 elif experts_ms > 0:
@@ -233,7 +235,7 @@ elif experts_ms > 0:
 else:
     sys.exit("the half-width twin was not faster, so the experts' time is lost in the noise "
              "(a loaded machine?); run again, or take --expert-rate moe-bench")
-print(gflops, statistics.median(full.values()))
+print(gflops, statistics.median(step for run in full.values() for step in run))
 PY
 ) || die "no experts' rate"
 model() { # the scaling model on the measured inputs, then the arguments
@@ -272,8 +274,8 @@ def spread(values, fmt):
 gflops = {r: [x["expert_gflops"] for x in results[f"moe-{r}"]] for r in (2, 4)}
 full = [x["step_ms_median"] for x in results["one-full"]]
 half = [x["step_ms_median"] for x in results["one-half"]]
-print(f"- one-rank step, 1 thread: {spread(full, '{:,.0f}')} ms; beside it, at once, with experts "
-      f"of half the width: {spread(half, '{:,.0f}')} ms")
+print(f"- one-rank step, 1 thread, two at once: {spread(full, '{:,.0f}')} ms; with experts of "
+      f"half the width: {spread(half, '{:,.0f}')} ms")
 print(f"- the model's experts' rate ({sys.argv[5]}): {float(sys.argv[4]):.1f} GFLOP/s per rank")
 print(f"- bench_moe_mpi's experts, per rank, 1 thread: {spread(gflops[2], '{:.1f}')} GFLOP/s "
       f"with 2 ranks on the 2 cores, {spread(gflops[4], '{:.1f}')} with 4 (ratio "
