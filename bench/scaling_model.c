@@ -370,9 +370,11 @@ static int descending(const void *a, const void *b) {
 
 /* The measured shares of `from` experts as `to` experts with the same
  * spread: the sorted shares read as a quantile function at `to` evenly
- * spaced points (linear between neighbours), renormalised, then dealt to the
- * experts in an order fixed by (layer, to), so the hot ones land on
- * arbitrary ranks. to == from: the shares as measured, where measured. */
+ * spaced points from the largest to the smallest (linear between
+ * neighbours, so no two experts tie unless measured so), renormalised, then
+ * dealt to the experts in an order fixed by (layer, to), so the hot ones
+ * land on arbitrary ranks. to == from: the shares as measured, where
+ * measured. */
 static void resample(const double *shares, int from, int to, int layer, double *sorted,
                      double *out) {
     if (to == from) {
@@ -383,7 +385,7 @@ static void resample(const double *shares, int from, int to, int layer, double *
     qsort(sorted, (size_t)from, sizeof(double), descending);
     double total = 0.0;
     for (int j = 0; j < to; j++) {
-        const double x = fmin(fmax((j + 0.5) * from / to - 0.5, 0.0), from - 1.0);
+        const double x = to > 1 ? (double)j * (from - 1) / (to - 1) : 0.0;
         const int i = (int)x;
         out[j] = i + 1 < from ? sorted[i] + (x - i) * (sorted[i + 1] - sorted[i]) : sorted[i];
         total += out[j];
