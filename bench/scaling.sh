@@ -5,7 +5,7 @@
 #
 #   bash bench/scaling.sh [--runs N] [--steps N] [--skip K] [--check-ranks "2 4"]
 #                         [--cores C] [--expert-rate twins|moe-bench]
-#                         [--trained FILE] [--build DIR] [--out DIR]
+#                         [--trained FILE] [--build DIR] [--out DIR | --from DIR]
 #
 # 1. Builds cmoe (Release) in build-bench/ unless --build DIR names a build;
 #    makes data/kjv if missing.
@@ -29,12 +29,13 @@
 #    fitted at 2 ranks) for the measured routing and for --trained's
 #    (default bench/routing-moe-top2.jsonl), experts max(8, P) and 4 per rank.
 # Markdown on stdout, progress on stderr; every raw line and run output in
-# OUT (default BUILD/scaling-results/DATE). Any failed run, or one without
+# OUT (default BUILD/scaling-results/DATE). --from DIR: no measurement, the
+# model (step 4) on the results an earlier run left in DIR. Any failed run, or one without
 # its result line, stops the script with a message and a non-zero status.
 set -euo pipefail
 
 usage() {
-    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-2}"
 }
 
@@ -55,6 +56,7 @@ EXPERT_RATE=twins
 TRAINED=bench/routing-moe-top2.jsonl
 BUILD=""
 OUT=""
+FROM=""
 PYTHON=/usr/bin/python3
 
 while [ $# -gt 0 ]; do
@@ -68,6 +70,7 @@ while [ $# -gt 0 ]; do
     --trained) TRAINED=${2:?--trained needs a value}; shift 2 ;;
     --build) BUILD=${2:?--build needs a value}; shift 2 ;;
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
+    --from) FROM=${2:?--from needs a value}; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "bench/scaling.sh: unknown argument '$1'" >&2; usage 2 ;;
     esac
@@ -109,11 +112,19 @@ if [ ! -f data/kjv/train.txt ]; then
     bash data/prepare_kjv.sh >&2 || die "data/prepare_kjv.sh failed"
 fi
 
-OUT=${OUT:-$BUILD/scaling-results/$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT/logs"
-OUT=$(cd "$OUT" && pwd)
-: >"$OUT/results.txt"
-progress "raw results in $OUT"
+if [ -n "$FROM" ]; then
+    [ -z "$OUT" ] || die "--from and --out: one or the other"
+    OUT=$(cd "$FROM" 2>/dev/null && pwd) || die "no directory '$FROM'"
+    [ -s "$OUT/results.txt" ] && [ -s "$OUT/conditions.txt" ] ||
+        die "$OUT has no results.txt and conditions.txt of an earlier run"
+    progress "the model on the results in $OUT"
+else
+    OUT=${OUT:-$BUILD/scaling-results/$(date +%Y%m%d-%H%M%S)}
+    mkdir -p "$OUT/logs"
+    OUT=$(cd "$OUT" && pwd)
+    : >"$OUT/results.txt"
+    progress "raw results in $OUT"
+fi
 
 MPI=(mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS=1)
 
@@ -163,11 +174,13 @@ EXPERT_HIDDEN=$(sed -n 's/^  expert_hidden: *\([0-9]*\).*/\1/p' bench/lm-moe.yam
 [[ "$EXPERT_HIDDEN" =~ ^[0-9]+$ ]] && [ "$EXPERT_HIDDEN" -ge 2 ] ||
     die "no moe.expert_hidden in bench/lm-moe.yaml"
 
-progress "routing: cmoe train bench/lm-moe.yaml, $STEPS steps, every expert's rows per step"
-"$BUILD/cmoe" train bench/lm-moe.yaml --quiet --set train.steps="$STEPS" \
-    --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 \
-    --set train.threads=2 --set train.out_dir="$OUT/routing" >"$OUT/logs/routing.out" 2>&1 ||
-    die "the routing run failed; see $OUT/logs/routing.out"
+if [ -z "$FROM" ]; then
+    progress "routing: cmoe train bench/lm-moe.yaml, $STEPS steps, every expert's rows per step"
+    "$BUILD/cmoe" train bench/lm-moe.yaml --quiet --set train.steps="$STEPS" \
+        --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 \
+        --set train.threads=2 --set train.out_dir="$OUT/routing" >"$OUT/logs/routing.out" 2>&1 ||
+        die "the routing run failed; see $OUT/logs/routing.out"
+fi
 ROUTING="$OUT/routing/metrics.jsonl"
 grep -q '"kind": "moe"' "$ROUTING" 2>/dev/null || die "the routing run wrote no moe lines in $ROUTING"
 DENSE_PARAMS=$("$PYTHON" -c '
@@ -182,29 +195,31 @@ for line in open(sys.argv[1]):
 
 # ---- the measurements ------------------------------------------------------------------------
 
-echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/conditions.txt"
-for run in $(seq 1 "$RUNS"); do
-    for ranks in 2 3 4; do
-        progress "run $run/$RUNS  bench_alltoall, $ranks ranks"
-        run_one "comm-$ranks-$run" "ALLTOALLV|ALLREDUCE" "${MPI[@]}" -np "$ranks" \
-            "$BUILD/bench_alltoall"
-    done
-    for ranks in 2 4; do
-        progress "run $run/$RUNS  bench_moe_mpi, $ranks ranks"
-        run_one "moe-$ranks-$run" MOE "${MPI[@]}" -np "$ranks" "$BUILD/bench_moe_mpi" --reps 5
-    done
-    for width in full half; do
-        progress "run $run/$RUNS  lm-moe, 1 rank x 1 thread, experts of $width width, two at once"
-        one_rank_pair "$run" "$width"
-    done
-    for ranks in $CHECK_RANKS; do
-        for mode in off auto; do
-            progress "run $run/$RUNS  lm-moe, $ranks ranks x 1 thread, shadowing $mode"
-            bench_lm_moe "mpi-$ranks-$mode-$run" "$ranks" "$mode"
+if [ -z "$FROM" ]; then
+    echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/conditions.txt"
+    for run in $(seq 1 "$RUNS"); do
+        for ranks in 2 3 4; do
+            progress "run $run/$RUNS  bench_alltoall, $ranks ranks"
+            run_one "comm-$ranks-$run" "ALLTOALLV|ALLREDUCE" "${MPI[@]}" -np "$ranks" \
+                "$BUILD/bench_alltoall"
+        done
+        for ranks in 2 4; do
+            progress "run $run/$RUNS  bench_moe_mpi, $ranks ranks"
+            run_one "moe-$ranks-$run" MOE "${MPI[@]}" -np "$ranks" "$BUILD/bench_moe_mpi" --reps 5
+        done
+        for width in full half; do
+            progress "run $run/$RUNS  lm-moe, 1 rank x 1 thread, experts of $width width, two at once"
+            one_rank_pair "$run" "$width"
+        done
+        for ranks in $CHECK_RANKS; do
+            for mode in off auto; do
+                progress "run $run/$RUNS  lm-moe, $ranks ranks x 1 thread, shadowing $mode"
+                bench_lm_moe "mpi-$ranks-$mode-$run" "$ranks" "$mode"
+            done
         done
     done
-done
-echo "end   $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/conditions.txt"
+    echo "end   $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/conditions.txt"
+fi
 
 # ---- the model: the check, then the predictions ------------------------------------------------
 
