@@ -257,13 +257,20 @@ model() { # the scaling model on the measured inputs, then the arguments
     "$BUILD/scaling_model" bench/lm-moe.yaml --expert-gflops "$EXPERT_GFLOPS" \
         --one-rank-ms "$ONE_RANK_MS" --dense-params "$DENSE_PARAMS" --comm "$OUT/comm.txt" "$@"
 }
+# The check: the benchmarked steps' routing, the recipe's batch over R ranks,
+# the collectives fitted at R ranks, the ranks on the --cores cores; with
+# more ranks than cores both ends of what a waiting rank does (yield, spin).
 : >"$OUT/check.txt"
 for ranks in $CHECK_RANKS; do
-    model --routing "$ROUTING" --routing-steps "$((SKIP + 1)):$STEPS" --scaling strong \
-        --ranks "$ranks" --cores "$CORES" --comm-ranks "$ranks" --json >>"$OUT/check.txt" ||
-        die "scaling_model failed (the check at $ranks ranks)"
-    model --routing "$ROUTING" --routing-steps "$((SKIP + 1)):$STEPS" --scaling strong \
-        --ranks "$ranks" --cores "$CORES" --comm-ranks "$ranks" >"$OUT/check-inputs-$ranks.md" ||
+    check=(--routing "$ROUTING" --routing-steps "$((SKIP + 1)):$STEPS" --scaling strong
+        --ranks "$ranks" --cores "$CORES" --comm-ranks "$ranks")
+    waiting=(yield)
+    [ "$ranks" -gt "$CORES" ] && waiting=(yield spin)
+    for how in "${waiting[@]}"; do
+        model "${check[@]}" --waiting "$how" --json | sed "s/^PREDICT /PREDICT $how /" \
+            >>"$OUT/check.txt" || die "scaling_model failed (the check at $ranks ranks)"
+    done
+    model "${check[@]}" >"$OUT/check-inputs-$ranks.md" ||
         die "scaling_model failed (the check at $ranks ranks)"
 done
 
@@ -276,9 +283,10 @@ results, predicted = {}, {}
 for line in open(sys.argv[1]):
     tag, kind, payload = line.split(" ", 2)
     results.setdefault(tag.rsplit("-", 1)[0], []).append(json.loads(payload))
-for line in open(sys.argv[2]):
-    record = json.loads(line.split(" ", 1)[1])
-    predicted[(record["ranks"], record["shadow"])] = record
+for line in open(sys.argv[2]):  # PREDICT yield|spin {...}
+    _, waiting, payload = line.split(" ", 2)
+    record = json.loads(payload)
+    predicted[(record["ranks"], record["shadow"], waiting)] = record
 
 
 def spread(values, fmt):
@@ -300,7 +308,7 @@ print()
 print("| ranks | shadow | step ms measured | predicted | all-to-all ms (share) measured | predicted "
       "| wait ms (share) measured | predicted | shadowed / call measured | predicted |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-for (ranks, mode), p in sorted(predicted.items()):
+for (ranks, mode, waiting), p in sorted(predicted.items()):
     runs = results.get(f"mpi-{ranks}-{mode}", [])
     if not runs:
         continue
@@ -309,7 +317,8 @@ for (ranks, mode), p in sorted(predicted.items()):
     wait = [r["imbalance_wait_ms_median"] for r in runs]
     shadowed = [r["shadowed_per_call"] for r in runs]
     s = statistics.median(step)
-    print(f"| {ranks} | {mode} | {spread(step, '{:,.0f}')} | {p['step_ms']:,.0f} "
+    label = f"{ranks}, {waiting}" if ranks > int(sys.argv[3]) else f"{ranks}"
+    print(f"| {label} | {mode} | {spread(step, '{:,.0f}')} | {p['step_ms']:,.0f} "
           f"({100 * (p['step_ms'] / s - 1):+.0f}%) "
           f"| {spread(a2a, '{:.0f}')} ({100 * statistics.median(a2a) / s:.1f}%) "
           f"| {p['alltoall_ms']:.0f} ({100 * p['alltoall_ms'] / p['step_ms']:.1f}%) "

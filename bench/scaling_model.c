@@ -25,15 +25,20 @@
  *   experts       = sum over layers of max_q rows_q t_row (+ the shadowed
  *                   rows each rank runs itself), t_row = 6 n D H / rate
  *   wait          = max_q sum over layers of (max_q' rows_q' - rows_q) t_row
+ *   imbalance     = sum over layers of (max_q rows_q - mean_q rows_q) t_row
  *   all-to-all    = per layer: the counts, alpha (P-1); the rows, 4 x
  *                   (alpha (P-1) + beta 4 D max_q max(rows sent, received));
  *                   shadowed weights out (ring Allgatherv) and gradients in
  *                   (Alltoallv to the owners) with the same alpha, beta
  *   all-reduce    = alpha_ar ceil(log2 P) (L + 2) + beta_ar 2 (P-1)/P 4 N
  *   dense         = (S - L T1 k t_row) T / T1, T1 the recipe's tokens
- * with the compute rates times min(1, cores / P) when --cores says the
- * ranks share fewer cores. Every figure is the median over the routing
- * samples. */
+ * When --cores says the P ranks share C < P cores, the dense part and the
+ * copies run at C / P of a core, and each layer's experts by processor
+ * sharing: while n ranks still compute, each runs at min(1, C / n) (Open
+ * MPI yields a waiting rank's core when the node is oversubscribed), which
+ * sets when each rank is done in place of rows_q t_row above (--waiting
+ * spin: every rank at C / P throughout instead). Every figure is the median
+ * over the routing samples. */
 #include <ctype.h>
 #include <math.h>
 #include <stdarg.h>
@@ -92,6 +97,7 @@ typedef struct inputs {
     int64_t dense_params;
     cost_fit alltoall, allreduce;
     int cores; /* 0: a core per rank */
+    bool spin; /* with fewer cores than ranks, a waiting rank keeps its share */
 } inputs;
 
 typedef enum expert_rule { EXPERTS_FIXED, EXPERTS_MAX, EXPERTS_PER_RANK } expert_rule;
@@ -343,6 +349,12 @@ static void fit_comm(const char *path, const comm_filter *f, cost_fit *alltoall,
 
 /* ---- the model of one step ------------------------------------------------------- */
 
+/* A rank and its experts' work in a layer (s at a core of its own). */
+typedef struct ranked {
+    double load;
+    int rank;
+} ranked;
+
 /* Scratch of one scenario. */
 typedef struct workspace {
     int32_t *counts;    /* [P][E]: rows rank p routes to expert e */
@@ -354,6 +366,8 @@ typedef struct workspace {
      * copies, rows it sends and receives, shadowed experts it owns; its
      * wait over the step (s) */
     double *computed, *shadow_rows, *sent, *received, *owned, *wait;
+    double *finish; /* [P]: when rank q's experts are done in a layer (s) */
+    ranked *ranked; /* [P]: scratch of share_cores */
 } workspace;
 
 static uint64_t mix(uint64_t x) { /* splitmix64's finaliser */
@@ -464,23 +478,58 @@ static double layer_alltoall(const inputs *in, const scenario *sc, const shadow_
     return seconds;
 }
 
-/* Adds one layer of one sample to *f; t_row: seconds per row computed. */
+static int by_load(const void *a, const void *b) {
+    const double x = ((const ranked *)a)->load, y = ((const ranked *)b)->load;
+    return (x > y) - (x < y);
+}
+
+/* The experts' phase of a layer, load [P] seconds of work per rank at a
+ * core of its own, on `cores` cores shared by processor sharing: while n
+ * ranks still compute, each runs at min(1, cores / n) of a core (Open MPI
+ * yields the core of a waiting rank when the node is oversubscribed). Sets
+ * finish [P], when each rank is done, and returns the last; with a core per
+ * rank, finish = load. spin: a waiting rank keeps its share instead (busy
+ * polling), so every rank runs at cores / P throughout. */
+static double share_cores(const double *load, int ranks, double cores, bool spin, workspace *w) {
+    if (spin) { /* every rank at cores / P of a core throughout */
+        const double speed = fmin(1.0, cores / ranks);
+        for (int q = 0; q < ranks; q++) w->finish[q] = load[q] / speed;
+        return max_of(w->finish, ranks);
+    }
+    for (int q = 0; q < ranks; q++) w->ranked[q] = (ranked){load[q], q};
+    qsort(w->ranked, (size_t)ranks, sizeof(ranked), by_load);
+    double now = 0.0, done = 0.0; /* work done so far by each rank still running */
+    for (int i = 0; i < ranks; i++) {
+        const double speed = fmin(1.0, cores / (ranks - i));
+        now += (w->ranked[i].load - done) / speed;
+        done = w->ranked[i].load;
+        w->finish[w->ranked[i].rank] = now;
+    }
+    return now;
+}
+
+/* Adds one layer of one sample to *f; t_row: seconds per row computed at a
+ * core of its own; cores: the cores the ranks share. */
 static void add_layer_figures(const inputs *in, const scenario *sc, const shadow_problem *problem,
-                              workspace *w, int count, double t_row, step_figures *f) {
-    const double most = max_of(w->computed, sc->ranks);
+                              workspace *w, int count, double t_row, double cores,
+                              step_figures *f) {
+    const int P = sc->ranks;
     double total = 0.0;
-    f->experts += (most + max_of(w->shadow_rows, sc->ranks)) * t_row;
-    for (int q = 0; q < sc->ranks; q++) {
-        w->wait[q] += (most - w->computed[q]) * t_row;
+    for (int q = 0; q < P; q++) {
+        w->computed[q] *= t_row; /* rows -> seconds */
         total += w->computed[q];
     }
-    f->imbalance += (most - total / sc->ranks) * t_row;
+    const double last = share_cores(w->computed, P, cores, in->spin, w);
+    const double speed = fmin(1.0, cores / P);
+    f->experts += last + max_of(w->shadow_rows, P) * t_row / speed; /* the copies: balanced */
+    for (int q = 0; q < P; q++) w->wait[q] += last - w->finish[q];
+    f->imbalance += last - total / P / speed;
     f->alltoall += layer_alltoall(in, sc, problem, w, count);
     f->shadowed += (double)count / in->shape.moe_layers;
 }
 
-/* The share of a core each rank gets: 1, or cores / P when the P ranks
- * share fewer cores (the compute rates scale by it). */
+/* The share of a core each rank gets when all compute: 1, or cores / P
+ * when the P ranks share fewer cores. */
 static double core_share(const inputs *in, int ranks) {
     return in->cores > 0 && in->cores < ranks ? (double)in->cores / ranks : 1.0;
 }
@@ -516,7 +565,8 @@ static step_figures estimate_sample(const inputs *in, const scenario *sc, int sa
     const model_shape *m = &in->shape;
     const routing *r = &in->routing;
     const double share_of_core = core_share(in, sc->ranks);
-    const double t_row = row_flops(m) / (in->expert_flops * share_of_core);
+    const double cores = in->cores > 0 ? in->cores : sc->ranks;
+    const double t_row = row_flops(m) / in->expert_flops; /* at a core of its own */
     const shadow_problem problem =
         shadow_problem_for(sc->ranks, sc->experts, m->d_model, m->hidden, m->matrices, sc->mode);
     step_figures f = {0};
@@ -530,7 +580,7 @@ static step_figures estimate_sample(const inputs *in, const scenario *sc, int sa
         if (sc->mode != SHADOW_OFF)
             count = shadow_decide(&problem, w->counts, w->rank_cost, w->shadowed);
         layer_rows(sc, w->counts, w->shadowed, w);
-        add_layer_figures(in, sc, &problem, w, count, t_row, &f);
+        add_layer_figures(in, sc, &problem, w, count, t_row, cores, &f);
     }
     f.wait = max_of(w->wait, sc->ranks);
     f.dense = dense_per_token(in) * (double)sc->tokens_per_rank / share_of_core;
@@ -546,17 +596,19 @@ static bool make_workspace(const inputs *in, const scenario *sc, workspace *w) {
     w->shadowed = malloc(E);
     w->share = malloc(E * sizeof(double));
     w->sorted = malloc((size_t)in->routing.experts * sizeof(double));
-    double **per_rank[] = {&w->computed, &w->shadow_rows, &w->sent,
-                           &w->received, &w->owned,       &w->wait};
-    bool ok = w->counts && w->rank_cost && w->shadowed && w->share && w->sorted;
+    double **per_rank[] = {&w->computed, &w->shadow_rows, &w->sent,  &w->received,
+                           &w->owned,    &w->wait,        &w->finish};
+    w->ranked = malloc(P * sizeof(ranked));
+    bool ok = w->counts && w->rank_cost && w->shadowed && w->share && w->sorted && w->ranked;
     for (size_t i = 0; i < sizeof per_rank / sizeof per_rank[0]; i++)
         ok = (*per_rank[i] = malloc(P * sizeof(double))) && ok;
     return ok;
 }
 
 static void free_workspace(workspace *w) {
-    void *all[] = {w->counts,      w->rank_cost, w->shadowed, w->share, w->sorted, w->computed,
-                   w->shadow_rows, w->sent,      w->received, w->owned, w->wait};
+    void *all[] = {w->counts,   w->rank_cost,   w->shadowed, w->share,    w->sorted,
+                   w->computed, w->shadow_rows, w->sent,     w->received, w->owned,
+                   w->wait,     w->finish,      w->ranked};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
 }
 
@@ -691,9 +743,14 @@ static void print_inputs(const options *o, const inputs *in) {
                100 * fits[i]->worst_error);
     }
     const char *rules[] = {"moe.num_experts", "max(moe.num_experts, P)", "moe.num_experts / 2 x P"};
-    printf("scaling: %s, experts %s, %s\n",
+    printf("scaling: %s, experts %s, ",
            o->strong ? "strong (the recipe's batch over P)" : "weak (tokens per rank fixed)",
-           rules[o->experts], in->cores > 0 ? "ranks share the --cores cores" : "a core per rank");
+           rules[o->experts]);
+    if (in->cores > 0)
+        printf("the ranks share %d cores (a waiting rank %s)\n", in->cores,
+               in->spin ? "keeps its share" : "yields its core");
+    else
+        printf("a core per rank\n");
 }
 
 static void report(const options *o, const inputs *in) {
@@ -758,7 +815,11 @@ static const char usage[] =
     "  --experts RULE         max (default): max(moe.num_experts, P); fixed:\n"
     "                         moe.num_experts; per-rank: moe.num_experts / 2 per rank\n"
     "  --shadow LIST          modes of parallel.shadow_experts (default off,auto)\n"
-    "  --cores C              the ranks share C cores: compute rates x C / P when P > C\n"
+    "  --cores C              the ranks share C cores: when P > C, the dense part at C / P\n"
+    "                         of a core, the experts by processor sharing (see --waiting)\n"
+    "  --waiting yield|spin   with P > C, a waiting rank gives its core to those still\n"
+    "                         computing (yield, the default: Open MPI when oversubscribed)\n"
+    "                         or keeps its share (spin): the two ends of what MPI does\n"
     "  --set K=V              override a recipe key (repeatable)\n"
     "  --json                 one PREDICT line of JSON per scenario instead of the table\n"
     "Exit status: 0 done, 1 an input cannot be used, 2 bad usage.\n";
@@ -894,6 +955,9 @@ static bool scenario_option(const char *flag, const char *value, options *o, inp
         o->n_modes = parse_modes(value, o->modes);
     } else if (!strcmp(flag, "--cores")) {
         in->cores = (int)parse_number(flag, value, 1, 1e6);
+    } else if (!strcmp(flag, "--waiting")) {
+        if (strcmp(value, "yield") && strcmp(value, "spin")) bad_value(flag, value);
+        in->spin = !strcmp(value, "spin");
     } else if (!strcmp(flag, "--set")) {
         if (o->n_sets == MAX_SETS) bad_usage("more than %d --set", MAX_SETS);
         o->sets[o->n_sets++] = value;
