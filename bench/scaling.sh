@@ -180,6 +180,7 @@ if [ -z "$FROM" ]; then
         --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 \
         --set train.threads=2 --set train.out_dir="$OUT/routing" >"$OUT/logs/routing.out" 2>&1 ||
         die "the routing run failed; see $OUT/logs/routing.out"
+    rm -f "$OUT"/routing/ckpt-*.h5 # its final checkpoint (200 MB): only the metrics are used
 fi
 ROUTING="$OUT/routing/metrics.jsonl"
 grep -q '"kind": "moe"' "$ROUTING" 2>/dev/null || die "the routing run wrote no moe lines in $ROUTING"
