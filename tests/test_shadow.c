@@ -16,13 +16,7 @@ enum { MAX_E = 16, MAX_P = 4 };
 
 /* lm-moe: D 256, H 1024, GELU experts (two matrices). */
 static shadow_problem lm_moe(int ranks, int experts, shadow_mode mode) {
-    const int64_t D = 256, H = 1024;
-    return (shadow_problem){.ranks = ranks,
-                            .experts = experts,
-                            .row_flops = 6 * 2 * D * H,
-                            .row_floats = D,
-                            .weight_floats = 2 * D * H + H + D,
-                            .float_cost = mode == SHADOW_FORCE ? 0 : SHADOW_FLOPS_PER_FLOAT};
+    return shadow_problem_for(ranks, experts, 256, 1024, 2, mode);
 }
 
 static int decide(const shadow_problem *problem, const int32_t *counts, uint8_t *shadowed) {
@@ -52,6 +46,26 @@ START_TEST(test_cost_by_hand) {
     uint8_t shadowed[2];
     ck_assert_int_eq(decide(&problem, counts, shadowed), 2);
     ck_assert(shadowed[0] && shadowed[1]);
+}
+END_TEST
+
+/* The sizes the MoE layer and bench/scaling_model give the cost model:
+ * forward and backward of each matrix per row, the row's D floats, one
+ * expert's weights and biases; force counts moving data as free. */
+START_TEST(test_problem_for_a_layer) {
+    const shadow_problem gelu = shadow_problem_for(4, 8, 256, 1024, 2, SHADOW_AUTO);
+    ck_assert_int_eq(gelu.ranks, 4);
+    ck_assert_int_eq(gelu.experts, 8);
+    ck_assert_int_eq(gelu.row_flops, 6 * 2 * 256 * 1024);
+    ck_assert_int_eq(gelu.row_floats, 256);
+    ck_assert_int_eq(gelu.weight_floats, 2 * 256 * 1024 + 1024 + 256);
+    ck_assert_int_eq(gelu.float_cost, SHADOW_FLOPS_PER_FLOAT);
+    const shadow_problem swiglu = shadow_problem_for(2, 8, 64, 96, 3, SHADOW_FORCE);
+    ck_assert_int_eq(swiglu.row_flops, 6 * 3 * 64 * 96);
+    ck_assert_int_eq(swiglu.weight_floats, 3 * 64 * 96 + 2 * 96 + 64);
+    ck_assert_int_eq(swiglu.float_cost, 0);
+    ck_assert_int_eq(shadow_problem_for(2, 8, 64, 96, 2, SHADOW_OFF).float_cost,
+                     SHADOW_FLOPS_PER_FLOAT);
 }
 END_TEST
 
@@ -153,6 +167,7 @@ int main(void) {
     Suite *suite = suite_create("shadow");
     TCase *tc = tcase_create("decision");
     tcase_add_test(tc, test_cost_by_hand);
+    tcase_add_test(tc, test_problem_for_a_layer);
     tcase_add_test(tc, test_balanced_shadows_nothing);
     tcase_add_test(tc, test_one_rank_or_no_rows);
     tcase_add_test(tc, test_skewed_shadows_the_hot_experts);

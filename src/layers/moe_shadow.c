@@ -9,14 +9,9 @@
 /* The cost model's view of one layer: sizes per row and per expert. */
 static shadow_problem layer_problem(const moe_layer *moe, int ranks) {
     const moe_config *c = &moe->config;
-    const int64_t D = c->d_model, H = c->hidden;
-    const int64_t matrices = c->activation == AG_ACT_SWIGLU ? 3 : 2;
-    return (shadow_problem){.ranks = ranks,
-                            .experts = c->router.num_experts,
-                            .row_flops = 6 * matrices * D * H,
-                            .row_floats = D,
-                            .weight_floats = matrices * D * H + (matrices - 1) * H + D,
-                            .float_cost = c->shadow == SHADOW_FORCE ? 0 : SHADOW_FLOPS_PER_FLOAT};
+    const int matrices = c->activation == AG_ACT_SWIGLU ? 3 : 2;
+    return shadow_problem_for(ranks, c->router.num_experts, c->d_model, c->hidden, matrices,
+                              c->shadow);
 }
 
 /* Splits the dispatch order: exchanged positions keep their order (their

@@ -58,6 +58,13 @@ typedef struct shadow_problem {
     int64_t float_cost;    /* flops per float moved; 0: communication is free */
 } shadow_problem;
 
+/* The problem of a layer of experts with n_mat matrices D x H each (2, or 3
+ * with swiglu; biases H for all but the output matrix, D for it), in
+ * `mode` (SHADOW_FORCE: communication free). The MoE layer and
+ * bench/scaling_model both take it from here. */
+shadow_problem shadow_problem_for(int ranks, int experts, int64_t d_model, int64_t hidden,
+                                  int matrices, shadow_mode mode);
+
 /* counts [P][E]: rows rank p routes to expert e (the same array on every
  * rank). Sets shadowed[e] to 1 for the experts to shadow, else 0, and
  * returns how many; rank_cost [P] is scratch. Pure: no MPI, no allocation.
