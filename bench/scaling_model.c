@@ -64,6 +64,7 @@ enum {
 typedef struct model_shape {
     int moe_layers, d_model, hidden, matrices, k, experts;
     int64_t tokens_per_step;
+    int64_t float_cost; /* parallel.shadow_float_cost */
 } model_shape;
 
 typedef struct inputs {
@@ -315,8 +316,8 @@ static step_figures estimate_sample(const inputs *in, const scenario *sc, int sa
     const double share_of_core = core_share(in, sc->ranks);
     const double cores = in->cores > 0 ? in->cores : sc->ranks;
     const double t_row = row_flops(m) / in->expert_flops; /* at a core of its own */
-    const shadow_problem problem =
-        shadow_problem_for(sc->ranks, sc->experts, m->d_model, m->hidden, m->matrices, sc->mode);
+    const shadow_problem problem = shadow_problem_for(sc->ranks, sc->experts, m->d_model, m->hidden,
+                                                      m->matrices, sc->mode, m->float_cost);
     step_figures f = {0};
     for (int q = 0; q < sc->ranks; q++) w->wait[q] = 0;
     for (int l = 0; l < m->moe_layers; l++) {
@@ -757,7 +758,8 @@ static model_shape load_shape(const options *o) {
                      .matrices = recipe.moe.activation == AG_ACT_SWIGLU ? 3 : 2,
                      .k = recipe.router.k,
                      .experts = recipe.moe.num_experts,
-                     .tokens_per_step = (int64_t)recipe.data.batch_size * recipe.data.seq_len};
+                     .tokens_per_step = (int64_t)recipe.data.batch_size * recipe.data.seq_len,
+                     .float_cost = recipe.parallel.shadow_float_cost};
     for (int l = 0; l < recipe.model.n_layers; l++) m.moe_layers += recipe_layer_is_moe(&recipe, l);
     return m;
 }

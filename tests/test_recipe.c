@@ -602,6 +602,7 @@ static const char *const every_key_overrides[] = {
     "eval.split=test",
     "parallel.expert_parallel=2",
     "parallel.shadow_experts=auto",
+    "parallel.shadow_float_cost=750",
     "adversarial.mode=advmoe",
     "adversarial.eps=0.3",
     "adversarial.step_size=0.05",

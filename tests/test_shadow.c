@@ -16,7 +16,7 @@ enum { MAX_E = 16, MAX_P = 4 };
 
 /* lm-moe: D 256, H 1024, GELU experts (two matrices). */
 static shadow_problem lm_moe(int ranks, int experts, shadow_mode mode) {
-    return shadow_problem_for(ranks, experts, 256, 1024, 2, mode);
+    return shadow_problem_for(ranks, experts, 256, 1024, 2, mode, SHADOW_FLOPS_PER_FLOAT);
 }
 
 static int decide(const shadow_problem *problem, const int32_t *counts, uint8_t *shadowed) {
@@ -53,19 +53,19 @@ END_TEST
  * forward and backward of each matrix per row, the row's D floats, one
  * expert's weights and biases; force counts moving data as free. */
 START_TEST(test_problem_for_a_layer) {
-    const shadow_problem gelu = shadow_problem_for(4, 8, 256, 1024, 2, SHADOW_AUTO);
+    const shadow_problem gelu =
+        shadow_problem_for(4, 8, 256, 1024, 2, SHADOW_AUTO, SHADOW_FLOPS_PER_FLOAT);
     ck_assert_int_eq(gelu.ranks, 4);
     ck_assert_int_eq(gelu.experts, 8);
     ck_assert_int_eq(gelu.row_flops, 6 * 2 * 256 * 1024);
     ck_assert_int_eq(gelu.row_floats, 256);
     ck_assert_int_eq(gelu.weight_floats, 2 * 256 * 1024 + 1024 + 256);
     ck_assert_int_eq(gelu.float_cost, SHADOW_FLOPS_PER_FLOAT);
-    const shadow_problem swiglu = shadow_problem_for(2, 8, 64, 96, 3, SHADOW_FORCE);
+    const shadow_problem swiglu = shadow_problem_for(2, 8, 64, 96, 3, SHADOW_FORCE, 750);
     ck_assert_int_eq(swiglu.row_flops, 6 * 3 * 64 * 96);
     ck_assert_int_eq(swiglu.weight_floats, 3 * 64 * 96 + 2 * 96 + 64);
     ck_assert_int_eq(swiglu.float_cost, 0);
-    ck_assert_int_eq(shadow_problem_for(2, 8, 64, 96, 2, SHADOW_OFF).float_cost,
-                     SHADOW_FLOPS_PER_FLOAT);
+    ck_assert_int_eq(shadow_problem_for(2, 8, 64, 96, 2, SHADOW_OFF, 750).float_cost, 750);
 }
 END_TEST
 
@@ -143,6 +143,27 @@ START_TEST(test_small_skew_not_worth_the_weights) {
 }
 END_TEST
 
+/* parallel.shadow_float_cost: the dearer moving a float, the fewer experts
+ * auto shadows. Rank 1's expert 4 gets 1300 rows from rank 1 and 200 from
+ * rank 0, every other expert 500 from each rank: shadowing expert 4 pays at
+ * the default 80 flops per float, not at the 750 measured on the loaded
+ * 2-core machine (docs/scaling.md), nor at 100,000. */
+START_TEST(test_dearer_floats_shadow_fewer) {
+    int32_t counts[2 * 8];
+    for (int i = 0; i < 16; i++) counts[i] = 500;
+    counts[4] = 200, counts[8 + 4] = 1300;
+    const int64_t costs[3] = {SHADOW_FLOPS_PER_FLOAT, 750, 100000};
+    const int expected[3] = {1, 0, 0};
+    for (int i = 0; i < 3; i++) {
+        const shadow_problem problem =
+            shadow_problem_for(2, 8, 256, 1024, 2, SHADOW_AUTO, costs[i]);
+        uint8_t shadowed[8];
+        ck_assert_int_eq(decide(&problem, counts, shadowed), expected[i]);
+        ck_assert_int_eq(shadowed[4], expected[i]);
+    }
+}
+END_TEST
+
 /* The answer depends on the counts alone, not on what the scratch and the
  * output held before: every rank of the group decides the same. */
 START_TEST(test_same_decision_whatever_the_scratch) {
@@ -169,6 +190,7 @@ int main(void) {
     tcase_add_test(tc, test_cost_by_hand);
     tcase_add_test(tc, test_problem_for_a_layer);
     tcase_add_test(tc, test_balanced_shadows_nothing);
+    tcase_add_test(tc, test_dearer_floats_shadow_fewer);
     tcase_add_test(tc, test_one_rank_or_no_rows);
     tcase_add_test(tc, test_skewed_shadows_the_hot_experts);
     tcase_add_test(tc, test_small_skew_not_worth_the_weights);

@@ -79,8 +79,10 @@ typedef struct moe_config {
     int ep_rank, ep_size;
     dispatch_timing *timing; /* exchange time counters (cmoe bench); NULL: not timed */
     /* Dynamic shadowing of hot experts (parallel/shadow.h): off, auto (the
-     * cost model decides per call), force (communication counted free). */
+     * cost model decides per call, moving a float costing shadow_float_cost
+     * flops), force (communication counted free). */
     shadow_mode shadow;
+    int shadow_float_cost; /* 0: SHADOW_FLOPS_PER_FLOAT */
 } moe_config;
 
 typedef struct moe_layer {

@@ -10,8 +10,9 @@
 static shadow_problem layer_problem(const moe_layer *moe, int ranks) {
     const moe_config *c = &moe->config;
     const int matrices = c->activation == AG_ACT_SWIGLU ? 3 : 2;
-    return shadow_problem_for(ranks, c->router.num_experts, c->d_model, c->hidden, matrices,
-                              c->shadow);
+    return shadow_problem_for(
+        ranks, c->router.num_experts, c->d_model, c->hidden, matrices, c->shadow,
+        c->shadow_float_cost > 0 ? c->shadow_float_cost : SHADOW_FLOPS_PER_FLOAT);
 }
 
 /* Splits the dispatch order: exchanged positions keep their order (their

@@ -14,14 +14,14 @@ static_assert(sizeof shadow_mode_names / sizeof shadow_mode_names[0] == SHADOW_M
 /* ---- the decision: a pure function of the counts ----------------------------- */
 
 shadow_problem shadow_problem_for(int ranks, int experts, int64_t d_model, int64_t hidden,
-                                  int matrices, shadow_mode mode) {
+                                  int matrices, shadow_mode mode, int64_t float_cost) {
     return (shadow_problem){.ranks = ranks,
                             .experts = experts,
                             .row_flops = 6 * matrices * d_model * hidden,
                             .row_floats = d_model,
                             .weight_floats =
                                 matrices * d_model * hidden + (matrices - 1) * hidden + d_model,
-                            .float_cost = mode == SHADOW_FORCE ? 0 : SHADOW_FLOPS_PER_FLOAT};
+                            .float_cost = mode == SHADOW_FORCE ? 0 : float_cost};
 }
 
 static int64_t expert_rows(const shadow_problem *problem, const int32_t *counts, int expert) {

@@ -32,8 +32,10 @@
  * of the in-situ expert sgemm rate of one thread (~100 GFLOP/s here) to the
  * shared-memory MPI rate of collectives (~5 GB/s = 1.25 Gfloat/s), so
  * moving one float costs as much time as about 80 flops; docs/performance.md
- * has the measurements. SHADOW_FORCE sets float_cost to 0 (communication
- * free: shadow whenever it evens out the rows computed), for tests and
+ * has the measurements. That is the default of the recipe key
+ * parallel.shadow_float_cost, which sets float_cost: docs/scaling.md measured
+ * about 750 on a loaded 2-core machine and about 7 on a fast network. SHADOW_FORCE sets float_cost
+ * to 0 (communication free: shadow whenever it evens out the rows computed), for tests and
  * measurement. Balanced counts shadow nothing in every mode. */
 #ifndef CMOE_PARALLEL_SHADOW_H
 #define CMOE_PARALLEL_SHADOW_H
@@ -60,10 +62,11 @@ typedef struct shadow_problem {
 
 /* The problem of a layer of experts with n_mat matrices D x H each (2, or 3
  * with swiglu; biases H for all but the output matrix, D for it), in
- * `mode` (SHADOW_FORCE: communication free). The MoE layer and
- * bench/scaling_model both take it from here. */
+ * `mode`, with moving one float costing float_cost flops
+ * (parallel.shadow_float_cost; SHADOW_FORCE: communication free). The MoE
+ * layer and bench/scaling_model both take it from here. */
 shadow_problem shadow_problem_for(int ranks, int experts, int64_t d_model, int64_t hidden,
-                                  int matrices, shadow_mode mode);
+                                  int matrices, shadow_mode mode, int64_t float_cost);
 
 /* counts [P][E]: rows rank p routes to expert e (the same array on every
  * rank). Sets shadowed[e] to 1 for the experts to shadow, else 0, and

@@ -195,6 +195,7 @@ typedef struct cm_eval_cfg {
 typedef struct cm_parallel_cfg {
     int expert_parallel;        /* ranks per expert-parallel group; 0: all ranks */
     shadow_mode shadow_experts; /* dynamic shadowing of hot experts (parallel/shadow.h) */
+    int shadow_float_cost;      /* auto's cost of moving one float, in flops */
 } cm_parallel_cfg;
 
 /* Adversarial training and robust evaluation of the resnet (METHODS.md 4). */

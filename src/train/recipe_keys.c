@@ -385,6 +385,10 @@ const recipe_key recipe_keys[] = {
              "copies of the experts' weights, chosen from the global row counts by a cost model "
              "(auto), or whenever it evens out the rows computed (force); exact, the same "
              "decision on every rank (docs/performance.md)"),
+    KEY_INT("parallel", "shadow_float_cost", parallel.shadow_float_cost, "80", "[1, 1000000]",
+            "shadow_experts auto's cost model: the flops of expert compute that moving one float "
+            "between ranks costs (the sgemm rate over the collectives' floats per second); "
+            "higher shadows fewer experts (docs/scaling.md has measurements)"),
 
     KEY_ENUM("adversarial", "mode", adversarial.mode, adv_mode, adv_mode_names, "standard",
              "standard (clean CE), pgd_at (CE on PGD examples), trades (TRADES loss), advmoe "

@@ -77,6 +77,7 @@ static lm_config model_config(const task_env *env) {
             config.moe.ep_rank = env->comm->ep_rank;
             config.moe.ep_size = env->comm->ep_size;
             config.moe.shadow = recipe->parallel.shadow_experts;
+            config.moe.shadow_float_cost = recipe->parallel.shadow_float_cost;
         }
     }
     return config;
