@@ -73,6 +73,20 @@ check $? "2-rank RESULT line with the all-to-all ($(tail -n 1 "$work/mpi.out"))"
 grep -q "all-to-all .* ms median per step" "$work/mpi.out"
 check $? "2-rank all-to-all share printed"
 
+# parallel.shadow_float_cost reaches the MoE layers' decision: with moving a
+# float nearly free (1 flop) auto shadows hot experts, at 1,000,000 flops
+# none (the weights cost more to move than the rows they would keep home).
+for cost in 1 1000000; do
+    mpi 2 bench bench/lm-moe.yaml --steps 3 --skip 1 --threads 1 --set model.n_layers=2 \
+        --set data.batch_size=4 --set parallel.shadow_experts=auto \
+        --set parallel.shadow_float_cost=$cost > "$work/cost$cost.out" 2> "$work/cost$cost.err"
+    check $? "cmoe bench, shadow_float_cost $cost ($(tail -c 300 "$work/cost$cost.err"))"
+done
+awk -v cheap="$(json shadowed_per_call "$work/cost1.out")" \
+    -v dear="$(json shadowed_per_call "$work/cost1000000.out")" \
+    'BEGIN { exit !(cheap > 0 && dear == 0) }'
+check $? "auto shadows at 1 flop per float, not at 1,000,000 ($(json shadowed_per_call "$work/cost1.out"), $(json shadowed_per_call "$work/cost1000000.out"))"
+
 # Usage errors.
 "$cmoe" bench bench/lm-dense.yaml --steps 3 --skip 3 > "$work/bad.out" 2>&1
 [ $? -eq 2 ] && grep -q "skip" "$work/bad.out"
