@@ -33,10 +33,11 @@
  * shared-memory MPI rate of collectives (~5 GB/s = 1.25 Gfloat/s), so
  * moving one float costs as much time as about 80 flops; docs/performance.md
  * has the measurements. That is the default of the recipe key
- * parallel.shadow_float_cost, which sets float_cost: docs/scaling.md measured
- * about 750 on a loaded 2-core machine and about 7 on a fast network. SHADOW_FORCE sets float_cost
- * to 0 (communication free: shadow whenever it evens out the rows computed), for tests and
- * measurement. Balanced counts shadow nothing in every mode. */
+ * parallel.shadow_float_cost, which sets float_cost: docs/scaling.md
+ * measured about 750 on a loaded 2-core machine and about 7 on a fast
+ * network. SHADOW_FORCE sets float_cost to 0 (communication free: shadow
+ * whenever it evens out the rows computed), for tests and measurement.
+ * Balanced counts shadow nothing in every mode. */
 #ifndef CMOE_PARALLEL_SHADOW_H
 #define CMOE_PARALLEL_SHADOW_H
 
