@@ -47,6 +47,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_util.h"
 #include "parallel/shadow.h"
 #include "scaling_inputs.h"
 #include "train/recipe.h"
@@ -361,15 +362,6 @@ static void free_workspace(workspace *w) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
 }
 
-static int ascending(const void *a, const void *b) {
-    return -descending(a, b);
-}
-
-static double median(double *values, int n) {
-    qsort(values, (size_t)n, sizeof(double), ascending);
-    return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
 /* Each figure's median over the routing samples (as cmoe bench reports
  * each figure's median over its steps). */
 static step_figures estimate(const inputs *in, const scenario *sc) {
@@ -387,7 +379,7 @@ static step_figures estimate(const inputs *in, const scenario *sc) {
     step_figures out;
     double *fields[FIGURES] = {&out.step,      &out.dense,    &out.experts,   &out.wait,
                                &out.imbalance, &out.alltoall, &out.allreduce, &out.shadowed};
-    for (int i = 0; i < FIGURES; i++) *fields[i] = median(values + (size_t)i * n, n);
+    for (int i = 0; i < FIGURES; i++) *fields[i] = bench_median(values + (size_t)i * n, n);
     free_workspace(&w);
     free(values);
     return out;
@@ -460,7 +452,7 @@ static void print_skew(const routing *r) {
             const double *share = r->share + ((size_t)s * r->layers + (size_t)l) * r->experts;
             values[s] = max_of(share, r->experts) * r->experts;
         }
-        printf(" %.2f", median(values, r->samples));
+        printf(" %.2f", bench_median(values, r->samples));
     }
     printf("\n");
     free(values);
