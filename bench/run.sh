@@ -19,7 +19,10 @@
 #    threads, A B A B, with the all-to-all share of the step. --shadow
 #    MODES: the R-rank run once per parallel.shadow_experts mode, in turn
 #    within each repeat (A1 A2 B A1 A2 B), one table row per mode;
-#    --models "" --ranks R measures only this.
+#    --models "" --ranks R measures only this. A second table breaks each
+#    side's step into its parts (cmoe bench's medians): forward + backward
+#    outside the exchange, the all-to-all, the wait for the slowest rank,
+#    the gradient sums, the update, and the allocations by source.
 # Prints a markdown table (per-run medians: median and min-max over the runs)
 # on stdout, progress on stderr, and keeps every raw RESULT / SGEMM line in
 # OUT/results-DATE.txt (default OUT: the build dir's bench-results/) with
@@ -286,4 +289,28 @@ if ranks > 0:
               f"| {ratio:.2f}× | {alltoall} | {wait} | {shadowed} "
               f"| {median(mpi, 'peak_rss_mib_sum'):,.0f} / {median(single, 'peak_rss_mib'):,.0f} "
               f"| {allocations(mpi)} / {allocations(single)} |")
+
+    # Where the step goes (cmoe bench's parts, the slowest rank's medians).
+    print()
+    print("| lm-moe, median ms per step | step | forward + backward, less the all-to-all "
+          "and the wait | all-to-all | wait | gradient sums over the ranks | update "
+          "| allocations / step: Open MPI, cmoe's code, elsewhere |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = [(f"1 rank × {threads} threads", single)]
+    rows += [(f"{ranks} ranks, shadow_experts {side[4:]}" if side != "mpi" else f"{ranks} ranks",
+              results[(side, "lm-moe")])
+             for side in sorted(s for s, m in results if m == "lm-moe" and s.startswith("mpi"))]
+    for label, runs in rows:
+        if not all("forward_ms_median" in r for r in runs):
+            continue
+        compute = [r.get("compute_ms_median", r["forward_ms_median"] + r["backward_ms_median"])
+                   for r in runs]
+        sources = ", ".join(allocations([{"allocs_per_step_max": r.get(f"allocs_{k}_per_step_max", -1)}
+                                         for r in runs]) for k in ("mpi", "own", "elsewhere"))
+        print(f"| {label} | {median(runs, 'step_ms_median'):,.0f} "
+              f"| {statistics.median(compute):,.0f} "
+              f"| {statistics.median(r.get('alltoall_ms_median', 0) for r in runs):.0f} "
+              f"| {statistics.median(r.get('imbalance_wait_ms_median', 0) for r in runs):.0f} "
+              f"| {median(runs, 'reduce_ms_median'):.1f} | {median(runs, 'update_ms_median'):.1f} "
+              f"| {sources} |")
 PY

@@ -16,7 +16,11 @@
  *   peak RSS = getrusage's maximum resident set (the largest rank's);
  *   allocations = heap allocation calls of the whole process (all threads,
  *     all libraries) during each timed step: the most in one step is
- *     reported (alloc_count.c);
+ *     reported, in all and by where they come from (Open MPI, cmoe's own
+ *     code, elsewhere: alloc_count.c);
+ *   the parts of the step (run_clock): the medians of the batch load, the
+ *     forward to the loss, the loss values' sum over the ranks, backward,
+ *     the gradients' sums over the ranks and the update, the slowest rank's;
  *   under MPI, the all-to-all time of the expert exchange (the slowest
  *     rank's median) and, apart, the wait for the slowest rank before
  *     each exchange (a barrier absorbs it: expert load imbalance, not
@@ -44,22 +48,51 @@ static const char bench_help[] =
     "Runs N training steps (default 22) of RECIPE from fresh parameters, with no\n"
     "logging, evaluation or checkpoint, and reports the steps after the first K\n"
     "(default 2): tokens/s (images/s for a CNN) median, min and max, the model's\n"
-    "GFLOP/s at the median step time, peak RSS and the heap allocations made in a\n"
-    "step. T (default 2) is the number of threads of each process. The last line is\n"
+    "GFLOP/s at the median step time, peak RSS, the heap allocations made in a step\n"
+    "(in all, and how many came from Open MPI, from cmoe's code and from elsewhere)\n"
+    "and the median time of each part of the step (load, forward, the loss values'\n"
+    "sum over the ranks, backward, the gradients' sum over the ranks, update). T\n"
+    "(default 2) is the number of threads of each process. The last line is\n"
     "  RESULT {\"model\": ..., \"tok_s_median\": ..., ...}\n"
     "(one line of JSON; docs/performance.md). The reference configurations are\n"
     "bench/lm-dense.yaml, bench/lm-moe.yaml, bench/cnn-moe.yaml and\n"
     "bench/cnn-advmoe.yaml; bench/run.sh compares them with PyTorch. Under\n"
-    "mpirun every rank runs the step (expert parallel, as `cmoe train`) and the\n"
-    "all-to-all time of the expert exchange is reported too.\n";
+    "mpirun every rank runs the step (expert parallel, as `cmoe train`); the\n"
+    "all-to-all time of the expert exchange, the wait for the slowest rank before\n"
+    "it, and forward + backward without them are reported too.\n";
+
+enum { N_PARTS = 6 }; /* the fields of run_clock, in order */
+
+static const char *const part_names[N_PARTS] = {"load",     "forward", "loss values",
+                                                "backward", "reduce",  "update"};
+static const char *const part_keys[N_PARTS] = {"load",     "forward", "values",
+                                               "backward", "reduce",  "update"};
+
+static void clock_parts(const run_clock *clock, double parts[N_PARTS]) {
+    const double values[N_PARTS] = {clock->load,     clock->forward, clock->values,
+                                    clock->backward, clock->reduce,  clock->update};
+    memcpy(parts, values, sizeof values);
+}
+
+enum { N_KINDS = 1 + ALLOC_N_SOURCES }; /* allocations in all, then by source */
+
+static const char *const source_keys[ALLOC_N_SOURCES] = {"mpi", "own", "elsewhere"};
+
+static void alloc_counts(long long counts[N_KINDS]) {
+    counts[0] = alloc_count_total();
+    for (int k = 0; k < ALLOC_N_SOURCES; k++) counts[1 + k] = alloc_count_from((alloc_source)k);
+}
 
 typedef struct bench_timer {
     int64_t steps;
     const dispatch_timing *exchange; /* the session's counters */
-    double last_time, last_exchange, last_wait;
-    long long last_allocations;
+    const run_clock *clock;          /* the session's */
+    double last_time, last_exchange, last_wait, last_parts[N_PARTS];
+    long long last_allocations[N_KINDS];
     double *seconds, *exchange_seconds, *wait_seconds;
-    long long *allocations;
+    double *part_seconds[N_PARTS];
+    double *compute_seconds;         /* forward + backward less the exchange and the wait */
+    long long *allocations[N_KINDS]; /* per step: in all, then per alloc_source */
     bool print;
 } bench_timer;
 
@@ -67,13 +100,20 @@ static void on_step(void *user, int64_t steps_done) {
     bench_timer *t = user;
     double now = cm_now(), exchange = t->exchange->exchange_seconds,
            wait = t->exchange->wait_seconds;
-    long long allocations = alloc_count_total();
+    long long allocations[N_KINDS];
+    alloc_counts(allocations);
+    double parts[N_PARTS];
+    clock_parts(t->clock, parts);
     if (steps_done > 0) {
         int64_t i = steps_done - 1;
         t->seconds[i] = now - t->last_time;
+        for (int p = 0; p < N_PARTS; p++) t->part_seconds[p][i] = parts[p] - t->last_parts[p];
         t->exchange_seconds[i] = exchange - t->last_exchange;
         t->wait_seconds[i] = wait - t->last_wait;
-        t->allocations[i] = allocations - t->last_allocations;
+        t->compute_seconds[i] = t->part_seconds[1][i] + t->part_seconds[3][i] -
+                                t->exchange_seconds[i] - t->wait_seconds[i];
+        for (int k = 0; k < N_KINDS; k++)
+            t->allocations[k][i] = allocations[k] - t->last_allocations[k];
         if (t->print) {
             fprintf(stderr, "\rstep %lld/%lld  %.1f ms", (long long)steps_done, (long long)t->steps,
                     1e3 * t->seconds[i]);
@@ -81,9 +121,10 @@ static void on_step(void *user, int64_t steps_done) {
         }
     }
     /* read the clock last, so the bookkeeping above is not timed */
-    t->last_allocations = alloc_count_total();
+    alloc_counts(t->last_allocations);
     t->last_exchange = t->exchange->exchange_seconds;
     t->last_wait = t->exchange->wait_seconds;
+    memcpy(t->last_parts, parts, sizeof parts);
     t->last_time = cm_now();
 }
 
@@ -115,6 +156,7 @@ static cm_status run_steps(const cm_recipe *recipe, const cm_comm *comm, bench_t
     dispatch_timing *exchange = run_session_timing(session);
     exchange->separate_wait = true;
     timer->exchange = exchange;
+    timer->clock = run_session_clock(session);
     cm_status status = CM_OK;
     on_step(timer, 0);
     for (int64_t step = 0; step < timer->steps && status == CM_OK; step++) {
@@ -155,19 +197,66 @@ static void print_exchange(const cm_recipe *recipe, double exchange_median, doub
            shadowed_per_call, shadow_mode_names[recipe->parallel.shadow_experts]);
 }
 
+/* The medians over the timed steps of each part of the step (run_clock), the
+ * slowest rank's, into parts_ms, and of forward + backward less the
+ * exchange and the wait inside them into *compute_ms. */
+static void median_parts(const cm_comm *comm, const bench_timer *t, int64_t skip,
+                         double parts_ms[N_PARTS], double *compute_ms) {
+    const int64_t n = t->steps - skip;
+    for (int p = 0; p < N_PARTS; p++)
+        parts_ms[p] = 1e3 * max_over_ranks(comm, median(t->part_seconds[p] + skip, n));
+    *compute_ms = 1e3 * max_over_ranks(comm, median(t->compute_seconds + skip, n));
+}
+
+/* The breakdown's lines of the report. */
+static void print_parts(const double parts_ms[N_PARTS], double compute_ms, double step_ms,
+                        bool ranks) {
+    printf("  parts of the step, median ms (the slowest rank's):");
+    double sum = 0.0;
+    for (int p = 0; p < N_PARTS; p++) {
+        printf(" %s %.1f,", part_names[p], parts_ms[p]);
+        sum += parts_ms[p];
+    }
+    printf(" the rest %.1f\n", step_ms - sum);
+    if (ranks)
+        printf("  forward + backward outside the all-to-all and the wait: %.1f ms median\n",
+               compute_ms);
+}
+
+/* The most allocations in one timed step, in all and per source, the
+ * largest over the ranks, and rank 0's total over the timed steps. */
+static void allocation_maxima(const cm_comm *comm, const bench_timer *t, int64_t skip,
+                              double most[N_KINDS], long long *total) {
+    *total = 0;
+    for (int k = 0; k < N_KINDS; k++) {
+        long long max = 0;
+        for (int64_t i = skip; i < t->steps; i++) {
+            max = t->allocations[k][i] > max ? t->allocations[k][i] : max;
+            if (k == 0) *total += t->allocations[k][i];
+        }
+        most[k] = max_over_ranks(comm, (double)max);
+    }
+}
+
+static void print_allocations(const double most[N_KINDS], long long total) {
+    if (!alloc_count_available()) {
+        printf("  heap allocations: not counted in a sanitizer build\n");
+        return;
+    }
+    printf("  heap allocations per timed step: at most %.0f (%lld in all on rank 0); the most in "
+           "a step from Open MPI %.0f, from cmoe's code %.0f, from elsewhere %.0f\n",
+           most[0], total, most[1 + ALLOC_MPI], most[1 + ALLOC_OWN], most[1 + ALLOC_ELSEWHERE]);
+}
+
 /* Prints the figures of the timed steps [skip, steps) and the RESULT line. */
 static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_timer *t, int64_t skip,
                    double flops_per_step, const char *item_name, int threads) {
     const int64_t n = t->steps - skip;
     const double *seconds = t->seconds + skip;
     double step_median = median(seconds, n), step_min = seconds[0], step_max = seconds[0];
-    long long allocations_max = 0, allocations_total = 0;
     for (int64_t i = 0; i < n; i++) {
         step_min = fmin(step_min, seconds[i]);
         step_max = fmax(step_max, seconds[i]);
-        allocations_max =
-            t->allocations[skip + i] > allocations_max ? t->allocations[skip + i] : allocations_max;
-        allocations_total += t->allocations[skip + i];
     }
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
@@ -175,7 +264,11 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
     double rss_max = max_over_ranks(comm, rss_mib), rss_sum = sum_over_ranks(comm, rss_mib);
     double exchange_median = max_over_ranks(comm, median(t->exchange_seconds + skip, n));
     double wait_median = max_over_ranks(comm, median(t->wait_seconds + skip, n));
-    double allocations_most = max_over_ranks(comm, (double)allocations_max);
+    double allocations_most[N_KINDS];
+    long long allocations_total;
+    allocation_maxima(comm, t, skip, allocations_most, &allocations_total);
+    double parts_ms[N_PARTS], compute_ms;
+    median_parts(comm, t, skip, parts_ms, &compute_ms);
     if (comm->world_rank != 0) return;
     const bool tokens_counted = strcmp(item_name, "tok") == 0;
     /* a step takes train.grad_accum micro-batches */
@@ -194,12 +287,9 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
     printf("  model     %.2f GFLOP per step, %.1f GFLOP/s\n", flops_per_step / 1e9,
            flops_per_step / step_median / 1e9);
     printf("  peak RSS  %.0f MiB%s\n", rss_max, comm->world_size > 1 ? " (largest rank)" : "");
-    if (alloc_count_available())
-        printf("  heap allocations per timed step: at most %.0f (%lld in all on rank 0)\n",
-               allocations_most, allocations_total);
-    else
-        printf("  heap allocations: not counted in a sanitizer build\n");
+    print_allocations(allocations_most, allocations_total);
     const double shadowed_per_call = shadowed_experts_per_call(t->exchange);
+    print_parts(parts_ms, compute_ms, 1e3 * step_median, comm->world_size > 1);
     if (comm->world_size > 1)
         print_exchange(recipe, exchange_median, wait_median, step_median, shadowed_per_call);
     printf("RESULT {\"model\": \"%s\", \"tok_s_median\": %.1f, \"tok_s_min\": %.1f, "
@@ -209,11 +299,16 @@ static void report(const cm_recipe *recipe, const cm_comm *comm, const bench_tim
            name, tokens / step_median, tokens / step_max, tokens / step_min,
            flops_per_step / step_median / 1e9, rss_max, 1e3 * step_median, comm->world_size,
            threads, (long long)n, flops_per_step / 1e9,
-           alloc_count_available() ? allocations_most : -1.0);
+           alloc_count_available() ? allocations_most[0] : -1.0);
+    for (int k = 0; k < ALLOC_N_SOURCES; k++)
+        printf(", \"allocs_%s_per_step_max\": %.0f", source_keys[k],
+               alloc_count_available() ? allocations_most[1 + k] : -1.0);
+    for (int p = 0; p < N_PARTS; p++) printf(", \"%s_ms_median\": %.3f", part_keys[p], parts_ms[p]);
     if (comm->world_size > 1)
         printf(", \"peak_rss_mib_sum\": %.1f, \"alltoall_ms_median\": %.3f, "
-               "\"imbalance_wait_ms_median\": %.3f, \"shadowed_per_call\": %.3f",
-               rss_sum, 1e3 * exchange_median, 1e3 * wait_median, shadowed_per_call);
+               "\"imbalance_wait_ms_median\": %.3f, \"shadowed_per_call\": %.3f, "
+               "\"compute_ms_median\": %.3f",
+               rss_sum, 1e3 * exchange_median, 1e3 * wait_median, shadowed_per_call, compute_ms);
     printf("}\n");
     fflush(stdout);
 }
@@ -297,10 +392,18 @@ int command_bench(int argc, char **argv) {
     timer.seconds = calloc((size_t)steps, sizeof(double));
     timer.exchange_seconds = calloc((size_t)steps, sizeof(double));
     timer.wait_seconds = calloc((size_t)steps, sizeof(double));
-    timer.allocations = calloc((size_t)steps, sizeof(long long));
-    if (status == CM_OK &&
-        (!timer.seconds || !timer.exchange_seconds || !timer.wait_seconds || !timer.allocations))
-        status = CM_ERR(CM_ERR_NOMEM, "out of memory");
+    timer.compute_seconds = calloc((size_t)steps, sizeof(double));
+    bool allocated =
+        timer.seconds && timer.exchange_seconds && timer.wait_seconds && timer.compute_seconds;
+    for (int k = 0; k < N_KINDS; k++) {
+        timer.allocations[k] = calloc((size_t)steps, sizeof(long long));
+        allocated = allocated && timer.allocations[k];
+    }
+    for (int p = 0; p < N_PARTS; p++) {
+        timer.part_seconds[p] = calloc((size_t)steps, sizeof(double));
+        allocated = allocated && timer.part_seconds[p];
+    }
+    if (status == CM_OK && !allocated) status = CM_ERR(CM_ERR_NOMEM, "out of memory");
     double flops_per_step = 0.0;
     const char *item_name = "tok";
     int exit_code = EXIT_FAILURE;
@@ -321,7 +424,9 @@ int command_bench(int argc, char **argv) {
     free(timer.seconds);
     free(timer.exchange_seconds);
     free(timer.wait_seconds);
-    free(timer.allocations);
+    for (int k = 0; k < N_KINDS; k++) free(timer.allocations[k]);
+    free(timer.compute_seconds);
+    for (int p = 0; p < N_PARTS; p++) free(timer.part_seconds[p]);
     if (comm_ready) comm_free(&comm);
     comm_stop();
     return exit_code;

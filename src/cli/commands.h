@@ -31,5 +31,14 @@ void alloc_count_enable(bool on);
 /* Allocation calls counted so far in the whole process, all threads
  * (malloc, calloc, realloc and the aligned variants); -1 if unavailable. */
 long long alloc_count_total(void);
+/* Where an allocation comes from (alloc_count.c: by its call stack). */
+typedef enum alloc_source {
+    ALLOC_MPI,       /* a frame in Open MPI or the libraries it runs on */
+    ALLOC_OWN,       /* else a frame in cmoe's code */
+    ALLOC_ELSEWHERE, /* OpenBLAS, libc, or a stack that did not unwind */
+    ALLOC_N_SOURCES
+} alloc_source;
+/* The part of alloc_count_total from `source`; -1 if unavailable. */
+long long alloc_count_from(alloc_source source);
 
 #endif

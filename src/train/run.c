@@ -31,6 +31,7 @@ struct run_session {
     optim_state optim_states[RUN_MAX_PHASES]; /* one per phase */
     optim_lr_schedule schedule;
     dispatch_timing timing;
+    run_clock clock;
 };
 
 /* ---- the pieces of a run -------------------------------------------------------- */
@@ -131,6 +132,17 @@ dispatch_timing *run_session_timing(run_session *s) {
     return &s->timing;
 }
 
+const run_clock *run_session_clock(const run_session *s) {
+    return &s->clock;
+}
+
+/* Adds the seconds since *since to *total and restarts *since. */
+static void clock_lap(double *total, double *since) {
+    double now = cm_now();
+    *total += now - *since;
+    *since = now;
+}
+
 /* ---- one phase of a step ----------------------------------------------------------- */
 
 /* Expert-group gradient norms live on different ranks: sum them over the
@@ -187,8 +199,10 @@ static cm_status reduce_slice_usage(run_session *s) {
 /* The update of a phase whose gradients are accumulated. */
 static cm_status update(run_session *s, int phase, int64_t step, run_step_result *out) {
     const cm_recipe *recipe = s->recipe;
+    double since = cm_now();
     CM_TRY(reduce_gradients(s));
     CM_TRY(reduce_slice_usage(s));
+    clock_lap(&s->clock.reduce, &since);
     out->grad_norm = NAN;
     if (recipe->optim.grad_clip > 0) {
         optim_norm_reducer reducer = {s->env.ranks > 1 ? sum_expert_norms : NULL,
@@ -197,19 +211,26 @@ static cm_status update(run_session *s, int phase, int64_t step, run_step_result
                                             &out->grad_norm));
     }
     optim_step(&s->params, &s->optim, optim_lr_at(&s->schedule, step), &s->optim_states[phase]);
+    clock_lap(&s->clock.update, &since);
     return CM_OK;
 }
 
 /* One micro-batch of a phase: load, loss, global values, backward. */
 static cm_status run_micro(run_session *s, int phase, int64_t step, int micro, double sums[4],
                            bool *two_passes) {
+    double since = cm_now();
     CM_TRY(s->task->load(s->state, step, micro));
+    clock_lap(&s->clock.load, &since);
     ag_ctx_reset(&s->ctx);
     task_loss loss = {0};
     CM_TRY(s->task->phase_loss(s->state, phase, step, micro, &loss));
+    clock_lap(&s->clock.forward, &since);
     CM_TRY(add_global_values(s, step, &loss, sums));
+    clock_lap(&s->clock.values, &since);
     *two_passes = loss.loss2 != NULL;
-    return ag_backward(&s->ctx, loss.objective);
+    cm_status status = ag_backward(&s->ctx, loss.objective);
+    clock_lap(&s->clock.backward, &since);
+    return status;
 }
 
 static cm_status run_phase(run_session *s, int phase, int64_t step, run_step_result *out) {

@@ -94,6 +94,20 @@ void *run_session_task_state(run_session *session);
 /* The exchange time counters the session's MoE layers add to. */
 dispatch_timing *run_session_timing(run_session *session);
 
+/* Where the steps' time went, in seconds summed since the session opened
+ * (cmoe bench's breakdown). The expert exchange and the wait before it
+ * (dispatch_timing) happen inside forward and backward and are counted
+ * there too. */
+typedef struct run_clock {
+    double load;     /* the task's batch (task->load) */
+    double forward;  /* the loss, from the batch to the objective */
+    double values;   /* the loss values summed over the ranks */
+    double backward; /* ag_backward */
+    double reduce;   /* gradients and expert-slice usage summed over the ranks */
+    double update;   /* clipping (with its norm's sum over the ranks) and the optimizer */
+} run_clock;
+const run_clock *run_session_clock(const run_session *session);
+
 typedef struct run_step_result {
     double loss;      /* the global batch's reported loss (last phase run) */
     double aux;       /* its auxiliary losses */

@@ -7,8 +7,11 @@
 #   - bench/torch_ref.py counts the same model FLOPs per step for every model
 #     (the CNN's from hooks on its own layers, so it is the same network as
 #     cmoe's, one expert group per MoE conv);
+#   - the parts of the step (forward, backward, update) are there and fit
+#     in the step;
 #   - under mpirun -np 2 the RESULT line has the all-to-all time and the
-#     ranks, and the summed RSS;
+#     ranks, and the summed RSS, and no allocation in a step comes from
+#     cmoe's own code (Open MPI's are counted apart);
 #   - usage errors: --skip >= --steps, an unknown option, a missing recipe;
 #   - bench/run.sh on this build, one run of two steps of lm-dense and
 #     cnn-moe, prints the table with both sides and the ratio.
@@ -52,6 +55,17 @@ for model in lm-dense lm-moe cnn-moe; do
         [ "$allocations" = "0" ]
         check $? "$model: no heap allocation in a timed step ($allocations)"
     fi
+    # the parts of the step: forward and backward are most of it, and
+    # together no more than it (medians of 2 steps, so 10% of slack)
+    step=$(json step_ms_median "$work/$model.out")
+    forward=$(json forward_ms_median "$work/$model.out")
+    backward=$(json backward_ms_median "$work/$model.out")
+    update=$(json update_ms_median "$work/$model.out")
+    awk -v s="${step:-0}" -v f="${forward:-0}" -v b="${backward:-0}" -v u="${update:--1}" \
+        'BEGIN { exit !(f > 0 && b > 0 && u >= 0 && f + b > 0.5 * s && f + b + u < 1.1 * s) }'
+    check $? "$model: forward $forward + backward $backward + update $update ms within the step's $step"
+    grep -q "parts of the step, median ms" "$work/$model.out"
+    check $? "$model: the parts of the step printed"
     "$python" bench/torch_ref.py "$model" --steps 2 --skip 1 --threads 2 > "$work/$model.torch" 2> "$work/$model.torch.err"
     check $? "torch_ref.py $model ($(tail -c 300 "$work/$model.torch.err"))"
     ours=$(json model_gflop_per_step "$work/$model.out")
@@ -68,10 +82,20 @@ check $? "lm-moe: BENCH.md's 143.5 GFLOP per step ($(json model_gflop_per_step "
 mpi 2 bench bench/lm-moe.yaml --steps 3 --skip 1 --threads 1 --set model.n_layers=2 \
     --set data.batch_size=4 > "$work/mpi.out" 2> "$work/mpi.err"
 check $? "cmoe bench under mpirun -np 2 ($(tail -c 300 "$work/mpi.err"))"
-tail -n 1 "$work/mpi.out" | grep -q '"ranks": 2, "threads": 1, .*"peak_rss_mib_sum": [0-9.]*, "alltoall_ms_median": [0-9.]*, "imbalance_wait_ms_median": [0-9.]*, "shadowed_per_call": [0-9.]*}$'
+tail -n 1 "$work/mpi.out" | grep -q '"ranks": 2, "threads": 1, .*"peak_rss_mib_sum": [0-9.]*, "alltoall_ms_median": [0-9.]*, "imbalance_wait_ms_median": [0-9.]*, "shadowed_per_call": [0-9.]*, "compute_ms_median": [0-9.]*}$'
 check $? "2-rank RESULT line with the all-to-all ($(tail -n 1 "$work/mpi.out"))"
 grep -q "all-to-all .* ms median per step" "$work/mpi.out"
 check $? "2-rank all-to-all share printed"
+# BENCH.md: no allocation of cmoe's own in a step at 2 ranks; Open MPI's
+# are counted apart (the three sources add up to the total in each step, so
+# the largest of each is at most the total's largest).
+if ! $sanitized; then
+    own=$(json allocs_own_per_step_max "$work/mpi.out")
+    from_mpi=$(json allocs_mpi_per_step_max "$work/mpi.out")
+    total=$(json allocs_per_step_max "$work/mpi.out")
+    [ "$own" = "0" ] && [ -n "$from_mpi" ] && awk -v m="$from_mpi" -v t="${total:--1}" 'BEGIN { exit !(m <= t) }'
+    check $? "2 ranks: no allocation from cmoe's code in a step (own $own, Open MPI $from_mpi, in all $total)"
+fi
 
 # parallel.shadow_float_cost reaches the MoE layers' decision: with moving a
 # float nearly free (1 flop) auto shadows hot experts, at 1,000,000 flops
