@@ -370,6 +370,34 @@ static int parse_bench_args(int argc, char **argv, bench_args *args) {
     return -1;
 }
 
+/* The timer's per-step arrays (t->steps each); false if one is missing. */
+static bool timer_alloc(bench_timer *t) {
+    const size_t n = (size_t)t->steps;
+    t->seconds = calloc(n, sizeof(double));
+    t->exchange_seconds = calloc(n, sizeof(double));
+    t->wait_seconds = calloc(n, sizeof(double));
+    t->compute_seconds = calloc(n, sizeof(double));
+    bool allocated = t->seconds && t->exchange_seconds && t->wait_seconds && t->compute_seconds;
+    for (int k = 0; k < N_KINDS; k++) {
+        t->allocations[k] = calloc(n, sizeof(long long));
+        allocated = allocated && t->allocations[k];
+    }
+    for (int p = 0; p < N_PARTS; p++) {
+        t->part_seconds[p] = calloc(n, sizeof(double));
+        allocated = allocated && t->part_seconds[p];
+    }
+    return allocated;
+}
+
+static void timer_free(bench_timer *t) {
+    free(t->seconds);
+    free(t->exchange_seconds);
+    free(t->wait_seconds);
+    free(t->compute_seconds);
+    for (int k = 0; k < N_KINDS; k++) free(t->allocations[k]);
+    for (int p = 0; p < N_PARTS; p++) free(t->part_seconds[p]);
+}
+
 int command_bench(int argc, char **argv) {
     bench_args args = {.steps = 22, .skip = 2, .threads = 2};
     int parsed = parse_bench_args(argc, argv, &args);
@@ -389,21 +417,7 @@ int command_bench(int argc, char **argv) {
         comm_ready = status == CM_OK;
     }
     bench_timer timer = {.steps = steps, .print = cm_log_rank() == 0};
-    timer.seconds = calloc((size_t)steps, sizeof(double));
-    timer.exchange_seconds = calloc((size_t)steps, sizeof(double));
-    timer.wait_seconds = calloc((size_t)steps, sizeof(double));
-    timer.compute_seconds = calloc((size_t)steps, sizeof(double));
-    bool allocated =
-        timer.seconds && timer.exchange_seconds && timer.wait_seconds && timer.compute_seconds;
-    for (int k = 0; k < N_KINDS; k++) {
-        timer.allocations[k] = calloc((size_t)steps, sizeof(long long));
-        allocated = allocated && timer.allocations[k];
-    }
-    for (int p = 0; p < N_PARTS; p++) {
-        timer.part_seconds[p] = calloc((size_t)steps, sizeof(double));
-        allocated = allocated && timer.part_seconds[p];
-    }
-    if (status == CM_OK && !allocated) status = CM_ERR(CM_ERR_NOMEM, "out of memory");
+    if (!timer_alloc(&timer) && status == CM_OK) status = CM_ERR(CM_ERR_NOMEM, "out of memory");
     double flops_per_step = 0.0;
     const char *item_name = "tok";
     int exit_code = EXIT_FAILURE;
@@ -421,12 +435,7 @@ int command_bench(int argc, char **argv) {
         if (comm_ready && comm.world_size > 1) comm_abort(reason);
         if (cm_log_rank() == 0) fprintf(stderr, "%s\n", reason);
     }
-    free(timer.seconds);
-    free(timer.exchange_seconds);
-    free(timer.wait_seconds);
-    for (int k = 0; k < N_KINDS; k++) free(timer.allocations[k]);
-    free(timer.compute_seconds);
-    for (int p = 0; p < N_PARTS; p++) free(timer.part_seconds[p]);
+    timer_free(&timer);
     if (comm_ready) comm_free(&comm);
     comm_stop();
     return exit_code;
