@@ -76,7 +76,7 @@ static bool is_mpi_object(const char *path) {
 
 /* Where the allocation being made comes from, by the objects of its call
  * stack: frames[0] is in trace_source, [1] in count_one, [2] in the
- * allocation function, [3] its caller (neither is inlined). */
+ * allocation function, [3] its caller (none of the three is inlined). */
 __attribute__((noinline)) static alloc_source trace_source(void) {
     void *frames[MAX_FRAMES];
     int depth = backtrace(frames, MAX_FRAMES);
