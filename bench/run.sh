@@ -202,6 +202,7 @@ sgemm after
 
 "$PYTHON" - "$RESULTS" "$RANKS" "$THREADS" "$MODELS" <<'PY'
 import json
+import os
 import statistics
 import sys
 
@@ -246,6 +247,9 @@ print(f"sgemm peak 1024³, {threads} threads: {peak:.1f} GFLOP/s "
       f"(median before {peaks[0]:.1f}, after {peaks[1]:.1f})")
 print(f"{n_runs} run(s) per side, A B A B; figures are per-run medians over the timed steps, "
       "shown as median (min–max) over the runs; torch with OMP_WAIT_POLICY=PASSIVE.")
+mca = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("OMPI_MCA_"))
+if ranks > 0:
+    print("Open MPI settings from the environment: " + (", ".join(mca) if mca else "none"))
 print()
 if models:
     print("| model | cmoe tok/s | torch tok/s | cmoe / torch | cmoe GFLOP/s (share of sgemm peak) "
