@@ -61,7 +61,8 @@ static const char bench_help[] =
     "all-to-all time of the expert exchange, the wait for the slowest rank before\n"
     "it, and forward + backward without them are reported too.\n";
 
-enum { N_PARTS = 6 }; /* the fields of run_clock, in order */
+/* The fields of run_clock, in order. */
+enum { PART_LOAD, PART_FORWARD, PART_VALUES, PART_BACKWARD, PART_REDUCE, PART_UPDATE, N_PARTS };
 
 static const char *const part_names[N_PARTS] = {"load",     "forward", "loss values",
                                                 "backward", "reduce",  "update"};
@@ -110,8 +111,9 @@ static void on_step(void *user, int64_t steps_done) {
         for (int p = 0; p < N_PARTS; p++) t->part_seconds[p][i] = parts[p] - t->last_parts[p];
         t->exchange_seconds[i] = exchange - t->last_exchange;
         t->wait_seconds[i] = wait - t->last_wait;
-        t->compute_seconds[i] = t->part_seconds[1][i] + t->part_seconds[3][i] -
-                                t->exchange_seconds[i] - t->wait_seconds[i];
+        t->compute_seconds[i] = t->part_seconds[PART_FORWARD][i] +
+                                t->part_seconds[PART_BACKWARD][i] - t->exchange_seconds[i] -
+                                t->wait_seconds[i];
         for (int k = 0; k < N_KINDS; k++)
             t->allocations[k][i] = allocations[k] - t->last_allocations[k];
         if (t->print) {
