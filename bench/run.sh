@@ -236,9 +236,9 @@ def median(runs, key):
     return statistics.median(r[key] for r in runs)
 
 
-def allocations(runs):
+def allocations(runs, key="allocs_per_step_max"):
     """the most heap allocations of any timed step in any run (-1: not counted)"""
-    counts = [r.get("allocs_per_step_max", -1) for r in runs]
+    counts = [r.get(key, -1) for r in runs]
     return "not counted" if min(counts) < 0 else f"{max(counts):.0f}"
 
 
@@ -309,8 +309,8 @@ if ranks > 0:
             continue
         compute = [r.get("compute_ms_median", r["forward_ms_median"] + r["backward_ms_median"])
                    for r in runs]
-        sources = ", ".join(allocations([{"allocs_per_step_max": r.get(f"allocs_{k}_per_step_max", -1)}
-                                         for r in runs]) for k in ("mpi", "own", "elsewhere"))
+        sources = ", ".join(allocations(runs, f"allocs_{k}_per_step_max")
+                            for k in ("mpi", "own", "elsewhere"))
         print(f"| {label} | {median(runs, 'step_ms_median'):,.0f} "
               f"| {statistics.median(compute):,.0f} "
               f"| {statistics.median(r.get('alltoall_ms_median', 0) for r in runs):.0f} "

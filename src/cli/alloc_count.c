@@ -61,6 +61,7 @@ enum { MAX_FRAMES = 48 };
 static atomic_bool counting;
 static atomic_llong allocations, by_source[ALLOC_N_SOURCES];
 static _Thread_local bool tracing; /* this thread is inside the tracer */
+static void *executable_base;      /* where the cmoe executable is loaded (dladdr) */
 
 /* Open MPI's own libraries and those it runs on, by file name. */
 static bool is_mpi_object(const char *path) {
@@ -80,13 +81,12 @@ static bool is_mpi_object(const char *path) {
 __attribute__((noinline)) static alloc_source trace_source(void) {
     void *frames[MAX_FRAMES];
     int depth = backtrace(frames, MAX_FRAMES);
-    Dl_info self, info;
-    if (!dladdr((void *)trace_source, &self)) return ALLOC_ELSEWHERE;
+    Dl_info info;
     bool own = false;
     for (int i = 0; i < depth; i++) {
         if (!dladdr(frames[i], &info) || !info.dli_fname) continue;
         if (is_mpi_object(info.dli_fname)) return ALLOC_MPI;
-        if (info.dli_fbase == self.dli_fbase && i >= 3) own = true; /* past the hook's frames */
+        if (info.dli_fbase == executable_base && i >= 3) own = true; /* past the hook's frames */
     }
     return own ? ALLOC_OWN : ALLOC_ELSEWHERE;
 }
@@ -110,6 +110,8 @@ void alloc_count_enable(bool on) {
     if (on) { /* the first backtrace loads libgcc's unwinder: not while counting */
         void *frame;
         backtrace(&frame, 1);
+        Dl_info self;
+        executable_base = dladdr((void *)trace_source, &self) ? self.dli_fbase : NULL;
     }
     atomic_store(&counting, on);
 }
